@@ -1,0 +1,52 @@
+# wmtp: two commands on a fresh machine: `make smoke` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export WMTP_DATA_DIR ?= $(abspath ../shared/data)
+export PYTHONUNBUFFERED := 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv tiny smoke test test-slow lint format bench gpu-check clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned, so pip takes the 2.13.0 CPU wheel instead of resolving a CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+tiny: venv
+	$(BIN)/python tiny.py --out .cache/tiny
+
+smoke: tiny
+	$(BIN)/python smoke.py
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/check-jsonschema --schemafile schemas/vessl.schema.json vessl.yaml
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: tiny
+	$(BIN)/python bench/mtp_step.py
+	$(BIN)/python bench/judge.py
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf .cache runs mlruns
