@@ -81,7 +81,9 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive non-finite steps before restoring the last good checkpoint
     lr_backoff: float = 0.5  # LR factor applied at each recovery
     max_recoveries: int = 3
-    inject_oom_steps: list[int] = field(default_factory=list)  # fault injection (tests): raise OOM at these steps
+    inject_oom_steps: list[int] = field(
+        default_factory=list
+    )  # fault injection (tests): raise OOM at these steps
     inject_oom_rank: int = -1  # -1: every rank
     inject_nan_steps: list[int] = field(default_factory=list)  # fault injection: poison the loss with NaN
     memory_gb: float = 0.0  # per-device memory for --dry-run planning (0: detect, A100 80GB when unknown)
@@ -187,7 +189,9 @@ class Config:
 
     @property
     def algo(self) -> str:
-        return {"uniform": "mtp", "critic_delta_v1": "critic-wmtp", "rho1_excess_v1": "rho1-wmtp"}[self.loss.scorer]
+        return {"uniform": "mtp", "critic_delta_v1": "critic-wmtp", "rho1_excess_v1": "rho1-wmtp"}[
+            self.loss.scorer
+        ]
 
 
 # --------------------------------------------------------------------------- parsing
@@ -285,7 +289,9 @@ def _fill(obj: Any, table: dict, prefix: str, source: str) -> None:
         dotted = f"{prefix}{key}"
         if key not in names or key == "source":
             known = ", ".join(sorted(n for n in names if n != "source"))
-            raise ConfigError(f"{source}: unknown key '{dotted}' (known keys in [{prefix.rstrip('.')}]: {known})")
+            raise ConfigError(
+                f"{source}: unknown key '{dotted}' (known keys in [{prefix.rstrip('.')}]: {known})"
+            )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
@@ -365,7 +371,9 @@ def _top(table: dict, source: str) -> None:
     sections = {f.name for f in dataclasses.fields(Config) if f.name != "source"}
     for key, value in table.items():
         if key not in sections:
-            raise ConfigError(f"{source}: unknown section '{key}' (expected one of {', '.join(sorted(sections))})")
+            raise ConfigError(
+                f"{source}: unknown section '{key}' (expected one of {', '.join(sorted(sections))})"
+            )
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be a table [{key}], got {value!r}")
 

@@ -1,0 +1,221 @@
+"""The one place for parallelism: torch.distributed init, FSDP2 sharding, cross-rank decisions, memory planning.
+
+Everything here degrades to a no-op in a single process, so train.py reads the same with or without torchrun.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Read torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); nccl on CUDA, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device = 'cuda' but no CUDA device is visible")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(minutes=int(os.environ.get("WMTP_DIST_TIMEOUT_MIN", "30"))),
+        )
+    return Dist(rank, world, local, dev)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce that is a no-op without a process group (gloo needs CPU tensors: caller's device)."""
+    if dist.is_initialized():
+        dist.all_reduce(
+            t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+        )
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is True on any rank: how ranks agree on OOM / NaN decisions without hanging."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce(t, "max").item() > 0)
+
+
+def broadcast_object(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (trunk, head 1 and the extra heads), also through a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [*base.layers, *base.extra_heads]
+
+
+def apply_fsdp(model: nn.Module, bf16: bool) -> nn.Module:
+    """FSDP2: `fully_shard` each block (trunk blocks and every head), then the root (embeddings, norm, output).
+
+    bf16 params for compute with fp32 gradient reduction on GPU; full fp32 on CPU/gloo.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kw = {"mp_policy": mp} if mp is not None else {}
+    for block in blocks(model):
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def set_grad_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip the reduce-scatter on all but the last micro-batch of a gradient-accumulation step (FSDP2 only)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+
+
+# --------------------------------------------------------------------------- memory planning (--dry-run)
+
+GPU_PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the device, for MFU; None when unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+@dataclass
+class MemoryPlan:
+    world_size: int
+    params_gb: float
+    grads_gb: float
+    optim_gb: float
+    activations_gb: float
+    activations_ckpt_gb: float
+    logits_gb: float
+    aux_models_gb: float
+    budget_gb: float
+    activation_checkpointing: bool
+
+    @property
+    def total_gb(self) -> float:
+        acts = self.activations_ckpt_gb if self.activation_checkpointing else self.activations_gb
+        return self.params_gb + self.grads_gb + self.optim_gb + acts + self.logits_gb + self.aux_models_gb
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gb <= 0.9 * self.budget_gb  # keep 10% for the allocator and NCCL buffers
+
+    def table(self) -> str:
+        acts = "on" if self.activation_checkpointing else "off"
+        rows = [
+            ("parameters (sharded)", self.params_gb),
+            ("gradients (sharded, fp32)", self.grads_gb),
+            ("AdamW states (sharded, fp32 m+v)", self.optim_gb),
+            ("activations, no checkpointing", self.activations_gb),
+            ("activations, per-block checkpointing", self.activations_ckpt_gb),
+            ("one head's logits + grad (fp32)", self.logits_gb),
+            ("reference / reward models", self.aux_models_gb),
+        ]
+        lines = [f"  {name:<40s} {gb:8.2f} GB" for name, gb in rows]
+        lines.append(
+            f"  {'total (checkpointing ' + acts + ')':<40s} {self.total_gb:8.2f} GB of {self.budget_gb:.0f} GB"
+        )
+        return "\n".join(lines)
+
+
+def plan_memory(
+    n_params: int,
+    n_blocks: int,
+    dim: int,
+    vocab: int,
+    seq_len: int,
+    micro_batch: int,
+    world_size: int,
+    budget_gb: float,
+    activation_checkpointing: bool,
+    aux_params: int = 0,
+    aux_sharded: bool = False,
+    bf16: bool = True,
+    trainable_params: int | None = None,
+) -> MemoryPlan:
+    """Per-device memory for FSDP2 training (the formulas are printed by --dry-run, so keep them simple).
+
+    Params are sharded over `world_size`; during a block's compute one block is all-gathered (ignored: small).
+    Activations per block follow Korthikanti et al. (2022) with flash attention: ~34 * s * b * d bytes in 16-bit;
+    with checkpointing only the block inputs (2 * s * b * d bytes each) plus one block's full activations stay.
+    """
+    gb = 1024**3
+    p_bytes = 2 if bf16 else 4
+    trainable = n_params if trainable_params is None else trainable_params
+    params = n_params * 4 / world_size / gb  # fp32 master weights, sharded
+    grads = trainable * 4 / world_size / gb
+    optim = trainable * 8 / world_size / gb
+    tokens = seq_len * micro_batch
+    per_block = 34 * tokens * dim * (p_bytes / 2) / gb
+    acts = n_blocks * per_block
+    acts_ckpt = n_blocks * 2 * tokens * dim / gb + per_block
+    logits = 2 * tokens * vocab * 4 / gb  # fp32 logits and their gradient, one head at a time
+    aux = aux_params * p_bytes / (world_size if aux_sharded else 1) / gb
+    return MemoryPlan(
+        world_size, params, grads, optim, acts, acts_ckpt, logits, aux, budget_gb, activation_checkpointing
+    )
+
+
+def format_count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def human_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

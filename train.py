@@ -1,0 +1,712 @@
+"""Weighted multi-token prediction fine-tuning: one hand-written loop, single process or torchrun.
+
+    python train.py configs/tiny_mbpp.toml [--section.key=value ...] [--resume] [--dry-run]
+    torchrun --nproc_per_node=4 train.py configs/rho1_mbpp.toml
+    python train.py promote --run RUN_ID --alias staging
+
+One optimizer step: the per-rank batch (micro_batch_size * grad_accum examples) is split into micro-batches; for
+each, the trunk runs once, the scorer turns (batch, state) into weights [B, S, H], and the heads run one at a time
+with forward+backward (model.mtp_loss_backward). Loss normalisation uses the valid-pair count of the whole step on
+all ranks, so the gradient does not depend on how the step was split (which is what makes the OOM fallback exact).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import config as C
+import data
+import model as M
+import parallel as P
+import score
+
+# --------------------------------------------------------------------------- setup helpers
+
+
+def resolve_path(cfg: C.Config, local: str, resource: str, kind: str, hub_id: str | None = None) -> Path:
+    """Local path first, else the S3 mirror (s3cache), else a clear error."""
+    if local and Path(local).exists():
+        return Path(local)
+    if resource or hub_id:
+        import s3cache
+
+        return s3cache.resolve(resource, local or None, cfg.storage, kind=kind, hub_id=hub_id)
+    raise FileNotFoundError(
+        f"{cfg.source}: {kind} path {local!r} does not exist and no S3 resource is configured"
+    )
+
+
+def load_tokenizer(cfg: C.Config, model_dir: Path):
+    from transformers import AutoTokenizer
+
+    path = Path(cfg.model.tokenizer) if cfg.model.tokenizer else model_dir
+    if not path.exists():
+        raise FileNotFoundError(f"{cfg.source}: 'model.tokenizer' = {str(path)!r} does not exist")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
+    """Load the checkpoint, then LoRA, activation checkpointing, FSDP2 and compile, in that order."""
+    net = M.load_model(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    if net.args.n_future_tokens != cfg.model.n_future_tokens:
+        raise ValueError(
+            f"{cfg.source}: 'model.n_future_tokens' = {cfg.model.n_future_tokens} but the {cfg.model.format} "
+            f"checkpoint at {model_dir} has {net.args.n_future_tokens} heads"
+        )
+    net.activation_checkpointing = cfg.model.activation_checkpointing
+    if cfg.train.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lc = cfg.train.lora
+        for p in net.parameters():
+            p.requires_grad_(False)
+        net = get_peft_model(
+            net,
+            LoraConfig(
+                r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules
+            ),
+        )
+    net.to(d.device)
+    if d.enabled and cfg.train.fsdp:
+        P.apply_fsdp(net, bf16=use_bf16(cfg, d))
+    if cfg.model.compile:
+        for block in P.blocks(net):
+            block.compile()
+    return net
+
+
+def use_bf16(cfg: C.Config, d: P.Dist) -> bool:
+    return d.device.type == "cuda" and cfg.model.dtype == "bfloat16" and torch.cuda.is_bf16_supported()
+
+
+def unwrap(net: torch.nn.Module) -> M.Transformer:
+    return net.get_base_model() if hasattr(net, "get_base_model") else net
+
+
+def make_optimizer(cfg: C.Config, net: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (embeddings and projections), not on norms."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def lr_at(cfg: C.Config, step: int) -> float:
+    """Linear warmup over warmup_frac of the steps, then cosine down to lr * min_lr_ratio."""
+    o, total = cfg.optim, max(cfg.train.steps, 1)
+    warmup = max(1, round(o.warmup_frac * total)) if o.warmup_frac > 0 else 0
+    if step < warmup:
+        return o.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer tensors that a resumed run needs to continue identically."""
+
+    step: int = 0
+    micro_batch: int = 0  # current micro-batch size (the OOM fallback halves it)
+    best_val: float = float("inf")
+    lr_scale: float = 1.0
+    bad_steps: int = 0  # consecutive non-finite steps
+    skipped_steps: int = 0
+    recoveries: int = 0
+    oom_events: int = 0
+    history: list = field(default_factory=list)
+
+
+def atomic_dir_swap(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_resume(run_dir: Path, name: str, net, opt, st: TrainState, scorer_state, d: P.Dist) -> Path:
+    """Sharded torch.distributed.checkpoint of model + optimizer (any world size can load it), plus trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = run_dir / "checkpoints" / name
+    tmp = final.with_name(final.name + ".tmp")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    P.barrier()
+    msd, osd = get_state_dict(net, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+    rng = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+    if d.main:
+        torch.save({"state": st.__dict__, "scorer": scorer_state.state_dict()}, tmp / "trainer.pt")
+    P.barrier()
+    if d.main:
+        atomic_dir_swap(tmp, final)
+    P.barrier()
+    return final
+
+
+def load_resume(ckpt: Path, net, opt, scorer_state, d: P.Dist) -> TrainState:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(net, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=str(ckpt / "dcp"))
+    set_state_dict(net, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    blob = torch.load(ckpt / "trainer.pt", weights_only=False)
+    scorer_state.load_state_dict(blob["scorer"])
+    rng_file = ckpt / f"rng_rank{d.rank}.pt"
+    if rng_file.exists():  # absent when resuming on more ranks than saved
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return TrainState(**blob["state"])
+
+
+def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
+    """Consolidated safetensors of the full model (LoRA merged) on rank 0; every rank must call it under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.main:
+        return None
+    base = unwrap(net)
+    clean = M.Transformer(base.args)
+    if hasattr(net, "get_base_model"):  # peft: merge the adapters into a plain copy
+        full = merge_lora_state(full, net)
+    clean.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    M.save_checkpoint(clean, tmp)
+    tokenizer.save_pretrained(str(tmp))
+    atomic_dir_swap(tmp, out)
+    return out
+
+
+def merge_lora_state(full: dict, net) -> dict:
+    """W + (alpha / r) * B @ A for every LoRA pair, with peft's key prefixes stripped."""
+    scaling = net.peft_config["default"].lora_alpha / net.peft_config["default"].r
+    out = {}
+    for k, v in full.items():
+        if "lora_" in k:
+            continue
+        k2 = k.replace("base_model.model.", "").replace(".base_layer", "")
+        out[k2] = v
+    for k, v in full.items():
+        if k.endswith("lora_A.default.weight"):
+            stem = k[: -len(".lora_A.default.weight")]
+            b = full[stem + ".lora_B.default.weight"]
+            tgt = stem.replace("base_model.model.", "") + ".weight"
+            out[tgt] = out[tgt].float() + scaling * (b.float() @ v.float())
+    return out
+
+
+# --------------------------------------------------------------------------- one optimizer step
+
+
+def micro_step(cfg, net, batch, scorer_state, count_total: float, inject_nan: bool) -> dict:
+    """Trunk once, scorer weights, then heads one at a time. Returns detached per-head stats."""
+    H = cfg.model.n_future_tokens
+    targets, valid = M.mtp_targets(batch["input_ids"], batch["loss_mask"], H)
+    batch = {**batch, "targets": targets, "valid": valid}
+    h = net(batch["input_ids"], stage="trunk")
+    scorer_state.hidden = h.detach()
+    weights = score.SCORERS[cfg.loss.scorer](batch, scorer_state)
+    w = score.mix(weights, cfg.loss.lam, valid)
+    if inject_nan:
+        w = w * float("nan")
+    alpha = torch.tensor(cfg.loss.head_weights, device=h.device) if cfg.loss.head_weights else None
+    count = valid.sum().item()
+    out = M.mtp_loss_backward(net, h, targets, valid, w, alpha=alpha, scale=count / max(count_total, 1.0))
+    out["count"] = count
+    out["weights"] = weights.detach()  # the scorer's weights before mixing (what weight statistics describe)
+    out["valid"] = valid
+    return out
+
+
+def optimizer_step(cfg, net, opt, step_batch, st: TrainState, scorer_state, d: P.Dist, step: int) -> dict:
+    """One optimizer step with the OOM fallback: on OOM anywhere, every rank halves the micro-batch and retries."""
+    n = step_batch["input_ids"].shape[0]
+    first_try = True
+    while True:
+        mb = st.micro_batch
+        opt.zero_grad(set_to_none=True)
+        oom = False
+        stats = []
+        try:
+            inject = (
+                first_try
+                and step in cfg.train.inject_oom_steps
+                and cfg.train.inject_oom_rank in (-1, d.rank)
+                and mb > 1
+            )
+            if inject:
+                raise torch.OutOfMemoryError(f"injected OOM at step {step} (train.inject_oom_steps)")
+            H = cfg.model.n_future_tokens
+            _, valid = M.mtp_targets(step_batch["input_ids"], step_batch["loss_mask"], H)
+            count_total = P.all_reduce(valid.sum().float().reshape(1)).item() / d.world_size
+            chunks = list(range(0, n, mb))
+            for i, s in enumerate(chunks):
+                P.set_grad_sync(net, i == len(chunks) - 1)
+                mbatch = {k: v[s : s + mb] for k, v in step_batch.items()}
+                stats.append(
+                    micro_step(
+                        cfg, net, mbatch, scorer_state, count_total, step in cfg.train.inject_nan_steps
+                    )
+                )
+        except torch.OutOfMemoryError as e:
+            oom = True
+            print(
+                f"[rank {d.rank}] step {step}: out of memory at micro-batch {mb} ({str(e)[:120]})", flush=True
+            )
+        first_try = False
+        if P.any_rank(oom, d.device):
+            stats = None
+            opt.zero_grad(set_to_none=True)
+            if d.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if mb == 1:
+                raise RuntimeError(
+                    f"step {step}: out of memory even at micro_batch_size 1 on some rank; reduce data.max_length, "
+                    "enable model.activation_checkpointing or LoRA, or use more GPUs (see train.py --dry-run)"
+                )
+            st.micro_batch = max(1, mb // 2)
+            st.oom_events += 1
+            accum = math.ceil(n / st.micro_batch)
+            if d.main:
+                print(
+                    f"step {step}: OOM fallback -> micro_batch {st.micro_batch} x grad_accum {accum} (same batch)"
+                )
+            continue
+        return stats
+
+
+def step_metrics(stats: list[dict], d: P.Dist) -> dict:
+    """Loss and per-head losses reduced over micro-batches and ranks (weighted by valid-pair counts)."""
+    H = stats[0]["head_loss"].numel()
+    dev = stats[0]["head_loss"].device
+    buf = torch.zeros(2 * H + 2, dtype=torch.float64, device=dev)
+    for s in stats:
+        c = float(s["count"])
+        buf[:H] += s["head_loss"].double() * c
+        buf[H : 2 * H] += s["head_ce"].double() * c
+        buf[2 * H] += s["loss"].double() * c
+        buf[2 * H + 1] += c
+    P.all_reduce(buf)
+    c = max(buf[-1].item(), 1.0)
+    m = {"train/loss": buf[2 * H].item() / c, "train/tokens": buf[-1].item()}
+    for k in range(H):
+        m[f"train/loss_head{k + 1}"] = buf[k].item() / c
+        m[f"train/ce_head{k + 1}"] = buf[H + k].item() / c
+    return m
+
+
+@torch.no_grad()
+def validate(cfg, net, val_ds, pad_id: int, d: P.Dist) -> dict:
+    """Plain (unweighted) MTP cross-entropy on the validation split, per head and averaged; sharded over ranks."""
+    H = cfg.model.n_future_tokens
+    sums = torch.zeros(2 * H, dtype=torch.float64, device=d.device)
+    limit = cfg.train.val_batches or None
+    for i, batch in enumerate(data.eval_batches(val_ds, cfg.train.micro_batch_size, pad_id)):
+        if limit is not None and i >= limit * d.world_size:
+            break
+        if i % d.world_size != d.rank:
+            continue
+        ids, mask = batch["input_ids"].to(d.device), batch["loss_mask"].to(d.device)
+        targets, valid = M.mtp_targets(ids, mask, H)
+        with autocast(cfg, d):
+            h = net(ids, stage="trunk")
+            for k in range(H):
+                logits = net(h, stage=k).float()
+                ce = torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1), targets[..., k].flatten(), reduction="none"
+                ).view_as(valid[..., k])
+                sums[k] += (ce * valid[..., k]).sum().double()
+                sums[H + k] += valid[..., k].sum().double()
+    P.all_reduce(sums)
+    per_head = [(sums[k] / sums[H + k].clamp(min=1)).item() for k in range(H)]
+    out = {f"val/ce_head{k + 1}": v for k, v in enumerate(per_head)}
+    out["val/loss"] = sum(per_head) / H
+    return out
+
+
+def autocast(cfg: C.Config, d: P.Dist):
+    if use_bf16(cfg, d) and not (d.enabled and cfg.train.fsdp):  # FSDP2's MixedPrecisionPolicy casts instead
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def dry_run(cfg: C.Config, d: P.Dist, model_dir: Path, tokenizer) -> int:
+    """Validate config, tokenizer and model shapes; print parameter count and the per-device memory plan."""
+    args = M.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    n_params = M.count_params_from_args(args)
+    blocks = args.n_layers if cfg.model.format != "hf" else args.n_layers  # Meta layout counts every block
+    world = int(os.environ.get("WORLD_SIZE", d.world_size))
+    aux = 0
+    if cfg.loss.scorer == "rho1_excess_v1" and cfg.rho1.ref_model:
+        ref_dir = resolve_path(cfg, cfg.rho1.ref_model, cfg.rho1.ref_resource, "model")
+        aux = M.count_params_from_args(M.read_model_args(ref_dir, cfg.rho1.ref_format, 1))
+    budget = cfg.train.memory_gb or (
+        torch.cuda.get_device_properties(d.device).total_memory / 1024**3 if d.device.type == "cuda" else 80.0
+    )
+    trainable = None
+    if cfg.train.lora.enabled:
+        lc = cfg.train.lora
+        trainable = M.lora_param_count(args, lc.r, lc.target_modules)
+    plan = P.plan_memory(
+        n_params=n_params,
+        n_blocks=blocks,
+        dim=args.dim,
+        vocab=args.vocab_size,
+        seq_len=cfg.data.max_length,
+        micro_batch=cfg.train.micro_batch_size,
+        world_size=world,
+        budget_gb=budget,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        aux_params=aux,
+        aux_sharded=cfg.train.aux_models == "shard",
+        bf16=cfg.model.dtype == "bfloat16",
+        trainable_params=trainable,
+    )
+    if len(tokenizer) > args.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {args.vocab_size}"
+        )
+    print(f"config      {cfg.source} (scorer {cfg.loss.scorer}, H={args.n_future_tokens})")
+    print(
+        f"model       {model_dir} [{cfg.model.format}] dim={args.dim} blocks={blocks} vocab={args.vocab_size}"
+    )
+    print(
+        f"parameters  {P.format_count(n_params)} total"
+        + (f", {P.format_count(trainable)} trainable (LoRA)" if trainable else "")
+    )
+    if aux:
+        print(f"reference   {P.format_count(aux)} parameters ({cfg.train.aux_models})")
+    tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.max_length * world
+    print(f"batch       {tokens} tokens per optimizer step at most ({world} devices)")
+    print(f"memory plan per device (world size {world}):\n{plan.table()}")
+    if not plan.fits:
+        print(
+            f"REFUSED: the plan needs {plan.total_gb:.1f} GB per device but only {0.9 * plan.budget_gb:.1f} GB "
+            "(90% of the device) is usable: enable model.activation_checkpointing, lower train.micro_batch_size or "
+            "data.max_length, use LoRA, or more devices"
+        )
+        return 2
+    print("plan fits: OK (no optimizer step was run)")
+    return 0
+
+
+# --------------------------------------------------------------------------- main loop
+
+
+def parse_cli(argv: list[str]) -> tuple[str, list[str], bool, bool]:
+    overrides, rest = C.split_args(argv)
+    flags = {a for a in rest if a.startswith("--")}
+    unknown = flags - {"--resume", "--dry-run"}
+    paths = [a for a in rest if not a.startswith("--")]
+    if unknown or len(paths) != 1:
+        raise SystemExit(
+            "usage: train.py CONFIG.toml [--section.key=value ...] [--resume] [--dry-run]\n"
+            "       train.py promote --run RUN_ID --alias staging|production"
+            + (f"\nunknown option(s): {' '.join(sorted(unknown))}" if unknown else "")
+        )
+    return paths[0], overrides, "--resume" in flags, "--dry-run" in flags
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "promote":
+        import tracking
+
+        return tracking.main(argv[1:])
+    path, overrides, resume, dry = parse_cli(argv)
+    try:
+        cfg = C.load_config(path, overrides)
+    except C.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    d = P.init_distributed(cfg.train.device)
+    try:
+        return train(cfg, d, resume, dry)
+    finally:
+        P.shutdown()
+
+
+def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
+    torch.manual_seed(cfg.train.seed)
+    log = print if d.main else (lambda *a, **k: None)
+    model_dir = resolve_path(cfg, cfg.model.path, cfg.model.resource, "model")
+    tokenizer = load_tokenizer(cfg, model_dir)
+    if dry:
+        return dry_run(cfg, d, model_dir, tokenizer)
+
+    run_name = cfg.train.run_name or f"{cfg.algo}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = P.broadcast_object(run_name)
+    run_dir = Path(cfg.train.out_dir) / run_name
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=2))
+    net = build_model(cfg, d, model_dir)
+    base = unwrap(net)
+    n_params = sum(p.numel() for p in base.parameters())
+    n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    log(
+        f"model: {P.format_count(n_params)} parameters ({P.format_count(n_train)} trainable), H={base.args.n_future_tokens}, device {d.device} x {d.world_size}"
+    )
+
+    train_ds = data.build_dataset(cfg, tokenizer, cfg.data.train_split)
+    val_ds = data.build_dataset(cfg, tokenizer, cfg.data.val_split)
+    per_rank = cfg.train.micro_batch_size * cfg.train.grad_accum
+    log(
+        f"data: {len(train_ds)} train rows, {len(val_ds)} validation rows, {per_rank * d.world_size} examples per step"
+    )
+
+    opt = make_optimizer(cfg, net)
+    scorer_state = score.init_state(cfg, net, tokenizer, d.device, dataset=train_ds)
+    st = TrainState(micro_batch=cfg.train.micro_batch_size)
+    last = run_dir / "checkpoints" / "last"
+    if resume:
+        if not (last / "trainer.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {last} (train.run_name = {run_name!r})")
+        st = load_resume(last, net, opt, scorer_state, d)
+        log(f"resumed from {last} at step {st.step}")
+
+    import tracking
+
+    tracker = tracking.Tracker(cfg, rank=d.rank)
+    tracker.start(run_name=run_name, world_size=d.world_size, extra={"model.dir": str(model_dir)})
+    pad = tokenizer.pad_token_id
+    loader = data.make_loader(
+        train_ds,
+        per_rank,
+        pad,
+        seed=cfg.data.seed,
+        rank=d.rank,
+        world_size=d.world_size,
+        skip_batches=st.step,
+    )
+    if st.step == 0:
+        score.prepare(
+            scorer_state,
+            data.make_loader(
+                train_ds,
+                cfg.train.micro_batch_size,
+                pad,
+                seed=cfg.data.seed + 1,
+                rank=d.rank,
+                world_size=d.world_size,
+            ),
+        )
+        v0 = validate(cfg, net, val_ds, pad, d)
+        log(f"step 0: val/loss {v0['val/loss']:.4f}")
+        tracker.log_metrics(v0, step=0)
+        st.history.append({"step": 0, **v0})
+        save_resume(
+            run_dir, "last", net, opt, st, scorer_state, d
+        )  # the NaN fallback's first good checkpoint
+
+    flops_tok = M.flops_per_token(base.args, cfg.data.max_length)
+    peak = P.peak_flops(d.device)
+    t_last, tokens_since = time.perf_counter(), 0.0
+    while st.step < cfg.train.steps:
+        step = st.step
+        batch = {k: v.to(d.device) for k, v in next(loader).items()}
+        lr = lr_at(cfg, step) * st.lr_scale
+        for g in opt.param_groups:
+            g["lr"] = lr
+        stats = optimizer_step(cfg, net, opt, batch, st, scorer_state, d, step)
+        m = step_metrics(stats, d)
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            [p for p in net.parameters() if p.requires_grad], cfg.optim.grad_clip or float("inf")
+        )
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        finite = math.isfinite(m["train/loss"]) and math.isfinite(gnorm)
+        if finite:
+            opt.step()
+            st.bad_steps = 0
+        else:  # skip: no weight is touched
+            opt.zero_grad(set_to_none=True)
+            st.bad_steps += 1
+            st.skipped_steps += 1
+            log(
+                f"step {step}: non-finite loss/grad norm ({m['train/loss']}, {gnorm}); step skipped ({st.bad_steps} in a row)"
+            )
+            if st.bad_steps >= cfg.train.max_bad_steps:
+                st = recover(cfg, run_dir, net, opt, st, scorer_state, d, loader_skip=step + 1)
+        st.step += 1
+        tokens_since += m["train/tokens"]
+        if finite:
+            w = torch.cat([s["weights"].flatten() for s in stats])
+            valid = torch.cat([s["valid"].flatten() for s in stats])
+            m.update(score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max))
+            m.update({k: v for k, v in scorer_state.metrics.items()})
+        m.update(
+            {
+                "train/lr": lr,
+                "train/grad_norm": gnorm,
+                "train/skipped_steps": st.skipped_steps,
+                "train/recoveries": st.recoveries,
+                "train/micro_batch": st.micro_batch,
+            }
+        )
+        if st.step % cfg.train.log_every == 0 or st.step == cfg.train.steps:
+            dt = time.perf_counter() - t_last
+            tps = tokens_since / dt / d.world_size
+            m["perf/tokens_per_s_per_device"] = tps
+            if peak:
+                m["perf/mfu"] = tps * flops_tok / peak
+            heads = " ".join(f"{m[f'train/ce_head{k + 1}']:.3f}" for k in range(base.args.n_future_tokens))
+            mfu = f" mfu {m['perf/mfu'] * 100:.1f}%" if peak else ""
+            log(
+                f"step {st.step:>6d}/{cfg.train.steps} loss {m['train/loss']:.4f} ce/head [{heads}] lr {lr:.2e} gnorm {gnorm:.2f} {tps:,.0f} tok/s/dev{mfu}"
+            )
+            t_last, tokens_since = time.perf_counter(), 0.0
+        tracker.log_metrics(m, step=st.step)
+        if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 or st.step == cfg.train.steps:
+            v = validate(cfg, net, val_ds, pad, d)
+            tracker.log_metrics(v, step=st.step)
+            st.history.append({"step": st.step, **{k: m[k] for k in ("train/loss",)}, **v})
+            log(
+                f"step {st.step:>6d} val/loss {v['val/loss']:.4f}"
+                + (" (best)" if v["val/loss"] < st.best_val else "")
+            )
+            if v["val/loss"] < st.best_val:
+                st.best_val = v["val/loss"]
+                export_model(net, run_dir / "checkpoints" / "best", tokenizer, d)
+        if (cfg.train.save_every and st.step % cfg.train.save_every == 0) or st.step == cfg.train.steps:
+            save_resume(run_dir, "last", net, opt, st, scorer_state, d)
+            if cfg.train.save_every and st.step % cfg.train.save_every == 0:
+                save_resume(run_dir, f"step_{st.step:06d}", net, opt, st, scorer_state, d)
+
+    final = export_model(net, run_dir / "checkpoints" / "final", tokenizer, d)
+    return finish(cfg, d, run_dir, final, st, scorer_state, tracker, tokenizer)
+
+
+def recover(
+    cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P.Dist, loader_skip: int
+) -> TrainState:
+    """After max_bad_steps non-finite steps: restore the last good checkpoint and lower the LR by lr_backoff."""
+    if st.recoveries >= cfg.train.max_recoveries:
+        raise RuntimeError(
+            f"step {st.step}: {st.bad_steps} consecutive non-finite steps after {st.recoveries} recoveries "
+            f"(train.max_recoveries = {cfg.train.max_recoveries}); stopping. Lower optim.lr or check the data."
+        )
+    keep = TrainState(**st.__dict__)
+    restored = load_resume(run_dir / "checkpoints" / "last", net, opt, scorer_state, d)
+    # weights and optimizer come back from the checkpoint; the position in the data and the counters move on
+    keep.recoveries += 1
+    keep.lr_scale = st.lr_scale * cfg.train.lr_backoff
+    keep.bad_steps = 0
+    if d.main:
+        print(
+            f"step {st.step}: restored the checkpoint of step {restored.step}; lr scale now {keep.lr_scale:g} (recovery {keep.recoveries})"
+        )
+    return keep
+
+
+def finish(
+    cfg, d, run_dir: Path, final: Path | None, st: TrainState, scorer_state, tracker, tokenizer
+) -> int:
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": st.step,
+        "algo": cfg.algo,
+        "scorer": cfg.loss.scorer,
+        "first_val_loss": st.history[0].get("val/loss") if st.history else None,
+        "final_val_loss": st.history[-1].get("val/loss") if st.history else None,
+        "best_val_loss": st.best_val,
+        "skipped_steps": st.skipped_steps,
+        "recoveries": st.recoveries,
+        "oom_events": st.oom_events,
+        "final_micro_batch": st.micro_batch,
+        "final_lr_scale": st.lr_scale,
+        "weights": {k: v for k, v in scorer_state.metrics.items()},
+        "host": socket.gethostname(),
+    }
+    if d.main:
+        plots = run_dir / "plots"
+        plots.mkdir(exist_ok=True)
+        score.save_weight_histogram(scorer_state, plots / "weight_histogram.png")
+        if cfg.eval.enabled and final is not None:
+            import evaluate
+
+            net = M.load_checkpoint(final)
+            rep = Path(cfg.eval.report_dir) if cfg.eval.report_dir else run_dir / "eval"
+            metrics = evaluate.evaluate_model(
+                cfg,
+                net,
+                tokenizer,
+                cfg.eval.datasets,
+                cfg.eval.n_samples,
+                cfg.eval.limit,
+                rep,
+                weight_histogram=plots / "weight_histogram.png",
+            )
+            summary["eval"] = metrics
+            tracker.log_metrics(
+                {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=st.step
+            )
+            tracker.log_artifacts(rep, "reports")
+        tmp = run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        os.replace(tmp, run_dir / "summary.json")
+        tracker.log_artifacts(plots, "plots")
+        if final is not None:
+            tracker.log_artifacts(final, "checkpoints/final")
+        best = run_dir / "checkpoints" / "best"
+        if best.exists():
+            tracker.log_artifacts(best, "checkpoints/best")
+        tracker.write_report(run_dir, summary)
+        tracker.finish("FINISHED")
+        for line in tracker.summary():
+            print(line)
+        print(
+            json.dumps(
+                {
+                    k: summary[k]
+                    for k in (
+                        "algo",
+                        "steps",
+                        "first_val_loss",
+                        "final_val_loss",
+                        "skipped_steps",
+                        "recoveries",
+                    )
+                }
+            )
+        )
+    P.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
