@@ -8,13 +8,20 @@ the file, line and field when something is off, before any work starts.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import logging
 import os
+import random
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 # --------------------------------------------------------------------------- MBPP
+
+log = logging.getLogger("wmtp.data")
 
 MBPP_FILES = ("prompt.jsonl", "test.jsonl", "validation.jsonl", "train.jsonl")
 MBPP_SINGLE = "mbpp.jsonl"
@@ -296,3 +303,297 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     return ([bos] if bos is not None else []) + list(ids)
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut (BOS + prompt, completion + EOS) to at most max_length tokens.
+
+    The completion keeps its start and gets at least half the row (or all it needs); the prompt gives up its
+    oldest tokens after BOS first, because in the three_shot template the target task sits at the prompt's end
+    and its first part is few-shot examples. build_dataset logs how many examples were cut.
+    """
+    if len(prompt) + len(completion) <= max_length:
+        return prompt, completion
+    n_comp = max(max_length - len(prompt), min(len(completion), max_length // 2))
+    n_prompt = max_length - n_comp
+    head = prompt[:1] if n_prompt > 0 else []
+    prompt = head + (prompt[len(prompt) - (n_prompt - len(head)) :] if n_prompt > len(head) else [])
+    return prompt, completion[:n_comp]
+
+
+def tokenize_examples(
+    tokenizer: Any, prompts: list[str], completions: list[str], max_length: int
+) -> list[tuple[list[int], list[bool]]]:
+    """(input_ids, loss_mask) per example: BOS + prompt + completion + EOS, mask True on completion and EOS."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no eos_token: set one")
+    bos = tokenizer.bos_token_id
+    out = []
+    for p, c in zip(_encode(tokenizer, prompts), _encode(tokenizer, completions), strict=True):
+        p, c = _fit(([bos] if bos is not None else []) + p, c + [eos], max_length)
+        out.append((p + c, [False] * len(p) + [True] * len(c)))
+    return out
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what decides token ids: vocab, merges, normaliser, special tokens (not the path it came from)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)  # call-time state that transformers toggles; it does not change ids
+        spec.pop("padding", None)
+    else:
+        spec = {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items())}
+    spec["special"] = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- where the data comes from
+
+
+def _resolve_remote(cfg: Any) -> tuple[Path | None, str]:
+    """Hook for s3cache (S3 mirror, then the HF hub): returns (dir or None, what was tried)."""
+    try:
+        import s3cache
+    except ImportError:
+        return None, "s3cache (not available)"
+    resolve = getattr(s3cache, "resolve", None)
+    if resolve is None or not cfg.data.resource:
+        return None, "s3cache (no resolve() or data.resource empty)"
+    try:  # INTEGRATION: align with s3cache.resolve's final signature
+        path = resolve(cfg, cfg.data.resource, hub_id=cfg.data.hub_id)
+    except Exception as e:  # a remote failure must not hide the list of places tried
+        return None, f"s3cache resource {cfg.data.resource!r} ({type(e).__name__}: {e})"
+    if path is not None and mbpp_files(path):
+        return Path(path), ""
+    return None, f"s3cache resource {cfg.data.resource!r} (nothing usable: {path})"
+
+
+def resolve_dataset_dir(cfg: Any) -> Path:
+    """The MBPP directory: data.path if set and complete, else <storage.data_root>/mbpp, else s3cache."""
+    if cfg.data.dataset != "mbpp":
+        raise DataError(f"{cfg.source}: 'data.dataset' = {cfg.data.dataset!r}: only 'mbpp' is supported")
+    tried = []
+    local = [Path(cfg.data.path)] if cfg.data.path else []
+    for cand in [*local, Path(cfg.storage.data_root) / "mbpp"]:
+        if mbpp_files(cand):
+            return cand
+        tried.append(f"{cand} (no {'/'.join(MBPP_FILES)} or {MBPP_SINGLE})")
+    path, note = _resolve_remote(cfg)
+    if path is not None:
+        return path
+    tried.append(note)
+    raise DataError(f"{cfg.source}: MBPP not found; tried: " + "; ".join(tried))
+
+
+def data_fingerprint(root: str | os.PathLike) -> str:
+    """Content hash of the MBPP source files (file names and bytes; not where they live)."""
+    h = hashlib.sha256()
+    for path in mbpp_files(root):
+        h.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- tokenised dataset + cache
+
+PREPROCESS_VERSION = 1  # bump when prompt format or tokenisation rules change: invalidates every cache
+STATS = {"built": 0, "loaded": 0}  # how build_dataset got its result (tests check cache hits with it)
+
+
+def dataset_cache_key(cfg: Any, tokenizer: Any, split: str, root: str | os.PathLike | None = None) -> str:
+    """Hash of everything that decides the tokenised rows, and nothing else (paths and train.* excluded)."""
+    root = resolve_dataset_dir(cfg) if root is None else root
+    parts = {
+        "version": PREPROCESS_VERSION,
+        "data": data_fingerprint(root),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": cfg.data.template,
+        "max_length": cfg.data.max_length,
+        "packing": cfg.data.packing,
+        "split": split,
+        "seed": cfg.data.seed,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _pack(rows: list[tuple[list[int], list[bool]]], max_length: int, pad_id: int) -> list[tuple[list, list]]:
+    """Concatenate examples and cut rows of exactly max_length; the last row is right-padded (mask False).
+
+    Attention is not blocked between packed examples (plain causal mask), as in most packing setups.
+    """
+    ids = [t for r in rows for t in r[0]]
+    mask = [m for r in rows for m in r[1]]
+    out = []
+    for i in range(0, len(ids), max_length):
+        chunk, cmask = ids[i : i + max_length], mask[i : i + max_length]
+        pad = max_length - len(chunk)
+        out.append((chunk + [pad_id] * pad, cmask + [False] * pad))
+    return out
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """pad_token_id, else eos (padding is masked out, so the id only has to be valid)."""
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else tokenizer.eos_token_id
+
+
+def _build_rows(cfg: Any, tokenizer: Any, split: str, root: Path) -> dict[str, list]:
+    problems = load_mbpp(root)
+    examples = mbpp_split(problems, split)
+    fewshot = mbpp_fewshot(problems) if cfg.data.template == "three_shot" else None
+    random.Random(cfg.data.seed).shuffle(examples)
+    prompts = [mbpp_prompt(p, cfg.data.template, fewshot) for p in examples]
+    rows = tokenize_examples(tokenizer, prompts, [mbpp_target(p) for p in examples], cfg.data.max_length)
+    cut = sum(1 for r in rows if not r[1][-1] or r[0][-1] != tokenizer.eos_token_id)
+    if cut:
+        log.warning(
+            f"data: {cut} of {len(rows)} {split} examples cut to data.max_length = {cfg.data.max_length}"
+        )
+    if cfg.data.packing:
+        rows = _pack(rows, cfg.data.max_length, pad_token_id(tokenizer))
+        task_ids = [-1] * len(rows)
+    else:
+        task_ids = [p["task_id"] for p in examples]
+    return {
+        "input_ids": [r[0] for r in rows],
+        "loss_mask": [r[1] for r in rows],
+        "task_id": task_ids,
+        "index": list(range(len(rows))),
+    }
+
+
+def build_dataset(cfg: Any, tokenizer: Any, split: str) -> Any:
+    """The tokenised split as a `datasets.Dataset` (input_ids, loss_mask, task_id, index), cached on disk.
+
+    Rows are in a fixed order shuffled with data.seed (packing decides which examples share a row); `index` is
+    the row number, stable for a given cache key. The cache lives at <storage.cache_dir>/datasets/<name>-<key>
+    and is written to a temp dir then renamed, so a half-written cache is never read.
+    """
+    import datasets
+
+    root = resolve_dataset_dir(cfg)
+    key = dataset_cache_key(cfg, tokenizer, split, root)
+    path = Path(cfg.storage.cache_dir) / "datasets" / f"{cfg.data.dataset}-{split}-{key}"
+    if not path.is_dir():
+        features = datasets.Features(
+            {
+                "input_ids": datasets.List(datasets.Value("int32")),
+                "loss_mask": datasets.List(datasets.Value("bool")),
+                "task_id": datasets.Value("int64"),
+                "index": datasets.Value("int64"),
+            }
+        )
+        ds = datasets.Dataset.from_dict(_build_rows(cfg, tokenizer, split, root), features=features)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        bars = not datasets.utils.are_progress_bars_disabled()
+        datasets.disable_progress_bars()
+        try:
+            ds.save_to_disk(str(tmp))
+            os.replace(tmp, path)
+        except OSError:
+            if not path.is_dir():  # not a lost race with another process: a real failure
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if bars:
+                datasets.enable_progress_bars()
+        STATS["built"] += 1
+    else:
+        STATS["loaded"] += 1
+    return datasets.load_from_disk(str(path))
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def _columns(ds: Any) -> tuple[list[list[int]], list[list[bool]], list[int], list[int]]:
+    cols = ds[:] if not isinstance(ds, dict) else ds
+    return list(cols["input_ids"]), list(cols["loss_mask"]), list(cols["task_id"]), list(cols["index"])
+
+
+def collate(
+    ids: list[list[int]], masks: list[list[bool]], index: list[int], task_id: list[int], pad_id: int
+) -> dict[str, Any]:
+    """The batch dict of docs/DESIGN.md, right-padded to the longest row."""
+    import torch
+
+    width = max(len(r) for r in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(ids), width), dtype=torch.bool)
+    for b, (row, m) in enumerate(zip(ids, masks, strict=True)):
+        input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        loss_mask[b, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return {
+        "input_ids": input_ids,
+        "loss_mask": loss_mask,
+        "index": torch.tensor(index, dtype=torch.long),
+        "task_id": torch.tensor(task_id, dtype=torch.long),
+    }
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int) -> list[int]:
+    """This rank's row order for one epoch: like DistributedSampler(drop_last=True), same permutation on all ranks."""
+    import torch
+
+    if shuffle:
+        g = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+    else:
+        order = list(range(n))
+    per_rank = n // world_size
+    return order[: per_rank * world_size][rank::world_size]
+
+
+def make_loader(
+    ds: Any,
+    batch_size: int,
+    pad_id: int,
+    seed: int = 42,
+    shuffle: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch_start: int = 0,
+    skip_batches: int = 0,
+) -> Iterator[dict]:
+    """Training batches forever: each epoch reshuffled from seed + epoch, each rank a disjoint shard.
+
+    Incomplete batches are dropped so every rank takes the same number of steps. `skip_batches` skips that many
+    batches of this stream (possibly whole epochs) without collating them, so a resumed run that passes the
+    number of batches it consumed continues exactly where it stopped.
+    """
+    if not 0 <= rank < world_size:
+        raise DataError(f"make_loader: rank {rank} is not in [0, world_size={world_size})")
+    ids, masks, task_id, index = _columns(ds)
+    per_epoch = (len(ids) // world_size) // batch_size
+    if per_epoch == 0:
+        raise DataError(
+            f"make_loader: {len(ids)} rows over {world_size} rank(s) do not fill one batch of {batch_size}: "
+            "lower train.micro_batch_size or use a larger split"
+        )
+    epoch, skip = epoch_start + skip_batches // per_epoch, skip_batches % per_epoch
+    while True:
+        order = epoch_order(len(ids), seed, epoch, shuffle, rank, world_size)
+        for b in range(skip, per_epoch):
+            rows = order[b * batch_size : (b + 1) * batch_size]
+            yield collate(
+                [ids[i] for i in rows],
+                [masks[i] for i in rows],
+                [index[i] for i in rows],
+                [task_id[i] for i in rows],
+                pad_id,
+            )
+        epoch, skip = epoch + 1, 0
+
+
+def eval_batches(ds: Any, batch_size: int, pad_id: int) -> Iterator[dict]:
+    """Every row once, in order, no shuffle; the last batch may be smaller."""
+    ids, masks, task_id, index = _columns(ds)
+    for s in range(0, len(ids), batch_size):
+        sl = slice(s, s + batch_size)
+        yield collate(ids[sl], masks[sl], index[sl], task_id[sl], pad_id)

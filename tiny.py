@@ -1,0 +1,203 @@
+"""`make tiny`: small random-init models in the real file formats, for the smoke run and the tests.
+
+    python tiny.py --out .cache/tiny [--force] [--data-root DIR]
+
+Everything is built offline and deterministically (fixed seeds): a byte-level BPE tokenizer trained on MBPP
+train+validation, a Meta-format MTP base (params.json + consolidated.pth), an HF Llama reference model and an HF
+reward model, each with the tokenizer saved alongside. Each artefact is written to a temp directory and renamed
+into place, so an existing directory is always complete and a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import config
+import data
+
+VOCAB_SIZE = 2048
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+ARTEFACTS = ("tokenizer", "base_meta", "ref_hf", "rm_hf")
+SEED = 0
+
+
+def _atomic_dir(final: Path, build: Callable[[Path], None], force: bool) -> bool:
+    """Run build(tmp) and rename tmp to `final`; skip when `final` exists (unless force). True when built."""
+    if final.is_dir() and not force:
+        return False
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        if final.is_dir():  # --force: move the old one aside first so `final` is never half-written
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            os.replace(final, old / final.name)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def _corpus(data_root: str) -> list[str]:
+    """MBPP train + validation problem texts and normalised code (never the test split)."""
+    problems = data.load_mbpp(Path(data_root) / "mbpp")
+    rows = data.mbpp_split(problems, "train") + data.mbpp_split(problems, "validation")
+    return [t for p in rows for t in (p["text"], data.mbpp_target(p))]
+
+
+def train_tokenizer(data_root: str):
+    """A byte-level BPE (~2048 tokens) wrapped as a transformers fast tokenizer with <s>, </s>, <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(data_root), trainer=trainer)
+    bos = tok.token_to_id(SPECIAL_TOKENS["bos_token"])
+    # Like Llama: tokenizer(text) prepends BOS; data.py encodes with add_special_tokens=False and adds it itself.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **SPECIAL_TOKENS)
+
+
+def load_tokenizer(out: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+
+
+def build_tokenizer(out: Path, data_root: str, force: bool = False) -> bool:
+    return _atomic_dir(
+        out / "tokenizer", lambda tmp: train_tokenizer(data_root).save_pretrained(str(tmp)), force
+    )
+
+
+def build_base_meta(out: Path, force: bool = False) -> bool:
+    """Tiny H=4 MTP base in Meta's layout: 3 trunk blocks (the last is head 1) + 3 extra heads."""
+    import torch
+
+    import model as M
+
+    tokenizer = load_tokenizer(out)
+
+    def build(tmp: Path) -> None:
+        args = M.ModelArgs(
+            dim=128,
+            n_layers=6,
+            n_heads=4,
+            n_kv_heads=2,
+            vocab_size=len(tokenizer),
+            multiple_of=32,
+            n_future_tokens=4,
+            max_seq_len=1024,
+        )
+        torch.manual_seed(SEED)
+        M.save_meta(M.Transformer(args), tmp)
+        tokenizer.save_pretrained(str(tmp))  # so model.tokenizer may point at the checkpoint directory
+
+    return _atomic_dir(out / "base_meta", build, force)
+
+
+def _llama_config(tokenizer, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def _save_hf(out: Path, name: str, make_model: Callable, force: bool) -> bool:
+    import torch
+
+    tokenizer = load_tokenizer(out)
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(SEED)
+        make_model(tokenizer).save_pretrained(str(tmp))  # safetensors
+        tokenizer.save_pretrained(str(tmp))
+
+    return _atomic_dir(out / name, build, force)
+
+
+def build_ref_hf(out: Path, force: bool = False) -> bool:
+    """Tiny H=1 reference causal LM in HF Llama format (rho1's reference; also exercises model.load_hf)."""
+    from transformers import LlamaForCausalLM
+
+    return _save_hf(out, "ref_hf", lambda tok: LlamaForCausalLM(_llama_config(tok)), force)
+
+
+def build_rm_hf(out: Path, force: bool = False) -> bool:
+    """Tiny reward model: a one-label Llama sequence classifier (critic's reward)."""
+    from transformers import LlamaForSequenceClassification
+
+    return _save_hf(
+        out, "rm_hf", lambda tok: LlamaForSequenceClassification(_llama_config(tok, num_labels=1)), force
+    )
+
+
+def is_complete(out: str | os.PathLike) -> bool:
+    return all((Path(out) / name).is_dir() for name in ARTEFACTS)
+
+
+def build_all(
+    out_dir: str | os.PathLike, force: bool = False, data_root: str | None = None
+) -> dict[str, Path]:
+    """Build every artefact that is missing (all of them with force); returns {name: directory}."""
+    out = Path(out_dir)
+    root = data_root or config.default_data_root()
+    steps = {
+        "tokenizer": lambda: build_tokenizer(out, root, force),
+        "base_meta": lambda: build_base_meta(out, force),
+        "ref_hf": lambda: build_ref_hf(out, force),
+        "rm_hf": lambda: build_rm_hf(out, force),
+    }
+    for name, step in steps.items():
+        t0 = time.perf_counter()
+        built = step()
+        print(
+            f"tiny: {out / name} {'built in %.1fs' % (time.perf_counter() - t0) if built else 'exists (skipped)'}"
+        )
+    return {name: out / name for name in ARTEFACTS}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=".cache/tiny", help="output directory (default .cache/tiny)")
+    ap.add_argument("--force", action="store_true", help="rebuild even what already exists")
+    ap.add_argument("--data-root", default=None, help="benchmark data root (default $WMTP_DATA_DIR)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    build_all(args.out, force=args.force, data_root=args.data_root)
+
+
+if __name__ == "__main__":
+    main()
