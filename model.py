@@ -1,0 +1,825 @@
+"""The multi-token-prediction (MTP) transformer, its loss, its loaders and batched generation.
+
+Llama-style decoder (RMSNorm, RoPE, SwiGLU, GQA, no biases) in Meta's MTP layout (spec §1):
+
+    tok_embeddings -> layers[:-1] (the trunk) -> h
+    head 1 = layers[-1], head k+1 = extra_heads[k-1]; every head reads h (heads run in parallel)
+    each head -> shared norm -> shared output projection
+
+Module and parameter names equal the keys of Meta's `consolidated.pth`, so a Meta state dict loads with
+`load_state_dict(strict=True)`. RoPE uses Meta's convention (interleaved pairs (x[2i], x[2i+1])); `load_hf`
+un-permutes HF's rotate-half q/k weights into it.
+
+Every call goes through `Transformer.__call__` (FSDP2 attaches its root hooks there):
+    model(idx)                      -> logits [B, S, H, V] (index 0 = head 1)
+    model(idx, stage="trunk")       -> trunk output h [B, S, D]
+    model(h, stage=k)               -> head k logits [B, S, V] (k = 0..H-1; `select=` keeps only some positions)
+    model(ids, stage="decode", cache=c) -> head 1 fp32 logits of the last position [B, V] (KV-cached)
+
+`mtp_loss_backward` is the memory-efficient step of the paper (§2): the caller computes h once; each head runs
+forward + backward into a detached leaf of h, so only one head's logits are alive; one backward through the trunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelArgs:
+    """Meta's params.json keys, plus `max_seq_len` and two extensions needed by HF checkpoints."""
+
+    dim: int = 4096
+    n_layers: int = 32  # ALL blocks: trunk (n_layers - H) + H head blocks
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: = n_heads (no GQA)
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    n_future_tokens: int = 1  # H
+    max_seq_len: int = 4096
+    ffn_hidden_dim: int | None = None  # exact FFN width (HF intermediate_size); None: Llama's rule
+    rope_scaling_factor: float = 1.0  # HF "linear" rope scaling: positions are divided by this factor
+
+    def __post_init__(self) -> None:
+        n_kv = self.n_kv_heads or self.n_heads
+        checks = [
+            (
+                self.dim > 0 and self.n_heads > 0 and self.vocab_size > 0,
+                "dim, n_heads, vocab_size must be > 0",
+            ),
+            (self.dim % self.n_heads == 0, f"dim={self.dim} must be divisible by n_heads={self.n_heads}"),
+            ((self.dim // self.n_heads) % 2 == 0, f"head dim {self.dim // self.n_heads} must be even (RoPE)"),
+            (self.n_heads % n_kv == 0, f"n_heads={self.n_heads} must be divisible by n_kv_heads={n_kv}"),
+            (self.n_future_tokens >= 1, f"n_future_tokens={self.n_future_tokens} must be >= 1"),
+            (
+                self.n_layers >= self.n_future_tokens,
+                f"n_layers={self.n_layers} must be >= n_future_tokens={self.n_future_tokens} "
+                "(n_layers counts the trunk AND the head blocks)",
+            ),
+            (self.rope_scaling_factor > 0, f"rope_scaling_factor={self.rope_scaling_factor} must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"ModelArgs: {msg}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def n_trunk(self) -> int:
+        return self.n_layers - self.n_future_tokens
+
+    @property
+    def hidden_dim(self) -> int:
+        """FFN width: Llama's rule (2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of)."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str) -> ModelArgs:
+        """Strict construction from a JSON dict: unknown keys and wrong types are errors naming `source`."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; expected a subset of {sorted(fields)}")
+        ints = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "n_future_tokens"}
+        ints |= {"max_seq_len", "ffn_hidden_dim"}
+        for k, v in d.items():
+            if v is None and k in ("n_kv_heads", "ffn_dim_multiplier", "ffn_hidden_dim"):
+                continue
+            want = int if k in ints else float
+            if isinstance(v, bool) or not isinstance(v, want if want is int else (int, float)):
+                raise ValueError(f"{source}: key {k!r} = {v!r} must be {want.__name__}")
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (as Meta and HF do), cast back, then scaled."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float() if x.dtype != torch.float64 else x
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_cos_sin(positions: Tensor, args: ModelArgs, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin [B|1, T, 1, head_dim/2] for integer positions [B|1, T]; fp32 angles like Meta/HF (fp64 if asked).
+
+    Computed on the fly (cheap) rather than stored as a buffer, so `model.to(bfloat16)` cannot degrade them and
+    the state dict holds exactly Meta's keys.
+    """
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=positions.device, dtype=cdt) / hd))
+    angles = (positions.to(cdt) / args.rope_scaling_factor)[..., None] * inv_freq
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by angle i (Meta's complex-multiply convention, in reals)."""
+    xf = x.to(cos.dtype).unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, self.n_heads * self.hd, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv * self.hd, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv * self.hd, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.hd, args.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, kv=None) -> Tensor:
+        """Causal attention; with `kv=(k_cache, v_cache, start)` the new keys/values are written at `start`."""
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.hd), cos, sin).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv, self.hd), cos, sin).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        gqa = self.n_kv != self.n_heads
+        if kv is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k_cache, v_cache, start = kv
+            k_cache[:, :, start : start + T] = k
+            v_cache[:, :, start : start + T] = v
+            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, kv=None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class KVCache:
+    """Preallocated per-layer keys/values [B, n_kv, max_len, hd] for left-padded batched decoding.
+
+    `pad[b]` = number of left-pad slots of row b: they are never attended to, and row b's RoPE positions start
+    at 0 after its padding, so a padded row computes exactly what it would compute alone.
+    """
+
+    def __init__(self, args: ModelArgs, n_layers: int, pad: Tensor, max_len: int, dtype: torch.dtype):
+        B, dev = pad.shape[0], pad.device
+        shape = (B, args.kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(n_layers)]
+        self.pad, self.pos, self.max_len = pad, 0, max_len
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        H = args.n_future_tokens
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers - H + 1))
+        self.extra_heads = nn.ModuleList(TransformerBlock(args) for _ in range(H - 1))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.activation_checkpointing = False  # set by the trainer; checkpoints each block while training
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) matrices; residual output projections (wo, w2) scaled by 1/sqrt(2 * n_layers)."""
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if p.ndim == 1:
+                p.fill_(1.0)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                p.normal_(0.0, std / math.sqrt(2 * self.args.n_layers))
+            else:
+                p.normal_(0.0, std)
+
+    @property
+    def n_future_tokens(self) -> int:
+        return self.args.n_future_tokens
+
+    def head_block(self, k: int) -> TransformerBlock:
+        """Block of head k (0-based): layers[-1] for k=0, extra_heads[k-1] otherwise."""
+        if not 0 <= k < self.args.n_future_tokens:
+            raise IndexError(f"head index {k} out of range for n_future_tokens={self.args.n_future_tokens}")
+        return self.layers[-1] if k == 0 else self.extra_heads[k - 1]
+
+    def _block(self, block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, cos, sin, use_reentrant=False)
+        return block(x, cos, sin)
+
+    def _rope(self, S: int, ref: Tensor) -> tuple[Tensor, Tensor]:
+        return rope_cos_sin(torch.arange(S, device=ref.device)[None], self.args, ref.dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        stage: str | int = "full",
+        select: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """See the module docstring. `select` (bool [B, S], head stages only) returns logits [n_selected, V]."""
+        if stage == "decode":
+            if cache is None:
+                raise ValueError('stage="decode" needs cache=KVCache(...)')
+            return self._decode(x, cache)
+        if isinstance(stage, int) and not isinstance(stage, bool):
+            cos, sin = self._rope(x.shape[1], x)
+            h = self._block(self.head_block(stage), x, cos, sin)
+            if select is not None:
+                h = h[select]
+            return self.output(self.norm(h))
+        if stage not in ("full", "trunk"):
+            raise ValueError(f"stage must be 'full', 'trunk', 'decode' or an int head index, got {stage!r}")
+        h = self.tok_embeddings(x)
+        cos, sin = self._rope(x.shape[1], h)
+        for layer in self.layers[:-1]:
+            h = self._block(layer, h, cos, sin)
+        if stage == "trunk":
+            return h
+        heads = [self._block(self.head_block(k), h, cos, sin) for k in range(self.args.n_future_tokens)]
+        return self.output(self.norm(torch.stack(heads, dim=-2)))
+
+    def _decode(self, ids: Tensor, cache: KVCache) -> Tensor:
+        """Append `ids` [B, T] to the cache through trunk + head 1; fp32 logits of the last position [B, V]."""
+        B, T = ids.shape
+        start, end = cache.pos, cache.pos + T
+        if end > cache.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {cache.max_len}")
+        q_idx = torch.arange(start, end, device=ids.device)
+        positions = (q_idx[None] - cache.pad[:, None]).clamp(min=0)
+        k_idx = torch.arange(end, device=ids.device)
+        visible = (k_idx[None, None] >= cache.pad[:, None, None]) & (
+            k_idx[None, None] <= q_idx[None, :, None]
+        )
+        mask = (visible | (k_idx[None, None] == q_idx[None, :, None]))[
+            :, None
+        ]  # pad rows see themselves: no NaN
+        h = self.tok_embeddings(ids)
+        cos, sin = rope_cos_sin(positions, self.args, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, (cache.k[i], cache.v[i], start))
+        cache.pos = end
+        return self.output(self.norm(h[:, -1])).float()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        eos_id: int | None = None,
+        stop: Callable[[list[int]], bool] | None = None,
+        seed: int | None = None,
+        pad_id: int = 0,
+    ) -> list[list[int]]:
+        """Sample continuations with head 1 (batched, left-padded, KV-cached). Returns new tokens per prompt.
+
+        temperature 0 is greedy; otherwise nucleus (top_p) sampling from softmax(logits / temperature), with a
+        torch.Generator seeded by `seed` when given. A row stops at `eos_id` (not included in its output) or once
+        `stop(row_new_tokens)` returns True (the token that triggered it is kept; the caller trims stop strings).
+        """
+        return self._generate(prompts, max_new_tokens, temperature, top_p, eos_id, stop, seed, pad_id)[0]
+
+    def _generate(
+        self, prompts, max_new_tokens, temperature, top_p, eos_id, stop, seed, pad_id, keep_logits=False
+    ) -> tuple[list[list[int]], list[Tensor]]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        if max_new_tokens < 0 or not 0.0 < top_p <= 1.0 or temperature < 0:
+            raise ValueError(f"generate: bad max_new_tokens={max_new_tokens}, top_p={top_p}, T={temperature}")
+        out: list[list[int]] = [[] for _ in prompts]
+        if max_new_tokens == 0:
+            return out, []
+        P = max(len(p) for p in prompts)
+        if P + max_new_tokens > self.args.max_seq_len:
+            raise ValueError(
+                f"generate: longest prompt {P} + max_new_tokens {max_new_tokens} > max_seq_len {self.args.max_seq_len}"
+            )
+        dev, dtype = self.output.weight.device, self.output.weight.dtype
+        pad = torch.tensor([P - len(p) for p in prompts], device=dev)
+        ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=dev)
+        cache = KVCache(self.args, len(self.layers), pad, P + max_new_tokens, dtype)
+        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+        was_training = self.training
+        self.eval()
+        try:
+            logits, kept, done = self(ids, stage="decode", cache=cache), [], [False] * len(prompts)
+            for step in range(max_new_tokens):
+                if keep_logits:
+                    kept.append(logits)
+                nxt = sample(logits, temperature, top_p, gen)
+                for b, tok in enumerate(nxt.tolist()):
+                    if done[b]:
+                        continue
+                    if eos_id is not None and tok == eos_id:
+                        done[b] = True
+                        continue
+                    out[b].append(tok)
+                    done[b] = stop is not None and stop(out[b])
+                if all(done) or step == max_new_tokens - 1:
+                    break
+                logits = self(nxt[:, None], stage="decode", cache=cache)
+        finally:
+            self.train(was_training)
+        return out, kept
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None = None) -> Tensor:
+    """Next token per row of fp32 logits [B, V]: argmax at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        sorted_p[(sorted_p.cumsum(-1) - sorted_p) > top_p] = (
+            0.0  # keep the smallest prefix with mass >= top_p
+        )
+        pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
+        return order.gather(-1, pick)[:, 0]
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MTP targets and loss
+
+
+def mtp_targets(input_ids: Tensor, loss_mask: Tensor, H: int) -> tuple[Tensor, Tensor]:
+    """targets[b,t,k] = input_ids[b,t+k+1]; valid = (t+k+1 < S) & loss_mask[b,t+k+1]; targets 0 where invalid."""
+    B, S = input_ids.shape
+    targets = input_ids.new_zeros(B, S, H)
+    valid = torch.zeros(B, S, H, dtype=torch.bool, device=input_ids.device)
+    for k in range(H):
+        n = S - k - 1
+        if n <= 0:
+            continue
+        valid[:, :n, k] = loss_mask[:, k + 1 :].bool()
+        targets[:, :n, k] = torch.where(valid[:, :n, k], input_ids[:, k + 1 :], 0)
+    return targets, valid
+
+
+def _alpha(alpha: Iterable[float] | Tensor | None, H: int) -> list[float]:
+    a = [1.0] * H if alpha is None else [float(x) for x in alpha]
+    if len(a) != H:
+        raise ValueError(f"alpha has {len(a)} entries, expected one per head (H={H})")
+    return a
+
+
+def mtp_loss_backward(
+    model: nn.Module,
+    h: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    weights: Tensor,
+    alpha: Iterable[float] | Tensor | None = None,
+    scale: float = 1.0,
+) -> dict[str, Tensor]:
+    """Memory-efficient MTP loss + backward (paper §2): one head's logits alive at a time.
+
+    L = sum_valid alpha_k * w * CE / count_valid (count over all heads). For each head: logits of the valid
+    positions only (fp32 CE), backward of scale * L_k into a detached leaf of h; then ONE h.backward. Every head
+    runs forward and backward even when it has no valid pair, so all ranks run the same collectives.
+    Returns detached {"loss", "head_loss" [H], "head_ce" [H]} (unscaled).
+    """
+    H = targets.shape[-1]
+    a = _alpha(alpha, H)
+    count = int(valid.sum())
+    denom = max(count, 1)
+    leaf = h.detach().requires_grad_()
+    head_loss, head_ce = [], []
+    for k in range(H):
+        v = valid[..., k]
+        logits = model(leaf, stage=k, select=v)
+        ce = F.cross_entropy(logits.float(), targets[..., k][v], reduction="none")
+        loss_k = (weights[..., k][v].to(ce.dtype) * ce).sum() * (a[k] / denom)
+        if loss_k.requires_grad:  # False under torch.no_grad(): then this is an evaluation loss
+            (loss_k * scale).backward()
+        head_loss.append(loss_k.detach())
+        head_ce.append(ce.detach().sum() / max(int(v.sum()), 1))
+        del logits, ce, loss_k
+    if h.requires_grad and leaf.grad is not None:
+        h.backward(leaf.grad)
+    head_loss_t = torch.stack(head_loss)
+    return {"loss": head_loss_t.sum(), "head_loss": head_loss_t, "head_ce": torch.stack(head_ce)}
+
+
+def naive_mtp_loss(
+    model: nn.Module,
+    idx: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    weights: Tensor,
+    alpha: Iterable[float] | Tensor | None = None,
+) -> Tensor:
+    """Same loss with all heads' logits [B, S, H, V] at once (reference for tests and the benchmark)."""
+    H = targets.shape[-1]
+    logits = model(idx)
+    ce = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none").view_as(weights)
+    a = torch.tensor(_alpha(alpha, H), dtype=ce.dtype, device=ce.device)
+    w = torch.where(valid, weights.to(ce.dtype), 0.0) * a
+    return (w * torch.where(valid, ce, 0.0)).sum() / max(int(valid.sum()), 1)
+
+
+@torch.no_grad()
+def mtp_head_ce(model: nn.Module, h: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """Per-pair CE [B, S, H] (fp32, 0 where invalid) without gradient, one head at a time (rho1's extra pass)."""
+    ce = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    for k in range(targets.shape[-1]):
+        v = valid[..., k]
+        logits = model(h.detach(), stage=k, select=v)
+        ce[..., k][v] = F.cross_entropy(logits.float(), targets[..., k][v], reduction="none")
+    return ce
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: Meta (params.json + consolidated.pth), HF Llama (safetensors), ours (safetensors + config.json)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model it should build: the message names the file and the keys."""
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write via a temp file in the same directory, then os.replace: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing {path}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return d
+
+
+def _check_keys(expected: dict[str, torch.Size], sd: dict[str, Tensor], source: str) -> None:
+    """Every expected key present with its shape, nothing else; else one error listing all problems."""
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} != model {tuple(s)}"
+        for k, s in expected.items()
+        if k in sd and tuple(sd[k].shape) != tuple(s)
+    ]
+    if missing or unexpected or shapes:
+
+        def show(xs: list[str]) -> str:
+            return ", ".join(xs[:20]) + (f", ... ({len(xs)} in all)" if len(xs) > 20 else "")
+
+        parts = [f"{name} ({len(xs)}): {show(xs)}" for name, xs in [("missing keys", missing),
+                 ("unexpected keys", unexpected), ("wrong shapes", shapes)] if xs]  # fmt: skip
+        raise CheckpointError(f"{source} does not match the model:\n  " + "\n  ".join(parts))
+
+
+def _build(args: ModelArgs, sd: dict[str, Tensor], source: str) -> Transformer:
+    """Build on the meta device (no double memory), check keys/shapes strictly, then assign the tensors."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    _check_keys({k: v.shape for k, v in model.state_dict().items()}, sd, source)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+def _resize_heads(args: ModelArgs, sd: dict[str, Tensor], H: int) -> tuple[ModelArgs, dict[str, Tensor]]:
+    """Keep the trunk; keep the first min(H, H0) heads; new heads are copies of head 1's block (opt-in)."""
+    H0, trunk = args.n_future_tokens, args.n_trunk
+    if H == H0:
+        return args, sd
+
+    def head_prefix(k: int) -> str:
+        return f"layers.{trunk}." if k == 0 else f"extra_heads.{k - 1}."
+
+    out = {k: v for k, v in sd.items() if not k.startswith(("extra_heads.", f"layers.{trunk}."))}
+    for k in range(H):
+        src = head_prefix(k if k < H0 else 0)
+        for name, t in sd.items():
+            if name.startswith(src):
+                out[head_prefix(k) + name[len(src) :]] = t if k < H0 else t.clone()
+    if H > H0:
+        log.warning(
+            "n_future_tokens %d -> %d: heads %d..%d start as copies of head 1's block", H0, H, H0 + 1, H
+        )
+    return dataclasses.replace(args, n_layers=trunk + H, n_future_tokens=H), out
+
+
+def _meta_weights_file(path: Path) -> Path:
+    if (path / "consolidated.pth").exists():
+        return path / "consolidated.pth"
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if len(shards) == 1:
+        return shards[0]
+    if shards:
+        raise CheckpointError(
+            f"{path}: {len(shards)} model-parallel shards; merge them into consolidated.pth"
+        )
+    raise FileNotFoundError(
+        f"{path}: no consolidated.pth (Meta format expects params.json + consolidated.pth)"
+    )
+
+
+def load_meta(path: str | os.PathLike, n_future_tokens: int | None = None) -> Transformer:
+    """Load Meta's format strictly. `n_future_tokens` (default: params.json's, else 1) may drop or add heads."""
+    path = Path(path)
+    params = _read_json(path / "params.json")
+    wfile = _meta_weights_file(path)
+    sd = torch.load(wfile, map_location="cpu", weights_only=True, mmap=True)
+    freqs = sd.pop("rope.freqs", None)  # old Meta checkpoints store RoPE frequencies; ours are computed
+    if params.get("vocab_size", 0) in (-1, 0) and "tok_embeddings.weight" in sd:
+        params["vocab_size"] = sd["tok_embeddings.weight"].shape[0]  # Llama-2 style params.json has -1
+    args = ModelArgs.from_dict(params, str(path / "params.json"))
+    if freqs is not None:
+        want = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+        if freqs.shape != want.shape or not torch.allclose(freqs.float(), want, rtol=1e-3):
+            raise CheckpointError(f"{wfile}: rope.freqs does not match rope_theta={args.rope_theta}")
+    source = f"{wfile} (params: {path / 'params.json'})"
+    _check_keys({k: v.shape for k, v in _meta_model(args).state_dict().items()}, sd, source)
+    if n_future_tokens is not None:
+        args, sd = _resize_heads(args, sd, n_future_tokens)
+    return _build(args, sd, source)
+
+
+def _meta_model(args: ModelArgs) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(args)
+
+
+def _full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    sd = model.state_dict()
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+        for k, v in sd.items()
+    }
+
+
+def _params_json(args: ModelArgs) -> dict[str, Any]:
+    d = dataclasses.asdict(args)
+    for k, default in (("ffn_hidden_dim", None), ("rope_scaling_factor", 1.0)):
+        if d[k] == default:
+            del d[k]  # keep params.json readable by Meta's code when the extensions are unused
+    return d
+
+
+def save_meta(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write params.json + consolidated.pth (each atomically; weights first, so params.json marks completion)."""
+    path = Path(path)
+    sd = _full_state_dict(model)
+    _atomic_write(path / "consolidated.pth", lambda tmp: torch.save(sd, tmp))
+    text = json.dumps(_params_json(model.args), indent=2)
+    _atomic_write(path / "params.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Our format: model.safetensors + config.json (ModelArgs), each written atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = _full_state_dict(model)
+    _atomic_write(path / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    text = json.dumps(dataclasses.asdict(model.args), indent=2)
+    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def load_checkpoint(path: str | os.PathLike, n_future_tokens: int | None = None) -> Transformer:
+    """Load `save_checkpoint`'s format strictly."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = _read_json(path / "config.json")
+    if "model_type" in cfg or "architectures" in cfg:
+        raise CheckpointError(f"{path / 'config.json'} is an HF config: load it with fmt='hf' (load_hf)")
+    args = ModelArgs.from_dict(cfg, str(path / "config.json"))
+    wfile = path / "model.safetensors"
+    if not wfile.exists():
+        raise FileNotFoundError(f"{path}: no model.safetensors")
+    sd = load_file(str(wfile))
+    _check_keys({k: v.shape for k, v in _meta_model(args).state_dict().items()}, sd, str(wfile))
+    if n_future_tokens is not None:
+        args, sd = _resize_heads(args, sd, n_future_tokens)
+    return _build(args, sd, str(wfile))
+
+
+def _hf_args(cfg: dict[str, Any], source: str) -> ModelArgs:
+    """ModelArgs for an HF LlamaConfig dict; unsupported features are refused with the offending key."""
+    if cfg.get("model_type") != "llama":
+        raise CheckpointError(f"{source}: model_type={cfg.get('model_type')!r}; only 'llama' is supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise CheckpointError(f"{source}: {key}=true is not supported (the model has no biases)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act={cfg['hidden_act']!r}; only 'silu' is supported")
+    rope = dict(cfg.get("rope_parameters") or {})  # transformers >= 5
+    rope.update(cfg.get("rope_scaling") or {})  # transformers 4
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise CheckpointError(
+            f"{source}: rope scaling {rope_type!r} is not supported (only none/default/linear)"
+        )
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if cfg.get("head_dim") not in (None, dim // n_heads):
+        raise CheckpointError(f"{source}: head_dim={cfg['head_dim']} != hidden_size / num_attention_heads")
+    L = cfg["num_hidden_layers"]
+    return ModelArgs(
+        dim=dim,
+        n_layers=L,
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        vocab_size=cfg["vocab_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        rope_scaling_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
+        n_future_tokens=1,
+        max_seq_len=cfg.get("max_position_embeddings", 4096),
+        ffn_hidden_dim=cfg["intermediate_size"],
+    )
+
+
+def _read_safetensors_dir(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(
+            f"{path}: no model.safetensors or model.safetensors.index.json (safetensors only)"
+        )
+    sd: dict[str, Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(path / f)))
+    return sd
+
+
+def _unpermute(w: Tensor, n_heads: int) -> Tensor:
+    """Invert HF's convert permute (rotate-half rows -> Meta's interleaved rows) of a q/k projection."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, 2, dim1 // n_heads // 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def load_hf(path: str | os.PathLike, n_future_tokens: int = 1) -> Transformer:
+    """Load an HF LlamaForCausalLM directory (config.json + safetensors) as our Transformer.
+
+    All HF blocks become trunk + head 1. With n_future_tokens = H > 1 (opt-in), H-1 extra heads are appended as
+    copies of the last block, so every head starts as a next-token predictor to be fine-tuned into head k.
+    """
+    path = Path(path)
+    source = str(path / "config.json")
+    cfg = _read_json(path / "config.json")
+    args = _hf_args(cfg, source)
+    hf = _read_safetensors_dir(path)
+    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
+    names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}
+    names["lm_head.weight"] = "output.weight"
+    sub = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+           "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+           "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+           "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    sd, unknown = {}, []
+    for k, v in hf.items():
+        if k in names:
+            sd[names[k]] = v
+            continue
+        parts = k.split(".")  # model.layers.{i}.{module}.{proj}.weight
+        mod = ".".join(parts[3:-1])
+        if parts[:2] != ["model", "layers"] or mod not in sub:
+            unknown.append(k)
+            continue
+        if mod == "self_attn.q_proj":
+            v = _unpermute(v, args.n_heads)
+        elif mod == "self_attn.k_proj":
+            v = _unpermute(v, args.kv_heads)
+        sd[f"layers.{parts[2]}.{sub[mod]}.{parts[-1]}"] = v
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected HF tensors {unknown[:20]} (biases or a non-Llama model?)")
+    if "output.weight" not in sd and cfg.get("tie_word_embeddings") and "tok_embeddings.weight" in sd:
+        sd["output.weight"] = sd["tok_embeddings.weight"].clone()
+    _check_keys(
+        {k: v.shape for k, v in _meta_model(args).state_dict().items()}, sd, f"{path} (HF safetensors)"
+    )
+    args, sd = _resize_heads(args, sd, n_future_tokens)
+    return _build(args, sd, str(path))
+
+
+def load_model(path: str | os.PathLike, fmt: str, n_future_tokens: int | None = None) -> Transformer:
+    """Dispatch on fmt: "meta" (params.json + consolidated.pth), "hf" (LlamaForCausalLM), "wmtp" (ours).
+
+    n_future_tokens None keeps the checkpoint's H (1 for HF); a different H drops heads or adds copies of head 1.
+    """
+    if fmt == "meta":
+        return load_meta(path, n_future_tokens)
+    if fmt == "hf":
+        return load_hf(path, n_future_tokens or 1)
+    if fmt == "wmtp":
+        return load_checkpoint(path, n_future_tokens)
+    raise ValueError(f"unknown checkpoint format {fmt!r}; expected 'meta', 'hf' or 'wmtp'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Accounting helpers
+
+
+def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Number of parameters (optionally without the input embedding table)."""
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        n -= model.tok_embeddings.weight.numel()
+    return n
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (matmul params touched per token) + 12 * blocks * dim * seq_len (attention).
+
+    Each token passes through the trunk, all H head blocks and H output projections; the embedding lookup is not
+    a matmul. The attention term is PaLM's (no causal halving), as used for MFU.
+    """
+    D, hd = args.dim, args.head_dim
+    attn = D * args.n_heads * hd * 2 + D * args.kv_heads * hd * 2
+    block = attn + 3 * D * args.hidden_dim + 2 * D
+    n_matmul = args.n_layers * block + args.n_future_tokens * D * args.vocab_size
+    return 6.0 * n_matmul + 12.0 * args.n_layers * D * seq_len
