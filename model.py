@@ -430,6 +430,11 @@ def mtp_targets(input_ids: Tensor, loss_mask: Tensor, H: int) -> tuple[Tensor, T
     return targets, valid
 
 
+def _f32(x: Tensor) -> Tensor:
+    """Upcast half-precision logits to fp32 for the CE (fp64 stays fp64: exact tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _alpha(alpha: Iterable[float] | Tensor | None, H: int) -> list[float]:
     a = [1.0] * H if alpha is None else [float(x) for x in alpha]
     if len(a) != H:
@@ -462,7 +467,7 @@ def mtp_loss_backward(
     for k in range(H):
         v = valid[..., k]
         logits = model(leaf, stage=k, select=v)
-        ce = F.cross_entropy(logits.float(), targets[..., k][v], reduction="none")
+        ce = F.cross_entropy(_f32(logits), targets[..., k][v], reduction="none")
         loss_k = (weights[..., k][v].to(ce.dtype) * ce).sum() * (a[k] / denom)
         if loss_k.requires_grad:  # False under torch.no_grad(): then this is an evaluation loss
             (loss_k * scale).backward()
@@ -486,7 +491,7 @@ def naive_mtp_loss(
     """Same loss with all heads' logits [B, S, H, V] at once (reference for tests and the benchmark)."""
     H = targets.shape[-1]
     logits = model(idx)
-    ce = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none").view_as(weights)
+    ce = F.cross_entropy(_f32(logits).flatten(0, 2), targets.flatten(), reduction="none").view_as(weights)
     a = torch.tensor(_alpha(alpha, H), dtype=ce.dtype, device=ce.device)
     w = torch.where(valid, weights.to(ce.dtype), 0.0) * a
     return (w * torch.where(valid, ce, 0.0)).sum() / max(int(valid.sum()), 1)

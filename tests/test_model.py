@@ -1,0 +1,326 @@
+"""model.py: HF equivalence, strict Meta loading, memory-efficient loss == naive, KV cache == recomputation."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+V = 256
+
+
+def tiny_args(**kw) -> M.ModelArgs:
+    base = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=V, multiple_of=32, max_seq_len=128)
+    base.update(kw)
+    return M.ModelArgs(**base)
+
+
+def tiny_model(seed: int = 0, dtype=torch.float32, **kw) -> M.Transformer:
+    torch.manual_seed(seed)
+    m = M.Transformer(tiny_args(**kw)).to(dtype)
+    with torch.no_grad():  # non-trivial norms, so a norm mix-up cannot hide
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def hf_llama(tmp_path, tie: bool = False, rope: dict | None = None):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=V,
+        intermediate_size=176,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        max_position_embeddings=128,
+        rope_parameters=rope or {"rope_type": "default", "rope_theta": 5000.0},
+        attn_implementation="eager",
+    )
+    torch.manual_seed(1)
+    hf = transformers.LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    return hf
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF equivalence
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_load_hf_matches_transformers(tmp_path, tie):
+    hf = hf_llama(tmp_path, tie=tie)
+    m = M.load_hf(tmp_path).float().eval()
+    assert m.args.n_future_tokens == 1 and len(m.layers) == 3 and m.args.hidden_dim == 176
+    assert m.args.rope_theta == 5000.0
+    ids = torch.randint(0, V, (2, 37))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = m(ids)
+    assert got.shape == (2, 37, 1, V)
+    assert (got[:, :, 0] - ref).abs().max().item() < 1e-4
+
+
+def test_load_hf_linear_rope_scaling(tmp_path):
+    hf = hf_llama(tmp_path, rope={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+    m = M.load_hf(tmp_path).float().eval()
+    assert m.args.rope_scaling_factor == 4.0
+    ids = torch.randint(0, V, (1, 50))
+    with torch.no_grad():
+        assert (m(ids)[:, :, 0] - hf(ids).logits).abs().max().item() < 1e-4
+
+
+def test_load_hf_with_extra_heads(tmp_path):
+    hf = hf_llama(tmp_path)
+    m = M.load_hf(tmp_path, n_future_tokens=3).float().eval()
+    assert len(m.layers) == 3 and len(m.extra_heads) == 2 and m.args.n_layers == 5
+    ids = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        logits = m(ids)
+        ref = hf(ids).logits
+    assert logits.shape == (2, 20, 3, V)
+    assert (logits[:, :, 0] - ref).abs().max().item() < 1e-4
+    last = m.layers[-1].state_dict()
+    for head in m.extra_heads:
+        for k, v in head.state_dict().items():
+            assert torch.equal(v, last[k])
+            assert v.data_ptr() != last[k].data_ptr()  # copies, not shared tensors
+    # copies: every head predicts the same thing until trained
+    assert torch.allclose(logits[:, :, 2], logits[:, :, 0])
+
+
+def test_load_hf_refuses_unsupported(tmp_path):
+    hf_llama(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(M.CheckpointError, match="yarn"):
+        M.load_hf(tmp_path)
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    cfg["attention_bias"] = True
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(M.CheckpointError, match="attention_bias"):
+        M.load_hf(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Meta format and our checkpoints
+
+
+def test_meta_round_trip(tmp_path):
+    m = tiny_model(n_future_tokens=2)
+    M.save_meta(m, tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    assert params["n_future_tokens"] == 2 and "ffn_hidden_dim" not in params
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+    m2 = M.load_meta(tmp_path).eval()
+    ids = torch.randint(0, V, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(m(ids), m2(ids))
+    # Meta's actual key names
+    keys = set(torch.load(tmp_path / "consolidated.pth", weights_only=True))
+    for k in ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.0.feed_forward.w1.weight",
+              "layers.2.attention_norm.weight", "layers.2.ffn_norm.weight", "extra_heads.0.attention.wk.weight",
+              "norm.weight", "output.weight"]:  # fmt: skip
+        assert k in keys
+    assert not any(k.startswith("layers.3.") for k in keys)  # 4 blocks, H=2: 3 in layers, 1 extra head
+
+
+@pytest.mark.parametrize("corruption", ["missing", "extra", "shape"])
+def test_meta_strict_errors(tmp_path, corruption):
+    m = tiny_model(n_future_tokens=2)
+    M.save_meta(m, tmp_path)
+    sd = torch.load(tmp_path / "consolidated.pth", weights_only=True)
+    if corruption == "missing":
+        key = "layers.1.feed_forward.w3.weight"
+        del sd[key]
+    elif corruption == "extra":
+        key = "layers.9.attention.wq.weight"
+        sd[key] = torch.zeros(4)
+    else:
+        key = "extra_heads.0.attention.wv.weight"
+        sd[key] = torch.zeros(3, 64)
+    torch.save(sd, tmp_path / "consolidated.pth")
+    with pytest.raises(M.CheckpointError) as e:
+        M.load_meta(tmp_path)
+    msg = str(e.value)
+    assert key in msg and "consolidated.pth" in msg
+    assert {"missing": "missing keys", "extra": "unexpected keys", "shape": "wrong shapes"}[corruption] in msg
+
+
+def test_meta_params_errors(tmp_path):
+    M.save_meta(tiny_model(), tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
+    with pytest.raises(ValueError, match="use_scaled_rope.*params.json|params.json.*use_scaled_rope"):
+        M.load_meta(tmp_path)
+    del params["n_future_tokens"]  # Meta's plain Llama params.json: H defaults to 1
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert M.load_meta(tmp_path).args.n_future_tokens == 1
+
+
+def test_checkpoint_round_trip_and_resize(tmp_path):
+    m = tiny_model(n_future_tokens=3)
+    M.save_checkpoint(m, tmp_path)
+    m2 = M.load_model(tmp_path, "wmtp")
+    assert m2.args == m.args
+    ids = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        full = m(ids)
+        assert torch.equal(full, m2.eval()(ids))
+        # dropping heads keeps the trunk and the first heads exactly
+        m1 = M.load_model(tmp_path, "wmtp", n_future_tokens=1).eval()
+        assert m1.args.n_layers == 2 and torch.equal(m1(ids)[:, :, 0], full[:, :, 0])
+    with pytest.raises(M.CheckpointError, match="fmt='hf'"):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        M.load_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        M.load_model(tmp_path, "gguf")
+
+
+def test_args_rules():
+    # Llama's FFN rule: 7B -> 11008; with a multiplier and multiple_of (Llama-3 8B: 14336)
+    assert M.ModelArgs(dim=4096, n_layers=32, n_heads=32).hidden_dim == 11008
+    a = M.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3)
+    assert a.hidden_dim == 14336
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        M.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="n_layers"):
+        M.ModelArgs(dim=64, n_layers=2, n_heads=4, n_future_tokens=3)
+    a7 = M.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_future_tokens=4)
+    assert a7.n_trunk == 28
+    assert M.flops_per_token(a7, 2048) > 6 * 6.5e9
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def test_mtp_targets():
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.tensor([[False, False, True, True, True]])
+    t, v = M.mtp_targets(ids, mask, 2)
+    assert t[0, :, 0].tolist() == [0, 7, 8, 9, 0] and v[0, :, 0].tolist() == [False, True, True, True, False]
+    assert t[0, :, 1].tolist() == [7, 8, 9, 0, 0] and v[0, :, 1].tolist() == [True, True, True, False, False]
+
+
+def grads(m):
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_memory_efficient_equals_naive():
+    m = tiny_model(dtype=torch.float64, n_layers=5, n_future_tokens=3).train()
+    B, S, H = 3, 24, 3
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (B, S), generator=g)
+    mask = torch.rand(B, S, generator=g) < 0.7
+    targets, valid = M.mtp_targets(ids, mask, H)
+    w = torch.where(valid, torch.rand(B, S, H, generator=g, dtype=torch.float64) * 2, 0.0)
+    alpha = [1.0, 0.5, 0.25]
+
+    loss_naive = M.naive_mtp_loss(m, ids, targets, valid, w, alpha)
+    loss_naive.backward()
+    g_naive = grads(m)
+    m.zero_grad(set_to_none=True)
+
+    h = m(ids, stage="trunk")
+    out = M.mtp_loss_backward(m, h, targets, valid, w, alpha)
+    g_eff = grads(m)
+    assert abs(out["loss"].item() - loss_naive.item()) < 1e-10
+    assert torch.allclose(out["head_loss"].sum(), out["loss"])
+    assert set(g_eff) == set(g_naive) and len(g_eff) == len(list(m.parameters()))
+    for n in g_naive:
+        assert torch.allclose(g_eff[n], g_naive[n], atol=1e-6, rtol=0), n
+
+    # scale multiplies the gradient, not the returned loss; activation checkpointing changes nothing
+    m.zero_grad(set_to_none=True)
+    m.activation_checkpointing = True
+    out2 = M.mtp_loss_backward(m, m(ids, stage="trunk"), targets, valid, w, alpha, scale=0.5)
+    assert torch.allclose(out2["loss"], out["loss"])
+    for n, gr in grads(m).items():
+        assert torch.allclose(gr, 0.5 * g_eff[n], atol=1e-9), n
+
+
+def test_uniform_h1_is_next_token_ce():
+    m = tiny_model(n_future_tokens=1).train()
+    B, S = 2, 20
+    ids = torch.randint(0, V, (B, S))
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    mask[:, 8:] = True
+    mask[1, 15:] = False
+    targets, valid = M.mtp_targets(ids, mask, 1)
+    out = M.mtp_loss_backward(m, m(ids, stage="trunk"), targets, valid, valid.float())
+    with torch.no_grad():
+        logits = m(ids)[:, :-1, 0]
+    sel = mask[:, 1:]
+    ref = F.cross_entropy(logits[sel], ids[:, 1:][sel])
+    assert abs(out["loss"].item() - ref.item()) < 1e-5
+    assert abs(out["head_ce"][0].item() - ref.item()) < 1e-5
+    # the per-pair no-grad CE helper (rho1's extra pass) agrees
+    ce = M.mtp_head_ce(m, m(ids, stage="trunk"), targets, valid)
+    assert abs(ce[valid].mean().item() - ref.item()) < 1e-5 and (ce[~valid] == 0).all()
+
+
+def test_no_valid_pairs_gives_zero_loss_and_grads():
+    m = tiny_model(n_future_tokens=2).train()
+    ids = torch.randint(0, V, (2, 10))
+    targets, valid = M.mtp_targets(ids, torch.zeros(2, 10, dtype=torch.bool), 2)
+    out = M.mtp_loss_backward(m, m(ids, stage="trunk"), targets, valid, valid.float())
+    assert out["loss"].item() == 0.0 and torch.isfinite(out["head_ce"]).all()
+    for p in m.parameters():
+        assert p.grad is None or (p.grad == 0).all()
+    assert M.naive_mtp_loss(m, ids, targets, valid, valid.float()).item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def test_kv_cache_generation_equals_full_recomputation():
+    m = tiny_model(n_future_tokens=2)
+    prompts = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7]]  # different lengths: left padding
+    new, step_logits = m._generate(prompts, 10, 0.0, 1.0, None, None, None, pad_id=0, keep_logits=True)
+    assert [len(x) for x in new] == [10, 10, 10]
+    with torch.no_grad():
+        for b, p in enumerate(prompts):
+            seq = list(p)
+            for step in range(10):
+                full = m(torch.tensor([seq]))[0, -1, 0]
+                assert (step_logits[step][b] - full).abs().max().item() < 1e-5
+                assert int(full.argmax()) == new[b][step]
+                seq.append(new[b][step])
+    assert m.generate(prompts, 10, temperature=0) == new
+
+
+def test_generate_sampling_stops_and_seed():
+    m = tiny_model()
+    prompts = [[1, 2, 3], [4, 5]]
+    a = m.generate(prompts, 12, temperature=1.0, top_p=0.9, seed=7)
+    assert a == m.generate(prompts, 12, temperature=1.0, top_p=0.9, seed=7)
+    assert a != m.generate(prompts, 12, temperature=1.0, top_p=0.9, seed=8)
+    # tiny top_p keeps only the most likely token: sampling becomes greedy
+    assert m.generate(prompts, 8, temperature=1.0, top_p=1e-6, seed=3) == m.generate(
+        prompts, 8, temperature=0
+    )
+    greedy = m.generate(prompts, 8, temperature=0)
+    eos = greedy[0][3]
+    out = m.generate(prompts, 8, temperature=0, eos_id=eos)
+    assert out[0] == greedy[0][: greedy[0].index(eos)]  # eos not included, stops there
+    out = m.generate(prompts, 8, temperature=0, stop=lambda toks: len(toks) >= 2)
+    assert out == [g[:2] for g in greedy]
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m.generate(prompts, 200)
