@@ -163,6 +163,9 @@ class StorageConfig:
     endpoint_url: str = ""  # empty: $AWS_ENDPOINT_URL, else AWS
     region: str = ""  # empty: $AWS_DEFAULT_REGION / AWS config
     upload_checkpoints: bool = False
+    max_attempts: int = 5  # S3 calls: botocore attempts per request (retries with backoff) before giving up
+    connect_timeout: float = 5.0  # seconds per S3 connection attempt
+    multipart_threshold_mb: int = 64  # uploads above this size go multipart (S3 minimum part: 5 MiB)
 
 
 @dataclass
