@@ -326,16 +326,21 @@ def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[lis
 
 
 def tokenize_examples(
-    tokenizer: Any, prompts: list[str], completions: list[str], max_length: int
+    tokenizer: Any, prompts: list[str], completions: list[str], max_length: int | None
 ) -> list[tuple[list[int], list[bool]]]:
-    """(input_ids, loss_mask) per example: BOS + prompt + completion + EOS, mask True on completion and EOS."""
+    """(input_ids, loss_mask) per example: BOS + prompt + completion + EOS, mask True on completion and EOS.
+
+    Rows longer than max_length are cut by `_fit` (None: never cut).
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no eos_token: set one")
     bos = tokenizer.bos_token_id
     out = []
     for p, c in zip(_encode(tokenizer, prompts), _encode(tokenizer, completions), strict=True):
-        p, c = _fit(([bos] if bos is not None else []) + p, c + [eos], max_length)
+        p, c = ([bos] if bos is not None else []) + p, c + [eos]
+        if max_length is not None:
+            p, c = _fit(p, c, max_length)
         out.append((p + c, [False] * len(p) + [True] * len(c)))
     return out
 
@@ -448,7 +453,9 @@ def _build_rows(cfg: Any, tokenizer: Any, split: str, root: Path) -> dict[str, l
     fewshot = mbpp_fewshot(problems) if cfg.data.template == "three_shot" else None
     random.Random(cfg.data.seed).shuffle(examples)
     prompts = [mbpp_prompt(p, cfg.data.template, fewshot) for p in examples]
-    rows = tokenize_examples(tokenizer, prompts, [mbpp_target(p) for p in examples], cfg.data.max_length)
+    # Packed examples may span rows, so only unpacked rows are cut to max_length.
+    limit = None if cfg.data.packing else cfg.data.max_length
+    rows = tokenize_examples(tokenizer, prompts, [mbpp_target(p) for p in examples], limit)
     cut = sum(1 for r in rows if not r[1][-1] or r[0][-1] != tokenizer.eos_token_id)
     if cut:
         log.warning(
