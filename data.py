@@ -502,6 +502,7 @@ def build_dataset(cfg: Any, tokenizer: Any, split: str) -> Any:
         datasets.disable_progress_bars()
         try:
             ds.save_to_disk(str(tmp))
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is ordinary shared output
             os.replace(tmp, path)
         except OSError:
             if not path.is_dir():  # not a lost race with another process: a real failure

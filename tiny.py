@@ -35,6 +35,7 @@ def _atomic_dir(final: Path, build: Callable[[Path], None], force: bool) -> bool
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artefact is ordinary shared output
         if final.is_dir():  # --force: move the old one aside first so `final` is never half-written
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
             os.replace(final, old / final.name)
@@ -89,13 +90,13 @@ def build_tokenizer(out: Path, data_root: str, force: bool = False) -> bool:
 
 def build_base_meta(out: Path, force: bool = False) -> bool:
     """Tiny H=4 MTP base in Meta's layout: 3 trunk blocks (the last is head 1) + 3 extra heads."""
-    import torch
-
-    import model as M
-
-    tokenizer = load_tokenizer(out)
 
     def build(tmp: Path) -> None:
+        import torch
+
+        import model as M
+
+        tokenizer = load_tokenizer(out)
         args = M.ModelArgs(
             dim=128,
             n_layers=6,
@@ -133,11 +134,10 @@ def _llama_config(tokenizer, **extra):
 
 
 def _save_hf(out: Path, name: str, make_model: Callable, force: bool) -> bool:
-    import torch
-
-    tokenizer = load_tokenizer(out)
-
     def build(tmp: Path) -> None:
+        import torch
+
+        tokenizer = load_tokenizer(out)
         torch.manual_seed(SEED)
         make_model(tokenizer).save_pretrained(str(tmp))  # safetensors
         tokenizer.save_pretrained(str(tmp))
@@ -147,18 +147,24 @@ def _save_hf(out: Path, name: str, make_model: Callable, force: bool) -> bool:
 
 def build_ref_hf(out: Path, force: bool = False) -> bool:
     """Tiny H=1 reference causal LM in HF Llama format (rho1's reference; also exercises model.load_hf)."""
-    from transformers import LlamaForCausalLM
 
-    return _save_hf(out, "ref_hf", lambda tok: LlamaForCausalLM(_llama_config(tok)), force)
+    def make(tok):
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM(_llama_config(tok))
+
+    return _save_hf(out, "ref_hf", make, force)
 
 
 def build_rm_hf(out: Path, force: bool = False) -> bool:
     """Tiny reward model: a one-label Llama sequence classifier (critic's reward)."""
-    from transformers import LlamaForSequenceClassification
 
-    return _save_hf(
-        out, "rm_hf", lambda tok: LlamaForSequenceClassification(_llama_config(tok, num_labels=1)), force
-    )
+    def make(tok):
+        from transformers import LlamaForSequenceClassification
+
+        return LlamaForSequenceClassification(_llama_config(tok, num_labels=1))
+
+    return _save_hf(out, "rm_hf", make, force)
 
 
 def is_complete(out: str | os.PathLike) -> bool:
@@ -193,9 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-root", default=None, help="benchmark data root (default $WMTP_DATA_DIR)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
+    if args.force or not is_complete(args.out):  # importing transformers takes seconds: only when needed
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
     build_all(args.out, force=args.force, data_root=args.data_root)
 
 
