@@ -25,11 +25,13 @@ tiny: venv
 smoke: tiny
 	$(BIN)/python smoke.py
 
+# lint: code style, the Dockerfile (hadolint, no ignored rules), the VESSL spec and the CI workflow (schemas).
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/check-jsonschema --schemafile schemas/vessl.schema.json vessl.yaml
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/ci.yml
 
 test: lint
 	$(BIN)/python -m pytest -q
