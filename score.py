@@ -1,0 +1,912 @@
+"""Token-importance scorers: `scorer(batch, state) -> weights [B, S, H]` (spec §3).
+
+One weight per (position t, head k) pair; head k (0-based) at position t predicts `input_ids[t + k + 1]`, so a
+pair's score is the score of its TARGET position j = t + k + 1. Weights are detached float32, exactly 0 where
+`batch["valid"]` is False, mean 1 over the valid pairs of each sequence (all heads together).
+
+- `uniform`: 1 on every valid pair (plain MTP).
+- `critic_delta_v1` (§3.2): reward model (or sandbox tests) -> value head on the detached trunk output, fitted with
+  GAE targets -> delta_j = V_j - V_{j-1} -> `normalize_weights`.
+- `rho1_excess_v1` (§3.3): excess loss CE_k(t) - CE_ref(t + k + 1) against a frozen reference -> weighted or
+  select mode.
+
+The pure functions (`normalize_weights`, `clip_normalize`, `gae_returns`, `mix`, `weight_stats`, `rho1_weights`)
+need no model; the trainer uses `init_state`, `prepare`, `SCORERS`, `mix` and `save_weight_histogram`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+STD_EPS = 1e-6  # spec §3.1 step 2: z = (s - mean) / (std + 1e-6)
+BISECT_ITERS = 100  # log c bracket halves 100 times: far below 1e-6 for any realistic bracket width
+HIST_BINS = 60
+
+# --------------------------------------------------------------------------- the normaliser (spec §3.1)
+
+
+def _check_norm_args(temperature: float, eps: float, w_max: float) -> None:
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"normalize_weights: temperature must be a finite number > 0, got {temperature!r}")
+    if not (0 < eps <= 1 <= w_max and math.isfinite(w_max)):
+        raise ValueError(
+            f"normalize_weights: need 0 < eps <= 1 <= w_max < inf, got eps={eps!r}, w_max={w_max!r}"
+        )
+
+
+def _rows(scores: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, ...] -> [B, N] float64 scores and bool mask (a 1-D input is one row)."""
+    if scores.shape != valid.shape:
+        raise ValueError(
+            f"scores {tuple(scores.shape)} and valid {tuple(valid.shape)} must have the same shape"
+        )
+    if scores.ndim == 0:
+        raise ValueError("scores must have at least one dimension (rows are sequences)")
+    B = scores.shape[0] if scores.ndim > 1 else 1
+    return scores.detach().reshape(B, -1).to(torch.float64), valid.detach().reshape(B, -1).bool()
+
+
+def _standardize(s: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Steps 1-2 on rows [B, N] (float64). Returns (z, flat, nonfinite): `flat` rows get weight 1.
+
+    Each row is first divided by its largest finite |score| (and the 1e-6 by the same factor), which is the same
+    z in exact arithmetic but keeps 1e300-sized scores finite and makes a constant row exactly constant.
+    """
+    finite = valid & torch.isfinite(s)
+    nonfinite = int((valid & ~finite).sum())
+    n = valid.sum(1)
+    n_fin = finite.sum(1)
+    scale = torch.where(finite, s.abs(), 0.0).amax(1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    s = torch.where(finite, s / scale[:, None], 0.0)
+    mean = s.sum(1) / n_fin.clamp(min=1)
+    s = torch.where(finite, s, mean[:, None])  # non-finite (and invalid) -> the row mean of the finite scores
+    hi = torch.where(finite, s, -math.inf).amax(1)
+    lo = torch.where(finite, s, math.inf).amin(1)
+    flat = (n_fin == 0) | (n <= 1) | (hi <= lo)
+    dev = torch.where(valid, s - mean[:, None], 0.0)
+    std = (dev.square().sum(1) / n.clamp(min=1)).sqrt()  # population std over the n valid pairs
+    z = dev / (std + STD_EPS / scale)[:, None]
+    z = torch.where(valid & ~flat[:, None], z, 0.0)
+    return z, flat, nonfinite
+
+
+def _log_weights(z: Tensor, valid: Tensor, temperature: float) -> Tensor:
+    """Step 3 in log space: log(softmax(z / T) * n) over the valid pairs of each row (0 elsewhere)."""
+    x = torch.where(valid, z / temperature, -math.inf)
+    lse = torch.logsumexp(x, 1, keepdim=True)
+    n = valid.sum(1, keepdim=True).clamp(min=1).to(z.dtype)
+    return torch.where(valid, x - torch.where(torch.isfinite(lse), lse, 0.0) + n.log(), 0.0)
+
+
+def clip_normalize(
+    log_w: Tensor, valid: Tensor, eps: float, w_max: float, iters: int = BISECT_ITERS
+) -> Tensor:
+    """Step 4: w = clip(c * w, eps, w_max) with mean 1 over each row's valid pairs; bisection on log c.
+
+    `log_w` [B, N] (log of positive raw weights, any finite values on valid pairs). mean(clip(c w)) is
+    continuous and non-decreasing in log c; it is eps (<= 1) at log c = log eps - max log w and w_max (>= 1) at
+    log w_max - min log w, so that bracket always holds the root, even when it is degenerate (eps = w_max = 1,
+    or all w equal). Returns float64 [B, N], 0 on invalid pairs.
+    """
+    log_w = log_w.to(torch.float64)
+    any_valid = valid.any(1)
+    top = torch.where(valid, log_w, -math.inf).amax(1)
+    bottom = torch.where(valid, log_w, math.inf).amin(1)
+    top = torch.where(any_valid, top, 0.0)
+    bottom = torch.where(any_valid, bottom, 0.0)
+    lo, hi = math.log(eps) - top, math.log(w_max) - bottom
+    n = valid.sum(1).clamp(min=1).to(torch.float64)
+
+    def clipped(log_c: Tensor) -> Tensor:
+        return torch.where(valid, (log_w + log_c[:, None]).exp().clamp(eps, w_max), 0.0)
+
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        below = clipped(mid).sum(1) / n < 1.0
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return clipped((lo + hi) / 2)
+
+
+def _finish(w: Tensor, valid: Tensor, eps: float, w_max: float, shape: torch.Size) -> Tensor:
+    """float64 -> float32 with the float32 bounds nudged inside [eps, w_max]; exactly 0 on invalid pairs."""
+    lo = torch.tensor(eps, dtype=torch.float32)
+    if lo.item() < eps:
+        lo = torch.nextafter(lo, torch.tensor(math.inf))
+    hi = torch.tensor(w_max, dtype=torch.float32)
+    if hi.item() > w_max:
+        hi = torch.nextafter(hi, torch.tensor(-math.inf))
+    w = w.to(torch.float32).clamp(lo.item(), hi.item())
+    return torch.where(valid, w, 0.0).reshape(shape)
+
+
+def normalize_weights(
+    scores: Tensor,
+    valid: Tensor,
+    temperature: float,
+    eps: float,
+    w_max: float,
+    stats: dict | None = None,
+) -> Tensor:
+    """Spec §3.1 on each row (a sequence's pairs; [B, ...] is flattened per row). Returns float32 weights.
+
+    Non-finite valid scores take the row mean of the finite ones (their count goes to `stats["nonfinite"]` when
+    a dict is passed); rows with no finite score, one valid pair or zero variance get 1. Then z-score (population
+    std + 1e-6), log w = z/T - logsumexp(z/T) + log n, and clip-normalise to mean 1 inside [eps, w_max].
+    """
+    _check_norm_args(temperature, eps, w_max)
+    s, v = _rows(scores, valid)
+    z, flat, nonfinite = _standardize(s, v)
+    w = clip_normalize(_log_weights(z, v, temperature), v, eps, w_max)
+    w = torch.where(flat[:, None] & v, 1.0, w)
+    if stats is not None:
+        stats["nonfinite"] = stats.get("nonfinite", 0) + nonfinite
+    return _finish(w, v, eps, w_max, scores.shape)
+
+
+def _top_mask(z: Tensor, valid: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
+    """The k = max(1, round(p n)) highest-scoring valid pairs of each row (ties: earlier flat index first)."""
+    n = valid.sum(1)
+    k = torch.clamp(torch.round(top_p * n.to(torch.float64)), min=1).to(n.dtype)
+    order = torch.sort(torch.where(valid, z, -math.inf), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(z.shape[1], device=z.device).expand_as(order)
+    )
+    return valid & (rank < k[:, None]), k
+
+
+def rho1_weights(
+    scores: Tensor,
+    valid: Tensor,
+    temperature: float,
+    eps: float,
+    w_max: float,
+    mode: str = "weighted",
+    top_p: float = 0.2,
+    top_boost: float = 1.0,
+    stats: dict | None = None,
+) -> Tensor:
+    """Spec §3.3 weighting of raw scores [B, ...] per row.
+
+    weighted: softmax(z/T) * n, the top-p pairs multiplied by (1 + top_boost), then clip-normalise (§3.1 step 4).
+    select: the k = max(1, round(p n)) top pairs get a = (n - (n - k) eps) / k, the rest eps; a row whose a
+    exceeds w_max (k/n rounds below p) is clip-normalised instead so the [eps, w_max] / mean-1 invariants hold.
+    Rows that §3.1 step 1 calls degenerate (no finite score, one pair, zero variance) get 1 in both modes.
+    """
+    _check_norm_args(temperature, eps, w_max)
+    if mode not in ("weighted", "select"):
+        raise ValueError(f"rho1.mode must be 'weighted' or 'select', got {mode!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"rho1.top_p must be in (0, 1], got {top_p!r}")
+    s, v = _rows(scores, valid)
+    z, flat, nonfinite = _standardize(s, v)
+    top, k = _top_mask(z, v, top_p)
+    if mode == "weighted":
+        log_w = _log_weights(z, v, temperature) + torch.where(top, math.log1p(top_boost), 0.0)
+        w = clip_normalize(log_w, v, eps, w_max)
+    else:
+        n = v.sum(1).to(torch.float64)
+        kf = k.to(torch.float64)
+        a = (n - (n - kf) * eps) / kf
+        w = torch.where(top, a[:, None], eps)
+        over = a > w_max
+        if bool(over.any()):
+            w = torch.where(over[:, None], clip_normalize(w.clamp(min=eps).log(), v, eps, w_max), w)
+        w = torch.where(v, w, 0.0)
+    w = torch.where(flat[:, None] & v, 1.0, w)
+    if stats is not None:
+        stats["nonfinite"] = stats.get("nonfinite", 0) + nonfinite
+    return _finish(w, v, eps, w_max, scores.shape)
+
+
+# --------------------------------------------------------------------------- GAE, mixing, statistics
+
+
+def gae_returns(
+    rewards: Tensor, values: Tensor, valid: Tensor, gamma: float, gae_lambda: float
+) -> tuple[Tensor, Tensor]:
+    """GAE over the valid positions of each row [B, S], in order, skipping invalid ones (spec §3.2).
+
+    delta_i = r_i + gamma V_next - V_i (V after the last valid position = 0), A_i = sum_l (gamma lambda)^l
+    delta_{i+l}, returns = A + V. Both 0 on invalid positions; no gradient.
+    """
+    out_dtype = torch.promote_types(rewards.dtype, values.dtype)
+    r, v, m = rewards.detach().double(), values.detach().double(), valid.bool()
+    B, S = r.shape
+    order = torch.sort((~m).to(torch.int8), dim=1, stable=True).indices  # valid positions first, in order
+    cm, cr, cv = m.gather(1, order), r.gather(1, order), v.gather(1, order)
+    cr, cv = torch.where(cm, cr, 0.0), torch.where(cm, cv, 0.0)
+    v_next = torch.cat([cv[:, 1:], cv.new_zeros(B, 1)], 1)
+    delta = torch.where(cm, cr + gamma * v_next - cv, 0.0)
+    i = torch.arange(S, device=r.device)
+    lag = i[:, None] - i[None, :]  # [j, i]: j - i
+    decay = torch.where(lag >= 0, (gamma * gae_lambda) ** lag.clamp(min=0).double(), 0.0)
+    adv_c = delta @ decay  # A_i = sum_{j >= i} (gamma lambda)^(j - i) delta_j
+    ret_c = torch.where(cm, adv_c + cv, 0.0)
+    adv = torch.zeros_like(r).scatter_(1, order, adv_c)
+    ret = torch.zeros_like(r).scatter_(1, order, ret_c)
+    return adv.to(out_dtype), ret.to(out_dtype)
+
+
+def mix(weights: Tensor, lam: float, valid: Tensor | None = None) -> Tensor:
+    """w~ = 1 + lam (w - 1) on valid pairs, 0 elsewhere (spec §2). Without `valid`, weight 0 means invalid."""
+    v = (weights != 0) if valid is None else valid.bool()
+    return torch.where(v, 1.0 + lam * (weights - 1.0), torch.zeros_like(weights))
+
+
+def weight_stats(weights: Tensor, valid: Tensor, eps: float, w_max: float) -> dict[str, float]:
+    """Log values over the valid pairs (any shape): mean, std, min, max, fraction at eps / at w_max, nonfinite."""
+    w = weights.detach()[valid.bool()].double()
+    fin = w[torch.isfinite(w)]
+    out = {"weights/nonfinite": float(w.numel() - fin.numel()), "weights/count": float(w.numel())}
+    if fin.numel() == 0:
+        return out | {
+            f"weights/{k}": 0.0 for k in ("mean", "std", "min", "max", "frac_at_eps", "frac_at_wmax")
+        }
+    tol = 1e-5
+    out.update(
+        {
+            "weights/mean": float(fin.mean()),
+            "weights/std": float(fin.std(unbiased=False)),
+            "weights/min": float(fin.min()),
+            "weights/max": float(fin.max()),
+            "weights/frac_at_eps": float((fin <= eps * (1 + tol)).double().mean()),
+            "weights/frac_at_wmax": float((fin >= w_max * (1 - tol)).double().mean()),
+        }
+    )
+    return out
+
+
+def score_histogram(weights: Tensor, valid: Tensor, edges: Tensor) -> Tensor:
+    """Counts of the valid weights in the bins of `edges` (values past the last edge land in the last bin)."""
+    w = weights.detach()[valid.bool()].to(edges.dtype)
+    w = w[torch.isfinite(w)]
+    idx = (torch.bucketize(w, edges, right=True) - 1).clamp(0, edges.numel() - 2)
+    return torch.bincount(idx, minlength=edges.numel() - 1).to(torch.float64)
+
+
+def pair_scores(token_scores: Tensor, H: int) -> Tensor:
+    """[B, S] per-position scores -> [B, S, H]: pair (t, k) gets the score of its target position t + k + 1."""
+    B, S = token_scores.shape
+    out = token_scores.new_zeros(B, S, H)
+    for k in range(H):
+        if S - k - 1 > 0:
+            out[:, : S - k - 1, k] = token_scores[:, k + 1 :]
+    return out
+
+
+# --------------------------------------------------------------------------- state
+
+
+class ValueHead(nn.Module):
+    """V(prefix) from the detached trunk output: Linear-GELU-Linear to a scalar, always float32."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h.float()).squeeze(-1)
+
+
+@dataclass
+class ScorerState:
+    """What a scorer needs between calls. The trainer sets `hidden` (detached trunk output) before each call."""
+
+    cfg: Any
+    model: nn.Module | None = None
+    tokenizer: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dataset: Any = None  # the tokenised train split (rows with input_ids, loss_mask, index, task_id)
+    hidden: Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # log values of the last call
+    # critic_delta_v1
+    value_head: ValueHead | None = None
+    value_opt: torch.optim.Optimizer | None = None
+    rewards: dict[int, float] = field(default_factory=dict)  # raw reward per example (batch["index"])
+    reward_norm: tuple[float, float] | None = None  # (mean, std) over the whole train set, once known
+    reward_model: Any = None
+    reward_tokenizer: Any = None
+    reward_dir: Path | None = None
+    problems: dict[int, dict] | None = None  # MBPP problems by task_id (reward "tests")
+    # rho1_excess_v1
+    ref_model: nn.Module | None = None
+    ref_is_hf: bool = False
+    ref_dir: Path | None = None
+    ref_ce: dict[int, Tensor] = field(default_factory=dict)  # CE_ref per position, per example (precompute)
+    ref_cache_ready: bool = False
+    # weight histogram over the whole run
+    hist_edges: Tensor | None = None
+    hist_counts: Tensor | None = None
+    calls: int = 0
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs: value head + optimiser, cached rewards and their statistics, histogram."""
+        return {
+            "scorer": self.cfg.loss.scorer,
+            "value_head": None if self.value_head is None else self.value_head.state_dict(),
+            "value_opt": None if self.value_opt is None else self.value_opt.state_dict(),
+            "rewards": dict(self.rewards),
+            "reward_norm": self.reward_norm,
+            "hist_counts": None if self.hist_counts is None else self.hist_counts.cpu(),
+            "calls": self.calls,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("scorer", self.cfg.loss.scorer) != self.cfg.loss.scorer:
+            raise ValueError(
+                f"scorer state was saved by loss.scorer = {sd['scorer']!r} but this run uses "
+                f"{self.cfg.loss.scorer!r}: resume with the same scorer"
+            )
+        if self.value_head is not None and sd.get("value_head") is not None:
+            self.value_head.load_state_dict(sd["value_head"])
+            if self.value_opt is not None and sd.get("value_opt") is not None:
+                self.value_opt.load_state_dict(sd["value_opt"])
+        self.rewards = {int(k): float(v) for k, v in sd.get("rewards", {}).items()}
+        self.reward_norm = None if sd.get("reward_norm") is None else tuple(sd["reward_norm"])
+        if sd.get("hist_counts") is not None and self.hist_counts is not None:
+            self.hist_counts = sd["hist_counts"].to(self.hist_counts.device, torch.float64)
+        self.calls = int(sd.get("calls", 0))
+
+
+def _log(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"score: {msg}", flush=True)
+
+
+def _resolve_dir(cfg: Any, local: str, resource: str, key: str) -> Path:
+    """Local directory first, else the S3 mirror via s3cache (imported only then); else a clear error."""
+    if local and Path(local).is_dir():
+        return Path(local)
+    if resource:
+        import s3cache
+
+        return Path(s3cache.resolve(resource, local or None, cfg.storage, kind="model"))
+    raise FileNotFoundError(
+        f"{cfg.source}: '{key}' = {local!r} is not a directory and no S3 resource is configured for it"
+    )
+
+
+def _model_dim(model: nn.Module) -> int:
+    """The trunk width, also through a peft wrapper."""
+    for m in (model, getattr(model, "get_base_model", lambda: None)()):
+        args = getattr(m, "args", None)
+        if args is not None:
+            return int(args.dim)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.tok_embeddings
+    return int(emb.weight.shape[1])
+
+
+def init_state(cfg: Any, model: nn.Module, tokenizer: Any, device: Any, dataset: Any = None) -> ScorerState:
+    """Build what `cfg.loss.scorer` needs: value head + AdamW (critic), the frozen reference model (rho1).
+
+    The reward model is loaded lazily (only while rewards are missing) so it holds no memory once every
+    training example has its cached reward.
+    """
+    name = cfg.loss.scorer
+    if name not in SCORERS:
+        raise ValueError(f"{cfg.source}: 'loss.scorer' = {name!r}; expected one of {', '.join(SCORERS)}")
+    dev = torch.device(device)
+    w_top = max(float(cfg.loss.w_max), 1.0)
+    edges = torch.linspace(0.0, w_top, HIST_BINS + 1, dtype=torch.float64, device=dev)
+    state = ScorerState(cfg, model, tokenizer, dev, dataset, hist_edges=edges)
+    state.hist_counts = torch.zeros(HIST_BINS, dtype=torch.float64, device=dev)
+    if name == "critic_delta_v1":
+        _init_critic(state)
+    elif name == "rho1_excess_v1":
+        _init_rho1(state)
+    return state
+
+
+def prepare(state: ScorerState, loader: Iterator[dict] | None) -> None:
+    """Before training: critic rewards up front (when the train set is known) and stage 1 value-head fitting;
+    rho1 reference-CE precompute (`rho1.precompute`); nothing for uniform."""
+    name = state.cfg.loss.scorer
+    if name == "critic_delta_v1":
+        _prepare_critic(state, loader)
+    elif name == "rho1_excess_v1" and state.cfg.rho1.precompute:
+        _ensure_ref_cache(state)
+
+
+def _record(state: ScorerState, weights: Tensor, valid: Tensor, extra: dict[str, float]) -> Tensor:
+    """Per-call log values + the run's weight histogram; returns the weights detached."""
+    c = state.cfg.loss
+    state.metrics = {**weight_stats(weights, valid, c.eps, c.w_max), **extra}
+    if state.hist_edges is not None:
+        counts = score_histogram(weights, valid, state.hist_edges)
+        state.hist_counts = counts if state.hist_counts is None else state.hist_counts + counts
+    state.calls += 1
+    return weights.detach()
+
+
+def _valid(batch: dict) -> Tensor:
+    if "valid" not in batch or "targets" not in batch:
+        raise KeyError("scorer: batch needs 'targets' and 'valid' [B, S, H] (from model.mtp_targets)")
+    return batch["valid"].bool()
+
+
+# --------------------------------------------------------------------------- uniform
+
+
+def uniform(batch: dict, state: ScorerState) -> Tensor:
+    """Plain MTP: weight 1 on every valid pair."""
+    valid = _valid(batch)
+    return _record(state, valid.to(torch.float32), valid, {"scorer/nonfinite": 0.0})
+
+
+# --------------------------------------------------------------------------- critic_delta_v1 (spec §3.2)
+
+
+def _init_critic(state: ScorerState) -> None:
+    cfg, cc = state.cfg, state.cfg.critic
+    with torch.random.fork_rng(devices=[]):  # same head on every rank, training RNG stream untouched
+        torch.manual_seed(int(cfg.train.seed))
+        state.value_head = ValueHead(_model_dim(state.model), cc.value_hidden).to(state.device)
+    state.value_opt = torch.optim.AdamW(state.value_head.parameters(), lr=cc.value_lr)
+    if cc.reward == "model":
+        if not cc.reward_model and not cc.reward_resource:
+            raise ValueError(
+                f"{cfg.source}: critic.reward = 'model' needs 'critic.reward_model' (an HF sequence-classification "
+                "checkpoint directory with one label) or 'critic.reward_resource'"
+            )
+        state.reward_dir = _resolve_dir(cfg, cc.reward_model, cc.reward_resource, "critic.reward_model")
+        if not (state.reward_dir / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{cfg.source}: 'critic.reward_model' = {str(state.reward_dir)!r} has no config.json "
+                "(expected an HF AutoModelForSequenceClassification checkpoint)"
+            )
+    elif cc.reward != "tests":
+        raise ValueError(f"{cfg.source}: 'critic.reward' = {cc.reward!r}; expected 'model' or 'tests'")
+
+
+def _aux_dtype(state: ScorerState) -> torch.dtype:
+    bf16 = state.device.type == "cuda" and state.cfg.model.dtype == "bfloat16"
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def _load_reward_model(state: ScorerState) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    d = state.reward_dir
+    tok = AutoTokenizer.from_pretrained(str(d))
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"reward model tokenizer {d} has neither pad_token nor eos_token: set one")
+        tok.pad_token = tok.eos_token
+    rm = AutoModelForSequenceClassification.from_pretrained(str(d), dtype=_aux_dtype(state))
+    if rm.config.num_labels != 1:
+        raise ValueError(
+            f"reward model {d}: expected num_labels = 1 (a scalar reward), got {rm.config.num_labels}"
+        )
+    if rm.config.pad_token_id is None:  # HF finds the last real token of each row through it
+        rm.config.pad_token_id = tok.pad_token_id
+    state.reward_model = rm.eval().requires_grad_(False).to(state.device)
+    state.reward_tokenizer = tok
+
+
+def _free_reward_model(state: ScorerState) -> None:
+    state.reward_model = None
+    if state.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _texts(tokenizer: Any, ids: list[int], mask: list[bool]) -> tuple[str, str]:
+    """(prompt + completion, completion) decoded with the base tokenizer, special tokens and padding dropped."""
+    last = max((j for j, m in enumerate(mask) if m), default=len(ids) - 1)
+    full = tokenizer.decode(ids[: last + 1], skip_special_tokens=True)
+    completion = tokenizer.decode([t for t, m in zip(ids, mask, strict=False) if m], skip_special_tokens=True)
+    return full, completion
+
+
+@torch.no_grad()
+def _rm_rewards(state: ScorerState, texts: list[str]) -> list[float]:
+    """One scalar per text from the reward model, with its own tokenizer (re-tokenised from text)."""
+    if state.reward_model is None:
+        _load_reward_model(state)
+    tok, rm = state.reward_tokenizer, state.reward_model
+    limit = min(int(tok.model_max_length), int(getattr(rm.config, "max_position_embeddings", 1 << 30)))
+    out: list[float] = []
+    bs = state.cfg.critic.reward_batch_size
+    for i in range(0, len(texts), bs):
+        enc = tok(texts[i : i + bs], padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        logits = rm(**{k: v.to(state.device) for k, v in enc.items()}).logits
+        out.extend(logits[:, 0].float().cpu().tolist())
+    return out
+
+
+def _mbpp_judge() -> Callable[..., bool]:
+    """The evaluation engineer's single-completion MBPP judge (imported lazily: sandboxes are heavy)."""
+    import evaluate
+
+    judge = getattr(evaluate, "judge_mbpp", None)
+    if judge is None:
+        raise ImportError(
+            "critic.reward = 'tests' needs evaluate.judge_mbpp(problem, completion, timeout) -> bool"
+        )
+    return judge
+
+
+def _test_rewards(state: ScorerState, completions: list[str], task_ids: list[int]) -> list[float]:
+    """1.0 when the completion passes its MBPP problem's tests in the sandbox, else 0.0."""
+    if state.problems is None:
+        import data
+
+        state.problems = data.load_mbpp(data.resolve_dataset_dir(state.cfg))
+    judge = _mbpp_judge()
+    out = []
+    for text, tid in zip(completions, task_ids, strict=True):
+        if tid not in state.problems:
+            raise KeyError(
+                f"critic.reward = 'tests': task_id {tid} is not an MBPP problem (packed rows have -1)"
+            )
+        out.append(1.0 if judge(state.problems[tid], text, timeout=state.cfg.eval.timeout) else 0.0)
+    return out
+
+
+def _compute_rewards(state: ScorerState, rows: list[tuple[int, list[int], list[bool], int]]) -> None:
+    """Raw rewards for (index, input_ids, loss_mask, task_id) rows into the cache."""
+    texts = [_texts(state.tokenizer, ids, mask) for _, ids, mask, _ in rows]
+    if state.cfg.critic.reward == "model":
+        values = _rm_rewards(state, [full for full, _ in texts])
+    else:
+        values = _test_rewards(state, [comp for _, comp in texts], [tid for *_, tid in rows])
+    state.rewards.update({int(i): float(v) for (i, *_), v in zip(rows, values, strict=True)})
+
+
+def _dataset_rows(ds: Any) -> list[tuple[int, list[int], list[bool], int]]:
+    cols = ds if isinstance(ds, dict) else ds[:]
+    return list(
+        zip(
+            [int(i) for i in cols["index"]],
+            [list(r) for r in cols["input_ids"]],
+            [list(m) for m in cols["loss_mask"]],
+            [int(t) for t in cols["task_id"]],
+            strict=True,
+        )
+    )
+
+
+def _all_rewards(state: ScorerState) -> None:
+    """Every training example's reward up front, z-scored over the whole train set; then free the model."""
+    rows = [r for r in _dataset_rows(state.dataset) if r[0] not in state.rewards]
+    if rows:
+        _log(f"rewards ({state.cfg.critic.reward}) for {len(rows)} training examples")
+        _compute_rewards(state, rows)
+    vals = torch.tensor(list(state.rewards.values()), dtype=torch.float64)
+    state.reward_norm = (float(vals.mean()), float(vals.std(unbiased=False))) if vals.numel() else (0.0, 1.0)
+    _free_reward_model(state)
+
+
+def _batch_rewards(state: ScorerState, batch: dict) -> tuple[Tensor, Tensor]:
+    """(raw, z-scored) rewards [B] for the batch's examples (cached by batch["index"]).
+
+    With the train set known (init_state's `dataset`), statistics are over all of it; otherwise they are running
+    statistics over the examples seen so far (an example's z-score then drifts while new examples arrive).
+    """
+    if state.dataset is not None and state.reward_norm is None:
+        _all_rewards(state)
+    index = [int(i) for i in batch["index"].tolist()]
+    missing = [b for b, i in enumerate(index) if i not in state.rewards]
+    if missing:
+        ids, mask = batch["input_ids"].tolist(), batch["loss_mask"].tolist()
+        tid = batch["task_id"].tolist() if "task_id" in batch else [-1] * len(index)
+        _compute_rewards(
+            state, [(index[b], ids[b], [bool(m) for m in mask[b]], int(tid[b])) for b in missing]
+        )
+    raw = torch.tensor([state.rewards[i] for i in index], dtype=torch.float64)
+    if state.reward_norm is not None:
+        mean, std = state.reward_norm
+    else:
+        vals = torch.tensor(list(state.rewards.values()), dtype=torch.float64)
+        mean, std = float(vals.mean()), float(vals.std(unbiased=False))
+    return raw, (raw - mean) / (std + STD_EPS)
+
+
+def _critic_values(state: ScorerState, batch: dict, update: bool) -> tuple[Tensor, float, Tensor]:
+    """V [B, S] (detached, before this call's update), the value loss, raw rewards; one AdamW step if `update`.
+
+    Token rewards are 0 except the z-scored sequence reward on the last completion token; targets are the GAE
+    returns over the completion positions (loss_mask), regressed with MSE over those positions.
+    """
+    if state.hidden is None:
+        raise ValueError("critic_delta_v1: state.hidden is None; set it to the detached trunk output first")
+    h = state.hidden.detach()
+    mask = batch["loss_mask"].to(h.device).bool()
+    raw, z = _batch_rewards(state, batch)
+    B, S = mask.shape
+    pos = torch.arange(S, device=h.device)
+    last = torch.where(mask, pos, -1).amax(1)
+    r = torch.where((pos[None, :] == last[:, None]) & mask, z.to(h.device, torch.float32)[:, None], 0.0)
+    cc = state.cfg.critic
+    with torch.enable_grad(), torch.autocast(device_type=h.device.type, enabled=False):
+        v = state.value_head(h)
+        _, ret = gae_returns(r, v.detach(), mask, cc.gamma, cc.gae_lambda)
+        m = mask.to(v.dtype)
+        loss = ((v - ret.to(v.dtype)).square() * m).sum() / m.sum().clamp(min=1.0)
+        if update:
+            state.value_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            state.value_opt.step()
+    return v.detach(), float(loss.detach()), raw
+
+
+def critic_delta_v1(batch: dict, state: ScorerState) -> Tensor:
+    """delta_j = V_j - V_{j-1} (V_{-1} = 0); pair (t, k) scores its target j = t + k + 1; then §3.1."""
+    valid = _valid(batch)
+    c = state.cfg
+    v, value_loss, raw = _critic_values(state, batch, update=c.critic.update_value_head)
+    delta = v - torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], 1)
+    stats: dict = {}
+    w = normalize_weights(
+        pair_scores(delta, valid.shape[-1]), valid, c.loss.temperature, c.loss.eps, c.loss.w_max, stats
+    )
+    extra = {
+        "critic/value_loss": value_loss,
+        "critic/reward_mean": float(raw.mean()),
+        "scorer/nonfinite": float(stats["nonfinite"]),
+    }
+    return _record(state, w, valid, extra)
+
+
+def _prepare_critic(state: ScorerState, loader: Iterator[dict] | None) -> None:
+    """Rewards up front when the train set is known, then stage 1: `critic.pretrain_steps` value-head steps on
+    the frozen trunk (hidden computed under no_grad)."""
+    if state.dataset is not None:
+        _all_rewards(state)
+    steps = state.cfg.critic.pretrain_steps
+    if steps <= 0:
+        return
+    if loader is None:
+        raise ValueError(f"critic.pretrain_steps = {steps} needs a loader of training batches in prepare()")
+    first = last = float("nan")
+    for step in range(steps):
+        batch = {k: v.to(state.device) for k, v in next(loader).items()}
+        with torch.no_grad():
+            state.hidden = state.model(batch["input_ids"], stage="trunk").detach()
+        _, last, _ = _critic_values(state, batch, update=True)
+        first = last if step == 0 else first
+    state.hidden = None
+    state.metrics["critic/pretrain_value_loss"] = last
+    _log(f"critic stage 1: {steps} value-head steps, value loss {first:.4f} -> {last:.4f}")
+
+
+# --------------------------------------------------------------------------- rho1_excess_v1 (spec §3.3)
+
+
+def check_same_tokenizer(base: Any, ref_dir: str | os.PathLike, key: str = "rho1.ref_model") -> None:
+    """Raise a clear error unless the tokenizer saved in `ref_dir` has the base tokenizer's vocab and specials."""
+    from transformers import AutoTokenizer
+
+    try:
+        ref = AutoTokenizer.from_pretrained(str(ref_dir))
+    except Exception as e:  # any loader failure means we cannot prove the ids agree
+        raise ValueError(
+            f"'{key}' = {str(ref_dir)!r}: cannot load its tokenizer ({type(e).__name__}: {e}); the reference "
+            "directory must hold the tokenizer it was trained with"
+        ) from None
+    va, vb = base.get_vocab(), ref.get_vocab()
+    if va != vb:
+        diff = sorted(set(va.items()) ^ set(vb.items()))[:5]
+        raise ValueError(
+            f"'{key}' = {str(ref_dir)!r}: its tokenizer differs from the base model's ({len(va)} vs {len(vb)} "
+            f"tokens; first differences {diff}); rho1 needs the SAME tokenizer for both models"
+        )
+    for attr in ("bos_token", "eos_token", "unk_token"):
+        a, b = getattr(base, attr, None), getattr(ref, attr, None)
+        ia, ib = getattr(base, attr + "_id", None), getattr(ref, attr + "_id", None)
+        if (a, ia) != (b, ib):
+            raise ValueError(
+                f"'{key}' = {str(ref_dir)!r}: {attr} differs: base {a!r} (id {ia}) vs reference {b!r} (id {ib})"
+            )
+
+
+def _init_rho1(state: ScorerState) -> None:
+    cfg, rc = state.cfg, state.cfg.rho1
+    if not rc.ref_model and not rc.ref_resource:
+        raise ValueError(
+            f"{cfg.source}: loss.scorer = 'rho1_excess_v1' needs 'rho1.ref_model' (a reference causal LM "
+            "directory with the base tokenizer) or 'rho1.ref_resource'"
+        )
+    d = _resolve_dir(cfg, rc.ref_model, rc.ref_resource, "rho1.ref_model")
+    check_same_tokenizer(state.tokenizer, d)
+    if rc.ref_format == "hf":
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(str(d), dtype=_aux_dtype(state))
+        n_out = ref.get_output_embeddings().weight.shape[0]
+    else:
+        import model as M
+
+        ref = M.load_model(d, rc.ref_format, 1).to(_aux_dtype(state))
+        n_out = ref.args.vocab_size
+    if n_out < len(state.tokenizer):
+        raise ValueError(
+            f"'rho1.ref_model' = {str(d)!r}: {n_out} output logits < {len(state.tokenizer)} tokens"
+        )
+    state.ref_model = ref.eval().requires_grad_(False).to(state.device)
+    state.ref_is_hf = rc.ref_format == "hf"
+    state.ref_dir = d
+
+
+@torch.no_grad()
+def ref_token_ce(state: ScorerState, input_ids: Tensor) -> Tensor:
+    """CE_ref(j) = -log p_ref(x_j | x_<j) at every position j [B, S] float32 (0 at j = 0).
+
+    Logits at position j - 1 predict token j. Rows are right-padded, so no attention mask is needed for the
+    positions that matter (causal attention never looks right).
+    """
+    ids = input_ids.to(state.device)
+    out = state.ref_model(ids)
+    logits = out.logits if state.ref_is_hf else out[:, :, 0]
+    ce = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    for b in range(ids.shape[0]):  # one row's fp32 logits at a time
+        ce[b, 1:] = F.cross_entropy(logits[b, :-1].float(), ids[b, 1:], reduction="none")
+    return ce
+
+
+def _dir_fingerprint(d: Path) -> str:
+    """Identity of a model directory: file names, sizes and the first and last MiB of each file."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in d.rglob("*") if q.is_file()):
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(d)}\0{size}\0".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def ref_cache_path(state: ScorerState) -> Path:
+    """<storage.cache_dir>/rho1_ref_ce/<hash of the train rows' token ids + reference identity>.pt"""
+    h = hashlib.sha256()
+    for i, ids, _, _ in _dataset_rows(state.dataset):
+        h.update(f"{i}:{len(ids)}:".encode() + torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    h.update(f"{state.cfg.rho1.ref_format}:{_dir_fingerprint(state.ref_dir)}".encode())
+    return Path(state.cfg.storage.cache_dir) / "rho1_ref_ce" / f"{h.hexdigest()[:24]}.pt"
+
+
+def _ensure_ref_cache(state: ScorerState) -> None:
+    """Reference CE of every training example, once: read from the disk cache or computed and written atomically."""
+    if state.ref_cache_ready or state.dataset is None:
+        return
+    path = ref_cache_path(state)
+    if path.is_file():
+        state.ref_ce = torch.load(path, weights_only=True)
+        _log(f"reference CE of {len(state.ref_ce)} examples from {path}")
+    else:
+        import data
+
+        rows = _dataset_rows(state.dataset)
+        pad = data.pad_token_id(state.tokenizer)
+        bs = state.cfg.train.micro_batch_size
+        for s in range(0, len(rows), bs):
+            chunk = rows[s : s + bs]
+            width = max(len(r[1]) for r in chunk)
+            ids = torch.tensor([r[1] + [pad] * (width - len(r[1])) for r in chunk], dtype=torch.long)
+            ce = ref_token_ce(state, ids).cpu()
+            for b, r in enumerate(chunk):
+                state.ref_ce[r[0]] = ce[b, : len(r[1])].clone()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(state.ref_ce, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        _log(f"reference CE of {len(rows)} examples cached at {path}")
+    state.ref_cache_ready = True
+
+
+def _batch_ref_ce(state: ScorerState, batch: dict) -> Tensor:
+    """CE_ref [B, S] for the batch: from the per-example cache when `rho1.precompute`, else a reference forward."""
+    ids = batch["input_ids"]
+    if not state.cfg.rho1.precompute:
+        return ref_token_ce(state, ids)
+    _ensure_ref_cache(state)
+    index = [int(i) for i in batch["index"].tolist()]
+    if any(i not in state.ref_ce for i in index):  # no train set given, or rows outside it: fill lazily
+        ce = ref_token_ce(state, ids).cpu()
+        for b, i in enumerate(index):
+            state.ref_ce.setdefault(i, ce[b].clone())
+    B, S = ids.shape
+    out = torch.zeros(B, S, dtype=torch.float32)
+    for b, i in enumerate(index):
+        row = state.ref_ce[i][:S]
+        out[b, : row.numel()] = row
+    return out.to(state.device)
+
+
+def rho1_excess_v1(batch: dict, state: ScorerState) -> Tensor:
+    """Excess e(t, k) = CE_k(t) - CE_ref(t + k + 1) (both on token x_{t+k+1}); s = e or |e|; §3.3 weights."""
+    import model as M
+
+    valid = _valid(batch)
+    if state.hidden is None:
+        raise ValueError("rho1_excess_v1: state.hidden is None; set it to the detached trunk output first")
+    c = state.cfg
+    ce = M.mtp_head_ce(state.model, state.hidden.detach(), batch["targets"], valid)  # the extra no-grad pass
+    ref = pair_scores(_batch_ref_ce(state, batch).to(ce.device), valid.shape[-1])
+    excess = torch.where(valid, ce - ref, 0.0)
+    s = excess if c.rho1.score == "excess" else excess.abs()
+    stats: dict = {}
+    w = rho1_weights(
+        s,
+        valid,
+        c.loss.temperature,
+        c.loss.eps,
+        c.loss.w_max,
+        c.rho1.mode,
+        c.rho1.top_p,
+        c.rho1.top_boost,
+        stats,
+    )
+    n = max(int(valid.sum()), 1)
+    extra = {
+        "rho1/excess_mean": float(excess.sum()) / n,
+        "rho1/ce_mean": float(torch.where(valid, ce, 0.0).sum()) / n,
+        "rho1/ref_ce_mean": float(torch.where(valid, ref, 0.0).sum()) / n,
+        "scorer/nonfinite": float(stats["nonfinite"]),
+    }
+    return _record(state, w, valid, extra)
+
+
+# --------------------------------------------------------------------------- run-level histogram
+
+
+def save_weight_histogram(state: ScorerState, path: str | os.PathLike) -> Path:
+    """PNG of every weight the scorer produced over the run (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    c = state.cfg.loss
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if state.hist_counts is not None and float(state.hist_counts.sum()) > 0:
+        edges = state.hist_edges.cpu().numpy()
+        counts = state.hist_counts.cpu().numpy()
+        ax.bar(edges[:-1], counts, width=edges[1:] - edges[:-1], align="edge", color="tab:blue")
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no weights recorded", ha="center", va="center", transform=ax.transAxes)
+    for x, name in ((c.eps, "eps"), (1.0, "1"), (c.w_max, "w_max")):
+        ax.axvline(x, color="gray", ls="--", lw=0.8)
+        ax.text(x, 1.0, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+    ax.set_xlabel("weight (before mixing with lambda)")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"{c.scorer}: {int(state.calls)} calls", fontsize=10)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+SCORERS: dict[str, Callable[[dict, ScorerState], Tensor]] = {
+    "uniform": uniform,
+    "critic_delta_v1": critic_delta_v1,
+    "rho1_excess_v1": rho1_excess_v1,
+}
