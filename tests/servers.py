@@ -1,0 +1,216 @@
+"""Pytest fixtures that start real servers: moto's S3 server and an MLflow tracking server whose artifacts go to it.
+
+    from tests.servers import s3_env, s3_server, mlflow_server   # import the fixtures you use
+
+- `s3_server` (session): moto's threaded S3 server on 127.0.0.1:<free port>; the value is the endpoint URL.
+- `s3_env` (function): fake AWS credentials + AWS_ENDPOINT_URL=s3_server + HF_HUB_OFFLINE=1 in os.environ.
+- `moto_process` (function): a factory for moto server *subprocesses* that can be stopped (killed) and restarted
+  on the same port, optionally enforcing credentials (`auth=True`); all are killed at the end of the test.
+- `mlflow_server` (session): `mlflow server` (sqlite backend) whose artifacts go to `s3://<bucket>/mlflow` on the
+  moto server; the value is the tracking URI, with `.bucket` and `.s3_endpoint` attributes.
+- `start_mlflow_server(...)`: the same as a handle you can stop and restart (for server-loss tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+FAKE_AWS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+class URL(str):
+    """A server URL (a plain str) that also carries attributes such as `.bucket`."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(
+    url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
+    """Poll `url` until it answers (any HTTP status) or raise with the server's log tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except OSError:
+            time.sleep(0.2)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise RuntimeError(f"server at {url} did not come up within {timeout:.0f}s\n{tail}")
+
+
+def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
+    """Stop a server started with start_new_session=True, children included (mlflow runs uvicorn as a child)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=wait)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=wait)
+
+
+# --------------------------------------------------------------------------- S3 (moto)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield URL(f"http://{host}:{port}")
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Fake credentials and the moto endpoint in os.environ for this test (restored afterwards)."""
+    for k, v in FAKE_AWS.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "WMTP_S3_BUCKET"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return s3_server
+
+
+class MotoProcess:
+    """A moto S3 server in its own process: stop() kills it (in-flight transfers break), start() brings it back
+    on the same port with empty state. `auth=True` makes it check credentials (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
+
+    def __init__(self, log_dir: Path, auth: bool = False):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / f"moto-{self.port}.log"
+        self.env = dict(os.environ, **FAKE_AWS)
+        if auth:
+            self.env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> MotoProcess:
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=out, start_new_session=True)
+        wait_http(f"{self.endpoint}/moto-api/", timeout, self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc, signal.SIGKILL)
+            self.proc = None
+
+
+@pytest.fixture
+def moto_process(tmp_path):
+    started: list[MotoProcess] = []
+
+    def make(auth: bool = False) -> MotoProcess:
+        m = MotoProcess(tmp_path, auth)
+        started.append(m)
+        return m.start()
+
+    yield make
+    for m in started:
+        m.stop()
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+class MlflowProcess:
+    """`mlflow server` with a sqlite backend; artifacts to `s3://<bucket>/mlflow` (moto) or to a local folder."""
+
+    def __init__(self, workdir: Path, s3_endpoint: str | None = None, bucket: str | None = None):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.db = workdir / "mlflow.db"
+        self.log = workdir / "mlflow-server.log"
+        self.bucket = bucket
+        self.dest = f"s3://{bucket}/mlflow" if bucket else (workdir / "artifacts").as_uri()
+        self.env = dict(os.environ, **FAKE_AWS)
+        for k in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+            self.env.pop(k, None)
+        if s3_endpoint:
+            self.env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> MlflowProcess:
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{self.db}",
+            "--artifacts-destination", self.dest,
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]  # fmt: skip
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=out, stderr=out, start_new_session=True, cwd=self.db.parent
+            )
+        wait_http(f"{self.uri}/health", timeout, self.proc, self.log)
+        return self
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc, sig)
+            self.proc = None
+
+
+def start_mlflow_server(
+    workdir: Path, s3_endpoint: str | None = None, bucket: str | None = None
+) -> MlflowProcess:
+    return MlflowProcess(workdir, s3_endpoint, bucket).start()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
+    s3_client(s3_server).create_bucket(Bucket=bucket)
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), s3_server, bucket)
+    url = URL(server.uri)
+    url.bucket, url.s3_endpoint, url.log = bucket, str(s3_server), server.log
+    yield url
+    server.stop(signal.SIGTERM)
+
+
+def _boto_kwargs() -> dict[str, str]:
+    return {
+        "aws_access_key_id": FAKE_AWS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
+        "region_name": FAKE_AWS["AWS_DEFAULT_REGION"],
+    }
+
+
+def s3_client(endpoint: str):
+    """A plain boto3 client for the moto server with the fake credentials (for test setup and listing)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, **_boto_kwargs())
