@@ -74,14 +74,33 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def mbpp_files(root: str | os.PathLike) -> list[Path]:
-    """The MBPP source files in `root`: the four split files, else a single mbpp.jsonl; [] when neither."""
+    """The MBPP source files in `root`; [] when there are none.
+
+    The four split files, else a single mbpp.jsonl, else the HF hub layout (full/<split>-*.parquet, what
+    s3cache's hub fallback downloads).
+    """
     root = Path(root)
     split_files = [root / name for name in MBPP_FILES]
     if all(p.is_file() for p in split_files):
         return split_files
     if (root / MBPP_SINGLE).is_file():
         return [root / MBPP_SINGLE]
+    parquet = [sorted((root / "full").glob(f"{split}-*.parquet")) for split in MBPP_SPLITS]
+    if all(parquet):
+        return [p for files in parquet for p in files]
     return []
+
+
+def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """Yield (where, record) with where = "file:line" (JSON lines) or "file row N" (parquet)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, rec in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield f"{path} row {i}", rec
+    else:
+        for lineno, rec in _read_jsonl(path):
+            yield f"{path}:{lineno}", rec
 
 
 def load_mbpp(root: str | os.PathLike) -> dict[int, dict]:
@@ -89,12 +108,12 @@ def load_mbpp(root: str | os.PathLike) -> dict[int, dict]:
     files = mbpp_files(root)
     if not files:
         raise DataError(
-            f"{root}: no MBPP data: expected the files {', '.join(MBPP_FILES)} or a single {MBPP_SINGLE}"
+            f"{root}: no MBPP data: expected the files {', '.join(MBPP_FILES)}, a single {MBPP_SINGLE} "
+            "or the HF hub layout full/<split>-*.parquet"
         )
     problems: dict[int, dict] = {}
     for path in files:
-        for lineno, rec in _read_jsonl(path):
-            where = f"{path}:{lineno}"
+        for where, rec in _read_records(path):
             _check_record(rec, MBPP_FIELDS, where)
             if rec["task_id"] in problems:
                 raise DataError(f"{where}: duplicate task_id {rec['task_id']}")
@@ -362,21 +381,23 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def _resolve_remote(cfg: Any) -> tuple[Path | None, str]:
-    """Hook for s3cache (S3 mirror, then the HF hub): returns (dir or None, what was tried)."""
+    """s3cache's S3 mirror of data.resource, then the HF hub (data.hub_id): (dir or None, what was tried)."""
     try:
         import s3cache
-    except ImportError:
-        return None, "s3cache (not available)"
-    resolve = getattr(s3cache, "resolve", None)
-    if resolve is None or not cfg.data.resource:
-        return None, "s3cache (no resolve() or data.resource empty)"
-    try:  # INTEGRATION: align with s3cache.resolve's final signature
-        path = resolve(cfg, cfg.data.resource, hub_id=cfg.data.hub_id)
+    except ImportError:  # data.py stays usable without the storage layer
+        return None, "S3 / hub: s3cache is not importable"
+    if not cfg.data.resource and not cfg.data.hub_id:
+        return None, "S3 / hub: data.resource and data.hub_id are empty"
+    try:
+        path = s3cache.resolve(
+            cfg.data.resource, None, cfg.storage, "dataset", hub_id=cfg.data.hub_id or None
+        )
     except Exception as e:  # a remote failure must not hide the list of places tried
-        return None, f"s3cache resource {cfg.data.resource!r} ({type(e).__name__}: {e})"
-    if path is not None and mbpp_files(path):
+        lines = str(e).split("\n  - ")[1:] or [str(e)]  # s3cache lists its tries; keep the remote ones
+        return None, "\n  - ".join(x for x in lines if not x.startswith("local path"))
+    if mbpp_files(path):
         return Path(path), ""
-    return None, f"s3cache resource {cfg.data.resource!r} (nothing usable: {path})"
+    return None, f"S3 / hub: {path} holds no MBPP files"
 
 
 def resolve_dataset_dir(cfg: Any) -> Path:
@@ -388,12 +409,12 @@ def resolve_dataset_dir(cfg: Any) -> Path:
     for cand in [*local, Path(cfg.storage.data_root) / "mbpp"]:
         if mbpp_files(cand):
             return cand
-        tried.append(f"{cand} (no {'/'.join(MBPP_FILES)} or {MBPP_SINGLE})")
+        tried.append(f"{cand} (no {'/'.join(MBPP_FILES)}, {MBPP_SINGLE} or full/*.parquet)")
     path, note = _resolve_remote(cfg)
     if path is not None:
         return path
     tried.append(note)
-    raise DataError(f"{cfg.source}: MBPP not found; tried: " + "; ".join(tried))
+    raise DataError(f"{cfg.source}: MBPP not found; tried:\n  - " + "\n  - ".join(tried))
 
 
 def data_fingerprint(root: str | os.PathLike) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,10 @@ import torch
 
 import data
 from config import default_data_root, load_config
+from tests import servers
 from tests.tiny_fixture import tiny_tokenizer_dir  # noqa: F401  (pytest fixture)
+
+s3_server, s3_env = servers.s3_server, servers.s3_env  # pytest fixtures (a real moto S3 server)
 
 ROOT = Path(default_data_root())
 
@@ -226,19 +228,52 @@ def test_cache_key_follows_data_content_not_location(tmp_path, tok):
     assert data.dataset_cache_key(moved, tok, "train") != base
 
 
-def test_resolve_dataset_dir_order_and_error(tmp_path):
+def test_resolve_dataset_dir_order_and_error(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     cfg = make_cfg(tmp_path, f'--data.path="{empty}"')
     assert data.resolve_dataset_dir(cfg) == ROOT / "mbpp"  # incomplete data.path falls through
-    cfg = make_cfg(
-        tmp_path, f'--data.path="{empty}"', f'--storage.data_root="{tmp_path}"', '--data.resource=""'
-    )
-    with pytest.raises(
-        data.DataError,
-        match=f"MBPP not found; tried: {re.escape(str(empty))} .*{re.escape(str(tmp_path / 'mbpp'))}",
-    ):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("WMTP_S3_BUCKET", raising=False)
+    cfg = make_cfg(tmp_path, f'--data.path="{empty}"', f'--storage.data_root="{tmp_path}"')
+    with pytest.raises(data.DataError) as err:
         data.resolve_dataset_dir(cfg)
+    msg = str(err.value)
+    assert "MBPP not found; tried:" in msg and f"{empty} (no prompt.jsonl" in msg
+    assert f"{tmp_path / 'mbpp'} (no" in msg
+    assert "'datasets/mbpp'" in msg and "google-research-datasets/mbpp" in msg  # S3 and hub were tried
+
+
+def test_mbpp_mirrored_from_s3_gives_the_same_cache_key(tmp_path, s3_env, tok):
+    from tests.servers import s3_client
+
+    client = s3_client(s3_env)
+    client.create_bucket(Bucket="wmtp-data")
+    for name in data.MBPP_FILES:
+        client.put_object(
+            Bucket="wmtp-data", Key=f"wmtp/datasets/mbpp/{name}", Body=(ROOT / "mbpp" / name).read_bytes()
+        )
+    nowhere = tmp_path / "nowhere"
+    cfg = make_cfg(tmp_path, f'--storage.data_root="{nowhere}"', '--storage.s3_bucket="wmtp-data"')
+    mirrored = data.resolve_dataset_dir(cfg)
+    assert mirrored.is_relative_to(tmp_path / "cache") and data.load_mbpp(mirrored) == data.load_mbpp(
+        ROOT / "mbpp"
+    )
+    assert data.dataset_cache_key(cfg, tok, "train") == data.dataset_cache_key(
+        make_cfg(tmp_path), tok, "train"
+    )
+
+
+def test_mbpp_hub_parquet_layout(tmp_path, mbpp):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "full").mkdir()
+    for split in data.MBPP_SPLITS:
+        rows = data.mbpp_split(mbpp, split)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "full" / f"{split}-00000-of-00001.parquet")
+    assert data.load_mbpp(tmp_path) == mbpp
+    assert data.resolve_dataset_dir(make_cfg(tmp_path, f'--data.path="{tmp_path}"')) == tmp_path
 
 
 # --------------------------------------------------------------------------- tokenised dataset
