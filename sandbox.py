@@ -42,6 +42,7 @@ sys.exit(0)), and the caller compares the output with the expected one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -216,10 +217,8 @@ def run_program(
 
 
 def _killpg(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _read(path: str, limit: int) -> str:
