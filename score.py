@@ -831,17 +831,27 @@ def _batch_ref_ce(state: ScorerState, batch: dict) -> Tensor:
     return out.to(state.device)
 
 
-def rho1_excess_v1(batch: dict, state: ScorerState) -> Tensor:
-    """Excess e(t, k) = CE_k(t) - CE_ref(t + k + 1) (both on token x_{t+k+1}); s = e or |e|; §3.3 weights."""
+def excess_scores(batch: dict, state: ScorerState) -> tuple[Tensor, Tensor, Tensor]:
+    """(excess, CE_k(t), CE_ref(t + k + 1)) [B, S, H], 0 on invalid pairs; both CEs on token x_{t+k+1}.
+
+    Head k at position t predicts x_{t+k+1}; the reference predicts the same token from its logits at position
+    t + k, so its CE is CE_ref at position t + k + 1 (`pair_scores` of the per-position CE_ref).
+    """
     import model as M
 
     valid = _valid(batch)
     if state.hidden is None:
         raise ValueError("rho1_excess_v1: state.hidden is None; set it to the detached trunk output first")
-    c = state.cfg
     ce = M.mtp_head_ce(state.model, state.hidden.detach(), batch["targets"], valid)  # the extra no-grad pass
-    ref = pair_scores(_batch_ref_ce(state, batch).to(ce.device), valid.shape[-1])
-    excess = torch.where(valid, ce - ref, 0.0)
+    ref = torch.where(valid, pair_scores(_batch_ref_ce(state, batch).to(ce.device), valid.shape[-1]), 0.0)
+    return torch.where(valid, ce - ref, 0.0), ce, ref
+
+
+def rho1_excess_v1(batch: dict, state: ScorerState) -> Tensor:
+    """Excess e(t, k) = CE_k(t) - CE_ref(t + k + 1); s = e (`excess`) or |e| (`abs_excess`); §3.3 weights."""
+    valid = _valid(batch)
+    c = state.cfg
+    excess, ce, ref = excess_scores(batch, state)
     s = excess if c.rho1.score == "excess" else excess.abs()
     stats: dict = {}
     w = rho1_weights(

@@ -1,0 +1,589 @@
+"""score.py: the §3.1 normaliser's invariants on any input, GAE against a plain loop, the target-token alignment
+of both scorers, no gradient through the weights, and every scorer end to end on tiny real models."""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import config as C  # noqa: E402
+import data  # noqa: E402
+import model as M  # noqa: E402
+import score  # noqa: E402
+from tests.tiny_fixture import tiny_tokenizer_dir  # noqa: E402, F401
+
+H = 3
+
+# --------------------------------------------------------------------------- normaliser: properties
+
+
+def check_invariants(w: torch.Tensor, valid: torch.Tensor, eps: float, w_max: float) -> None:
+    assert w.dtype == torch.float32 and not w.requires_grad
+    assert torch.isfinite(w).all()
+    assert (w[~valid] == 0).all(), "invalid pairs must be exactly 0"
+    wv = w.double()
+    assert (wv[valid] >= eps).all() and (wv[valid] <= w_max).all()
+    n = valid.sum(1)
+    mean = (wv * valid).sum(1) / n.clamp(min=1)
+    assert ((mean - 1).abs()[n > 0] <= 1e-4).all(), mean
+
+
+SPECIAL = [math.nan, math.inf, -math.inf, 1e30, -1e30, 0.0, 1e-30, -3.0, 3.0]
+
+
+@st.composite
+def score_case(draw):
+    B, N = draw(st.integers(1, 4)), draw(st.integers(1, 40))
+    f64 = draw(st.booleans())
+    width = 64 if f64 else 32
+    elem = st.one_of(
+        st.floats(-10, 10, width=width),
+        st.floats(allow_nan=True, allow_infinity=True, width=width),
+        st.sampled_from(SPECIAL),
+    )
+    rows = []
+    for _ in range(B):
+        kind = draw(st.sampled_from(["random", "random", "constant", "two_values", "one_outlier"]))
+        if kind == "random":
+            rows.append(draw(st.lists(elem, min_size=N, max_size=N)))
+        elif kind == "constant":
+            rows.append([draw(elem)] * N)
+        elif kind == "two_values":
+            a, b = draw(elem), draw(elem)
+            rows.append([draw(st.sampled_from([a, b])) for _ in range(N)])
+        else:
+            rows.append([0.0] * (N - 1) + [draw(st.sampled_from([1e30, -1e30, 5.0, math.nan]))])
+    dtype = torch.float64 if f64 else torch.float32
+    scores = torch.tensor(rows, dtype=dtype)
+    if draw(st.booleans()):
+        valid = torch.ones(B, N, dtype=torch.bool)
+    else:
+        valid = torch.tensor(
+            draw(st.lists(st.lists(st.booleans(), min_size=N, max_size=N), min_size=B, max_size=B))
+        )
+    temperature = draw(st.one_of(st.just(1e-3), st.floats(1e-3, 10)))
+    eps = draw(st.one_of(st.just(1.0), st.just(1e-3), st.floats(1e-3, 1.0)))
+    w_max = draw(st.one_of(st.just(1.0), st.floats(1.0, 50.0)))
+    return scores, valid, temperature, eps, w_max
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(score_case())
+def test_normalize_weights_invariants_on_any_input(case):
+    scores, valid, temperature, eps, w_max = case
+    w = score.normalize_weights(scores, valid, temperature, eps, w_max)
+    check_invariants(w, valid, eps, w_max)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(score_case(), st.sampled_from(["weighted", "select"]), st.floats(0.01, 1.0), st.floats(0.0, 5.0))
+def test_rho1_weights_invariants_on_any_input(case, mode, top_p, top_boost):
+    scores, valid, temperature, eps, w_max = case
+    w = score.rho1_weights(scores, valid, temperature, eps, w_max, mode, top_p, top_boost)
+    check_invariants(w, valid, eps, w_max)
+
+
+# --------------------------------------------------------------------------- normaliser: examples
+
+
+def reference_row(s: list[float], T: float, eps: float, w_max: float) -> list[float]:
+    """Spec §3.1 for one fully valid row, written out plainly (no log space: moderate T only)."""
+    fin = [x for x in s if math.isfinite(x)]
+    mu = sum(fin) / len(fin)
+    s = [x if math.isfinite(x) else mu for x in s]
+    n = len(s)
+    mean = sum(s) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in s) / n)
+    z = [(x - mean) / (std + 1e-6) for x in s]
+    e = [math.exp(x / T) for x in z]
+    w = [x / sum(e) * n for x in e]
+    lo, hi = 1e-9, 1e9
+    for _ in range(200):
+        c = math.sqrt(lo * hi)
+        m = sum(min(max(c * x, eps), w_max) for x in w) / n
+        lo, hi = (c, hi) if m < 1 else (lo, c)
+    return [min(max(c * x, eps), w_max) for x in w]
+
+
+def test_normalize_matches_plain_reference():
+    torch.manual_seed(0)
+    s = torch.randn(3, 9, dtype=torch.float64) * 2
+    s[1, 4] = math.nan
+    s[2, 0] = math.inf
+    stats: dict = {}
+    w = score.normalize_weights(s, torch.ones(3, 9, dtype=torch.bool), 0.7, 0.05, 3.0, stats)
+    want = torch.tensor([reference_row(r, 0.7, 0.05, 3.0) for r in s.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(w.double(), want, atol=1e-5, rtol=1e-5)
+    assert stats["nonfinite"] == 2
+
+
+def test_normalize_degenerate_rows_get_one():
+    valid = torch.tensor(
+        [[True, False, False, False], [True] * 4, [True] * 4, [True, True, True, False], [False] * 4]
+    )
+    s = torch.tensor(
+        [
+            [5.0, 1.0, 2.0, 3.0],
+            [2.5] * 4,
+            [1e30] * 4,
+            [math.nan, math.inf, -math.inf, 0.0],
+            [1.0, 2.0, 3.0, 4.0],
+        ]
+    )
+    stats: dict = {}
+    w = score.normalize_weights(s, valid, 0.7, 0.05, 3.0, stats)
+    assert torch.equal(w, valid.float())
+    assert stats["nonfinite"] == 3
+    # eps = w_max = 1 forces every valid weight to 1
+    w = score.normalize_weights(torch.randn(2, 7), torch.ones(2, 7, dtype=torch.bool), 0.01, 1.0, 1.0)
+    assert torch.equal(w, torch.ones(2, 7))
+
+
+def test_normalize_is_per_row_monotone_and_shape_preserving():
+    torch.manual_seed(1)
+    s = torch.randn(4, 6, H)
+    valid = torch.rand(4, 6, H) > 0.3
+    w = score.normalize_weights(s, valid, 0.5, 0.05, 3.0)
+    assert w.shape == s.shape
+    for b in range(4):  # each row alone gives the same weights (the batched bisection does not mix rows)
+        alone = score.normalize_weights(s[b : b + 1], valid[b : b + 1], 0.5, 0.05, 3.0)
+        torch.testing.assert_close(alone[0], w[b])
+        sv, wv = s[b][valid[b]], w[b][valid[b]]
+        order = sv.argsort()
+        assert (wv[order].diff() >= -1e-6).all(), "a higher score never gets a lower weight"
+    # tiny T: float32 softmax would underflow; the log-space solve still puts the top pair at w_max
+    w = score.normalize_weights(
+        torch.arange(50.0)[None], torch.ones(1, 50, dtype=torch.bool), 1e-3, 0.05, 3.0
+    )
+    assert w[0, -1] == pytest.approx(3.0) and w[0, 0] == pytest.approx(0.05)
+    check_invariants(w, torch.ones(1, 50, dtype=torch.bool), 0.05, 3.0)
+
+
+def test_normalize_rejects_bad_arguments():
+    s, v = torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="temperature"):
+        score.normalize_weights(s, v, 0.0, 0.05, 3.0)
+    with pytest.raises(ValueError, match="eps"):
+        score.normalize_weights(s, v, 1.0, 1.5, 3.0)
+    with pytest.raises(ValueError, match="same shape"):
+        score.normalize_weights(s, torch.ones(1, 4, dtype=torch.bool), 1.0, 0.05, 3.0)
+
+
+def test_rho1_select_mode_exact_weights_and_ties_by_position():
+    s = torch.tensor([[1.0, 5.0, 5.0, 5.0, 5.0, 0.0, 2.0, 3.0, 4.0, -1.0]])
+    v = torch.ones(1, 10, dtype=torch.bool)
+    w = score.rho1_weights(s, v, 0.7, 0.05, 4.0, "select", top_p=0.3)
+    a = (10 - 7 * 0.05) / 3
+    want = torch.full((1, 10), 0.05)
+    want[0, 1:4] = a  # four 5.0 ties, k = 3: the earliest three win
+    torch.testing.assert_close(w, want)
+    # weighted with no boost is the plain normaliser; a boost raises the top pair relative to the rest
+    plain = score.normalize_weights(s, v, 0.7, 0.05, 4.0)
+    torch.testing.assert_close(score.rho1_weights(s, v, 0.7, 0.05, 4.0, "weighted", 0.1, 0.0), plain)
+    boosted = score.rho1_weights(s, v, 0.7, 0.05, 4.0, "weighted", 0.1, 1.0)
+    assert boosted[0, 1] / boosted[0, 2] > 1.5 and plain[0, 1] == pytest.approx(plain[0, 2])
+
+
+# --------------------------------------------------------------------------- GAE, mix, stats, pair mapping
+
+
+def gae_loop(r, v, m, gamma, lam):
+    B, S = r.shape
+    adv, ret = torch.zeros(B, S, dtype=torch.float64), torch.zeros(B, S, dtype=torch.float64)
+    for b in range(B):
+        pos = [j for j in range(S) if m[b, j]]
+        a = 0.0
+        for i in reversed(range(len(pos))):
+            j = pos[i]
+            v_next = float(v[b, pos[i + 1]]) if i + 1 < len(pos) else 0.0
+            delta = float(r[b, j]) + gamma * v_next - float(v[b, j])
+            a = delta + gamma * lam * a
+            adv[b, j], ret[b, j] = a, a + float(v[b, j])
+    return adv, ret
+
+
+@pytest.mark.parametrize("gamma,lam", [(0.99, 0.95), (0.5, 0.0), (1.0, 1.0), (0.0, 0.7)])
+def test_gae_matches_loop(gamma, lam):
+    torch.manual_seed(2)
+    r, v = torch.randn(3, 15, dtype=torch.float64), torch.randn(3, 15, dtype=torch.float64)
+    m = torch.rand(3, 15) > 0.4
+    m[2] = False  # a row with no valid position
+    adv, ret = score.gae_returns(r, v, m, gamma, lam)
+    want_adv, want_ret = gae_loop(r, v, m, gamma, lam)
+    torch.testing.assert_close(adv, want_adv)
+    torch.testing.assert_close(ret, want_ret)
+
+
+def test_gae_undiscounted_returns_equal_terminal_reward():
+    torch.manual_seed(3)
+    m = torch.zeros(2, 12, dtype=torch.bool)
+    m[0, 3:10], m[1, 5:12] = True, True
+    R = torch.tensor([2.0, -0.5])
+    r = torch.zeros(2, 12)
+    r[0, 9], r[1, 11] = R[0], R[1]
+    _, ret = score.gae_returns(r, torch.randn(2, 12), m, 1.0, 1.0)
+    torch.testing.assert_close(ret, torch.where(m, R[:, None].expand(2, 12), 0.0))
+
+
+def test_mix_and_weight_stats():
+    w = torch.tensor([[0.05, 3.0, 0.0, 0.95]])
+    valid = torch.tensor([[True, True, False, True]])
+    torch.testing.assert_close(score.mix(w, 0.0, valid), valid.float())
+    torch.testing.assert_close(score.mix(w, 1.0), w)
+    torch.testing.assert_close(score.mix(w, 0.5), torch.tensor([[0.525, 2.0, 0.0, 0.975]]))
+    s = score.weight_stats(w, valid, 0.05, 3.0)
+    assert s["weights/mean"] == pytest.approx(4.0 / 3)
+    assert s["weights/min"] == pytest.approx(0.05) and s["weights/max"] == 3.0
+    assert s["weights/frac_at_eps"] == pytest.approx(1 / 3) and s["weights/frac_at_wmax"] == pytest.approx(
+        1 / 3
+    )
+    assert s["weights/nonfinite"] == 0.0
+    assert score.weight_stats(w.flatten(), valid.flatten(), 0.05, 3.0) == s
+
+
+def test_pair_scores_maps_each_pair_to_its_target_position():
+    tok = torch.arange(10.0)[None] * 10
+    p = score.pair_scores(tok, H)
+    for t in range(10):
+        for k in range(H):
+            assert p[0, t, k] == (tok[0, t + k + 1] if t + k + 1 < 10 else 0)
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    if t.pad_token_id is None:
+        t.pad_token = t.eos_token
+    return t
+
+
+def tiny_policy(vocab: int, n_future: int = H, seed: int = 0) -> M.Transformer:
+    torch.manual_seed(seed)
+    args = M.ModelArgs(
+        dim=32, n_layers=n_future + 2, n_heads=4, vocab_size=vocab, multiple_of=16, n_future_tokens=n_future
+    )
+    return M.Transformer(args)
+
+
+def make_cfg(tmp_path, scorer: str, **sections) -> C.Config:
+    cfg = C.Config()
+    cfg.loss.scorer = scorer
+    cfg.model.n_future_tokens = H
+    cfg.model.dtype = "float32"
+    cfg.storage.cache_dir = str(tmp_path / "cache")
+    cfg.data.max_length = 96
+    cfg.train.micro_batch_size = 4
+    for sec, kv in sections.items():
+        for k, v in kv.items():
+            setattr(getattr(cfg, sec), k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def aux_dirs(tok, tmp_path_factory):
+    """Tiny HF reference LM and reward model with the base tokenizer saved alongside."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    out = tmp_path_factory.mktemp("aux")
+    kw = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    for name, m in (
+        ("ref", LlamaForCausalLM(LlamaConfig(**kw))),
+        ("rm", LlamaForSequenceClassification(LlamaConfig(num_labels=1, **kw))),
+    ):
+        m.save_pretrained(str(out / name))
+        tok.save_pretrained(str(out / name))
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_rows(tok, tmp_path_factory):
+    cfg = make_cfg(tmp_path_factory.mktemp("rows"), "uniform")
+    return data.build_dataset(cfg, tok, "train").select(range(12))
+
+
+def add_targets(batch: dict, h: int = H) -> dict:
+    targets, valid = M.mtp_targets(batch["input_ids"], batch["loss_mask"], h)
+    return {**batch, "targets": targets, "valid": valid}
+
+
+def manual_batch(rows: list[list[int]], start: int) -> dict:
+    ids = torch.tensor(rows)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, start:] = True
+    B = len(rows)
+    return {"input_ids": ids, "loss_mask": mask, "index": torch.arange(B), "task_id": torch.full((B,), -1)}
+
+
+def save_wmtp(model: M.Transformer, tok, path) -> str:
+    M.save_checkpoint(model, path)
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+def test_rho1_excess_zero_when_reference_is_the_policy(tok, tmp_path, aux_dirs):
+    ids = torch.randint(3, len(tok), (2, 24))
+    batch = add_targets(manual_batch(ids.tolist(), 4), 1)
+    # (a) our format, the very same model
+    policy = tiny_policy(len(tok), 1)
+    cfg = make_cfg(tmp_path, "rho1_excess_v1", rho1=dict(ref_model=save_wmtp(policy, tok, tmp_path / "self")))
+    cfg.rho1.ref_format = "wmtp"
+    state = score.init_state(cfg, policy, tok, "cpu")
+    state.hidden = policy(batch["input_ids"], stage="trunk").detach()
+    excess, ce, _ = score.excess_scores(batch, state)
+    assert ce[batch["valid"]].min() > 0
+    assert excess.abs().max() < 1e-5
+    # (b) an HF reference run by transformers against the same weights loaded into our Transformer
+    policy = M.load_hf(aux_dirs / "ref", 1)
+    cfg = make_cfg(tmp_path, "rho1_excess_v1", rho1=dict(ref_model=str(aux_dirs / "ref"), ref_format="hf"))
+    state = score.init_state(cfg, policy, tok, "cpu")
+    state.hidden = policy(batch["input_ids"], stage="trunk").detach()
+    excess, _, _ = score.excess_scores(batch, state)
+    assert excess.abs().max() < 1e-4
+
+
+def context_free(model: M.Transformer, favourite: int | None, vocab: int) -> M.Transformer:
+    """Blocks add nothing (wo = w2 = 0), every embedding is all-ones: logits are the same at every position;
+    `favourite` gets logit 8 (p ~ 0.6 with 2k tokens), or every logit is 0 (uniform) when None."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                p.zero_()
+        model.tok_embeddings.weight.fill_(1.0)
+        model.output.weight.zero_()
+        if favourite is not None:
+            model.output.weight[favourite] = 8.0 / model.args.dim
+    return model
+
+
+@pytest.mark.parametrize(
+    "ref_knows,score_kind,highest",
+    [(True, "excess", True), (False, "excess", False), (False, "abs_excess", True)],
+)
+def test_rho1_surprising_token_pairs(tok, tmp_path, ref_knows, score_kind, highest):
+    """Token X at position j is easy for one model and surprising for the other. Every pair whose target is j
+    (t + k + 1 = j, all heads) must get the extreme weight, and no other pair."""
+    V, X, j = len(tok), 77, 13
+    uniform_model, x_model = context_free(tiny_policy(V, H), None, V), context_free(tiny_policy(V, 1), X, V)
+    policy, ref = (uniform_model, x_model) if ref_knows else (context_free(tiny_policy(V, H), X, V), None)
+    ref = ref if ref is not None else context_free(tiny_policy(V, 1), None, V)
+    ids = torch.full((1, 24), 50)
+    ids[0, j] = X
+    batch = add_targets(manual_batch(ids.tolist(), 5))
+    cfg = make_cfg(
+        tmp_path,
+        "rho1_excess_v1",
+        rho1=dict(ref_model=save_wmtp(ref, tok, tmp_path / "r"), ref_format="wmtp"),
+    )
+    cfg.rho1.score = score_kind
+    state = score.init_state(cfg, policy, tok, "cpu")
+    state.hidden = policy(batch["input_ids"], stage="trunk").detach()
+    w = score.SCORERS["rho1_excess_v1"](batch, state)
+    valid = batch["valid"]
+    check_invariants(w.view(1, -1), valid.view(1, -1), cfg.loss.eps, cfg.loss.w_max)
+    extreme = w[valid].max() if highest else w[valid].min()
+    got = {(t, k) for t, k in (w[0] == extreme).nonzero().tolist() if valid[0, t, k]}
+    assert got == {(j - k - 1, k) for k in range(H)}
+
+
+def test_critic_delta_peaks_at_the_token_the_value_depends_on(tok, tmp_path):
+    """V_t = GELU(1) * [x_t == X] (hand-set head on embedding features): pairs targeting X get the top weight."""
+    V, X, j = len(tok), 77, 11
+    policy = context_free(tiny_policy(V, H), None, V)
+    with torch.no_grad():
+        policy.tok_embeddings.weight.zero_()
+        policy.tok_embeddings.weight[X, 0] = 1.0
+    cfg = make_cfg(tmp_path, "critic_delta_v1", critic=dict(reward="tests", update_value_head=False))
+    state = score.init_state(cfg, policy, tok, "cpu")
+    with torch.no_grad():
+        for lin in (state.value_head.net[0], state.value_head.net[2]):
+            lin.weight.zero_()
+            lin.bias.zero_()
+            lin.weight[0, 0] = 1.0
+    ids = torch.full((2, 20), 50)
+    ids[0, j] = X
+    batch = add_targets(manual_batch(ids.tolist(), 4))
+    state.rewards = {0: 1.0, 1: 0.0}  # the reward depends on X alone (no sandbox needed)
+    state.hidden = policy(batch["input_ids"], stage="trunk").detach()
+    w = score.SCORERS["critic_delta_v1"](batch, state)
+    valid = batch["valid"]
+    top = w[0][valid[0]].max()
+    got = {(t, k) for t, k in (w[0] == top).nonzero().tolist() if valid[0, t, k]}
+    assert got == {(j - k - 1, k) for k in range(H)}
+    assert torch.equal(w[1], valid[1].float()), "a row with constant V gets uniform weights"
+
+
+def test_critic_stage1_learns_value_of_the_rewarded_token(tok, tmp_path):
+    """Reward +1 iff the completion contains X: after stage 1, the pairs targeting X get the highest weight."""
+    V, X = len(tok), 77
+    policy = context_free(tiny_policy(V, H), None, V)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        policy.tok_embeddings.weight.normal_()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 104, (16, 20), generator=g)  # 4 filler tokens, in rewarded and other rows alike
+    pos = torch.randint(6, 18, (16,), generator=g)
+    for b in range(8):
+        ids[b, pos[b]] = X
+    batch = manual_batch(ids.tolist(), 4)
+    cfg = make_cfg(
+        tmp_path, "critic_delta_v1", critic=dict(reward="tests", pretrain_steps=150, value_lr=1e-2, gamma=1.0)
+    )
+    cfg.critic.gae_lambda = 1.0
+    cfg.loss.w_max = 1000.0  # no clipping: the top weight is unique
+    state = score.init_state(cfg, policy, tok, "cpu")
+    state.rewards = {b: (1.0 if b < 8 else -1.0) for b in range(16)}
+
+    def forever():
+        while True:
+            yield batch
+
+    score.prepare(state, forever())
+    assert state.metrics["critic/pretrain_value_loss"] < 1.0  # 1.05 at the start; fillers stay at ~1
+    batch = add_targets(batch)
+    state.hidden = policy(batch["input_ids"], stage="trunk").detach()
+    w = score.SCORERS["critic_delta_v1"](batch, state)
+    for b in range(8):
+        jb = int(pos[b])
+        best = w[b].max()
+        assert all(w[b, jb - k - 1, k] == best for k in range(H)), (b, w[b])
+
+
+# --------------------------------------------------------------------------- no gradient through weights
+
+
+@pytest.mark.parametrize("name", ["uniform", "critic_delta_v1", "rho1_excess_v1"])
+def test_loss_gradient_ignores_the_weights(name, tok, tmp_path, aux_dirs, train_rows):
+    policy = tiny_policy(len(tok))
+    cfg = make_cfg(
+        tmp_path,
+        name,
+        critic=dict(reward_model=str(aux_dirs / "rm"), pretrain_steps=0),
+        rho1=dict(ref_model=str(aux_dirs / "ref")),
+    )
+    state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
+    batch = add_targets(next(data.make_loader(train_rows, 4, tok.pad_token_id)))
+    h = policy(batch["input_ids"], stage="trunk")
+    state.hidden = h  # NOT detached: a scorer that let gradient through would show up below
+    weights = score.SCORERS[name](batch, state)
+    assert not weights.requires_grad
+    assert all(p.grad is None for p in policy.parameters()), (
+        "the scorer must not back-propagate into the model"
+    )
+    w = score.mix(weights, 1.0, batch["valid"])
+    grads = []
+    for wt in (w, w.detach().clone()):
+        policy.zero_grad(set_to_none=True)
+        M.naive_mtp_loss(policy, batch["input_ids"], batch["targets"], batch["valid"], wt).backward()
+        grads.append([p.grad.clone() for p in policy.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("uniform", {}),
+        ("critic_delta_v1", {"critic": dict(pretrain_steps=3)}),
+        ("rho1_excess_v1", {"rho1": dict(mode="weighted")}),
+        ("rho1_excess_v1", {"rho1": dict(mode="select", top_p=0.6, precompute=True)}),
+    ],
+)
+def test_scorer_end_to_end(name, extra, tok, tmp_path, aux_dirs, train_rows):
+    policy = tiny_policy(len(tok))
+    sections = {
+        "critic": dict(reward_model=str(aux_dirs / "rm"), value_hidden=16, **extra.get("critic", {})),
+        "rho1": dict(ref_model=str(aux_dirs / "ref"), **extra.get("rho1", {})),
+    }
+    cfg = make_cfg(tmp_path, name, **sections)
+    state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
+    loader = data.make_loader(train_rows, 4, tok.pad_token_id, seed=1)
+    score.prepare(state, loader)
+    n_pairs = 0
+    for _ in range(2):
+        batch = add_targets(next(loader))
+        with torch.no_grad():
+            state.hidden = policy(batch["input_ids"], stage="trunk")
+        w = score.SCORERS[name](batch, state)
+        valid = batch["valid"]
+        assert w.shape == valid.shape and w.shape[-1] == H
+        check_invariants(w.flatten(1), valid.flatten(1), cfg.loss.eps, cfg.loss.w_max)
+        n_pairs += int(valid.sum())
+        assert state.metrics["weights/mean"] == pytest.approx(1.0, abs=1e-4)
+        assert state.metrics["scorer/nonfinite"] == 0
+    assert float(state.hist_counts.sum()) == n_pairs
+    png = score.save_weight_histogram(state, tmp_path / "plots" / "w.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if name == "critic_delta_v1":
+        assert (
+            len(state.rewards) == len(train_rows) and state.reward_model is None
+        )  # all up front, then freed
+        assert "critic/value_loss" in state.metrics and "critic/pretrain_value_loss" not in state.metrics
+        resumed = score.init_state(cfg, tiny_policy(len(tok)), tok, "cpu", dataset=train_rows)
+        resumed.load_state_dict(state.state_dict())
+        assert resumed.rewards == state.rewards and resumed.reward_norm == state.reward_norm
+        for a, b in zip(resumed.value_head.parameters(), state.value_head.parameters(), strict=True):
+            assert torch.equal(a, b)
+        resumed.hidden = state.hidden
+        torch.testing.assert_close(score.SCORERS[name](batch, resumed), score.SCORERS[name](batch, state))
+    if name == "rho1_excess_v1":
+        assert math.isfinite(state.metrics["rho1/excess_mean"])
+    if cfg.rho1.precompute:
+        path = score.ref_cache_path(state)
+        assert path.is_file() and len(state.ref_ce) == len(train_rows)
+        fresh = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
+        fresh.hidden = state.hidden
+        cached = score.SCORERS[name](batch, fresh)  # reads the disk cache
+        cfg.rho1.precompute = False
+        torch.testing.assert_close(cached, score.SCORERS[name](batch, fresh), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_rho1_rejects_a_different_tokenizer(tok, tmp_path, aux_dirs):
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(str(aux_dirs / "ref"))
+    other.add_tokens(["<zz_extra>"])
+    other.save_pretrained(str(tmp_path / "ref2"))
+    cfg = make_cfg(tmp_path, "rho1_excess_v1", rho1=dict(ref_model=str(tmp_path / "ref2")))
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        score.init_state(cfg, tiny_policy(len(tok)), tok, "cpu")
+    cfg.rho1.ref_model = ""
+    with pytest.raises(ValueError, match="rho1.ref_model"):
+        score.init_state(cfg, tiny_policy(len(tok)), tok, "cpu")
+    cfg = make_cfg(tmp_path, "critic_delta_v1")
+    with pytest.raises(ValueError, match="critic.reward_model"):
+        score.init_state(cfg, tiny_policy(len(tok)), tok, "cpu")
