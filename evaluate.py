@@ -1,0 +1,465 @@
+"""Generation + scoring on MBPP, HumanEval and CodeContests (spec §5), and the model-free `judge` CLI.
+
+    python evaluate.py judge --dataset {mbpp,codecontests,humaneval} --predictions FILE.jsonl --out METRICS.json
+                             [--timeout S] [--workers N] [--data-root DIR] [--time-scale F]
+    python evaluate.py CONFIG --checkpoint PATH [--datasets mbpp,codecontests,humaneval] [--n N] [--limit K]
+                             [--out DIR] [--section.key=value ...]
+
+Every program runs in sandbox.py. Judging rules:
+- MBPP: completion, then test_setup_code, then every assert of test_list (this order passes all 974 references).
+- HumanEval: prompt + completion + test + `check(entry_point)`.
+- CodeContests: stdin/stdout per test (public first), whitespace-token comparison, stop at the first failing test.
+  The time limit per test is the problem's limit x `time_scale` (default 3: CPython on a shared 2-core machine is
+  far slower than the C++ the limits were set for) + 1 s of interpreter start-up. Problems whose answer is not
+  unique need a special checker, which the data does not have: they can only be judged by exact output here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import data
+import sandbox
+from config import default_data_root
+
+DATASETS = ("mbpp", "humaneval", "codecontests")
+PASS_KS = (1, 5, 10, 100)
+CHECKER_NOTE = (
+    "CodeContests is judged by whitespace-token exact output; problems that accept several answers (a special "
+    "checker on Codeforces) can be marked wrong here although correct."
+)
+
+
+class EvalError(ValueError):
+    """Bad evaluation input: the message names the file/line and what was expected."""
+
+
+# --------------------------------------------------------------------------- pass@k
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased 1 - C(n-c, k) / C(n, k), as the stable product 1 - prod_{i=n-c+1..n} (1 - k / i)."""
+    if not 0 <= c <= n or k < 1 or k > n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+# --------------------------------------------------------------------------- problems and programs
+
+
+def load_problems(dataset: str, data_root: str | os.PathLike) -> dict:
+    """{task key: problem} for one dataset (MBPP: int task_id; HumanEval: "HumanEval/i"; CodeContests: name)."""
+    root = Path(data_root)
+    if dataset == "mbpp":
+        return data.load_mbpp(root / "mbpp")
+    if dataset == "humaneval":
+        return data.load_humaneval(root)
+    if dataset == "codecontests":
+        return data.load_codecontests(root)
+    raise EvalError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+
+
+def program(dataset: str, problem: dict, completion: str) -> str:
+    """The assert-mode program that judges one completion (MBPP / HumanEval)."""
+    if dataset == "mbpp":
+        tests = "\n".join(problem["test_list"])
+        return f"{completion}\n{problem['test_setup_code']}\n{tests}\n"
+    if dataset == "humaneval":
+        return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    raise EvalError(f"program(): {dataset!r} is judged by stdin/stdout, not by asserts")
+
+
+def reference(dataset: str, problem: dict) -> str | None:
+    """The reference completion (None for CodeContests: the data has no solutions)."""
+    if dataset == "mbpp":
+        return problem["code"]
+    if dataset == "humaneval":
+        return problem["canonical_solution"]
+    return None
+
+
+def tokens_equal(out: str, expected: str) -> bool:
+    return out.split() == expected.split()
+
+
+def judge_io(code: str, problem: dict, time_scale: float = 3.0, memory_mb: int = 1024) -> dict:
+    """Run one CodeContests program on every test until the first failure."""
+    timeout = problem["time_limit_s"] * time_scale + 1.0
+    for i, (inp, expected) in enumerate(problem["tests"]):
+        r = sandbox.run_program(code, inp, timeout, memory_mb, mode="io")
+        iso = r.isolation
+        if r.status != "ok":
+            return {"passed": False, "kind": r.status, "detail": f"test {i}: {r.detail}", "isolation": iso}
+        if not tokens_equal(r.stdout, expected):
+            return {
+                "passed": False,
+                "kind": "wrong_answer",
+                "detail": f"test {i}: output differs",
+                "isolation": iso,
+            }
+    return {"passed": True, "kind": "ok", "detail": "", "isolation": iso}
+
+
+def _judge_one(dataset: str, problem: dict, completion: str, timeout: float, time_scale: float) -> dict:
+    if dataset == "codecontests":
+        return judge_io(completion, problem, time_scale)
+    r = sandbox.run_program(program(dataset, problem, completion), "", timeout)
+    return {"passed": r.passed, "kind": r.status, "detail": r.detail, "isolation": r.isolation}
+
+
+def judge(
+    dataset: str,
+    problems: dict,
+    predictions: dict[Any, list[str]],
+    timeout: float = 10.0,
+    workers: int = 0,
+    time_scale: float = 3.0,
+) -> dict:
+    """Score {task key: [completions]}; only the problems in `predictions` count. Returns the metrics dict."""
+    missing = [k for k in predictions if k not in problems]
+    if missing:
+        raise EvalError(f"{dataset}: unknown task ids {missing[:5]}")
+    jobs = [(key, i, c) for key, comps in predictions.items() for i, c in enumerate(comps)]
+    workers = workers or os.cpu_count() or 1
+    run = lambda j: _judge_one(dataset, problems[j[0]], j[2], timeout, time_scale)  # noqa: E731
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        verdicts = list(pool.map(run, jobs))
+    per: dict[str, dict] = {}
+    for (key, i, comp), v in zip(jobs, verdicts, strict=True):
+        p = per.setdefault(str(key), {"passed": 0, "n": 0, "exact": 0, "failures": []})
+        p["n"] += 1
+        p["passed"] += int(v["passed"])
+        ref = reference(dataset, problems[key])
+        p["exact"] += int(ref is not None and data.normalize_code(comp) == data.normalize_code(ref))
+        if not v["passed"]:
+            p["failures"].append({"sample": i, "kind": v["kind"], "detail": v["detail"]})
+    return _metrics(dataset, per, verdicts)
+
+
+def _metrics(dataset: str, per: dict[str, dict], verdicts: list[dict]) -> dict:
+    n_min = min((p["n"] for p in per.values()), default=0)
+    out: dict[str, Any] = {"dataset": dataset}
+    for k in PASS_KS:
+        if 1 <= k <= n_min:
+            out[f"pass@{k}"] = sum(pass_at_k(p["n"], p["passed"], k) for p in per.values()) / len(per)
+    has_ref = dataset != "codecontests"
+    out["exact_match"] = (
+        sum(p["exact"] / p["n"] for p in per.values()) / len(per) if has_ref and per else None
+    )
+    out["n_problems"] = len(per)
+    out["n_samples"] = sum(p["n"] for p in per.values())
+    iso = [v["isolation"] for v in verdicts]
+    out["network_isolated"] = bool(iso) and all(i.get("net") for i in iso)
+    out["isolation"] = {
+        layer: bool(iso) and all(i.get(layer) for i in iso) for layer in ("net", "pid", "mount", "user")
+    }
+    out["failure_kinds"] = dict(Counter(f["kind"] for p in per.values() for f in p["failures"]))
+    if dataset == "codecontests":
+        out["note"] = CHECKER_NOTE
+    out["problems"] = per
+    return out
+
+
+def read_predictions(path: str | os.PathLike, dataset: str, problems: dict) -> dict[Any, list[str]]:
+    """Parse FILE.jsonl lines {"task_id": ..., "completions": [str, ...]}; errors name the line."""
+    preds: dict[Any, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or "task_id" not in rec or "completions" not in rec:
+                raise EvalError(f"{where}: expected an object with 'task_id' and 'completions'")
+            comps = rec["completions"]
+            if not isinstance(comps, list) or not comps or not all(isinstance(c, str) for c in comps):
+                raise EvalError(f"{where}: 'completions' must be a non-empty list of strings")
+            key = rec["task_id"]
+            if dataset == "mbpp" and isinstance(key, str) and key.isdigit():
+                key = int(key)
+            if key not in problems:
+                raise EvalError(f"{where}: unknown task_id {rec['task_id']!r} for dataset {dataset}")
+            if key in preds:
+                raise EvalError(f"{where}: task_id {key!r} appears twice")
+            preds[key] = comps
+    if not preds:
+        raise EvalError(f"{path}: no predictions")
+    return preds
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomic: a temp file in the same directory, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _prompts(cfg: Any, dataset: str, problems: dict, limit: int) -> list[tuple[Any, str]]:
+    if dataset == "mbpp":
+        recs = data.mbpp_split(problems, cfg.eval.split)
+        fewshot = data.mbpp_fewshot(problems) if cfg.data.template == "three_shot" else None
+        items = [(r["task_id"], data.mbpp_prompt(r, cfg.data.template, fewshot)) for r in recs]
+    elif dataset == "humaneval":
+        items = [(k, data.humaneval_prompt(p)) for k, p in problems.items()]
+    else:
+        items = [(k, data.codecontests_prompt(p)) for k, p in problems.items()]
+    return items[:limit] if limit else items
+
+
+STOPS = {"mbpp": data.MBPP_STOP, "humaneval": data.HUMANEVAL_STOP, "codecontests": data.CODECONTESTS_STOP}
+
+
+def trim(text: str, stops: list[str]) -> str:
+    """Cut the completion at the earliest stop sequence."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def generate(
+    cfg: Any, model: Any, tokenizer: Any, prompts: list[str], n: int, stops: list[str]
+) -> list[list[str]]:
+    """n completions per prompt with head 1 (batched; prompts cut from the left to fit max_seq_len)."""
+    import torch
+
+    e = cfg.eval
+    room = model.args.max_seq_len - e.max_new_tokens
+    if room < 1:
+        raise EvalError(f"eval.max_new_tokens = {e.max_new_tokens} leaves no room under max_seq_len")
+    encoded = []
+    for p in prompts:
+        ids = data.encode_prompt(tokenizer, p)
+        encoded.append(ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1 :])
+    flat = [(i, ids) for i, ids in enumerate(encoded) for _ in range(n)]
+    out: list[list[str]] = [[] for _ in prompts]
+    stop = lambda row: any(s in tokenizer.decode(row) for s in stops)  # noqa: E731
+    with torch.no_grad():
+        for b in range(0, len(flat), e.batch_size):
+            chunk = flat[b : b + e.batch_size]
+            rows = model.generate(
+                [ids for _, ids in chunk],
+                e.max_new_tokens,
+                temperature=e.temperature,
+                top_p=e.top_p,
+                eos_id=tokenizer.eos_token_id,
+                stop=stop,
+                seed=cfg.train.seed + b,
+                pad_id=data.pad_token_id(tokenizer),
+            )
+            for (i, _), row in zip(chunk, rows, strict=True):
+                out[i].append(trim(tokenizer.decode(row, skip_special_tokens=True), stops))
+    return out
+
+
+def head_ce(model: Any, tokenizer: Any, prompts: list[str], refs: list[str], max_length: int, batch: int = 4):
+    """Per-token CE of every head on prompt + reference: ([H] means, [H] lists of values)."""
+    import torch
+    import torch.nn.functional as F
+
+    import model as M
+
+    H = model.args.n_future_tokens
+    rows = data.tokenize_examples(tokenizer, prompts, [data.normalize_code(r) for r in refs], max_length)
+    dev = model.output.weight.device
+    values: list[list[float]] = [[] for _ in range(H)]
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(rows), batch):
+            part = rows[s : s + batch]
+            b = data.collate([r[0] for r in part], [r[1] for r in part], [0] * len(part), [0] * len(part), 0)
+            ids, mask = b["input_ids"].to(dev), b["loss_mask"].to(dev)
+            targets, valid = M.mtp_targets(ids, mask, H)
+            h = model(ids, stage="trunk")
+            for k in range(H):
+                logits = model(h, stage=k).float()
+                ce = F.cross_entropy(logits.transpose(1, 2), targets[..., k], reduction="none")
+                values[k].extend(ce[valid[..., k]].tolist())
+    model.train(was)
+    return [sum(v) / len(v) if v else float("nan") for v in values], values
+
+
+def _plots(out_dir: Path, results: dict, ce_values: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for ds, vals in ce_values.items():
+        fig, axes = plt.subplots(1, len(vals), figsize=(4 * len(vals), 3), squeeze=False)
+        for k, v in enumerate(vals):
+            axes[0][k].hist(v, bins=50)
+            axes[0][k].set_title(f"{ds} head {k + 1} CE (mean {sum(v) / max(len(v), 1):.2f})")
+        fig.tight_layout()
+        fig.savefig(out_dir / f"head_ce_{ds}.png")
+        plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ds, m in results.items():
+        fracs = [p["passed"] / p["n"] for p in m["problems"].values()]
+        axes[0].hist(fracs, bins=10, range=(0, 1), alpha=0.6, label=ds)
+        kinds = dict(m["failure_kinds"], passed=sum(p["passed"] for p in m["problems"].values()))
+        axes[1].bar([f"{ds}:{k}" for k in kinds], list(kinds.values()))
+    axes[0].set_title("fraction of samples passing per problem")
+    axes[0].legend()
+    axes[1].set_title("sample outcomes")
+    axes[1].tick_params(axis="x", rotation=60, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "pass_fail.png")
+    plt.close(fig)
+
+
+def evaluate_model(
+    cfg: Any,
+    model: Any,
+    tokenizer: Any,
+    datasets: list[str],
+    n: int,
+    limit: int,
+    out_dir: str | os.PathLike,
+    weight_histogram: str | os.PathLike | None = None,
+) -> dict:
+    """Generate, judge, write the report dir; returns flat numeric metrics ("<dataset>/pass_at_1", ...)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results, ce_values, flat, samples = {}, {}, {}, []
+    for ds in datasets:
+        problems = load_problems(ds, cfg.storage.data_root)
+        items = _prompts(cfg, ds, problems, limit)
+        comps = generate(cfg, model, tokenizer, [p for _, p in items], n, STOPS[ds])
+        preds = {key: c for (key, _), c in zip(items, comps, strict=True)}
+        m = judge(ds, problems, preds, cfg.eval.timeout, cfg.eval.workers)
+        refs = [reference(ds, problems[k]) for k, _ in items]
+        if refs and refs[0] is not None:
+            means, ce_values[ds] = head_ce(model, tokenizer, [p for _, p in items], refs, cfg.data.max_length)
+            m["head_ce"] = means
+            flat.update({f"{ds}/head{k + 1}_ce": v for k, v in enumerate(means)})
+        results[ds] = m
+        flat.update({f"{ds}/{k.replace('@', '_at_')}": v for k, v in m.items() if isinstance(v, float)})
+        for (key, prompt), cs, ref in zip(items, comps, refs, strict=True):
+            fails = {f["sample"]: f["kind"] for f in m["problems"][str(key)]["failures"]}
+            for i, c in enumerate(cs[:2]):
+                samples.append(
+                    {
+                        "dataset": ds,
+                        "task_id": key,
+                        "prompt": prompt,
+                        "completion": c,
+                        "reference": ref,
+                        "passed": i not in fails,
+                        "kind": fails.get(i, "ok"),
+                    }
+                )
+    with open(out / "samples.jsonl.tmp", "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    os.replace(out / "samples.jsonl.tmp", out / "samples.jsonl")
+    write_json(out / "metrics.json", results)
+    _plots(out, results, ce_values)
+    if weight_histogram and Path(weight_histogram).is_file():
+        (out / "weight_histogram.png").write_bytes(Path(weight_histogram).read_bytes())
+    return flat
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _judge_cli(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="evaluate.py judge", description="Score a predictions file (no model).")
+    ap.add_argument("--dataset", required=True, choices=DATASETS)
+    ap.add_argument("--predictions", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--timeout", type=float, default=10.0, help="seconds per MBPP/HumanEval program")
+    ap.add_argument("--workers", type=int, default=0, help="parallel programs (0: all cores)")
+    ap.add_argument("--data-root", default=default_data_root())
+    ap.add_argument("--time-scale", type=float, default=3.0, help="CodeContests time-limit factor")
+    a = ap.parse_args(argv)
+    problems = load_problems(a.dataset, a.data_root)
+    preds = read_predictions(a.predictions, a.dataset, problems)
+    m = judge(a.dataset, problems, preds, a.timeout, a.workers, a.time_scale)
+    write_json(a.out, m)
+    print(json.dumps({k: v for k, v in m.items() if k not in ("problems",)}))
+    return 0
+
+
+def _model_cli(argv: list[str]) -> int:
+    import argparse
+
+    from transformers import AutoTokenizer
+
+    import config
+    import model as M
+
+    overrides, rest = config.split_args(argv)
+    ap = argparse.ArgumentParser(prog="evaluate.py", description="Generate with a checkpoint and judge.")
+    ap.add_argument("config")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--datasets", default="")
+    ap.add_argument("--n", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=-1)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(rest)
+    cfg = config.load_config(a.config, overrides)
+    ckpt = Path(a.checkpoint)
+    fmt = (
+        "wmtp"
+        if (ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()
+        else cfg.model.format
+    )
+    net = M.load_model(ckpt, fmt, cfg.model.n_future_tokens)
+    tok_dir = cfg.model.tokenizer or str(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    datasets = [d for d in (a.datasets or ",".join(cfg.eval.datasets)).split(",") if d]
+    bad = [d for d in datasets if d not in DATASETS]
+    if bad:
+        raise EvalError(f"--datasets: unknown {bad}; expected a comma list of {', '.join(DATASETS)}")
+    out = a.out or cfg.eval.report_dir or str(ckpt / "eval")
+    flat = evaluate_model(
+        cfg,
+        net,
+        tokenizer,
+        datasets,
+        a.n or cfg.eval.n_samples,
+        cfg.eval.limit if a.limit < 0 else a.limit,
+        out,
+    )
+    print(json.dumps(flat))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if argv and argv[0] == "judge":
+            return _judge_cli(argv[1:])
+        return _model_cli(argv)
+    except (EvalError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
