@@ -1,0 +1,517 @@
+"""MLflow tracking for training runs: rank 0 only, an embedded sqlite store by default, resilient to server loss.
+
+Where runs go:
+- `tracking.uri` empty: an embedded store, `sqlite:///<repo>/mlruns/mlflow.db`, artifacts in
+  `<repo>/mlruns/artifacts`. Browse it from the repo root with
+
+      mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db
+
+- `tracking.uri = "http(s)://host:port"`: a tracking server (e.g. one started with
+  `--artifacts-destination s3://bucket/mlflow`; the client then needs no S3 credentials). An `s3://` URI is
+  rejected: S3 holds artifacts, not runs.
+
+Artifacts use one fixed layout: `checkpoints/`, `reports/`, `samples/`, `plots/`.
+
+Why the resilience: a tracking server that goes away must not kill a multi-hour training run. Every MLflow call is
+guarded; metrics are buffered in memory (bounded) and re-sent on a later call (after a short back-off), HTTP
+retries/timeouts are kept low for the run, a warning is printed once, and `summary()` says what was lost.
+
+The model registry: `promote(run_id, alias)` registers the run's best checkpoint as a model version with a
+generated model card and moves the alias (`staging` | `production`); the CLI is
+`python train.py promote --run RUN_ID --alias staging` (which calls `main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import config as C
+from s3cache import scrub
+
+log = logging.getLogger("wmtp.tracking")
+
+MLRUNS = C.REPO / "mlruns"  # embedded store root (a module attribute so tests can point it elsewhere)
+LAYOUT = ("checkpoints", "reports", "samples", "plots")
+ALIASES = ("staging", "production")
+MAX_PARAM_LEN = 500  # the strictest MLflow servers' param value limit
+MAX_BUFFER = 100_000  # buffered metric values kept while the server is away (oldest dropped beyond)
+BATCH = 1000  # MLflow's log_batch limit on metrics per request
+RETRY_AFTER = (5.0, 60.0)  # seconds before re-trying a server that failed: first, max (doubling)
+HTTP_ENV = {  # short HTTP retries for the run (restored at finish), unless the user set them
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.2",
+}
+_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_key|api_key|private_key|auth", re.I)
+
+
+def default_uri() -> str:
+    return f"sqlite:///{MLRUNS / 'mlflow.db'}"
+
+
+def check_uri(uri: str) -> str:
+    """The tracking URI to use ('' -> embedded sqlite); s3:// is refused (it can hold artifacts, not runs)."""
+    if uri.startswith("s3://"):
+        raise ValueError(
+            f"tracking.uri = {uri!r}: s3:// holds artifacts, not runs. Use an http(s):// MLflow server started "
+            "with --artifacts-destination s3://..., or leave it empty for the embedded sqlite store"
+        )
+    return uri or default_uri()
+
+
+def _artifact_root(uri: str, experiment: str) -> str | None:
+    """For a sqlite store, artifacts live beside the database; a server decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///") :])
+    return (db.parent / "artifacts" / re.sub(r"[^A-Za-z0-9._-]", "_", experiment)).as_uri()
+
+
+def clean_params(params: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow strings: secret-looking keys masked, credentials scrubbed, values cut to 500 chars."""
+    out = {}
+    for k, v in params.items():
+        text = "***" if _SECRET_KEY.search(k) and v not in ("", None) else scrub(str(v))
+        if len(text) > MAX_PARAM_LEN:
+            cut = "...[truncated]"
+            text = text[: MAX_PARAM_LEN - len(cut)] + cut
+        out[k] = text
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=C.REPO, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def experiment_name(cfg: C.Config) -> str:
+    return cfg.tracking.experiment or f"mtp/{cfg.algo}/{cfg.data.dataset}"
+
+
+def registered_name(experiment: str) -> str:
+    """`mtp/rho1-wmtp/mbpp` -> `mtp-rho1-wmtp-mbpp` (registry names avoid '/')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", experiment).strip("-")
+
+
+class Tracker:
+    """One training run in MLflow. Only rank 0 talks to MLflow; on other ranks every method does nothing."""
+
+    def __init__(self, cfg: C.Config, rank: int = 0):
+        self.cfg = cfg
+        self.main = rank == 0
+        self.active = self.main and cfg.tracking.enabled
+        self.uri = check_uri(cfg.tracking.uri)
+        self.experiment = experiment_name(cfg)
+        self.run_id: str | None = None
+        self.last_metrics: dict[str, float] = {}
+        self._spec: dict[str, Any] | None = None  # what start() asked for; the run is created lazily
+        self._client = None
+        self._pending: collections.deque = collections.deque()
+        self._dropped = 0
+        self._unsent_batches = 0  # log_metrics calls whose values could not be sent at the time
+        self._failed_artifacts: list[tuple[str, str]] = []  # (local path, subdir) to retry at finish
+        self._retried_artifacts: list[tuple[str, str, bool]] = []
+        self._next_try = 0.0
+        self._wait = RETRY_AFTER[0]
+        self._warned = False
+        self._last_error = ""
+        self._finished = False
+        self._env_set: list[str] = []
+        if self.active and self.uri.startswith(("http://", "https://")):
+            self._env_set = [k for k in HTTP_ENV if k not in os.environ]
+            os.environ.update({k: HTTP_ENV[k] for k in self._env_set})
+
+    # ----------------------------------------------------------------------- plumbing
+
+    def _mlflow(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        return self._client
+
+    def _failed(self, what: str, e: Exception) -> None:
+        self._last_error = scrub(f"{type(e).__name__}: {e}")[:300]
+        self._next_try = time.monotonic() + self._wait
+        self._wait = min(self._wait * 2, RETRY_AFTER[1])
+        if not self._warned:
+            self._warned = True
+            msg = (
+                f"tracking: {what} failed at {scrub(self.uri)} ({self._last_error}); training continues, "
+                f"metrics are buffered and re-sent later"
+            )
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            print(msg, file=sys.stderr)
+
+    def _ensure_run(self) -> bool:
+        """Create the experiment and run (with tags and params) the first time the server is reachable."""
+        if self.run_id is not None:
+            return True
+        if self._spec is None:
+            return False
+        from mlflow.entities import Param
+
+        client = self._mlflow()
+        exp = client.get_experiment_by_name(self.experiment)
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else client.create_experiment(self.experiment, _artifact_root(self.uri, self.experiment))
+        )
+        run = client.create_run(exp_id, tags=self._spec["tags"], run_name=self._spec["name"])
+        params = [Param(k, v) for k, v in self._spec["params"].items()]
+        for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
+            client.log_batch(run.info.run_id, params=params[i : i + 100])
+        self.run_id = run.info.run_id
+        return True
+
+    def _flush(self, force: bool = False) -> bool:
+        """Send buffered metrics; True when nothing is left. While the server is away, retry only after a delay."""
+        if not self._pending and self.run_id is not None:
+            return True
+        if not force and time.monotonic() < self._next_try:
+            return False
+        try:
+            if not self._ensure_run():
+                return False
+            while self._pending:
+                chunk = [self._pending[i] for i in range(min(BATCH, len(self._pending)))]
+                self._mlflow().log_batch(self.run_id, metrics=chunk)
+                for _ in chunk:
+                    self._pending.popleft()
+            self._wait = RETRY_AFTER[0]
+            return True
+        except Exception as e:  # a tracking problem must never stop training
+            self._failed("sending metrics", e)
+            return False
+
+    # ----------------------------------------------------------------------- public API
+
+    def start(
+        self, run_name: str | None = None, world_size: int = 1, extra: dict[str, Any] | None = None
+    ) -> str | None:
+        """Open the run: tags (algo, dataset, git commit, host, launcher, scorer), params (config, world size, extra
+        such as model ids and the data hash). Returns the run id, or None when tracking is off or unreachable."""
+        if not self.active:
+            return None
+        cfg = self.cfg
+        commit = _git_commit()
+        tags = {
+            "algo": cfg.algo,
+            "dataset": cfg.data.dataset,
+            "scorer": cfg.loss.scorer,
+            "git_commit": commit,
+            "mlflow.source.git.commit": commit,
+            "host": socket.gethostname(),
+            "launcher": "torchrun"
+            if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+            else "python",
+        }
+        if cfg.loss.scorer == "rho1_excess_v1":
+            tags["rho1.score"] = cfg.rho1.score
+            tags["rho1.mode"] = cfg.rho1.mode
+        params = C.flatten(C.to_dict(cfg))
+        params.update({"world_size": world_size, **(extra or {})})
+        name = run_name or cfg.tracking.run_name or cfg.train.run_name or None
+        self._spec = {"name": name, "tags": tags, "params": clean_params(params)}
+        self._flush(force=True)
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Extra params after start (e.g. the data hash once known). Never raises."""
+        if not self.active:
+            return
+        if self.run_id is None and self._spec is not None:
+            self._spec["params"].update(clean_params(params))
+            return
+        try:
+            from mlflow.entities import Param
+
+            self._mlflow().log_batch(
+                self.run_id, params=[Param(k, v) for k, v in clean_params(params).items()]
+            )
+        except Exception as e:
+            self._failed("logging params", e)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Buffer numeric metrics for `step` and send what is buffered. Never raises."""
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.last_metrics[k] = float(v)
+                if len(self._pending) >= MAX_BUFFER:
+                    self._pending.popleft()
+                    self._dropped += 1
+                self._pending.append(Metric(k, float(v), now, int(step)))
+        if not self._flush():
+            self._unsent_batches += 1
+
+    def _artifact_path(self, subdir: str) -> str:
+        sub = subdir.strip("/")
+        if sub.split("/")[0] not in LAYOUT:
+            raise ValueError(f"artifact subdir {subdir!r}: must start with one of {', '.join(LAYOUT)}")
+        return sub
+
+    def log_artifact(self, path: str | Path, subdir: str) -> None:
+        """Upload one file under `subdir` (checkpoints/, reports/, samples/, plots/...). Never raises on I/O."""
+        self._upload(Path(path), self._artifact_path(subdir), is_dir=False)
+
+    def log_artifacts(self, local_dir: str | Path, subdir: str) -> None:
+        """Upload a directory's contents under `subdir`. Never raises on I/O."""
+        self._upload(Path(local_dir), self._artifact_path(subdir), is_dir=True)
+
+    def _upload(self, path: Path, sub: str, is_dir: bool, retry: bool = True) -> bool:
+        if not self.active:
+            return True
+        try:
+            if not self._ensure_run():
+                raise RuntimeError("no run")
+            if is_dir:
+                self._mlflow().log_artifacts(self.run_id, str(path), sub)
+            else:
+                self._mlflow().log_artifact(self.run_id, str(path), sub)
+            return True
+        except Exception as e:
+            self._failed(f"uploading {path} to {sub}/", e)
+            if retry:
+                self._failed_artifacts.append((str(path), sub))
+            return False
+
+    def write_report(self, run_dir: str | Path, summary: dict[str, Any] | None = None) -> Path | None:
+        """Write `<run_dir>/reports/run_report.md` (config, metrics, summary, plots) and log it under reports/."""
+        if not self.main:
+            return None
+        run_dir = Path(run_dir)
+        out = run_dir / "reports" / "run_report.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".md.tmp")
+        tmp.write_text(self._report_text(run_dir, summary or {}))
+        os.replace(tmp, out)
+        if self.active:
+            self.log_artifact(out, "reports")
+        return out
+
+    def _report_text(self, run_dir: Path, summary: dict[str, Any]) -> str:
+        lines = [f"# Run report: {run_dir.name}", ""]
+        lines += [
+            f"- experiment: `{self.experiment}`",
+            f"- algo: `{self.cfg.algo}` (scorer `{self.cfg.loss.scorer}`)",
+        ]
+        if self.run_id:
+            lines.append(f"- MLflow run: `{self.run_id}` at `{scrub(self.uri)}`")
+        lines += ["", "## Metrics (last value)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(self.last_metrics.items())]
+        if summary:
+            lines += [
+                "",
+                "## Summary",
+                "",
+                "```json",
+                scrub(json.dumps(summary, indent=2, default=str)),
+                "```",
+            ]
+        plots = sorted((run_dir / "plots").glob("*.png"))
+        if plots:
+            lines += ["", "## Plots", ""] + [f"![{p.stem}](../plots/{p.name})" for p in plots]
+        params = clean_params(C.flatten(C.to_dict(self.cfg)))
+        lines += ["", "## Config", "", "| key | value |", "|---|---|"]
+        lines += [f"| {k} | `{v}` |" for k, v in params.items()]
+        return "\n".join(lines) + "\n"
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Flush buffered metrics, retry failed artifact uploads once, close the run. Never raises."""
+        if not self.active or self._finished:
+            return
+        self._finished = True
+        self._flush(force=True)
+        failed, self._failed_artifacts = self._failed_artifacts, []
+        self._retried_artifacts = [
+            (p, s, self._upload(Path(p), s, Path(p).is_dir(), retry=False)) for p, s in failed
+        ]
+        if self.run_id is not None:
+            try:
+                self._mlflow().set_terminated(self.run_id, status)
+            except Exception as e:
+                self._failed("closing the run", e)
+        for k in self._env_set:
+            os.environ.pop(k, None)
+
+    def summary(self) -> list[str]:
+        """Human-readable lines about where the run went and what could not be sent."""
+        if not self.main:
+            return []
+        if not self.cfg.tracking.enabled:
+            return ["tracking: disabled (tracking.enabled = false)"]
+        uri = scrub(self.uri)
+        lines = []
+        if self.run_id:
+            lines.append(f"tracking: run {self.run_id} in experiment '{self.experiment}' at {uri}")
+            if self.uri.startswith("sqlite:///"):
+                lines.append(f"tracking: view with `mlflow ui --backend-store-uri {uri}`")
+        else:
+            lines.append(f"tracking: no run could be created at {uri} ({self._last_error or 'not started'})")
+        if self._unsent_batches or self._pending or self._dropped:
+            flushed = "yes" if not self._pending and not self._dropped else "no"
+            detail = (
+                f" ({len(self._pending)} values still buffered, {self._dropped} dropped)"
+                if flushed == "no"
+                else ""
+            )
+            lines.append(
+                f"tracking: {self._unsent_batches} metric batches could not be sent to {uri}; "
+                f"buffered values flushed: {flushed}{detail}"
+            )
+        lost = [s for _, s, ok in self._retried_artifacts if not ok]
+        lost += [s for _, s in self._failed_artifacts]
+        if lost:
+            lines.append(f"tracking: {len(lost)} artifact upload(s) failed: {', '.join(lost)}")
+        return lines
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.6g}" if math.isfinite(v) else str(v)
+
+
+# --------------------------------------------------------------------------- model registry
+
+
+def _checkpoint_artifact(client, run_id: str) -> str:
+    for path in ("checkpoints/best", "checkpoints/last", "checkpoints/final"):
+        if client.list_artifacts(run_id, path):
+            return path
+    have = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
+    raise ValueError(
+        f"run {run_id} has no checkpoints/best, checkpoints/last or checkpoints/final artifact "
+        f"(checkpoints/ holds: {', '.join(have) or 'nothing'})"
+    )
+
+
+def model_card(run, name: str, artifact: str) -> str:
+    """A markdown model card from the run's params, metrics and tags."""
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    get = lambda k: p.get(k, "?")  # noqa: E731
+    lines = [
+        f"# Model card: {name}",
+        "",
+        "## Model",
+        f"- base model: `{get('model.path') or get('model.resource')}` (format `{get('model.format')}`), "
+        f"{get('model.n_future_tokens')} prediction heads",
+        f"- training: `{t.get('algo', '?')}` (scorer `{get('loss.scorer')}`, lambda {get('loss.lam')}, "
+        f"temperature {get('loss.temperature')}), {get('train.steps')} steps at lr {get('optim.lr')}",
+        f"- LoRA: {get('train.lora.enabled')}",
+        f"- checkpoint: `runs:/{run.info.run_id}/{artifact}`; git commit `{t.get('git_commit', '?')}`",
+        "",
+        "## Data",
+        f"- dataset: `{get('data.dataset')}` (train split `{get('data.train_split')}`, validation split "
+        f"`{get('data.val_split')}`), template `{get('data.template')}`, max length {get('data.max_length')}",
+        f"- data hash: `{p.get('data.hash', 'not recorded')}`",
+        "",
+        "## Metrics (last logged value)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {_fmt(v)} |" for k, v in sorted(m.items())],
+        "",
+        "## Config",
+        "",
+        "| key | value |",
+        "|---|---|",
+        *[
+            f"| {k} | `{v}` |"
+            for k, v in sorted(p.items())
+            if k.split(".")[0] in ("model", "loss", "optim", "train", "rho1", "critic")
+        ],
+        "",
+        "## Intended use",
+        "Research on weighted multi-token prediction for Python code generation (MBPP-style function synthesis):",
+        "comparing token-weighting schemes against the uniform MTP baseline.",
+        "",
+        "## Limitations",
+        "- Fine-tuned and validated on MBPP only: short English prompts, single Python functions; scores do not",
+        "  transfer to other languages, larger programs or other benchmarks.",
+        "- Generated code can be wrong or unsafe: run it only in a sandbox and review it before any use.",
+        "- Inherits the base model's license, biases and knowledge cut-off; MBPP is CC-BY-4.0.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def promote(run_id: str, alias: str, tracking_uri: str | None = None):
+    """Register the run's best checkpoint (fallback last, final) as a model version with a model card, and point
+    `alias` (staging | production) at it. A run already registered reuses its version. Returns the ModelVersion."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if alias not in ALIASES:
+        raise ValueError(f"alias {alias!r}: expected one of {', '.join(ALIASES)}")
+    uri = check_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(run_id)
+    experiment = client.get_experiment(run.info.experiment_id).name
+    name = registered_name(experiment)
+    artifact = _checkpoint_artifact(client, run_id)
+    card = model_card(run, name, artifact)
+    client.log_text(run_id, card, "reports/model_card.md")
+    description = card if len(card) <= 4900 else card[:4800] + "\n...(full card: reports/model_card.md)\n"
+    try:
+        client.create_registered_model(name, description=f"WMTP models from experiment {experiment}")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    if existing:
+        version = existing[0]
+        client.update_model_version(name, version.version, description=description)
+    else:
+        version = client.create_model_version(
+            name, f"runs:/{run_id}/{artifact}", run_id=run_id, description=description
+        )
+    client.set_model_version_tag(name, version.version, "model_card", "reports/model_card.md")
+    client.set_registered_model_alias(name, alias, version.version)
+    return client.get_model_version(name, version.version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`train.py promote --run RUN_ID --alias staging|production [--tracking-uri URI]`."""
+    ap = argparse.ArgumentParser(prog="train.py promote", description=promote.__doc__)
+    ap.add_argument("--run", required=True, help="MLflow run id")
+    ap.add_argument("--alias", required=True, choices=ALIASES)
+    ap.add_argument(
+        "--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, else the embedded store"
+    )
+    args = ap.parse_args(argv)
+    try:
+        mv = promote(args.run, args.alias, args.tracking_uri or None)
+    except Exception as e:  # print a clean message, not a traceback, for a CLI user
+        print(f"promote: {scrub(str(e))}", file=sys.stderr)
+        return 1
+    print(
+        f"promote: {mv.name} version {mv.version} ({mv.source}); alias '{args.alias}' -> version {mv.version}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
