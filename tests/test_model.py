@@ -324,3 +324,44 @@ def test_generate_sampling_stops_and_seed():
     assert out == [g[:2] for g in greedy]
     with pytest.raises(ValueError, match="max_seq_len"):
         m.generate(prompts, 200)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): the same contracts on the device, plus a bf16 training step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_contracts_and_bf16_step():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m = tiny_model(n_layers=5, n_future_tokens=3).cuda().train()
+    B, S, H = 2, 32, 3
+    ids = torch.randint(0, V, (B, S), device="cuda")
+    mask = torch.rand(B, S, device="cuda") < 0.7
+    targets, valid = M.mtp_targets(ids, mask, H)
+    w = torch.where(valid, torch.rand(B, S, H, device="cuda") * 2, 0.0)
+    M.naive_mtp_loss(m, ids, targets, valid, w).backward()
+    g_naive = grads(m)
+    m.zero_grad(set_to_none=True)
+    M.mtp_loss_backward(m, m(ids, stage="trunk"), targets, valid, w)
+    for n, g in grads(m).items():
+        assert torch.allclose(g, g_naive[n], atol=1e-5, rtol=1e-4), n
+
+    m.eval()
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    new, step_logits = m._generate(prompts, 6, 0.0, 1.0, None, None, None, pad_id=0, keep_logits=True)
+    with torch.no_grad():
+        for b, p in enumerate(prompts):
+            seq = list(p)
+            for step in range(6):
+                full = m(torch.tensor([seq], device="cuda"))[0, -1, 0]
+                assert (step_logits[step][b] - full).abs().max().item() < 1e-4
+                seq.append(new[b][step])
+    s1 = m.generate(prompts, 8, temperature=0.8, top_p=0.95, seed=1)
+    assert s1 == m.generate(prompts, 8, temperature=0.8, top_p=0.95, seed=1)
+
+    mb = m.to(torch.bfloat16).train()
+    mb.activation_checkpointing = True
+    mb.zero_grad(set_to_none=True)
+    out = M.mtp_loss_backward(mb, mb(ids, stage="trunk"), targets, valid, w)
+    assert torch.isfinite(out["loss"]) and all(torch.isfinite(p.grad).all() for p in mb.parameters())
+    assert len(mb.eval().generate(prompts, 4, temperature=0)[0]) == 4

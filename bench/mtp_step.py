@@ -1,0 +1,223 @@
+"""MTP training-step benchmark: time and peak memory of H=4 vs H=1, memory-efficient vs naive, rho1's extra pass.
+
+Why: the paper's claim (spec §1) is that the head-by-head schedule keeps peak memory flat in H; this measures it.
+
+Configurations (same total number of transformer blocks, Meta's parameter matching: the H=4 trunk has 3 fewer):
+  h1        H=1, memory-efficient step (mtp_loss_backward)
+  h4        H=4, memory-efficient step; also times rho1's extra no-grad pass over the heads (mtp_head_ce)
+  h4_naive  H=4, all heads' logits at once (naive_mtp_loss)
+A step = trunk forward + loss + backward (no optimizer). Each configuration runs in a fresh subprocess, one warm-up
+step, then `--repeats` timed steps (median). Peak memory is the step's high-water mark above the memory held
+before the timed steps (parameters, their pre-allocated gradients, data): on CPU the Linux VmHWM of the process,
+reset through /proc/self/clear_refs after the warm-up and read from /proc/self/status (falls back to
+getrusage ru_maxrss, which cannot be reset, when clear_refs is unavailable); on CUDA torch.cuda.max_memory_allocated
+after reset_peak_memory_stats. Large tensors are mmap'd by glibc and returned on free, so RSS tracks tensor memory.
+
+    .venv/bin/python bench/mtp_step.py [--device cuda] [--dim 256 --blocks 8 --seq 256 --batch 4 --vocab 32000]
+
+Sample output (2 shared CPU cores, torch 2.13 CPU, defaults):
+
+    SAMPLE_OUTPUT_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+CONFIGS = {"h1": (1, "efficient"), "h4": (4, "efficient"), "h4_naive": (4, "naive")}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--blocks", type=int, default=8, help="total transformer blocks (trunk + heads)")
+    p.add_argument("--n-heads", type=int, default=4, help="attention heads")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--heads", type=int, default=4, help="H of the MTP configurations")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# child: one configuration in a fresh process
+
+
+def _proc_status(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMeter:
+    """Peak memory above a baseline: CUDA allocator stats, or the process RSS high-water mark on CPU."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.torch, self.device = torch, device
+        self.method = "cuda.max_memory_allocated" if device == "cuda" else "ru_maxrss"
+
+    def start(self) -> None:
+        torch = self.torch
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.method = "VmHWM (reset via clear_refs)"
+            self.base = _proc_status("VmRSS") or 0
+        except OSError:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def peak(self) -> int:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+            return self.torch.cuda.max_memory_allocated() - self.base
+        if self.method.startswith("VmHWM"):
+            return (_proc_status("VmHWM") or 0) - self.base
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
+
+
+def run_child(a: argparse.Namespace) -> dict:
+    import torch
+
+    import model as M
+
+    H, path = CONFIGS[a.child]
+    H = a.heads if H > 1 else 1
+    torch.manual_seed(0)
+    dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    args = M.ModelArgs(dim=a.dim, n_layers=a.blocks, n_heads=a.n_heads, vocab_size=a.vocab, n_future_tokens=H,
+                       multiple_of=64, max_seq_len=a.seq)  # fmt: skip
+    model = M.Transformer(args).to(dev, dtype).train()
+    for (
+        p
+    ) in model.parameters():  # gradients live before the baseline: the peak is the step's transient memory
+        p.grad = torch.zeros_like(p)
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, : a.seq // 8] = False  # a short prompt
+    targets, valid = M.mtp_targets(ids, mask, H)
+    weights = valid.float()
+
+    def sync() -> None:
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+
+    def step() -> None:
+        if path == "naive":
+            M.naive_mtp_loss(model, ids, targets, valid, weights).backward()
+        else:
+            M.mtp_loss_backward(model, model(ids, stage="trunk"), targets, valid, weights)
+
+    step()  # warm-up
+    meter = PeakMeter(a.device)
+    meter.start()
+    times = []
+    for _ in range(a.repeats):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = meter.peak()
+    out = {"name": a.child, "H": H, "step_s": statistics.median(times), "times": times, "peak": peak}
+    out |= {"mem_method": meter.method, "params": M.count_params(model), "trunk_blocks": args.n_trunk}
+    if path == "efficient" and H > 1:  # rho1: one extra no-grad forward of every head's logits
+        with torch.no_grad():
+            h = model(ids, stage="trunk")
+        ce_times = []
+        for _ in range(a.repeats):
+            sync()
+            t0 = time.perf_counter()
+            M.mtp_head_ce(model, h, targets, valid)
+            sync()
+            ce_times.append(time.perf_counter() - t0)
+        out["rho1_pass_s"] = statistics.median(ce_times)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parent: run the configurations side by side and compare
+
+
+def rho1_share_7b(seq: int = 2048) -> float:
+    """rho1's extra pass (forward of every head block + output) as a % of a 7B_1T_4 training step, by FLOPs."""
+    import model as M
+
+    a = M.ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, n_future_tokens=4)
+    per_block = 4 * a.dim * a.dim + 3 * a.dim * a.hidden_dim
+    extra = a.n_future_tokens * (2 * (per_block + a.dim * a.vocab_size) + 4 * a.dim * seq)
+    return 100 * extra / M.flops_per_token(a, seq)
+
+
+def mb(x: float) -> str:
+    return f"{x / 2**20:8.1f} MiB"
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    if a.child:
+        print(json.dumps(run_child(a)))
+        return
+    base_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    res = {}
+    t0 = time.time()
+    for name in CONFIGS:
+        cmd = [sys.executable, __file__, *base_argv, "--child", name]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        if proc.returncode != 0:
+            sys.exit(f"configuration {name} failed:\n{proc.stderr[-3000:]}")
+        res[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    h1, h4, nv = res["h1"], res["h4"], res["h4_naive"]
+    H = h4["H"]
+    elt = 2 if a.dtype == "bfloat16" else 4
+    n_pos = a.batch * a.seq
+    one_head = n_pos * a.vocab * elt * 2  # one head's logits and their gradient
+    print(f"device={a.device} dtype={a.dtype} dim={a.dim} blocks={a.blocks} seq={a.seq} batch={a.batch} "
+          f"vocab={a.vocab} repeats={a.repeats}; peak memory: {h1['mem_method']}")  # fmt: skip
+    print(
+        f"{'config':<10} {'H':>2} {'trunk':>5} {'params':>10} {'step median':>12} {'min':>8} {'peak above baseline':>20}"
+    )
+    for r in (h1, h4, nv):
+        print(f"{r['name']:<10} {r['H']:>2} {r['trunk_blocks']:>5} {r['params']:>10,} {r['step_s']:>10.3f} s {min(r['times']):>6.3f} s {mb(r['peak']):>20}")  # fmt: skip
+    print(f"(a) H={H} / H=1 (efficient): time x{h4['step_s'] / h1['step_s']:.2f}, "
+          f"peak x{h4['peak'] / h1['peak']:.2f} (goal <= 1.10)")  # fmt: skip
+    extra = nv["peak"] - h4["peak"]
+    print(f"(b) naive / efficient at H={H}: time x{nv['step_s'] / h4['step_s']:.2f}, peak x{nv['peak'] / h4['peak']:.2f}; "
+          f"naive extra peak {mb(extra).strip()} = {extra / one_head:.2f} x one head's logits+grad "
+          f"({mb(one_head).strip()}) = {extra / (1.5 * one_head):.2f} x one head's logits+log-softmax+grad "
+          f"(the CE keeps its log-softmax for backward); expected ~ H-1 = {H - 1}")  # fmt: skip
+    pct = 100 * h4["rho1_pass_s"] / h4["step_s"]
+    print(f"rho1 extra no-grad head pass: {h4['rho1_pass_s']:.3f} s = {pct:.1f}% of an H={H} step here (small dim: "
+          f"logits dominate); FLOP estimate for Meta 7B_1T_4 at seq 2048: {rho1_share_7b():.1f}%")  # fmt: skip
+    print(f"total wall time {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
