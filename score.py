@@ -525,33 +525,40 @@ def _rm_rewards(state: ScorerState, texts: list[str]) -> list[float]:
     return out
 
 
-def _mbpp_judge() -> Callable[..., bool]:
-    """The evaluation engineer's single-completion MBPP judge (imported lazily: sandboxes are heavy)."""
+def _mbpp_judge() -> Callable[[dict, str, float], bool]:
+    """judge(problem, completion, timeout) -> passed, from evaluate.py (imported lazily: sandboxes are heavy).
+
+    Uses `evaluate.judge_mbpp` when it exists, else evaluate's single-completion `_judge_one("mbpp", ...)`.
+    """
     import evaluate
 
-    judge = getattr(evaluate, "judge_mbpp", None)
-    if judge is None:
-        raise ImportError(
-            "critic.reward = 'tests' needs evaluate.judge_mbpp(problem, completion, timeout) -> bool"
-        )
-    return judge
+    if hasattr(evaluate, "judge_mbpp"):
+        return lambda p, c, t: bool(evaluate.judge_mbpp(p, c, timeout=t))
+    if hasattr(evaluate, "_judge_one"):
+        return lambda p, c, t: bool(evaluate._judge_one("mbpp", p, c, t, 3.0)["passed"])
+    raise ImportError("critic.reward = 'tests' needs evaluate.py's single-completion MBPP judge")
 
 
 def _test_rewards(state: ScorerState, completions: list[str], task_ids: list[int]) -> list[float]:
-    """1.0 when the completion passes its MBPP problem's tests in the sandbox, else 0.0."""
+    """1.0 when the completion passes its MBPP problem's tests in the sandbox, else 0.0 (parallel sandboxes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     if state.problems is None:
         import data
 
         state.problems = data.load_mbpp(data.resolve_dataset_dir(state.cfg))
-    judge = _mbpp_judge()
-    out = []
-    for text, tid in zip(completions, task_ids, strict=True):
+    for tid in task_ids:
         if tid not in state.problems:
             raise KeyError(
                 f"critic.reward = 'tests': task_id {tid} is not an MBPP problem (packed rows have -1)"
             )
-        out.append(1.0 if judge(state.problems[tid], text, timeout=state.cfg.eval.timeout) else 0.0)
-    return out
+    judge, timeout = _mbpp_judge(), float(state.cfg.eval.timeout)
+    workers = state.cfg.eval.workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        passed = pool.map(
+            lambda j: judge(state.problems[task_ids[j]], completions[j], timeout), range(len(task_ids))
+        )
+        return [1.0 if p else 0.0 for p in passed]
 
 
 def _compute_rewards(state: ScorerState, rows: list[tuple[int, list[int], list[bool], int]]) -> None:

@@ -587,3 +587,14 @@ def test_rho1_rejects_a_different_tokenizer(tok, tmp_path, aux_dirs):
     cfg = make_cfg(tmp_path, "critic_delta_v1")
     with pytest.raises(ValueError, match="critic.reward_model"):
         score.init_state(cfg, tiny_policy(len(tok)), tok, "cpu")
+
+
+def test_tests_reward_runs_the_sandbox(tok, tmp_path, train_rows):
+    """critic.reward = 'tests': the decoded reference completion passes (1), a broken one fails (0)."""
+    cfg = make_cfg(tmp_path, "critic_delta_v1", critic=dict(reward="tests"))
+    state = score.init_state(cfg, tiny_policy(len(tok)), tok, "cpu")
+    row = next(r for r in train_rows if r["input_ids"][-1] == tok.eos_token_id)  # a completion that was not cut
+    _, completion = score._texts(tok, row["input_ids"], row["loss_mask"])
+    tid = row["task_id"]
+    got = score._test_rewards(state, [completion, "def nothing():\n    pass\n"], [tid, tid])
+    assert got == [1.0, 0.0]
