@@ -908,7 +908,7 @@ def save_weight_histogram(state: ScorerState, path: str | os.PathLike) -> Path:
         ax.text(x, 1.0, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
     ax.set_xlabel("weight (before mixing with lambda)")
     ax.set_ylabel("pairs")
-    ax.set_title(f"{c.scorer}: {int(state.calls)} calls", fontsize=10)
+    ax.set_title(f"{c.scorer}: {int(state.calls)} calls", fontsize=10, pad=14)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
