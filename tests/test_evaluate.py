@@ -1,0 +1,242 @@
+"""evaluate.py: pass@k, the judge on real references and wrong solutions, the judge CLI, and evaluate_model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import data
+import evaluate
+from config import REPO, default_data_root
+from tests.tiny_fixture import tiny_dir  # noqa: F401
+
+ROOT = Path(default_data_root())
+FIXTURES = Path(__file__).parent / "fixtures" / "codecontests"
+
+
+@pytest.fixture(scope="module")
+def mbpp():
+    return evaluate.load_problems("mbpp", ROOT)
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    return evaluate.load_problems("humaneval", ROOT)
+
+
+@pytest.fixture(scope="module")
+def codecontests():
+    return evaluate.load_problems("codecontests", ROOT)
+
+
+def comb_pass(n: int, c: int, k: int) -> float:
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def test_pass_at_k_matches_the_combinatorial_form():
+    for n in (1, 5, 10, 37, 200):
+        for c in range(0, n + 1, max(1, n // 7)):
+            for k in (1, 5, 10, 100):
+                if k <= n:
+                    assert evaluate.pass_at_k(n, c, k) == pytest.approx(comb_pass(n, c, k), abs=1e-12)
+    assert evaluate.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert evaluate.pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)
+    assert evaluate.pass_at_k(10, 3, 10) == 1.0
+    assert evaluate.pass_at_k(1000, 1, 1) == pytest.approx(0.001)  # stable where C(n, k) overflows floats
+    with pytest.raises(ValueError):
+        evaluate.pass_at_k(5, 6, 1)
+
+
+def test_half_reference_half_wrong_gives_exactly_one_half(mbpp):
+    ids = [t for t in sorted(mbpp) if 11 <= t <= 30]
+    preds = {
+        t: [mbpp[t]["code"] if i % 2 == 0 else "def unrelated():\n    return 0\n"] for i, t in enumerate(ids)
+    }
+    m = evaluate.judge("mbpp", mbpp, preds, timeout=10, workers=2)
+    assert m["pass@1"] == 0.5 and m["exact_match"] == 0.5
+    assert (m["n_problems"], m["n_samples"]) == (20, 20)
+    assert "pass@5" not in m  # only k <= n
+    failed = m["problems"][str(ids[1])]
+    assert failed["passed"] == 0 and failed["failures"][0]["kind"] == "runtime_error"
+    assert m["network_isolated"] is (os.geteuid() == 0)
+
+
+def test_ten_samples_closed_form_pass_at_k(mbpp):
+    wrong = "def {name}(*a, **k):\n    return None\n"
+    preds = {}
+    for t, c in ((11, 3), (12, 7)):
+        name = mbpp[t]["test_list"][0].split("assert ")[1].split("(")[0].strip()
+        preds[t] = [mbpp[t]["code"]] * c + [wrong.format(name=name)] * (10 - c)
+    m = evaluate.judge("mbpp", mbpp, preds, timeout=10, workers=2)
+    for k in (1, 5, 10):
+        assert m[f"pass@{k}"] == pytest.approx((comb_pass(10, 3, k) + comb_pass(10, 7, k)) / 2)
+    assert "pass@100" not in m
+    assert m["problems"]["11"]["passed"] == 3 and m["problems"]["12"]["passed"] == 7
+    kinds = {f["kind"] for f in m["problems"]["11"]["failures"]}
+    assert kinds == {"wrong_answer"} and len(m["problems"]["11"]["failures"]) == 7
+
+
+def test_mbpp_reference_subset_passes(mbpp):
+    """120 references across all four splits, including the slow task 123."""
+    ids = sorted({*range(1, 11), *range(11, 511, 9), *range(511, 601, 6), *range(601, 975, 9), 123})[:120]
+    assert 123 in ids and {1, 11, 511, 601} <= set(ids) and len(ids) == 120
+    m = evaluate.judge("mbpp", mbpp, {t: [mbpp[t]["code"]] for t in ids}, timeout=20, workers=2)
+    assert m["pass@1"] == 1.0 and m["exact_match"] == 1.0, m["failure_kinds"]
+
+
+def test_humaneval_canonical_solutions_pass(humaneval):
+    preds = {k: [p["canonical_solution"]] for k, p in humaneval.items()}
+    m = evaluate.judge("humaneval", humaneval, preds, timeout=20, workers=2)
+    assert m["n_problems"] == 164 and m["pass@1"] == 1.0, m["failure_kinds"]
+
+
+def _fixture_preds(problems: dict, max_tests: int | None) -> tuple[dict, dict]:
+    preds, probs = {}, {}
+    for f in sorted(FIXTURES.glob("*_correct.py")):
+        prefix = f.name[: -len("_correct.py")]
+        name = next(k for k in problems if k.startswith(prefix + "."))
+        preds[name] = [f.read_text(), (FIXTURES / f"{prefix}_wrong.py").read_text()]
+        p = problems[name]
+        probs[name] = dict(p, tests=p["tests"][:max_tests]) if max_tests else p
+    assert len(preds) >= 5
+    return preds, probs
+
+
+def _check_fixtures(m: dict) -> None:
+    for name, p in m["problems"].items():
+        assert p["passed"] == 1 and p["failures"][0]["sample"] == 1, name  # correct passes, wrong fails
+        assert p["failures"][0]["kind"] == "wrong_answer"
+    assert m["pass@1"] == 0.5 and m["exact_match"] is None and "checker" in m["note"]
+
+
+def test_codecontests_fixtures_on_public_and_first_hidden_tests(codecontests):
+    preds, probs = _fixture_preds(codecontests, max_tests=8)
+    _check_fixtures(evaluate.judge("codecontests", probs, preds, workers=2))
+
+
+@pytest.mark.slow
+def test_codecontests_fixtures_on_every_test(codecontests):
+    preds, probs = _fixture_preds(codecontests, max_tests=None)
+    _check_fixtures(evaluate.judge("codecontests", probs, preds, workers=2))
+
+
+def test_codecontests_tokens_and_time_limit(codecontests):
+    p = dict(next(iter(codecontests.values())), tests=[("3\n", "1 2\n3\n")], time_limit_s=0.2)
+    assert evaluate.judge_io("print(' 1  2 ')\nprint(3)", p)["passed"]  # whitespace-token comparison
+    assert evaluate.judge_io("print(1, 2, 4)", p)["kind"] == "wrong_answer"
+    slow = evaluate.judge_io("while True: pass", p, time_scale=1.0)
+    assert slow["kind"] == "timeout"
+
+
+@pytest.mark.slow
+def test_all_974_mbpp_references_pass(mbpp):
+    m = evaluate.judge("mbpp", mbpp, {t: [r["code"]] for t, r in mbpp.items()}, timeout=30, workers=2)
+    assert m["n_problems"] == 974 and m["pass@1"] == 1.0, m["failure_kinds"]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WMTP_DATA_DIR=str(ROOT))
+    return subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_judge_cli_end_to_end(tmp_path, mbpp):
+    pred = tmp_path / "p.jsonl"
+    lines = [
+        {"task_id": 11, "completions": [mbpp[11]["code"], "x = ("]},
+        {"task_id": 12, "completions": ["pass", "pass"]},
+    ]
+    pred.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "sub" / "metrics.json"
+    r = _cli("judge", "--dataset", "mbpp", "--predictions", str(pred), "--out", str(out), "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(out.read_text())
+    assert m["pass@1"] == 0.25 and m["n_problems"] == 2 and m["n_samples"] == 4
+    assert m["problems"]["11"]["failures"] == [
+        {"sample": 1, "kind": "syntax", "detail": m["problems"]["11"]["failures"][0]["detail"]}
+    ]
+    assert not list(out.parent.glob(".*"))  # no temp file left
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ({"task_id": 99999, "completions": ["pass"]}, "p.jsonl:2: unknown task_id 99999"),
+        ({"task_id": 11, "completions": []}, "p.jsonl:2: 'completions' must be"),
+        ({"completions": ["pass"]}, "p.jsonl:2: expected an object with 'task_id'"),
+    ],
+)
+def test_bad_predictions_name_the_line(tmp_path, line, message):
+    pred = tmp_path / "p.jsonl"
+    pred.write_text(json.dumps({"task_id": 12, "completions": ["pass"]}) + "\n" + json.dumps(line) + "\n")
+    r = _cli("judge", "--dataset", "mbpp", "--predictions", str(pred), "--out", str(tmp_path / "m.json"))
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_unknown_task_id_error_in_python(tmp_path, humaneval):
+    pred = tmp_path / "p.jsonl"
+    pred.write_text(
+        '{"task_id": "HumanEval/0", "completions": ["pass"]}\n{"task_id": "HumanEval/999", "completions": ["x"]}\n'
+    )
+    with pytest.raises(
+        evaluate.EvalError, match=r"p.jsonl:2: unknown task_id 'HumanEval/999' for dataset humaneval"
+    ):
+        evaluate.read_predictions(pred, "humaneval", humaneval)
+
+
+# --------------------------------------------------------------------------- with a model
+
+
+def test_evaluate_model_on_tiny_model_writes_the_report(tiny_dir, tmp_path):  # noqa: F811
+    import torch
+
+    import config
+    import model as M
+    import tiny
+
+    torch.manual_seed(0)
+    net = M.load_model(tiny_dir / "base_meta", "meta", 4)
+    tok = tiny.load_tokenizer(tiny_dir)
+    cfg = config.load_config(None, ["--eval.max_new_tokens=24", "--eval.batch_size=4", "--eval.workers=2"])
+    cfg.storage.data_root = str(ROOT)
+    hist = tmp_path / "w.png"
+    hist.write_bytes(b"\x89PNG fake")
+    out = tmp_path / "report"
+    flat = evaluate.evaluate_model(
+        cfg, net, tok, ["mbpp", "humaneval", "codecontests"], 2, 2, out, weight_histogram=hist
+    )
+    for ds in ("mbpp", "humaneval", "codecontests"):
+        assert 0.0 <= flat[f"{ds}/pass_at_1"] <= 1.0
+    for k in range(1, 5):
+        assert math.isfinite(flat[f"mbpp/head{k}_ce"]) and flat[f"mbpp/head{k}_ce"] > 0
+    assert "codecontests/head1_ce" not in flat  # no references to score
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "samples.jsonl",
+        "metrics.json",
+        "pass_fail.png",
+        "head_ce_mbpp.png",
+        "weight_histogram.png",
+    } <= names
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mbpp"]["n_problems"] == 2 and metrics["mbpp"]["n_samples"] == 4
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["dataset"] for s in samples} == {"mbpp", "humaneval", "codecontests"}
+    for s in samples:
+        if s["dataset"] == "mbpp":
+            assert not any(stop in s["completion"] for stop in data.MBPP_STOP)
