@@ -9,6 +9,8 @@
 - `mlflow_server` (session): `mlflow server` (sqlite backend) whose artifacts go to `s3://<bucket>/mlflow` on the
   moto server; the value is the tracking URI, with `.bucket` and `.s3_endpoint` attributes.
 - `start_mlflow_server(...)`: the same as a handle you can stop and restart (for server-loss tests).
+- `TcpProxy(target_url)`: a TCP forwarder you can stop and start on the same port: a network outage in front of
+  a real server, without paying the server's start-up again.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -64,16 +68,16 @@ def wait_http(
 
 
 def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
-    """Stop a server started with start_new_session=True, children included (mlflow runs uvicorn as a child)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=wait)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
+    """Stop a server started with start_new_session=True, children included (mlflow runs uvicorn as a child):
+    `sig` first, SIGKILL after `wait` seconds, and SIGKILL for whatever is left in its process group."""
+    if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=wait)
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=wait)
 
 
 # --------------------------------------------------------------------------- S3 (moto)
@@ -180,7 +184,9 @@ class MlflowProcess:
 
     def stop(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None:
-            _kill_group(self.proc, sig)
+            _kill_group(
+                self.proc, sig, wait=3.0
+            )  # uvicorn may linger on keep-alive connections: then SIGKILL
             self.proc = None
 
 
@@ -214,3 +220,65 @@ def s3_client(endpoint: str):
     import boto3
 
     return boto3.client("s3", endpoint_url=endpoint, **_boto_kwargs())
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to `target_url`'s host:port. stop() closes the listener and every open connection
+    (clients see the server vanish: resets, then refused connections); start() listens on the same port again."""
+
+    def __init__(self, target_url: str):
+        u = urllib.parse.urlsplit(target_url)
+        self.target = (u.hostname, u.port)
+        self.port = free_port()
+        self.url = f"{u.scheme}://127.0.0.1:{self.port}"
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> TcpProxy:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.settimeout(0.1)
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            src.close()  # each socket is the source of exactly one pipe
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 import config as C
 import tracking
 from tests import servers
-from tests.servers import s3_client, start_mlflow_server
+from tests.servers import TcpProxy, s3_client, start_mlflow_server
 
 # fixtures used here (pytest finds them as module attributes)
 s3_server, mlflow_server = servers.s3_server, servers.mlflow_server
@@ -178,38 +178,75 @@ def test_embedded_sqlite_default_and_other_ranks(tmp_path, monkeypatch, capsys):
         tracking.Tracker(make_cfg("s3://bucket/mlflow"))
 
 
-def test_server_lost_mid_run_does_not_raise(tmp_path):
-    server = start_mlflow_server(tmp_path / "srv")
+def check_server_loss(uri: str, stop, start, tmp_path: Path) -> None:
+    """Two runs lose their server mid-run: neither raises; one finishes while it is down (summary says values were
+    lost), the other after it is back (buffered values are flushed, the failed artifact upload is retried)."""
+    cfg = make_cfg(uri, scorer="uniform")
+    a, b = tracking.Tracker(cfg), tracking.Tracker(cfg)
+    for t in (a, b):
+        t.start(run_name="lossy", world_size=1)
+        t.log_metrics({"train/loss": 2.0}, step=1)
+    stop()  # the server vanishes mid-run
+
+    t0 = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="training continues"):
+        for step in range(2, 12):
+            a.log_metrics({"train/loss": 2.0 / step}, step=step)
+            b.log_metrics({"train/loss": 2.0 / step}, step=step)
+    a.log_artifacts(write_checkpoint(tmp_path / "ckpt"), "checkpoints/last")
+    assert time.monotonic() - t0 < 30  # retries are short and back off instead of stalling every step
+    b.finish("FINISHED")  # still down: no exception, and the summary says what was lost
+    lines = b.summary()
+    assert any(
+        f"10 metric batches could not be sent to {uri}; buffered values flushed: no" in s for s in lines
+    ), lines
+    assert "10 metric batches could not be sent" in "\n".join(a.summary())
+
+    start()  # back: the buffer goes out at finish
+    a.finish("FINISHED")
+    lines = a.summary()
+    assert any("10 metric batches could not be sent" in s and "flushed: yes" in s for s in lines), lines
+    assert not any("artifact" in s for s in lines), lines
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(a.run_id, "train/loss")] == list(range(1, 12))
+    assert [x.path for x in client.list_artifacts(a.run_id, "checkpoints/last")]  # retried at finish
+    assert client.get_run(a.run_id).info.status == "FINISHED"
+    assert client.get_run(b.run_id).info.status == "RUNNING"  # b could not close its run: the server was away
+
+
+def test_network_loss_mid_run_does_not_raise(mlflow_server, tmp_path):
+    proxy = TcpProxy(str(mlflow_server)).start()  # the outage sits between the client and the real server
     try:
-        cfg = make_cfg(server.uri, scorer="uniform")
-        a, b = tracking.Tracker(cfg), tracking.Tracker(cfg)
-        for t in (a, b):
-            t.start(run_name="lossy", world_size=1)
-            t.log_metrics({"train/loss": 2.0}, step=1)
-        server.stop(signal.SIGKILL)  # the server vanishes mid-run
+        check_server_loss(proxy.url, proxy.stop, proxy.start, tmp_path)
+    finally:
+        proxy.stop()
 
-        t0 = time.monotonic()
-        with pytest.warns(RuntimeWarning, match="training continues"):
-            for step in range(2, 12):
-                a.log_metrics({"train/loss": 2.0 / step}, step=step)
-                b.log_metrics({"train/loss": 2.0 / step}, step=step)
-        a.log_artifacts(write_checkpoint(tmp_path / "ckpt"), "checkpoints/last")
-        assert time.monotonic() - t0 < 30  # retries are short and back off instead of stalling every step
-        b.finish("FINISHED")  # still down: no exception, and the summary says what was lost
-        lines = b.summary()
-        assert any(
-            f"10 metric batches could not be sent to {server.uri}; buffered values flushed: no" in s
-            for s in lines
-        ), lines
-        assert "10 metric batches could not be sent" in "\n".join(a.summary())
 
-        server.start()  # back (same port, same database): the buffer goes out at finish
-        a.finish("FINISHED")
-        lines = a.summary()
-        assert any("buffered values flushed: yes" in s for s in lines), lines
-        client = MlflowClient(server.uri)
-        assert [m.step for m in client.get_metric_history(a.run_id, "train/loss")] == list(range(1, 12))
-        assert [x.path for x in client.list_artifacts(a.run_id, "checkpoints/last")]  # retried at finish
-        assert client.get_run(a.run_id).info.status == "FINISHED"
+@pytest.mark.slow
+def test_server_killed_mid_run_does_not_raise(tmp_path):
+    server = start_mlflow_server(tmp_path / "srv")  # its own server: it is SIGKILLed and started again
+    try:
+        check_server_loss(server.uri, lambda: server.stop(signal.SIGKILL), server.start, tmp_path)
     finally:
         server.stop()
+
+
+def test_server_down_at_start_creates_the_run_later(mlflow_server):
+    proxy = TcpProxy(str(mlflow_server))  # not started yet: the server is unreachable when training begins
+    try:
+        cfg = make_cfg(proxy.url, scorer="uniform")
+        cfg.tracking.experiment = "wmtp-tests/late-start"
+        tracker = tracking.Tracker(cfg)
+        with pytest.warns(RuntimeWarning, match="training continues"):
+            assert tracker.start(run_name="late", world_size=4) is None
+        tracker.log_metrics({"train/loss": 1.0}, step=1)
+        tracker.log_params({"data.hash": "late-hash"})
+        proxy.start()
+        tracker.finish("FINISHED")  # creates the run, sends params and the buffered metrics
+        client = MlflowClient(str(mlflow_server))
+        run = client.get_run(tracker.run_id)
+        assert client.get_experiment(run.info.experiment_id).name == "wmtp-tests/late-start"
+        assert run.data.params["world_size"] == "4" and run.data.params["data.hash"] == "late-hash"
+        assert run.data.metrics == {"train/loss": 1.0} and run.info.status == "FINISHED"
+    finally:
+        proxy.stop()
