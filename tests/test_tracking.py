@@ -153,6 +153,13 @@ def test_embedded_sqlite_default_and_other_ranks(tmp_path, monkeypatch, capsys):
     quiet.log_metrics({"train/loss": 1.0}, step=1)
     quiet.finish()
     assert not (tmp_path / "mlruns").exists() and quiet.summary() == []
+    cfg.tracking.enabled = False  # tracking off: the local report is still written, nothing else
+    off = tracking.Tracker(cfg)
+    assert off.start(run_name="r") is None and off.write_report(tmp_path / "off").is_file()
+    assert not (tmp_path / "mlruns").exists() and off.summary() == [
+        "tracking: disabled (tracking.enabled = false)"
+    ]
+    cfg.tracking.enabled = True
 
     tracker = training_run(cfg, tmp_path / "runs" / "uniform-run", steps=3)
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
