@@ -1,6 +1,6 @@
 """Pytest fixtures that start real servers: moto's S3 server and an MLflow tracking server whose artifacts go to it.
 
-    from tests.servers import s3_env, s3_server, mlflow_server   # import the fixtures you use
+    tests/conftest.py does `from tests.servers import *`, so every test module sees these fixtures:
 
 - `s3_server` (session): moto's threaded S3 server on 127.0.0.1:<free port>; the value is the endpoint URL.
 - `s3_env` (function): fake AWS credentials + AWS_ENDPOINT_URL=s3_server + HF_HUB_OFFLINE=1 in os.environ.
@@ -30,6 +30,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+__all__ = [  # what `from tests.servers import *` (tests/conftest.py) brings in
+    "FAKE_AWS", "URL", "MlflowProcess", "MotoProcess", "TcpProxy", "free_port", "mlflow_server", "moto_process",
+    "s3_client", "s3_env", "s3_server", "start_mlflow_server", "wait_http",
+]  # fmt: skip
 
 FAKE_AWS = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -18,11 +18,7 @@ import pytest
 
 import s3cache
 from config import StorageConfig
-from tests import servers
-from tests.servers import free_port, s3_client
-
-# fixtures used here (pytest finds them as module attributes)
-s3_server, s3_env, moto_process = servers.s3_server, servers.s3_env, servers.moto_process
+from tests.servers import free_port, s3_client  # fixtures (s3_env, moto_process) come from tests/conftest.py
 
 FILES = {"config.json": b'{"dim": 8}', "weights/part-0.bin": os.urandom(300_000), "tokenizer.json": b"{}"}
 

@@ -13,11 +13,7 @@ from mlflow import MlflowClient
 
 import config as C
 import tracking
-from tests import servers
-from tests.servers import TcpProxy, s3_client, start_mlflow_server
-
-# fixtures used here (pytest finds them as module attributes)
-s3_server, mlflow_server = servers.s3_server, servers.mlflow_server
+from tests.servers import TcpProxy, s3_client, start_mlflow_server  # fixtures come from tests/conftest.py
 
 
 def make_cfg(uri: str, scorer: str = "rho1_excess_v1") -> C.Config:
