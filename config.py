@@ -67,7 +67,8 @@ class LoraConfig:
 class TrainConfig:
     out_dir: str = "runs"  # the run writes into <out_dir>/<run_name>
     run_name: str = ""  # empty: <algo>-<dataset>-<timestamp>
-    steps: int = 1000  # optimizer steps
+    steps: int = 1000  # optimizer steps (the LR schedule spans them)
+    stop_after: int = 0  # end this invocation after this step (0: at `steps`); resume later with --resume
     micro_batch_size: int = 4
     grad_accum: int = 1
     log_every: int = 10
@@ -81,11 +82,10 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive non-finite steps before restoring the last good checkpoint
     lr_backoff: float = 0.5  # LR factor applied at each recovery
     max_recoveries: int = 3
-    inject_oom_steps: list[int] = field(
-        default_factory=list
-    )  # fault injection (tests): raise OOM at these steps
+    # fault injection for tests: raise torch.OutOfMemoryError / poison the loss with NaN at these steps
+    inject_oom_steps: list[int] = field(default_factory=list)
     inject_oom_rank: int = -1  # -1: every rank
-    inject_nan_steps: list[int] = field(default_factory=list)  # fault injection: poison the loss with NaN
+    inject_nan_steps: list[int] = field(default_factory=list)
     memory_gb: float = 0.0  # per-device memory for --dry-run planning (0: detect, A100 80GB when unknown)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -205,6 +205,7 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "model.max_seq_len": (8, None, "an integer >= 8"),
     "data.max_length": (8, None, "an integer >= 8"),
     "train.steps": (0, None, "an integer >= 0"),
+    "train.stop_after": (0, None, "an integer >= 0"),
     "train.micro_batch_size": (1, None, "an integer >= 1"),
     "train.grad_accum": (1, None, "an integer >= 1"),
     "train.log_every": (1, None, "an integer >= 1"),

@@ -24,7 +24,8 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """True under torchrun (even with one process, so FSDP2 runs on a single GPU too)."""
+        return dist.is_initialized()
 
     @property
     def main(self) -> bool:
@@ -44,7 +45,7 @@ def init_distributed(device: str = "auto") -> Dist:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(minutes=int(os.environ.get("WMTP_DIST_TIMEOUT_MIN", "30"))),
@@ -83,6 +84,17 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def average_gradients(model: nn.Module) -> None:
+    """Replicated (non-FSDP) data parallelism: mean of the gradients over ranks."""
+    if not dist.is_initialized():
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
+            if dist.get_backend() != "nccl":
+                p.grad /= dist.get_world_size()
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
         print(
             f"{name:<18} {s['first_val_loss']:>14.4f} {s['final_val_loss']:>8.4f} {w.get('weights/mean', 1):>7.3f} "
             f"{w.get('weights/std', 0):>7.3f} {w.get('weights/min', 1):>7.3f} {w.get('weights/max', 1):>7.3f} "
-            f"{ev.get('mbpp/pass@1', float('nan')):>11.3f} {dt:>5.0f}s"
+            f"{ev.get('mbpp/pass_at_1', float('nan')):>11.3f} {dt:>5.0f}s"
         )
         ok &= s["final_val_loss"] < s["first_val_loss"]
     print(

@@ -19,6 +19,7 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ import data
 import model as M
 import parallel as P
 import score
+
+# single-process runs save with torch.distributed.checkpoint too; its "assuming a single process" note is noise
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 # --------------------------------------------------------------------------- setup helpers
 
@@ -117,6 +121,10 @@ def lr_at(cfg: C.Config, step: int) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class TrainError(RuntimeError):
+    """A run that cannot go on for a reason the message explains (printed without a traceback)."""
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -132,7 +140,8 @@ class TrainState:
     skipped_steps: int = 0
     recoveries: int = 0
     oom_events: int = 0
-    history: list = field(default_factory=list)
+    history: list = field(default_factory=list)  # validation results
+    last_weights: dict = field(default_factory=dict)  # weight statistics of the last good step
 
 
 def atomic_dir_swap(tmp: Path, final: Path) -> None:
@@ -231,7 +240,7 @@ def merge_lora_state(full: dict, net) -> dict:
 # --------------------------------------------------------------------------- one optimizer step
 
 
-def micro_step(cfg, net, batch, scorer_state, count_total: float, inject_nan: bool) -> dict:
+def micro_step(cfg, net, batch, scorer_state, count_total: float, inject_nan: bool, inject_oom: bool) -> dict:
     """Trunk once, scorer weights, then heads one at a time. Returns detached per-head stats."""
     H = cfg.model.n_future_tokens
     targets, valid = M.mtp_targets(batch["input_ids"], batch["loss_mask"], H)
@@ -242,70 +251,68 @@ def micro_step(cfg, net, batch, scorer_state, count_total: float, inject_nan: bo
     w = score.mix(weights, cfg.loss.lam, valid)
     if inject_nan:
         w = w * float("nan")
-    alpha = torch.tensor(cfg.loss.head_weights, device=h.device) if cfg.loss.head_weights else None
+    alpha = cfg.loss.head_weights or None
     count = valid.sum().item()
     out = M.mtp_loss_backward(net, h, targets, valid, w, alpha=alpha, scale=count / max(count_total, 1.0))
+    if inject_oom:  # after the collectives of this micro-batch, so the other ranks are not left inside one
+        raise torch.OutOfMemoryError("injected OOM (train.inject_oom_steps)")
     out["count"] = count
     out["weights"] = weights.detach()  # the scorer's weights before mixing (what weight statistics describe)
     out["valid"] = valid
     return out
 
 
-def optimizer_step(cfg, net, opt, step_batch, st: TrainState, scorer_state, d: P.Dist, step: int) -> dict:
-    """One optimizer step with the OOM fallback: on OOM anywhere, every rank halves the micro-batch and retries."""
+def optimizer_step(
+    cfg, net, opt, step_batch, st: TrainState, scorer_state, d: P.Dist, step: int
+) -> list[dict]:
+    """Gradients of one optimizer step, with the OOM fallback.
+
+    After every micro-batch the ranks agree (one tiny all-reduce) whether any of them ran out of memory; if so all
+    of them drop the step's gradients, halve the micro-batch (grad_accum doubles: the same examples are used) and
+    retry. An OOM that interrupts a collective on one rank only cannot be agreed on this way: the other ranks wait
+    in that collective until the process-group timeout ($WMTP_DIST_TIMEOUT_MIN).
+    """
     n = step_batch["input_ids"].shape[0]
-    first_try = True
+    _, valid = M.mtp_targets(step_batch["input_ids"], step_batch["loss_mask"], cfg.model.n_future_tokens)
+    count_total = P.all_reduce(valid.sum().double().reshape(1)).item() / d.world_size  # mean per rank
+    inject_oom = step in cfg.train.inject_oom_steps and cfg.train.inject_oom_rank in (-1, d.rank)
     while True:
         mb = st.micro_batch
         opt.zero_grad(set_to_none=True)
-        oom = False
-        stats = []
-        try:
-            inject = (
-                first_try
-                and step in cfg.train.inject_oom_steps
-                and cfg.train.inject_oom_rank in (-1, d.rank)
-                and mb > 1
+        stats, chunks = [], list(range(0, n, mb))
+        for i, s in enumerate(chunks):
+            P.set_grad_sync(net, i == len(chunks) - 1)
+            mbatch = {k: v[s : s + mb] for k, v in step_batch.items()}
+            oom = False
+            try:
+                inject = inject_oom and i == 0 and mb == cfg.train.micro_batch_size
+                nan = step in cfg.train.inject_nan_steps
+                stats.append(micro_step(cfg, net, mbatch, scorer_state, count_total, nan, inject))
+            except torch.OutOfMemoryError as e:
+                oom = True
+                print(f"[rank {d.rank}] step {step}: out of memory at micro-batch size {mb}: {str(e)[:100]}")
+            if P.any_rank(oom, d.device):
+                break
+        else:
+            if d.enabled and not cfg.train.fsdp:
+                P.average_gradients(net)
+            return stats
+        opt.zero_grad(set_to_none=True)
+        stats = None
+        if d.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if mb == 1:
+            raise TrainError(
+                f"step {step}: out of memory even at micro_batch_size 1 on some rank; reduce data.max_length, "
+                "enable model.activation_checkpointing or LoRA, or use more GPUs (see train.py --dry-run)"
             )
-            if inject:
-                raise torch.OutOfMemoryError(f"injected OOM at step {step} (train.inject_oom_steps)")
-            H = cfg.model.n_future_tokens
-            _, valid = M.mtp_targets(step_batch["input_ids"], step_batch["loss_mask"], H)
-            count_total = P.all_reduce(valid.sum().float().reshape(1)).item() / d.world_size
-            chunks = list(range(0, n, mb))
-            for i, s in enumerate(chunks):
-                P.set_grad_sync(net, i == len(chunks) - 1)
-                mbatch = {k: v[s : s + mb] for k, v in step_batch.items()}
-                stats.append(
-                    micro_step(
-                        cfg, net, mbatch, scorer_state, count_total, step in cfg.train.inject_nan_steps
-                    )
-                )
-        except torch.OutOfMemoryError as e:
-            oom = True
-            print(
-                f"[rank {d.rank}] step {step}: out of memory at micro-batch {mb} ({str(e)[:120]})", flush=True
-            )
-        first_try = False
-        if P.any_rank(oom, d.device):
-            stats = None
-            opt.zero_grad(set_to_none=True)
-            if d.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if mb == 1:
-                raise RuntimeError(
-                    f"step {step}: out of memory even at micro_batch_size 1 on some rank; reduce data.max_length, "
-                    "enable model.activation_checkpointing or LoRA, or use more GPUs (see train.py --dry-run)"
-                )
-            st.micro_batch = max(1, mb // 2)
-            st.oom_events += 1
+        st.micro_batch = mb // 2
+        st.oom_events += 1
+        if d.main:
             accum = math.ceil(n / st.micro_batch)
-            if d.main:
-                print(
-                    f"step {step}: OOM fallback -> micro_batch {st.micro_batch} x grad_accum {accum} (same batch)"
-                )
-            continue
-        return stats
+            print(
+                f"step {step}: OOM fallback -> micro_batch {st.micro_batch} x grad_accum {accum} (same batch)"
+            )
 
 
 def step_metrics(stats: list[dict], d: P.Dist) -> dict:
@@ -457,6 +464,9 @@ def main(argv: list[str]) -> int:
     d = P.init_distributed(cfg.train.device)
     try:
         return train(cfg, d, resume, dry)
+    except TrainError as e:
+        print(f"[rank {d.rank}] error: {e}", file=sys.stderr)
+        return 1
     finally:
         P.shutdown()
 
@@ -537,7 +547,8 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     flops_tok = M.flops_per_token(base.args, cfg.data.max_length)
     peak = P.peak_flops(d.device)
     t_last, tokens_since = time.perf_counter(), 0.0
-    while st.step < cfg.train.steps:
+    stop = min(cfg.train.steps, cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
+    while st.step < stop:
         step = st.step
         batch = {k: v.to(d.device) for k, v in next(loader).items()}
         lr = lr_at(cfg, step) * st.lr_scale
@@ -561,14 +572,17 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
                 f"step {step}: non-finite loss/grad norm ({m['train/loss']}, {gnorm}); step skipped ({st.bad_steps} in a row)"
             )
             if st.bad_steps >= cfg.train.max_bad_steps:
-                st = recover(cfg, run_dir, net, opt, st, scorer_state, d, loader_skip=step + 1)
+                st = recover(cfg, run_dir, net, opt, st, scorer_state, d)
         st.step += 1
         tokens_since += m["train/tokens"]
         if finite:
             w = torch.cat([s["weights"].flatten() for s in stats])
             valid = torch.cat([s["valid"].flatten() for s in stats])
-            m.update(score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max))
-            m.update({k: v for k, v in scorer_state.metrics.items()})
+            m.update(scorer_state.metrics)  # value loss, mean excess, ... (weights/* of the last micro-batch)
+            m.update(
+                score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max)
+            )  # ... replaced by the whole step's
+            st.last_weights = {k: v for k, v in m.items() if k.startswith("weights/")}
         m.update(
             {
                 "train/lr": lr,
@@ -586,11 +600,17 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
                 m["perf/mfu"] = tps * flops_tok / peak
             heads = " ".join(f"{m[f'train/ce_head{k + 1}']:.3f}" for k in range(base.args.n_future_tokens))
             mfu = f" mfu {m['perf/mfu'] * 100:.1f}%" if peak else ""
+            if d.device.type == "cuda":
+                m["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 1024**3
+                mfu += f" mem {m['perf/peak_mem_gb']:.1f}GB"
             log(
                 f"step {st.step:>6d}/{cfg.train.steps} loss {m['train/loss']:.4f} ce/head [{heads}] lr {lr:.2e} gnorm {gnorm:.2f} {tps:,.0f} tok/s/dev{mfu}"
             )
             t_last, tokens_since = time.perf_counter(), 0.0
         tracker.log_metrics(m, step=st.step)
+        if d.main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": st.step, **m}) + "\n")
         if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 or st.step == cfg.train.steps:
             v = validate(cfg, net, val_ds, pad, d)
             tracker.log_metrics(v, step=st.step)
@@ -602,21 +622,25 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
             if v["val/loss"] < st.best_val:
                 st.best_val = v["val/loss"]
                 export_model(net, run_dir / "checkpoints" / "best", tokenizer, d)
-        if (cfg.train.save_every and st.step % cfg.train.save_every == 0) or st.step == cfg.train.steps:
-            save_resume(run_dir, "last", net, opt, st, scorer_state, d)
-            if cfg.train.save_every and st.step % cfg.train.save_every == 0:
-                save_resume(run_dir, f"step_{st.step:06d}", net, opt, st, scorer_state, d)
+        if (
+            (cfg.train.save_every and st.step % cfg.train.save_every == 0) or st.step == stop
+        ) and not st.bad_steps:
+            save_resume(run_dir, "last", net, opt, st, scorer_state, d)  # "last" stays the last GOOD state
+        if cfg.train.save_every and st.step % cfg.train.save_every == 0:
+            save_resume(run_dir, f"step_{st.step:06d}", net, opt, st, scorer_state, d)
 
+    if st.step < cfg.train.steps:
+        log(f"stopped at step {st.step} of {cfg.train.steps} (train.stop_after); continue with --resume")
+        tracker.finish("KILLED")
+        return 0
     final = export_model(net, run_dir / "checkpoints" / "final", tokenizer, d)
     return finish(cfg, d, run_dir, final, st, scorer_state, tracker, tokenizer)
 
 
-def recover(
-    cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P.Dist, loader_skip: int
-) -> TrainState:
+def recover(cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P.Dist) -> TrainState:
     """After max_bad_steps non-finite steps: restore the last good checkpoint and lower the LR by lr_backoff."""
     if st.recoveries >= cfg.train.max_recoveries:
-        raise RuntimeError(
+        raise TrainError(
             f"step {st.step}: {st.bad_steps} consecutive non-finite steps after {st.recoveries} recoveries "
             f"(train.max_recoveries = {cfg.train.max_recoveries}); stopping. Lower optim.lr or check the data."
         )
@@ -649,7 +673,8 @@ def finish(
         "oom_events": st.oom_events,
         "final_micro_batch": st.micro_batch,
         "final_lr_scale": st.lr_scale,
-        "weights": {k: v for k, v in scorer_state.metrics.items()},
+        "weights": st.last_weights,
+        "scorer_metrics": dict(scorer_state.metrics),
         "host": socket.gethostname(),
     }
     if d.main:

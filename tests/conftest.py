@@ -1,0 +1,9 @@
+"""Shared fixtures: the tiny real-format models (tiny_fixture.py) and real S3 / MLflow servers (servers.py)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.servers import *  # noqa: E402,F403
+from tests.tiny_fixture import tiny_dir, tiny_tokenizer_dir  # noqa: E402,F401

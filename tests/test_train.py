@@ -1,0 +1,178 @@
+"""train.py end to end on the tiny models: resume equivalence, OOM and NaN fallbacks, LoRA, dry run, schedule.
+
+Each run is a real `python train.py ...` process, as a user launches it. Runs are short (a few steps, 128 tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import config as C
+import train
+from config import REPO
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
+
+
+def tiny_overrides(tiny: Path, out: Path, **extra) -> list[str]:
+    kv = {
+        "model.path": str(tiny / "base_meta"),
+        "model.tokenizer": str(tiny / "tokenizer"),
+        "rho1.ref_model": str(tiny / "ref_hf"),
+        "critic.reward_model": str(tiny / "rm_hf"),
+        "critic.pretrain_steps": 2,
+        "train.out_dir": str(out),
+        "train.steps": 6,
+        "train.micro_batch_size": 4,
+        "train.eval_every": 3,
+        "train.val_batches": 2,
+        "train.log_every": 1,
+        "data.max_length": 128,
+        "storage.cache_dir": str(REPO / ".cache"),
+        "eval.enabled": False,
+        "tracking.enabled": False,
+        **extra,
+    }
+    return [f"--{k}={json.dumps(v) if not isinstance(v, str) else json.dumps(v)}" for k, v in kv.items()]
+
+
+def run_train(tiny: Path, out: Path, *args: str, config: str = "configs/tiny_mbpp.toml", check=True, **kv):
+    cmd = [sys.executable, "train.py", config, *tiny_overrides(tiny, out, **kv), *args]
+    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def metrics(out: Path, run: str) -> list[dict]:
+    return [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(rows: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_dir, tmp_path_factory):
+    """An uninterrupted 6-step run that the resume / OOM tests compare against."""
+    out = tmp_path_factory.mktemp("ref")
+    run_train(tiny_dir, out, **{"train.run_name": "ref"})
+    return out, metrics(out, "ref")
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = C.load_config(None, ["--train.steps=100", "--optim.lr=1.0", "--optim.min_lr_ratio=0.1"])
+    lrs = [train.lr_at(cfg, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(1 / 3) and lrs[2] == pytest.approx(1.0)  # 3% of 100 steps = 3 warmup steps
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))  # monotone decay after warmup
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_training_reduces_validation_loss_and_writes_checkpoints(reference_run):
+    out, rows = reference_run
+    summary = json.loads((out / "ref" / "summary.json").read_text())
+    assert summary["final_val_loss"] < summary["first_val_loss"]
+    assert all(math.isfinite(r["train/loss"]) for r in rows)
+    for name in ("last", "best", "final"):
+        assert (out / "ref" / "checkpoints" / name).is_dir()
+    assert (out / "ref" / "checkpoints" / "final" / "model.safetensors").is_file()
+    assert not list((out / "ref" / "checkpoints").glob("*.tmp"))
+
+
+def test_resume_gives_the_same_losses(reference_run, tiny_dir, tmp_path):
+    _, ref = reference_run
+    run_train(tiny_dir, tmp_path, **{"train.run_name": "r", "train.stop_after": 3})
+    first = losses(metrics(tmp_path, "r"))
+    assert sorted(first) == [1, 2, 3]
+    run_train(tiny_dir, tmp_path, "--resume", **{"train.run_name": "r"})
+    resumed = losses(metrics(tmp_path, "r"))
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step, loss in losses(ref).items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+
+
+def test_oom_fallback_keeps_the_effective_batch(reference_run, tiny_dir, tmp_path):
+    _, ref = reference_run
+    p = run_train(tiny_dir, tmp_path, **{"train.run_name": "oom", "train.inject_oom_steps": [2]})
+    assert "OOM fallback -> micro_batch 2 x grad_accum 2" in p.stdout
+    rows = metrics(tmp_path, "oom")
+    summary = json.loads((tmp_path / "oom" / "summary.json").read_text())
+    assert summary["oom_events"] == 1 and summary["final_micro_batch"] == 2
+    # same examples, same normalisation: the losses equal the uninterrupted run's up to summation order
+    for a, b in zip(rows, ref, strict=True):
+        assert a["train/tokens"] == b["train/tokens"]
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+
+
+def test_oom_at_micro_batch_one_gives_up_clearly(tiny_dir, tmp_path):
+    kv = {"train.run_name": "oom1", "train.micro_batch_size": 1, "train.inject_oom_steps": [0]}
+    p = run_train(tiny_dir, tmp_path, check=False, **kv)
+    assert p.returncode == 1
+    assert "error: step 0: out of memory even at micro_batch_size 1" in p.stderr
+
+
+def dcp_model(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dst = tmp / (ckpt.name + ".pt")
+    dcp_to_torch_save(str(ckpt / "dcp"), str(dst))
+    return torch.load(dst, weights_only=False)["model"]
+
+
+def test_nan_steps_are_skipped_then_recovered_with_lower_lr(tiny_dir, tmp_path):
+    kv = {
+        "train.run_name": "nan",
+        "train.steps": 7,
+        "train.save_every": 1,
+        "train.inject_nan_steps": [2, 3, 4],
+        "train.max_bad_steps": 3,
+        "train.lr_backoff": 0.5,
+    }
+    p = run_train(tiny_dir, tmp_path, **kv)
+    assert "restored the checkpoint of step 2" in p.stdout, p.stdout[-2000:]
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["skipped_steps"] == 3 and summary["recoveries"] == 1 and summary["final_lr_scale"] == 0.5
+    rows = {r["step"]: r for r in metrics(tmp_path, "nan")}
+    assert [rows[s]["train/skipped_steps"] for s in range(1, 8)] == [0, 0, 1, 2, 3, 3, 3]
+    cfg = C.load_config("configs/tiny_mbpp.toml", ["--train.steps=7"])
+    assert rows[6]["train/lr"] == pytest.approx(0.5 * train.lr_at(cfg, 5))
+    # a skipped step touches no weight: the checkpoints after steps 2, 3 and 4 hold the weights of step 2
+    ck = tmp_path / "nan" / "checkpoints"
+    w2, w4, w6 = (dcp_model(ck / f"step_{s:06d}", tmp_path) for s in (2, 4, 6))
+    assert all(torch.equal(w2[k], w4[k]) for k in w2)
+    assert any(not torch.equal(w2[k], w6[k]) for k in w2)  # the first good step after the recovery
+
+
+def test_nan_forever_stops_with_a_clear_message(tiny_dir, tmp_path):
+    kv = {
+        "train.run_name": "nan2",
+        "train.inject_nan_steps": list(range(6)),
+        "train.max_bad_steps": 2,
+        "train.max_recoveries": 1,
+    }
+    p = run_train(tiny_dir, tmp_path, check=False, **kv)
+    assert p.returncode != 0
+    assert "consecutive non-finite steps after 1 recoveries" in p.stderr
+
+
+def test_dry_run_prints_the_plan_and_refuses_what_does_not_fit(tiny_dir, tmp_path):
+    p = run_train(tiny_dir, tmp_path, "--dry-run")
+    assert (
+        "parameters  1.63M" in p.stdout and "memory plan per device" in p.stdout and "plan fits" in p.stdout
+    )
+    assert not (tmp_path / "tiny-mtp").exists()  # no run directory, no step
+    p = run_train(tiny_dir, tmp_path, "--dry-run", check=False, **{"train.memory_gb": 0.001})
+    assert p.returncode == 2 and "REFUSED" in p.stdout
+
+
+def test_config_error_exits_before_any_work(tiny_dir, tmp_path):
+    p = run_train(tiny_dir, tmp_path, "--loss.lam=2", check=False)
+    assert p.returncode == 2 and "'loss.lam' = 2.0 is out of range" in p.stderr
