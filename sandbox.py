@@ -43,7 +43,6 @@ sys.exit(0)), and the caller compares the output with the expected one.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -69,7 +68,6 @@ _ERRNO_VIOLATION = {
     99,
     24,
 }  # EPERM EACCES EAGAIN EFBIG ENOSPC net EMFILE
-_SETUP_FAILED = 121  # the launcher's exit code when it could not build the sandbox
 
 
 class SandboxError(RuntimeError):
@@ -162,7 +160,7 @@ def run_program(
         cfg = {
             "src": src_path,
             "mode": mode,
-            "uid": uid if is_root else None,
+            "uid": uid if is_root else "",
             "cpu_s": int(timeout) + 1,
             "mem_mb": memory_mb,
             "fsize_mb": fsize_mb,
@@ -180,7 +178,7 @@ def run_program(
         timed_out = False
         try:
             proc = subprocess.Popen(
-                [interp, "-I", "-S", os.path.abspath(__file__), "--launch", json.dumps(cfg)],
+                [interp, "-I", "-S", "-c", _LAUNCHER, *(f"{k}={v}" for k, v in cfg.items())],
                 stdin=in_fd,
                 stdout=out_fd,
                 stderr=err_fd,
@@ -246,7 +244,7 @@ def _classify(
     for line in status.splitlines():
         key, _, val = line.partition(" ")
         if key == "iso" and not iso:
-            iso = json.loads(val)
+            iso = {k: v == "1" for k, v in (kv.split("=") for kv in val.split())}
         elif key in ("exit", "signal", "setup") and not fate:
             fate = line
     if fate.startswith("setup"):
@@ -304,7 +302,16 @@ def run_many(jobs: list[dict], workers: int = 0) -> list[RunResult]:
         return list(pool.map(lambda j: run_program(**j), jobs))
 
 
-# --------------------------------------------------------------------------- the launcher (runs as a script)
+# --------------------------------------------------------------------------- the launcher
+# Everything between the two marker lines runs as `python -I -S -c <this text> key=value ...` in the sandboxed
+# process: self-contained, stdlib only, and importing as little as possible (start-up time is most of a run).
+# >>> launcher
+import os  # noqa: E402, F811, I001  (again: this part also runs on its own)
+import signal  # noqa: E402, F811
+import sys  # noqa: E402, F811
+
+_SETUP_FAILED = 121  # the launcher's exit code when it could not build the sandbox
+
 
 CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -460,8 +467,22 @@ def _sweep_uid(uid: int) -> None:
     os.waitpid(pid, 0)
 
 
-def _launch(cfg: dict) -> None:
+def _launch(argv: list[str]) -> None:
     """The outer launcher: namespaces, fork, wait, report the child's fate on the status fd."""
+    cfg: dict = dict(a.split("=", 1) for a in argv)
+    for k in (
+        "cpu_s",
+        "mem_mb",
+        "fsize_mb",
+        "nproc",
+        "nofile",
+        "tmpfs_mb",
+        "nonce_fd",
+        "status_fd",
+        "result_fd",
+    ):
+        cfg[k] = int(cfg[k])
+    cfg["uid"] = int(cfg["uid"]) if cfg["uid"] else None
     libc = _libc()
     with open(cfg["src"], encoding="utf-8") as f:
         source = f.read()
@@ -471,7 +492,7 @@ def _launch(cfg: dict) -> None:
     iso["user"] = cfg["uid"] is not None and (cfg["closed"] == "" or iso["mount"])
     if not iso["user"]:
         cfg["uid"] = None  # the interpreter would be unreachable for another uid: keep running as we are
-    os.write(cfg["status_fd"], f"iso {json.dumps(iso)}\n".encode())
+    os.write(cfg["status_fd"], ("iso " + " ".join(f"{k}={int(v)}" for k, v in iso.items()) + "\n").encode())
     pid = os.fork()
     if pid == 0:
         _inner(cfg, iso, source, nonce, libc)
@@ -488,5 +509,8 @@ def _launch(cfg: dict) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--launch":
-    _launch(json.loads(sys.argv[2]))
+# <<< launcher
+with open(__file__, encoding="utf-8") as _f:
+    _LAUNCHER = (
+        _f.read().split("# >>> launcher\n")[1].split("# <<< launcher\n")[0] + "_launch(sys.argv[1:])\n"
+    )

@@ -265,4 +265,7 @@ def test_fake_success_marker_never_passes():
         "sys.stdout.flush()\nos._exit(0)\nassert False"
     )
     r = run(src)
-    assert not r.passed and r.status != "ok", (r.status, r.detail)  # forged report lines can only change the kind
+    assert not r.passed and r.status != "ok", (
+        r.status,
+        r.detail,
+    )  # forged report lines can only change the kind
