@@ -121,6 +121,8 @@ class ModelArgs:
             want = int if k in ints else float
             if isinstance(v, bool) or not isinstance(v, want if want is int else (int, float)):
                 raise ValueError(f"{source}: key {k!r} = {v!r} must be {want.__name__}")
+        floats = {k for k in fields if k not in ints}
+        d = {k: float(v) if k in floats and v is not None else v for k, v in d.items()}
         try:
             return cls(**d)
         except ValueError as e:
@@ -614,6 +616,11 @@ def load_meta(path: str | os.PathLike, n_future_tokens: int | None = None) -> Tr
     wfile = _meta_weights_file(path)
     sd = torch.load(wfile, map_location="cpu", weights_only=True, mmap=True)
     freqs = sd.pop("rope.freqs", None)  # old Meta checkpoints store RoPE frequencies; ours are computed
+    params.pop("max_batch_size", None)  # Meta's inference-time setting, not architecture
+    if params.pop("use_scaled_rope", False):
+        raise CheckpointError(
+            f"{path / 'params.json'}: use_scaled_rope=true (Llama 3.1 RoPE) is not supported"
+        )
     if params.get("vocab_size", 0) in (-1, 0) and "tok_embeddings.weight" in sd:
         params["vocab_size"] = sd["tok_embeddings.weight"].shape[0]  # Llama-2 style params.json has -1
     args = ModelArgs.from_dict(params, str(path / "params.json"))

@@ -166,7 +166,13 @@ def test_meta_params_errors(tmp_path):
     M.save_meta(tiny_model(), tmp_path)
     params = json.loads((tmp_path / "params.json").read_text())
     (tmp_path / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
-    with pytest.raises(ValueError, match="use_scaled_rope.*params.json|params.json.*use_scaled_rope"):
+    with pytest.raises(ValueError, match="params.json.*use_scaled_rope"):
+        M.load_meta(tmp_path)
+    (tmp_path / "params.json").write_text(json.dumps({**params, "n_expert": 8}))
+    with pytest.raises(ValueError, match="params.json.*unknown key.*n_expert"):
+        M.load_meta(tmp_path)
+    (tmp_path / "params.json").write_text(json.dumps({**params, "dim": "64"}))
+    with pytest.raises(ValueError, match="params.json.*'dim'.*int"):
         M.load_meta(tmp_path)
     del params["n_future_tokens"]  # Meta's plain Llama params.json: H defaults to 1
     (tmp_path / "params.json").write_text(json.dumps(params))
