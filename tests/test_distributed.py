@@ -1,0 +1,108 @@
+"""torchrun --standalone --nproc_per_node=2 on CPU/gloo: FSDP2 gradients, sharded resume, export, OOM on one rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+from config import REPO
+from tests.test_train import ENV, dcp_model, losses, metrics, tiny_overrides
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+DENV = {**ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def torchrun(tiny: Path, out: Path, *args: str, config: str = "configs/tiny_rho1_mbpp.toml", **kv):
+    cmd = [*TORCHRUN, "train.py", config, *tiny_overrides(tiny, out, **{"train.steps": 4, **kv}), *args]
+    p = subprocess.run(cmd, cwd=REPO, env=DENV, capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def test_fsdp2_gradients_equal_single_process():
+    p = subprocess.run(
+        [*TORCHRUN, "tests/dist_grad_check.py"],
+        cwd=REPO,
+        env=DENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stdout.count("max gradient error") == 2
+
+
+@pytest.fixture(scope="module")
+def rho1_2proc(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    torchrun(tiny_dir, out, **{"train.run_name": "full"})
+    return out
+
+
+def test_sharded_resume_equals_uninterrupted_run(rho1_2proc, tiny_dir):
+    out = rho1_2proc
+    torchrun(tiny_dir, out, **{"train.run_name": "part", "train.stop_after": 2})
+    assert (out / "part" / "checkpoints" / "last" / "dcp" / ".metadata").is_file()
+    torchrun(tiny_dir, out, "--resume", **{"train.run_name": "part"})
+    full, part = losses(metrics(out, "full")), losses(metrics(out, "part"))
+    assert sorted(part) == [1, 2, 3, 4]
+    for step, loss in full.items():
+        assert part[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+
+
+def test_consolidated_export_matches_the_sharded_checkpoint(rho1_2proc):
+    """The safetensors export (gathered on rank 0) loads in one process and equals the 2-rank DCP checkpoint."""
+    ck = rho1_2proc / "full" / "checkpoints"
+    exported = M.load_checkpoint(ck / "final")
+    resharded = M.Transformer(exported.args)
+    resharded.load_state_dict(dcp_model(ck / "last", rho1_2proc))  # 2 shards -> 1 process
+    ids = torch.randint(0, exported.args.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(exported(ids), resharded(ids))
+
+
+def test_oom_on_one_rank_is_agreed_by_all(rho1_2proc, tiny_dir):
+    out = rho1_2proc
+    p = torchrun(
+        tiny_dir, out, **{"train.run_name": "oom", "train.inject_oom_steps": [1], "train.inject_oom_rank": 1}
+    )
+    assert "[rank 1] step 1: out of memory" in p.stdout and "[rank 0] step 1: out of memory" not in p.stdout
+    summary = json.loads((out / "oom" / "summary.json").read_text())
+    assert summary["oom_events"] == 1 and summary["final_micro_batch"] == 2
+    full = losses(metrics(out, "full"))
+    for step, loss in losses(metrics(out, "oom")).items():
+        assert loss == pytest.approx(full[step], rel=1e-5), step
+
+
+@pytest.mark.parametrize("config", ["configs/tiny_mbpp.toml", "configs/tiny_critic_mbpp.toml"])
+def test_other_scorers_train_under_two_processes(config, tiny_dir, tmp_path):
+    torchrun(tiny_dir, tmp_path, config=config, **{"train.run_name": "s", "train.steps": 2})
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_val_loss"] < summary["first_val_loss"]
+
+
+def test_resume_on_one_process_from_two(rho1_2proc, tiny_dir):
+    """Weights saved by 2 ranks resume in a single process (DCP reshards on load)."""
+    out = rho1_2proc
+    torchrun(tiny_dir, out, **{"train.run_name": "w21", "train.stop_after": 2})
+    cmd = [
+        sys.executable,
+        "train.py",
+        "configs/tiny_rho1_mbpp.toml",
+        "--resume",
+        *tiny_overrides(tiny_dir, out, **{"train.run_name": "w21", "train.steps": 4}),
+    ]
+    p = subprocess.run(
+        cmd, cwd=REPO, env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "at step 2" in p.stdout
+    assert os.path.isdir(out / "w21" / "checkpoints" / "final")
