@@ -812,8 +812,51 @@ def load_model(path: str | os.PathLike, fmt: str, n_future_tokens: int | None = 
     raise ValueError(f"unknown checkpoint format {fmt!r}; expected 'meta', 'hf' or 'wmtp'")
 
 
+def read_model_args(path: str | os.PathLike, fmt: str, n_future_tokens: int | None = None) -> ModelArgs:
+    """The ModelArgs `load_model(path, fmt, n_future_tokens)` would build, without reading the weights (dry runs)."""
+    path = Path(path)
+    if fmt == "meta":
+        params = _read_json(path / "params.json")
+        params.pop("max_batch_size", None)
+        params.pop("use_scaled_rope", None)
+        if params.get("vocab_size", 0) in (-1, 0):
+            sd = torch.load(_meta_weights_file(path), map_location="cpu", weights_only=True, mmap=True)
+            params["vocab_size"] = sd["tok_embeddings.weight"].shape[0]
+        args = ModelArgs.from_dict(params, str(path / "params.json"))
+    elif fmt == "hf":
+        args, n_future_tokens = (
+            _hf_args(_read_json(path / "config.json"), str(path / "config.json")),
+            n_future_tokens or 1,
+        )
+    elif fmt == "wmtp":
+        args = ModelArgs.from_dict(_read_json(path / "config.json"), str(path / "config.json"))
+    else:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; expected 'meta', 'hf' or 'wmtp'")
+    H = n_future_tokens or args.n_future_tokens
+    return dataclasses.replace(args, n_layers=args.n_trunk + H, n_future_tokens=H)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Accounting helpers
+
+
+def count_params_from_args(args: ModelArgs) -> int:
+    """Exact parameter count of Transformer(args), built on the meta device (no memory)."""
+    return count_params(_meta_model(args))
+
+
+def lora_param_count(args: ModelArgs, r: int, target_modules: Iterable[str]) -> int:
+    """Trainable parameters LoRA adds: r * (in + out) per targeted nn.Linear (matched by its last name part)."""
+    targets = set(target_modules)
+    linears = [
+        (n.rsplit(".", 1)[-1], m) for n, m in _meta_model(args).named_modules() if isinstance(m, nn.Linear)
+    ]
+    unknown = targets - {name for name, _ in linears}
+    if unknown:
+        raise ValueError(
+            f"LoRA target_modules {sorted(unknown)} match no linear layer (have wq wk wv wo w1 w2 w3 output)"
+        )
+    return sum(r * (m.in_features + m.out_features) for name, m in linears if name in targets)
 
 
 def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -87,6 +87,7 @@ def test_load_hf_linear_rope_scaling(tmp_path):
 def test_load_hf_with_extra_heads(tmp_path):
     hf = hf_llama(tmp_path)
     m = M.load_hf(tmp_path, n_future_tokens=3).float().eval()
+    assert M.read_model_args(tmp_path, "hf", 3) == m.args
     assert len(m.layers) == 3 and len(m.extra_heads) == 2 and m.args.n_layers == 5
     ids = torch.randint(0, V, (2, 20))
     with torch.no_grad():
@@ -128,6 +129,7 @@ def test_meta_round_trip(tmp_path):
     assert params["n_future_tokens"] == 2 and "ffn_hidden_dim" not in params
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
     m2 = M.load_meta(tmp_path).eval()
+    assert M.read_model_args(tmp_path, "meta") == m.args == m2.args
     ids = torch.randint(0, V, (2, 16))
     with torch.no_grad():
         assert torch.equal(m(ids), m2(ids))
@@ -191,6 +193,8 @@ def test_checkpoint_round_trip_and_resize(tmp_path):
         # dropping heads keeps the trunk and the first heads exactly
         m1 = M.load_model(tmp_path, "wmtp", n_future_tokens=1).eval()
         assert m1.args.n_layers == 2 and torch.equal(m1(ids)[:, :, 0], full[:, :, 0])
+    assert M.read_model_args(tmp_path, "wmtp") == m.args
+    assert M.read_model_args(tmp_path, "wmtp", 1) == m1.args
     with pytest.raises(M.CheckpointError, match="fmt='hf'"):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
         M.load_checkpoint(tmp_path)
@@ -209,6 +213,14 @@ def test_args_rules():
         M.ModelArgs(dim=64, n_layers=2, n_heads=4, n_future_tokens=3)
     a7 = M.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_future_tokens=4)
     assert a7.n_trunk == 28
+    n7 = M.count_params_from_args(
+        a7
+    )  # 6.7B Llama-2-7B shape + 3 extra blocks' worth split into heads: same total
+    assert n7 == 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 2 * 32000 * 4096 + 4096
+    small = tiny_args()
+    assert M.lora_param_count(small, 8, ["wq", "w2"]) == 4 * 8 * ((64 + 64) + (small.hidden_dim + 64))
+    with pytest.raises(ValueError, match="q_proj"):
+        M.lora_param_count(small, 8, ["q_proj"])
     assert M.flops_per_token(a7, 2048) > 6 * 6.5e9
 
 
