@@ -321,13 +321,9 @@ class Transformer(nn.Module):
             raise ValueError(f"KV cache overflow: {end} positions > max_len {cache.max_len}")
         q_idx = torch.arange(start, end, device=ids.device)
         positions = (q_idx[None] - cache.pad[:, None]).clamp(min=0)
-        k_idx = torch.arange(end, device=ids.device)
-        visible = (k_idx[None, None] >= cache.pad[:, None, None]) & (
-            k_idx[None, None] <= q_idx[None, :, None]
-        )
-        mask = (visible | (k_idx[None, None] == q_idx[None, :, None]))[
-            :, None
-        ]  # pad rows see themselves: no NaN
+        k_idx, q_col = torch.arange(end, device=ids.device)[None, None], q_idx[None, :, None]
+        visible = (k_idx >= cache.pad[:, None, None]) & (k_idx <= q_col)
+        mask = (visible | (k_idx == q_col))[:, None]  # a pad query sees itself: no all-masked row, no NaN
         h = self.tok_embeddings(ids)
         cos, sin = rope_cos_sin(positions, self.args, h.dtype)
         for i, layer in enumerate(self.layers):
@@ -711,13 +707,24 @@ def _hf_args(cfg: dict[str, Any], source: str) -> ModelArgs:
         raise CheckpointError(
             f"{source}: rope scaling {rope_type!r} is not supported (only none/default/linear)"
         )
+    required = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
+    missing = [k for k in required if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise CheckpointError(f"{source}: missing or non-integer key(s) {missing}")
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     if cfg.get("head_dim") not in (None, dim // n_heads):
         raise CheckpointError(f"{source}: head_dim={cfg['head_dim']} != hidden_size / num_attention_heads")
-    L = cfg["num_hidden_layers"]
+    try:
+        return _hf_model_args(cfg, rope, rope_type)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _hf_model_args(cfg: dict[str, Any], rope: dict[str, Any], rope_type: str) -> ModelArgs:
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     return ModelArgs(
         dim=dim,
-        n_layers=L,
+        n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads,
         n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
         vocab_size=cfg["vocab_size"],

@@ -32,7 +32,7 @@ def tiny_model(seed: int = 0, dtype=torch.float32, **kw) -> M.Transformer:
     return m.eval()
 
 
-def hf_llama(tmp_path, tie: bool = False, rope: dict | None = None):
+def hf_llama(tmp_path, tie: bool = False, rope: dict | None = None, shard: str | None = None):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
         hidden_size=64,
@@ -53,7 +53,7 @@ def hf_llama(tmp_path, tie: bool = False, rope: dict | None = None):
         for n, p in hf.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
+    hf.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
     return hf
 
 
@@ -75,8 +75,9 @@ def test_load_hf_matches_transformers(tmp_path, tie):
     assert (got[:, :, 0] - ref).abs().max().item() < 1e-4
 
 
-def test_load_hf_linear_rope_scaling(tmp_path):
-    hf = hf_llama(tmp_path, rope={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+def test_load_hf_linear_rope_scaling_sharded(tmp_path):
+    hf = hf_llama(tmp_path, rope={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}, shard="200KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
     m = M.load_hf(tmp_path).float().eval()
     assert m.args.rope_scaling_factor == 4.0
     ids = torch.randint(0, V, (1, 50))
@@ -115,6 +116,10 @@ def test_load_hf_refuses_unsupported(tmp_path):
     cfg["attention_bias"] = True
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(M.CheckpointError, match="attention_bias"):
+        M.load_hf(tmp_path)
+    del cfg["attention_bias"], cfg["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(M.CheckpointError, match="config.json.*hidden_size"):
         M.load_hf(tmp_path)
 
 
