@@ -48,7 +48,7 @@ bench: tiny
 	$(BIN)/python bench/judge.py
 
 gpu-check:
-	bash scripts/gpu_check.sh
+	PYTHON=$(abspath $(BIN)/python) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf .cache runs mlruns

@@ -216,7 +216,16 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
+        self.checkpointing = False  # activation checkpointing, set through Transformer.activation_checkpointing
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, kv=None) -> Tensor:
+        # Checkpoint INSIDE forward (not around the module call): FSDP2's hooks sit on the call, so the recompute
+        # sees the same (already cast, already unsharded) inputs and parameters as the first forward did.
+        if self.checkpointing and kv is None and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
+        return self._forward(x, cos, sin, mask, kv)
+
+    def _forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, kv=None) -> Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -250,7 +259,6 @@ class Transformer(nn.Module):
         self.extra_heads = nn.ModuleList(TransformerBlock(args) for _ in range(H - 1))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.activation_checkpointing = False  # set by the trainer; checkpoints each block while training
         self.init_weights()
 
     @torch.no_grad()
@@ -276,9 +284,17 @@ class Transformer(nn.Module):
             raise IndexError(f"head index {k} out of range for n_future_tokens={self.args.n_future_tokens}")
         return self.layers[-1] if k == 0 else self.extra_heads[k - 1]
 
+    @property
+    def activation_checkpointing(self) -> bool:
+        return all(b.checkpointing for b in (*self.layers, *self.extra_heads))
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        """Checkpoint every block (trunk and heads) while training: recompute in backward instead of storing."""
+        for b in (*self.layers, *self.extra_heads):
+            b.checkpointing = on
+
     def _block(self, block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, cos, sin, use_reentrant=False)
         return block(x, cos, sin)
 
     def _rope(self, S: int, ref: Tensor) -> tuple[Tensor, Tensor]:

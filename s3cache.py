@@ -380,6 +380,20 @@ def resolve(
     )
 
 
+# files whose presence makes a local model directory complete, per checkpoint format (model.load_model's)
+MODEL_FILES = {"meta": ["params.json"], "hf": ["config.json"], "wmtp": ["model.safetensors", "config.json"]}
+
+
+def resolve_model(cfg: Any, path: str, resource: str, fmt: str, key: str) -> Path:
+    """The model directory behind config key `key` (local, else S3 mirror); errors name the config file and key."""
+    if not path and not resource:
+        raise ValueError(f"{cfg.source}: '{key}' is empty and no S3 resource is configured for it")
+    try:
+        return resolve(resource, path or None, cfg.storage, kind="model", required_files=MODEL_FILES.get(fmt))
+    except StorageError as e:
+        raise StorageError(f"{cfg.source}: '{key}' = {path!r}: {e}") from None
+
+
 # --------------------------------------------------------------------------- upload
 
 

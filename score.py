@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import s3cache
+
 STD_EPS = 1e-6  # spec §3.1 step 2: z = (s - mean) / (std + 1e-6)
 BISECT_ITERS = 100  # log c bracket halves 100 times: far below 1e-6 for any realistic bracket width
 HIST_BINS = 60
@@ -365,19 +367,6 @@ def _log(msg: str) -> None:
         print(f"score: {msg}", flush=True)
 
 
-def _resolve_dir(cfg: Any, local: str, resource: str, key: str) -> Path:
-    """Local directory first, else the S3 mirror via s3cache (imported only then); else a clear error."""
-    if local and Path(local).is_dir():
-        return Path(local)
-    if resource:
-        import s3cache
-
-        return Path(s3cache.resolve(resource, local or None, cfg.storage, kind="model"))
-    raise FileNotFoundError(
-        f"{cfg.source}: '{key}' = {local!r} is not a directory and no S3 resource is configured for it"
-    )
-
-
 def _model_dim(model: nn.Module) -> int:
     """The trunk width, also through a peft wrapper."""
     for m in (model, getattr(model, "get_base_model", lambda: None)()):
@@ -460,7 +449,9 @@ def _init_critic(state: ScorerState) -> None:
                 f"{cfg.source}: critic.reward = 'model' needs 'critic.reward_model' (an HF sequence-classification "
                 "checkpoint directory with one label) or 'critic.reward_resource'"
             )
-        state.reward_dir = _resolve_dir(cfg, cc.reward_model, cc.reward_resource, "critic.reward_model")
+        state.reward_dir = s3cache.resolve_model(
+            cfg, cc.reward_model, cc.reward_resource, "hf", "critic.reward_model"
+        )
         if not (state.reward_dir / "config.json").is_file():
             raise FileNotFoundError(
                 f"{cfg.source}: 'critic.reward_model' = {str(state.reward_dir)!r} has no config.json "
@@ -725,7 +716,7 @@ def _init_rho1(state: ScorerState) -> None:
             f"{cfg.source}: loss.scorer = 'rho1_excess_v1' needs 'rho1.ref_model' (a reference causal LM "
             "directory with the base tokenizer) or 'rho1.ref_resource'"
         )
-    d = _resolve_dir(cfg, rc.ref_model, rc.ref_resource, "rho1.ref_model")
+    d = s3cache.resolve_model(cfg, rc.ref_model, rc.ref_resource, rc.ref_format, "rho1.ref_model")
     check_same_tokenizer(state.tokenizer, d)
     if rc.ref_format == "hf":
         from transformers import AutoModelForCausalLM

@@ -30,25 +30,13 @@ import config as C
 import data
 import model as M
 import parallel as P
+import s3cache
 import score
 
 # single-process runs save with torch.distributed.checkpoint too; its "assuming a single process" note is noise
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 # --------------------------------------------------------------------------- setup helpers
-
-
-def resolve_path(cfg: C.Config, local: str, resource: str, kind: str, hub_id: str | None = None) -> Path:
-    """Local path first, else the S3 mirror (s3cache), else a clear error."""
-    if local and Path(local).exists():
-        return Path(local)
-    if resource or hub_id:
-        import s3cache
-
-        return s3cache.resolve(resource, local or None, cfg.storage, kind=kind, hub_id=hub_id)
-    raise FileNotFoundError(
-        f"{cfg.source}: {kind} path {local!r} does not exist and no S3 resource is configured"
-    )
 
 
 def load_tokenizer(cfg: C.Config, model_dir: Path):
@@ -208,11 +196,20 @@ def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
         return None
     base = unwrap(net)
     clean = M.Transformer(base.args)
-    if hasattr(net, "get_base_model"):  # peft: merge the adapters into a plain copy
-        full = merge_lora_state(full, net)
-    clean.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if hasattr(net, "get_base_model"):  # peft: the adapters alone, then merged into a plain copy
+        from safetensors.torch import save_file
+
+        lc = net.peft_config["default"]
+        save_file(
+            {k: v.contiguous() for k, v in full.items() if "lora_" in k}, str(tmp / "adapter.safetensors")
+        )
+        meta = {"r": lc.r, "lora_alpha": lc.lora_alpha, "target_modules": sorted(lc.target_modules)}
+        (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+        full = merge_lora_state(full, net)
+    clean.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
     M.save_checkpoint(clean, tmp)
     tokenizer.save_pretrained(str(tmp))
     atomic_dir_swap(tmp, out)
@@ -381,7 +378,9 @@ def dry_run(cfg: C.Config, d: P.Dist, model_dir: Path, tokenizer) -> int:
     world = int(os.environ.get("WORLD_SIZE", d.world_size))
     aux = 0
     if cfg.loss.scorer == "rho1_excess_v1" and cfg.rho1.ref_model:
-        ref_dir = resolve_path(cfg, cfg.rho1.ref_model, cfg.rho1.ref_resource, "model")
+        ref_dir = s3cache.resolve_model(
+            cfg, cfg.rho1.ref_model, cfg.rho1.ref_resource, cfg.rho1.ref_format, "rho1.ref_model"
+        )
         aux = M.count_params_from_args(M.read_model_args(ref_dir, cfg.rho1.ref_format, 1))
     budget = cfg.train.memory_gb or (
         torch.cuda.get_device_properties(d.device).total_memory / 1024**3 if d.device.type == "cuda" else 80.0
@@ -474,7 +473,7 @@ def main(argv: list[str]) -> int:
 def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     torch.manual_seed(cfg.train.seed)
     log = print if d.main else (lambda *a, **k: None)
-    model_dir = resolve_path(cfg, cfg.model.path, cfg.model.resource, "model")
+    model_dir = s3cache.resolve_model(cfg, cfg.model.path, cfg.model.resource, cfg.model.format, "model.path")
     tokenizer = load_tokenizer(cfg, model_dir)
     if dry:
         return dry_run(cfg, d, model_dir, tokenizer)
@@ -513,7 +512,12 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     import tracking
 
     tracker = tracking.Tracker(cfg, rank=d.rank)
-    tracker.start(run_name=run_name, world_size=d.world_size, extra={"model.dir": str(model_dir)})
+    data_hash = data.data_fingerprint(data.resolve_dataset_dir(cfg))
+    tracker.start(
+        run_name=run_name,
+        world_size=d.world_size,
+        extra={"model.dir": str(model_dir), "data.hash": data_hash},
+    )
     pad = tokenizer.pad_token_id
     loader = data.make_loader(
         train_ds,
@@ -710,6 +714,12 @@ def finish(
         best = run_dir / "checkpoints" / "best"
         if best.exists():
             tracker.log_artifacts(best, "checkpoints/best")
+        if (
+            cfg.storage.upload_checkpoints
+        ):  # also to s3://<bucket>/<prefix>/runs/<run>/checkpoints/ (all in s3cache)
+            for ck in (c for c in (final, best) if c is not None and c.exists()):
+                s3cache.upload(ck, f"runs/{run_dir.name}/checkpoints/{ck.name}", cfg.storage)
+                print(f"uploaded {ck} to S3 resource runs/{run_dir.name}/checkpoints/{ck.name}")
         tracker.write_report(run_dir, summary)
         tracker.finish("FINISHED")
         for line in tracker.summary():

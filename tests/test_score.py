@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -575,6 +576,7 @@ def test_scorer_end_to_end(name, extra, tok, tmp_path, aux_dirs, train_rows):
 def test_rho1_rejects_a_different_tokenizer(tok, tmp_path, aux_dirs):
     from transformers import AutoTokenizer
 
+    shutil.copytree(aux_dirs / "ref", tmp_path / "ref2")
     other = AutoTokenizer.from_pretrained(str(aux_dirs / "ref"))
     other.add_tokens(["<zz_extra>"])
     other.save_pretrained(str(tmp_path / "ref2"))
@@ -593,7 +595,9 @@ def test_tests_reward_runs_the_sandbox(tok, tmp_path, train_rows):
     """critic.reward = 'tests': the decoded reference completion passes (1), a broken one fails (0)."""
     cfg = make_cfg(tmp_path, "critic_delta_v1", critic=dict(reward="tests"))
     state = score.init_state(cfg, tiny_policy(len(tok)), tok, "cpu")
-    row = next(r for r in train_rows if r["input_ids"][-1] == tok.eos_token_id)  # a completion that was not cut
+    row = next(
+        r for r in train_rows if r["input_ids"][-1] == tok.eos_token_id
+    )  # a completion that was not cut
     _, completion = score._texts(tok, row["input_ids"], row["loss_mask"])
     tid = row["task_id"]
     got = score._test_rewards(state, [completion, "def nothing():\n    pass\n"], [tid, tid])

@@ -176,3 +176,38 @@ def test_dry_run_prints_the_plan_and_refuses_what_does_not_fit(tiny_dir, tmp_pat
 def test_config_error_exits_before_any_work(tiny_dir, tmp_path):
     p = run_train(tiny_dir, tmp_path, "--loss.lam=2", check=False)
     assert p.returncode == 2 and "'loss.lam' = 2.0 is out of range" in p.stderr
+
+
+def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_path):
+    import data
+    import model as M
+    import parallel as P
+    import score
+
+    kv = {"train.lora.enabled": True, "train.lora.dropout": 0.0, "train.lora.r": 4, "optim.lr": 1e-2}
+    cfg = C.load_config(REPO / "configs/tiny_mbpp.toml", tiny_overrides(tiny_dir, tmp_path, **kv))
+    d = P.Dist()
+    tok = train.load_tokenizer(cfg, tiny_dir / "base_meta")
+    net = train.build_model(cfg, d, tiny_dir / "base_meta")
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = train.make_optimizer(cfg, net)
+    state = score.init_state(cfg, net, tok, d.device)
+    loader = data.make_loader(data.build_dataset(cfg, tok, "train"), 4, tok.pad_token_id)
+    st = train.TrainState(micro_batch=4)
+    for step in range(3):
+        train.optimizer_step(cfg, net, opt, next(loader), st, state, d, step)
+        opt.step()
+    changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("extra_heads" in n and "lora_B" in n for n in changed)  # the extra heads get adapters too
+    assert any(n.startswith("base_model.model.layers.") and "lora_B" in n for n in changed)
+
+    out = train.export_model(net, tmp_path / "export", tok, d)
+    from safetensors.torch import load_file
+
+    assert all("lora_" in k for k in load_file(out / "adapter.safetensors"))
+    merged = M.load_checkpoint(out)
+    net.eval()
+    ids = torch.randint(0, merged.args.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids), merged(ids), rtol=1e-5, atol=1e-5)
