@@ -216,7 +216,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-        self.checkpointing = False  # activation checkpointing, set through Transformer.activation_checkpointing
+        self.checkpointing = False  # set through Transformer.activation_checkpointing
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, kv=None) -> Tensor:
         # Checkpoint INSIDE forward (not around the module call): FSDP2's hooks sit on the call, so the recompute

@@ -92,9 +92,8 @@ def average_gradients(model: nn.Module) -> None:
         return
     for p in model.parameters():
         if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
-            if dist.get_backend() != "nccl":
-                p.grad /= dist.get_world_size()
+            dist.all_reduce(p.grad)  # SUM: gloo has no AVG
+            p.grad /= dist.get_world_size()
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:

@@ -119,7 +119,7 @@ def test_infinite_loop_times_out():
 @needs_root
 def test_fork_bomb_is_bounded_and_cleaned():
     src = "import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.01)"
-    deadline = time.monotonic() + 10  # stragglers of earlier sandbox runs (another test, another process) exit
+    deadline = time.monotonic() + 10  # let stragglers of earlier sandbox runs exit
     while sandbox_procs() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not sandbox_procs()
