@@ -419,13 +419,23 @@ def dry_run(cfg: C.Config, d: P.Dist, model_dir: Path, tokenizer) -> int:
     if aux:
         print(f"reference   {P.format_count(aux)} parameters ({cfg.train.aux_models})")
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.max_length * world
-    print(f"batch       {tokens} tokens per optimizer step at most ({world} devices)")
+    print(
+        f"batch       {tokens} tokens per optimizer step at most ({world} device{'s' if world > 1 else ''})"
+    )
     print(f"memory plan per device (world size {world}):\n{plan.table()}")
     if not plan.fits:
+        fixes = [] if cfg.model.activation_checkpointing else ["enable model.activation_checkpointing"]
+        fixes += ["lower train.micro_batch_size or data.max_length"]
+        fixes += [] if cfg.train.lora.enabled else ["use LoRA (train.lora.enabled)"]
+        fixes += (
+            ["shard the reference (train.aux_models = 'shard')"]
+            if aux and cfg.train.aux_models != "shard"
+            else []
+        )
+        fixes += ["or use more devices"]
         print(
             f"REFUSED: the plan needs {plan.total_gb:.1f} GB per device but only {0.9 * plan.budget_gb:.1f} GB "
-            "(90% of the device) is usable: enable model.activation_checkpointing, lower train.micro_batch_size or "
-            "data.max_length, use LoRA, or more devices"
+            f"(90% of the device) is usable: {', '.join(fixes)}"
         )
         return 2
     print("plan fits: OK (no optimizer step was run)")
