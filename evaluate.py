@@ -119,6 +119,21 @@ def _judge_one(dataset: str, problem: dict, completion: str, timeout: float, tim
     return {"passed": r.passed, "kind": r.status, "detail": r.detail, "isolation": r.isolation}
 
 
+def judge_completion(
+    dataset: str, problem: dict, completion: str, timeout: float = 10.0, time_scale: float = 3.0
+) -> dict:
+    """Judge ONE completion of one problem in the sandbox, exactly as `judge` does for each of its jobs.
+
+    For callers outside evaluation (the critic's `tests` reward). Returns {"passed": bool, "status": "ok" /
+    "wrong_answer" / "timeout" / ... (the sandbox's verdict; also under "kind"), "detail": str, "isolation": ...}.
+    `timeout` (s) bounds an MBPP / HumanEval program; CodeContests tests use `time_scale` x the problem's limit.
+    """
+    if dataset not in DATASETS:
+        raise EvalError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    verdict = _judge_one(dataset, problem, completion, timeout, time_scale)
+    return {**verdict, "status": verdict["kind"]}
+
+
 def judge(
     dataset: str,
     problems: dict,

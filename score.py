@@ -516,20 +516,6 @@ def _rm_rewards(state: ScorerState, texts: list[str]) -> list[float]:
     return out
 
 
-def _mbpp_judge() -> Callable[[dict, str, float], bool]:
-    """judge(problem, completion, timeout) -> passed, from evaluate.py (imported lazily: sandboxes are heavy).
-
-    Uses `evaluate.judge_mbpp` when it exists, else evaluate's single-completion `_judge_one("mbpp", ...)`.
-    """
-    import evaluate
-
-    if hasattr(evaluate, "judge_mbpp"):
-        return lambda p, c, t: bool(evaluate.judge_mbpp(p, c, timeout=t))
-    if hasattr(evaluate, "_judge_one"):
-        return lambda p, c, t: bool(evaluate._judge_one("mbpp", p, c, t, 3.0)["passed"])
-    raise ImportError("critic.reward = 'tests' needs evaluate.py's single-completion MBPP judge")
-
-
 def _test_rewards(state: ScorerState, completions: list[str], task_ids: list[int]) -> list[float]:
     """1.0 when the completion passes its MBPP problem's tests in the sandbox, else 0.0 (parallel sandboxes)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -543,13 +529,16 @@ def _test_rewards(state: ScorerState, completions: list[str], task_ids: list[int
             raise KeyError(
                 f"critic.reward = 'tests': task_id {tid} is not an MBPP problem (packed rows have -1)"
             )
-    judge, timeout = _mbpp_judge(), float(state.cfg.eval.timeout)
+    from evaluate import judge_completion  # lazily: sandboxes are only needed for this reward
+
+    timeout = float(state.cfg.eval.timeout)
     workers = state.cfg.eval.workers or os.cpu_count() or 1
+
+    def one(j: int) -> bool:
+        return bool(judge_completion("mbpp", state.problems[task_ids[j]], completions[j], timeout)["passed"])
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        passed = pool.map(
-            lambda j: judge(state.problems[task_ids[j]], completions[j], timeout), range(len(task_ids))
-        )
-        return [1.0 if p else 0.0 for p in passed]
+        return [1.0 if p else 0.0 for p in pool.map(one, range(len(task_ids)))]
 
 
 def _compute_rewards(state: ScorerState, rows: list[tuple[int, list[int], list[bool], int]]) -> None:

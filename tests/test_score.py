@@ -602,3 +602,16 @@ def test_tests_reward_runs_the_sandbox(tok, tmp_path, train_rows):
     tid = row["task_id"]
     got = score._test_rewards(state, [completion, "def nothing():\n    pass\n"], [tid, tid])
     assert got == [1.0, 0.0]
+
+
+def test_judge_completion_is_the_public_single_judge():
+    """The critic's `tests` reward goes through evaluate.judge_completion: verdicts with "passed" and "status"."""
+    import evaluate
+
+    problem = data.load_mbpp(os.path.join(C.default_data_root(), "mbpp"))[2]
+    ok = evaluate.judge_completion("mbpp", problem, problem["code"], timeout=20.0)
+    assert ok["passed"] is True and ok["status"] == "ok"
+    bad = evaluate.judge_completion("mbpp", problem, "def nothing():\n    pass\n", timeout=20.0)
+    assert bad["passed"] is False and bad["status"] != "ok" and bad["status"] == bad["kind"]
+    with pytest.raises(evaluate.EvalError, match="unknown dataset 'mpbb'"):
+        evaluate.judge_completion("mpbb", problem, problem["code"])
