@@ -9,10 +9,10 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv tiny smoke test test-slow lint format bench gpu-check clean
 
+# torch first and pinned: on the CI machines pip takes the 2.13.0 CPU wheel lying on disk; elsewhere PyPI's Linux
+# wheel is the CUDA build (set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for a CPU-only install).
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch first and pinned, so pip takes the 2.13.0 CPU wheel instead of resolving a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@

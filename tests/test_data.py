@@ -13,7 +13,6 @@ import torch
 import data
 from config import default_data_root, load_config
 from tests import servers
-from tests.tiny_fixture import tiny_tokenizer_dir  # noqa: F401  (pytest fixture)
 
 s3_server, s3_env = servers.s3_server, servers.s3_env  # pytest fixtures (a real moto S3 server)
 
@@ -26,7 +25,7 @@ def mbpp() -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):  # noqa: F811
+def tok(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))

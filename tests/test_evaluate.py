@@ -14,7 +14,6 @@ import pytest
 import data
 import evaluate
 from config import REPO, default_data_root
-from tests.tiny_fixture import tiny_dir  # noqa: F401
 
 ROOT = Path(default_data_root())
 FIXTURES = Path(__file__).parent / "fixtures" / "codecontests"
@@ -202,7 +201,7 @@ def test_unknown_task_id_error_in_python(tmp_path, humaneval):
 # --------------------------------------------------------------------------- with a model
 
 
-def test_evaluate_model_on_tiny_model_writes_the_report(tiny_dir, tmp_path):  # noqa: F811
+def test_evaluate_model_on_tiny_model_writes_the_report(tiny_dir, tmp_path):
     import torch
 
     import config

@@ -13,17 +13,16 @@ import torch
 import data
 import tiny
 from config import REPO, default_data_root
-from tests.tiny_fixture import tiny_dir  # noqa: F401  (pytest fixture)
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_dir):  # noqa: F811
+def tok(tiny_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
 
 
-def test_tokenizer_special_tokens_and_roundtrip(tok, tiny_dir):  # noqa: F811
+def test_tokenizer_special_tokens_and_roundtrip(tok, tiny_dir):
     from transformers import AutoTokenizer
 
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
@@ -46,7 +45,7 @@ def test_tokenizer_training_is_deterministic():
     assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
 
 
-def test_ref_hf_is_a_llama_causal_lm(tok, tiny_dir):  # noqa: F811
+def test_ref_hf_is_a_llama_causal_lm(tok, tiny_dir):
     from transformers import AutoModelForCausalLM
 
     assert (tiny_dir / "ref_hf" / "model.safetensors").is_file()
@@ -58,7 +57,7 @@ def test_ref_hf_is_a_llama_causal_lm(tok, tiny_dir):  # noqa: F811
     assert logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(logits).all()
 
 
-def test_rm_hf_scores_padded_batches(tok, tiny_dir):  # noqa: F811
+def test_rm_hf_scores_padded_batches(tok, tiny_dir):
     from transformers import AutoModelForSequenceClassification
 
     rm = AutoModelForSequenceClassification.from_pretrained(str(tiny_dir / "rm_hf")).eval()
@@ -72,7 +71,7 @@ def test_rm_hf_scores_padded_batches(tok, tiny_dir):  # noqa: F811
     torch.testing.assert_close(both[1], alone[0], rtol=1e-4, atol=1e-5)  # padding does not change the score
 
 
-def test_base_meta_is_an_h4_mtp_model(tok, tiny_dir):  # noqa: F811
+def test_base_meta_is_an_h4_mtp_model(tok, tiny_dir):
     M = pytest.importorskip("model")
     params = json.loads((tiny_dir / "base_meta" / "params.json").read_text())
     assert (params["n_future_tokens"], params["n_layers"], params["vocab_size"]) == (4, 6, len(tok))
@@ -83,7 +82,7 @@ def test_base_meta_is_an_h4_mtp_model(tok, tiny_dir):  # noqa: F811
     assert logits.shape[2:] == (4, len(tok)) and torch.isfinite(logits).all()
 
 
-def test_build_all_skips_complete_output(tiny_dir):  # noqa: F811
+def test_build_all_skips_complete_output(tiny_dir):
     before = {p: p.stat().st_mtime_ns for p in tiny_dir.rglob("*")}
     paths = tiny.build_all(tiny_dir)
     assert paths == {name: tiny_dir / name for name in tiny.ARTEFACTS}
