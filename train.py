@@ -488,34 +488,32 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     if dry:
         return dry_run(cfg, d, model_dir, tokenizer)
 
+    # ---- run directory, model, data, optimizer, scorer
     run_name = cfg.train.run_name or f"{cfg.algo}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_name = P.broadcast_object(run_name)
-    run_dir = Path(cfg.train.out_dir) / run_name
+    run_dir = Path(cfg.train.out_dir) / P.broadcast_object(run_name)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=2))
     net = build_model(cfg, d, model_dir)
     base = unwrap(net)
-    n_params = sum(p.numel() for p in base.parameters())
-    n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    n_params, n_train = M.count_params(base), sum(p.numel() for p in net.parameters() if p.requires_grad)
     log(
-        f"model: {P.format_count(n_params)} parameters ({P.format_count(n_train)} trainable), H={base.args.n_future_tokens}, device {d.device} x {d.world_size}"
+        f"model: {P.format_count(n_params)} parameters ({P.format_count(n_train)} trainable), "
+        f"H={base.args.n_future_tokens}, device {d.device} x {d.world_size}"
     )
-
     train_ds = data.build_dataset(cfg, tokenizer, cfg.data.train_split)
     val_ds = data.build_dataset(cfg, tokenizer, cfg.data.val_split)
-    per_rank = cfg.train.micro_batch_size * cfg.train.grad_accum
+    per_rank, pad = cfg.train.micro_batch_size * cfg.train.grad_accum, tokenizer.pad_token_id
     log(
-        f"data: {len(train_ds)} train rows, {len(val_ds)} validation rows, {per_rank * d.world_size} examples per step"
+        f"data: {len(train_ds)} train rows, {len(val_ds)} validation rows, {per_rank * d.world_size} per step"
     )
-
     opt = make_optimizer(cfg, net)
     scorer_state = score.init_state(cfg, net, tokenizer, d.device, dataset=train_ds)
     st = TrainState(micro_batch=cfg.train.micro_batch_size)
-    last = run_dir / "checkpoints" / "last"
     if resume:
+        last = run_dir / "checkpoints" / "last"
         if not (last / "trainer.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {last} (train.run_name = {run_name!r})")
+            raise TrainError(f"--resume: no checkpoint at {last} (train.run_name = {run_dir.name!r})")
         st = load_resume(last, net, opt, scorer_state, d)
         log(f"resumed from {last} at step {st.step}")
 
@@ -523,44 +521,21 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
 
     tracker = tracking.Tracker(cfg, rank=d.rank)
     data_hash = data.data_fingerprint(data.resolve_dataset_dir(cfg))
-    tracker.start(
-        run_name=run_name,
-        world_size=d.world_size,
-        extra={"model.dir": str(model_dir), "data.hash": data_hash},
-    )
-    pad = tokenizer.pad_token_id
-    loader = data.make_loader(
-        train_ds,
-        per_rank,
-        pad,
-        seed=cfg.data.seed,
-        rank=d.rank,
-        world_size=d.world_size,
-        skip_batches=st.step,
-    )
-    if st.step == 0:
-        score.prepare(
-            scorer_state,
-            data.make_loader(
-                train_ds,
-                cfg.train.micro_batch_size,
-                pad,
-                seed=cfg.data.seed + 1,
-                rank=d.rank,
-                world_size=d.world_size,
-            ),
-        )
+    extra = {"model.dir": str(model_dir), "data.hash": data_hash}
+    tracker.start(run_name=run_dir.name, world_size=d.world_size, extra=extra)
+    shard = {"rank": d.rank, "world_size": d.world_size}
+    loader = data.make_loader(train_ds, per_rank, pad, seed=cfg.data.seed, skip_batches=st.step, **shard)
+    if st.step == 0:  # scorer stage 1 (critic) / precompute (rho1), first validation, first good checkpoint
+        mb = cfg.train.micro_batch_size
+        score.prepare(scorer_state, data.make_loader(train_ds, mb, pad, seed=cfg.data.seed + 1, **shard))
         v0 = validate(cfg, net, val_ds, pad, d)
         log(f"step 0: val/loss {v0['val/loss']:.4f}")
         tracker.log_metrics(v0, step=0)
         st.history.append({"step": 0, **v0})
-        save_resume(
-            run_dir, "last", net, opt, st, scorer_state, d
-        )  # the NaN fallback's first good checkpoint
+        save_resume(run_dir, "last", net, opt, st, scorer_state, d)
 
-    flops_tok = M.flops_per_token(base.args, cfg.data.max_length)
-    peak = P.peak_flops(d.device)
-    t_last, tokens_since = time.perf_counter(), 0.0
+    # ---- the loop
+    meter = Meter(d, M.flops_per_token(base.args, cfg.data.max_length))
     stop = min(cfg.train.steps, cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
     while st.step < stop:
         step = st.step
@@ -570,33 +545,28 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
             g["lr"] = lr
         stats = optimizer_step(cfg, net, opt, batch, st, scorer_state, d, step)
         m = step_metrics(stats, d)
-        gnorm = torch.nn.utils.clip_grad_norm_(
-            [p for p in net.parameters() if p.requires_grad], cfg.optim.grad_clip or float("inf")
-        )
+        params = [p for p in net.parameters() if p.requires_grad]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        finite = math.isfinite(m["train/loss"]) and math.isfinite(gnorm)
-        if finite:
+        if math.isfinite(m["train/loss"]) and math.isfinite(gnorm):
             opt.step()
             st.bad_steps = 0
+            w, valid = (torch.cat([s[k].flatten() for s in stats]) for k in ("weights", "valid"))
+            m.update(
+                scorer_state.metrics
+            )  # value loss, mean excess, ... (and the last micro-batch's weights/*)
+            m.update(score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max))  # the whole step's weights
+            st.last_weights = {k: v for k, v in m.items() if k.startswith("weights/")}
         else:  # skip: no weight is touched
             opt.zero_grad(set_to_none=True)
             st.bad_steps += 1
             st.skipped_steps += 1
             log(
-                f"step {step}: non-finite loss/grad norm ({m['train/loss']}, {gnorm}); step skipped ({st.bad_steps} in a row)"
+                f"step {step}: non-finite loss/grad norm ({m['train/loss']}, {gnorm}); skipped ({st.bad_steps} in a row)"
             )
             if st.bad_steps >= cfg.train.max_bad_steps:
                 st = recover(cfg, run_dir, net, opt, st, scorer_state, d)
         st.step += 1
-        tokens_since += m["train/tokens"]
-        if finite:
-            w = torch.cat([s["weights"].flatten() for s in stats])
-            valid = torch.cat([s["valid"].flatten() for s in stats])
-            m.update(scorer_state.metrics)  # value loss, mean excess, ... (weights/* of the last micro-batch)
-            m.update(
-                score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max)
-            )  # ... replaced by the whole step's
-            st.last_weights = {k: v for k, v in m.items() if k.startswith("weights/")}
         m.update(
             {
                 "train/lr": lr,
@@ -606,41 +576,31 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
                 "train/micro_batch": st.micro_batch,
             }
         )
-        if st.step % cfg.train.log_every == 0 or st.step == cfg.train.steps:
-            dt = time.perf_counter() - t_last
-            tps = tokens_since / dt / d.world_size
-            m["perf/tokens_per_s_per_device"] = tps
-            if peak:
-                m["perf/mfu"] = tps * flops_tok / peak
+        meter.add(m["train/tokens"])
+        if st.step % cfg.train.log_every == 0 or st.step == stop:
+            m.update(meter.read())
             heads = " ".join(f"{m[f'train/ce_head{k + 1}']:.3f}" for k in range(base.args.n_future_tokens))
-            mfu = f" mfu {m['perf/mfu'] * 100:.1f}%" if peak else ""
-            if d.device.type == "cuda":
-                m["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 1024**3
-                mfu += f" mem {m['perf/peak_mem_gb']:.1f}GB"
             log(
-                f"step {st.step:>6d}/{cfg.train.steps} loss {m['train/loss']:.4f} ce/head [{heads}] lr {lr:.2e} gnorm {gnorm:.2f} {tps:,.0f} tok/s/dev{mfu}"
+                f"step {st.step:>6d}/{cfg.train.steps} loss {m['train/loss']:.4f} ce/head [{heads}] lr {lr:.2e} "
+                f"gnorm {gnorm:.2f} {meter.describe(m)}"
             )
-            t_last, tokens_since = time.perf_counter(), 0.0
         tracker.log_metrics(m, step=st.step)
         if d.main:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": st.step, **m}) + "\n")
-        if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 or st.step == cfg.train.steps:
+        if (cfg.train.eval_every and st.step % cfg.train.eval_every == 0) or st.step == cfg.train.steps:
             v = validate(cfg, net, val_ds, pad, d)
             tracker.log_metrics(v, step=st.step)
-            st.history.append({"step": st.step, **{k: m[k] for k in ("train/loss",)}, **v})
-            log(
-                f"step {st.step:>6d} val/loss {v['val/loss']:.4f}"
-                + (" (best)" if v["val/loss"] < st.best_val else "")
-            )
-            if v["val/loss"] < st.best_val:
+            st.history.append({"step": st.step, "train/loss": m["train/loss"], **v})
+            best = v["val/loss"] < st.best_val
+            log(f"step {st.step:>6d} val/loss {v['val/loss']:.4f}" + (" (best)" if best else ""))
+            if best:
                 st.best_val = v["val/loss"]
                 export_model(net, run_dir / "checkpoints" / "best", tokenizer, d)
-        if (
-            (cfg.train.save_every and st.step % cfg.train.save_every == 0) or st.step == stop
-        ) and not st.bad_steps:
-            save_resume(run_dir, "last", net, opt, st, scorer_state, d)  # "last" stays the last GOOD state
-        if cfg.train.save_every and st.step % cfg.train.save_every == 0:
+        periodic = cfg.train.save_every and st.step % cfg.train.save_every == 0
+        if (periodic or st.step == stop) and not st.bad_steps:  # "last" is only ever a good state
+            save_resume(run_dir, "last", net, opt, st, scorer_state, d)
+        if periodic:
             save_resume(run_dir, f"step_{st.step:06d}", net, opt, st, scorer_state, d)
 
     if st.step < cfg.train.steps:
@@ -649,6 +609,36 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
         return 0
     final = export_model(net, run_dir / "checkpoints" / "final", tokenizer, d)
     return finish(cfg, d, run_dir, final, st, scorer_state, tracker, tokenizer)
+
+
+class Meter:
+    """Tokens/s per device, MFU on known GPUs (6N + attention FLOPs per token), peak memory, between log lines."""
+
+    def __init__(self, d: P.Dist, flops_per_token: float):
+        self.d, self.flops, self.peak = d, flops_per_token, P.peak_flops(d.device)
+        self.t0, self.tokens = time.perf_counter(), 0.0
+
+    def add(self, tokens: float) -> None:
+        self.tokens += tokens
+
+    def read(self) -> dict:
+        tps = self.tokens / max(time.perf_counter() - self.t0, 1e-9) / self.d.world_size
+        out = {"perf/tokens_per_s_per_device": tps}
+        if self.peak:
+            out["perf/mfu"] = tps * self.flops / self.peak
+        if self.d.device.type == "cuda":
+            out["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.d.device) / 1024**3
+        self.t0, self.tokens = time.perf_counter(), 0.0
+        return out
+
+    @staticmethod
+    def describe(m: dict) -> str:
+        text = f"{m['perf/tokens_per_s_per_device']:,.0f} tok/s/dev"
+        if "perf/mfu" in m:
+            text += f" mfu {m['perf/mfu'] * 100:.1f}%"
+        if "perf/peak_mem_gb" in m:
+            text += f" mem {m['perf/peak_mem_gb']:.1f}GB"
+        return text
 
 
 def recover(cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P.Dist) -> TrainState:
