@@ -117,6 +117,64 @@ def apply_fsdp(model: nn.Module, bf16: bool) -> nn.Module:
     return model
 
 
+def aux_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of a reference / reward model: ours (layers + extra_heads) or an HF decoder
+    (`LlamaForCausalLM`, `LlamaForSequenceClassification`, ...: model.model.layers)."""
+    if hasattr(model, "layers") and hasattr(model, "extra_heads"):
+        return [*model.layers, *model.extra_heads]
+    inner = getattr(model, "model", None)
+    if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        return list(inner.layers)
+    raise TypeError(
+        f"cannot shard a {type(model).__name__}: expected our model.Transformer (layers + extra_heads) or an HF "
+        "decoder with model.model.layers; set train.aux_models = 'replicate'"
+    )
+
+
+def shard_frozen(
+    model: nn.Module, block_modules: list[nn.Module], bf16: bool, device: torch.device | None = None
+) -> nn.Module:
+    """FSDP2 for an inference-only model: `fully_shard` per block, then the root, each rank keeping 1/world.
+
+    The model is put in eval mode without gradients; it may still be on the CPU (FSDP2 moves each module to the
+    mesh's device as it shards it, so a full copy never sits on the GPU). bf16: compute in bfloat16 through a
+    MixedPrecisionPolicy, as `apply_fsdp`. `device`: the mesh's device type (default: FSDP2's, CUDA when there is
+    one; pass the training device so `train.device = "cpu"` stays on gloo). Every block (the root too) all-gathers
+    for its forward and frees the gathered weights after it, so each forward is a collective: EVERY rank must call
+    the model the same number of times, in the same order.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.eval().requires_grad_(False)
+    kw: dict = {
+        "reshard_after_forward": True
+    }  # explicit: the root too (FSDP2 keeps it gathered for backward)
+    if device is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        kw["mesh"] = init_device_mesh(device.type, (dist.get_world_size(),))
+    if bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    for block in block_modules:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group; (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_gather_object(obj) -> list:
+    """[rank 0's obj, rank 1's obj, ...] on every rank (picklable objects; CPU tensors); [obj] in one process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def set_grad_sync(model: nn.Module, enabled: bool) -> None:
     """Skip the reduce-scatter on all but the last micro-batch of a gradient-accumulation step (FSDP2 only)."""
     if hasattr(model, "set_requires_gradient_sync"):

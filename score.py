@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import parallel as P
 import s3cache
 
 STD_EPS = 1e-6  # spec §3.1 step 2: z = (s - mean) / (std + 1e-6)
@@ -328,6 +329,9 @@ class ScorerState:
     ref_dir: Path | None = None
     ref_ce: dict[int, Tensor] = field(default_factory=dict)  # CE_ref per position, per example (precompute)
     ref_cache_ready: bool = False
+    # train.aux_models = "shard" under torchrun: the reference / reward model is FSDP2-sharded, so every forward
+    # is a collective that all ranks make together (see _split_map and the lazy paths)
+    aux_sharded: bool = False
     # weight histogram over the whole run
     hist_edges: Tensor | None = None
     hist_counts: Tensor | None = None
@@ -391,6 +395,7 @@ def init_state(cfg: Any, model: nn.Module, tokenizer: Any, device: Any, dataset:
     edges = torch.linspace(0.0, w_top, HIST_BINS + 1, dtype=torch.float64, device=dev)
     state = ScorerState(cfg, model, tokenizer, dev, dataset, hist_edges=edges)
     state.hist_counts = torch.zeros(HIST_BINS, dtype=torch.float64, device=dev)
+    state.aux_sharded = P.Dist().enabled and cfg.train.aux_models == "shard"  # under torchrun, any world size
     if name == "critic_delta_v1":
         _init_critic(state)
     elif name == "rho1_excess_v1":
@@ -466,6 +471,49 @@ def _aux_dtype(state: ScorerState) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float32
 
 
+def _place_aux(state: ScorerState, m: nn.Module) -> nn.Module:
+    """A frozen reference / reward model onto the device: whole on every rank (`train.aux_models = "replicate"`)
+    or FSDP2-sharded over the ranks ("shard" under torchrun; each forward is then a collective)."""
+    m = m.eval().requires_grad_(False)
+    if not state.aux_sharded:
+        return m.to(state.device)
+    total = sum(p.numel() for p in m.parameters())
+    P.shard_frozen(m, P.aux_blocks(m), _aux_dtype(state) == torch.bfloat16, state.device)
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in m.parameters())
+    _log(
+        f"{type(m).__name__} FSDP2-sharded over {P.rank_world()[1]} ranks: {local} of {total} parameters here"
+    )
+    return m
+
+
+def _rounds(state: ScorerState, n: int) -> int:
+    """How many forwards this rank makes for its `n` chunks: the busiest rank's count when the model is sharded."""
+    if not state.aux_sharded:
+        return n
+    return int(P.all_reduce(torch.tensor([n], device=state.device), "max").item())
+
+
+def _split_map(state: ScorerState, items: list, size: int, run: Callable[[list], list]) -> list:
+    """[run(chunk) for the chunks of `size` items], flattened; `run` gives one result per item.
+
+    Under torchrun with the SAME `items` on every rank (the whole train set), the chunks are dealt out over the
+    ranks and the results all-gathered back into the order of `items`: world_size x less work. With a sharded
+    model a rank out of chunks calls run([]) (an idle forward), so every rank makes the same number of forwards.
+    """
+    chunks = [items[s : s + size] for s in range(0, len(items), size)]
+    rank, world = P.rank_world()
+    if world == 1:
+        return [y for c in chunks for y in run(c)]
+    mine = {}
+    for j in range(rank, math.ceil(len(chunks) / world) * world, world):
+        if j < len(chunks):
+            mine[j] = run(chunks[j])
+        elif state.aux_sharded:
+            run([])
+    done = {j: ys for part in P.all_gather_object(mine) for j, ys in part.items()}
+    return [y for j in range(len(chunks)) for y in done[j]]
+
+
 def _load_reward_model(state: ScorerState) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -482,7 +530,7 @@ def _load_reward_model(state: ScorerState) -> None:
         )
     if rm.config.pad_token_id is None:  # HF finds the last real token of each row through it
         rm.config.pad_token_id = tok.pad_token_id
-    state.reward_model = rm.eval().requires_grad_(False).to(state.device)
+    state.reward_model = _place_aux(state, rm)
     state.reward_tokenizer = tok
 
 
@@ -501,25 +549,34 @@ def _texts(tokenizer: Any, ids: list[int], mask: list[bool]) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def _rm_rewards(state: ScorerState, texts: list[str]) -> list[float]:
-    """One scalar per text from the reward model, with its own tokenizer (re-tokenised from text)."""
+def _rm_forward(state: ScorerState, texts: list[str]) -> list[float]:
+    """One reward-model forward: a scalar per text, with its own tokenizer (re-tokenised from text).
+
+    No texts: a 1-token forward whose output is dropped (a rank's share of a sharded model's collective forward).
+    """
     if state.reward_model is None:
         _load_reward_model(state)
     tok, rm = state.reward_tokenizer, state.reward_model
+    if not texts:
+        ids = torch.tensor([[tok.pad_token_id]], device=state.device)
+        rm(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return []
     limit = min(int(tok.model_max_length), int(getattr(rm.config, "max_position_embeddings", 1 << 30)))
-    out: list[float] = []
+    enc = tok(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+    logits = rm(**{k: v.to(state.device) for k, v in enc.items()}).logits
+    return logits[:, 0].float().cpu().tolist()
+
+
+def _rm_rewards(state: ScorerState, texts: list[str]) -> list[float]:
+    """This rank's texts in chunks of `critic.reward_batch_size` (sharded: the busiest rank's forward count)."""
     bs = state.cfg.critic.reward_batch_size
-    for i in range(0, len(texts), bs):
-        enc = tok(texts[i : i + bs], padding=True, truncation=True, max_length=limit, return_tensors="pt")
-        logits = rm(**{k: v.to(state.device) for k, v in enc.items()}).logits
-        out.extend(logits[:, 0].float().cpu().tolist())
-    return out
+    chunks = [texts[i : i + bs] for i in range(0, len(texts), bs)]
+    rounds = _rounds(state, len(chunks))
+    return [v for r in range(rounds) for v in _rm_forward(state, chunks[r] if r < len(chunks) else [])]
 
 
-def _test_rewards(state: ScorerState, completions: list[str], task_ids: list[int]) -> list[float]:
-    """1.0 when the completion passes its MBPP problem's tests in the sandbox, else 0.0 (parallel sandboxes)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def _check_task_ids(state: ScorerState, task_ids: list[int]) -> None:
+    """Load the MBPP problems once; every task id must be one of them."""
     if state.problems is None:
         import data
 
@@ -529,6 +586,13 @@ def _test_rewards(state: ScorerState, completions: list[str], task_ids: list[int
             raise KeyError(
                 f"critic.reward = 'tests': task_id {tid} is not an MBPP problem (packed rows have -1)"
             )
+
+
+def _test_rewards(state: ScorerState, completions: list[str], task_ids: list[int]) -> list[float]:
+    """1.0 when the completion passes its MBPP problem's tests in the sandbox, else 0.0 (parallel sandboxes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _check_task_ids(state, task_ids)
     from evaluate import judge_completion  # lazily: sandboxes are only needed for this reward
 
     timeout = float(state.cfg.eval.timeout)
@@ -541,13 +605,30 @@ def _test_rewards(state: ScorerState, completions: list[str], task_ids: list[int
         return [1.0 if p else 0.0 for p in pool.map(one, range(len(task_ids)))]
 
 
-def _compute_rewards(state: ScorerState, rows: list[tuple[int, list[int], list[bool], int]]) -> None:
-    """Raw rewards for (index, input_ids, loss_mask, task_id) rows into the cache."""
+def _compute_rewards(
+    state: ScorerState, rows: list[tuple[int, list[int], list[bool], int]], split: bool = False
+) -> None:
+    """Raw rewards for (index, input_ids, loss_mask, task_id) rows into the cache.
+
+    split: the rows are the same on every rank (the train set): each rank scores its share (`_split_map`).
+    """
     texts = [_texts(state.tokenizer, ids, mask) for _, ids, mask, _ in rows]
     if state.cfg.critic.reward == "model":
-        values = _rm_rewards(state, [full for full, _ in texts])
+        fulls = [full for full, _ in texts]
+        if split:
+            bs = state.cfg.critic.reward_batch_size
+            values = _split_map(state, fulls, bs, lambda c: _rm_forward(state, c))
+        else:
+            values = _rm_rewards(state, fulls)
     else:
-        values = _test_rewards(state, [comp for _, comp in texts], [tid for *_, tid in rows])
+        jobs = [(comp, tid) for (_, comp), (*_, tid) in zip(texts, rows, strict=True)]
+        _check_task_ids(state, [tid for _, tid in jobs])  # on every rank, before the work is split
+
+        def run(c: list) -> list[float]:
+            return _test_rewards(state, [comp for comp, _ in c], [tid for _, tid in c])
+
+        share = max(1, math.ceil(len(jobs) / P.rank_world()[1]))  # one sandbox pool per rank
+        values = _split_map(state, jobs, share, run) if split else run(jobs)
     state.rewards.update({int(i): float(v) for (i, *_), v in zip(rows, values, strict=True)})
 
 
@@ -569,7 +650,7 @@ def _all_rewards(state: ScorerState) -> None:
     rows = [r for r in _dataset_rows(state.dataset) if r[0] not in state.rewards]
     if rows:
         _log(f"rewards ({state.cfg.critic.reward}) for {len(rows)} training examples")
-        _compute_rewards(state, rows)
+        _compute_rewards(state, rows, split=True)
     vals = torch.tensor(list(state.rewards.values()), dtype=torch.float64)
     state.reward_norm = (float(vals.mean()), float(vals.std(unbiased=False))) if vals.numel() else (0.0, 1.0)
     _free_reward_model(state)
@@ -585,7 +666,10 @@ def _batch_rewards(state: ScorerState, batch: dict) -> tuple[Tensor, Tensor]:
         _all_rewards(state)
     index = [int(i) for i in batch["index"].tolist()]
     missing = [b for b, i in enumerate(index) if i not in state.rewards]
-    if missing:
+    need = bool(missing)
+    if state.aux_sharded and state.cfg.critic.reward == "model":
+        need = P.any_rank(need, state.device)  # a sharded reward model forwards on every rank or on none
+    if need:
         ids, mask = batch["input_ids"].tolist(), batch["loss_mask"].tolist()
         tid = batch["task_id"].tolist() if "task_id" in batch else [-1] * len(index)
         _compute_rewards(
@@ -721,7 +805,7 @@ def _init_rho1(state: ScorerState) -> None:
         raise ValueError(
             f"'rho1.ref_model' = {str(d)!r}: {n_out} output logits < {len(state.tokenizer)} tokens"
         )
-    state.ref_model = ref.eval().requires_grad_(False).to(state.device)
+    state.ref_model = _place_aux(state, ref)
     state.ref_is_hf = rc.ref_format == "hf"
     state.ref_dir = d
 
@@ -765,36 +849,54 @@ def ref_cache_path(state: ScorerState) -> Path:
     return Path(state.cfg.storage.cache_dir) / "rho1_ref_ce" / f"{h.hexdigest()[:24]}.pt"
 
 
+def _ref_ce_rows(state: ScorerState, rows: list[tuple[int, list[int], list[bool], int]]) -> dict[int, Tensor]:
+    """CE_ref of every row (the whole train set, the same on every rank) in micro-batch-sized forwards, the
+    chunks dealt out over the ranks (`_split_map`; a rank out of chunks runs a 1-token idle forward)."""
+    import data
+
+    pad = data.pad_token_id(state.tokenizer)
+
+    def run(chunk: list) -> list[Tensor]:
+        width = max((len(r[1]) for r in chunk), default=1)
+        ids = torch.tensor([r[1] + [pad] * (width - len(r[1])) for r in chunk] or [[pad]], dtype=torch.long)
+        ce = ref_token_ce(state, ids).cpu()
+        return [ce[b, : len(r[1])].clone() for b, r in enumerate(chunk)]
+
+    ces = _split_map(state, rows, state.cfg.train.micro_batch_size, run)
+    return {r[0]: ce for r, ce in zip(rows, ces, strict=True)}
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _ensure_ref_cache(state: ScorerState) -> None:
-    """Reference CE of every training example, once: read from the disk cache or computed and written atomically."""
+    """Reference CE of every training example, once: read from the disk cache or computed and written atomically.
+
+    Under torchrun the ranks decide together (the computation is split over them): any rank without the file
+    makes every rank compute. Each rank then writes it (atomically), so node-local cache directories get it too.
+    """
     if state.ref_cache_ready or state.dataset is None:
         return
     path = ref_cache_path(state)
-    if path.is_file():
+    cached = path.is_file()
+    if P.rank_world()[1] > 1:
+        cached = not P.any_rank(not cached, state.device)
+    if cached:
         state.ref_ce = torch.load(path, weights_only=True)
         _log(f"reference CE of {len(state.ref_ce)} examples from {path}")
     else:
-        import data
-
         rows = _dataset_rows(state.dataset)
-        pad = data.pad_token_id(state.tokenizer)
-        bs = state.cfg.train.micro_batch_size
-        for s in range(0, len(rows), bs):
-            chunk = rows[s : s + bs]
-            width = max(len(r[1]) for r in chunk)
-            ids = torch.tensor([r[1] + [pad] * (width - len(r[1])) for r in chunk], dtype=torch.long)
-            ce = ref_token_ce(state, ids).cpu()
-            for b, r in enumerate(chunk):
-                state.ref_ce[r[0]] = ce[b, : len(r[1])].clone()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(state.ref_ce, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        state.ref_ce.update(_ref_ce_rows(state, rows))
+        _save_atomic(state.ref_ce, path)
         _log(f"reference CE of {len(rows)} examples cached at {path}")
     state.ref_cache_ready = True
 
@@ -806,7 +908,10 @@ def _batch_ref_ce(state: ScorerState, batch: dict) -> Tensor:
         return ref_token_ce(state, ids)
     _ensure_ref_cache(state)
     index = [int(i) for i in batch["index"].tolist()]
-    if any(i not in state.ref_ce for i in index):  # no train set given, or rows outside it: fill lazily
+    missing = any(i not in state.ref_ce for i in index)  # no train set given, or rows outside it: fill lazily
+    if state.aux_sharded:
+        missing = P.any_rank(missing, state.device)  # a sharded reference forwards on every rank or on none
+    if missing:
         ce = ref_token_ce(state, ids).cpu()
         for b, i in enumerate(index):
             state.ref_ce.setdefault(i, ce[b].clone())

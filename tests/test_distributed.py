@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,36 @@ def test_resume_on_one_process_from_two(rho1_2proc, tiny_dir):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout and "at step 2" in p.stdout
     assert os.path.isdir(out / "w21" / "checkpoints" / "final")
+
+
+def test_sharded_reference_trains_exactly_like_a_replicated_one(rho1_2proc, tiny_dir):
+    """train.aux_models = 'shard': the frozen reference is FSDP2-sharded over the ranks (each forward needs both
+    ranks), and the excess, hence the weights, the loss and every update, equal the replicated reference's.
+
+    The replicated run is the module's 4-step `full` run (same config; aux_models defaults to 'replicate')."""
+    out = rho1_2proc
+    p = torchrun(tiny_dir, out, **{"train.run_name": "shard", "train.aux_models": "shard"})
+    m = re.search(
+        r"FSDPLlamaForCausalLM FSDP2-sharded over 2 ranks: (\d+) of (\d+) parameters here", p.stdout
+    )
+    assert m, p.stdout[-2000:]
+    assert 0.4 < int(m[1]) / int(m[2]) < 0.6  # rank 0 holds about half of the reference
+    full, shard = losses(metrics(out, "full")), losses(metrics(out, "shard"))
+    assert sorted(shard) == sorted(full) == [1, 2, 3, 4]
+    for step, loss in full.items():
+        assert shard[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_sharded_aux_models_stay_in_lockstep_where_the_ranks_work_differs(tiny_dir, tmp_path):
+    """tests/dist_aux_check.py: precompute split with an idle rank, lazy fills on one rank only, reward model with
+    texts on one rank, our Transformer sharded; each against the replicated model (see its docstring)."""
+    p = subprocess.run(
+        [*TORCHRUN, "tests/dist_aux_check.py", str(tiny_dir), str(tmp_path / "cache")],
+        cwd=REPO,
+        env={**DENV, "WMTP_DIST_TIMEOUT_MIN": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert p.stdout.count("aux sharding ok") == 2

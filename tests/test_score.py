@@ -19,7 +19,6 @@ import config as C  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 import score  # noqa: E402
-from tests.tiny_fixture import tiny_tokenizer_dir  # noqa: E402, F401
 
 H = 3
 
@@ -262,7 +261,7 @@ def test_pair_scores_maps_each_pair_to_its_target_position():
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):  # noqa: F811
+def tok(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     t = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
