@@ -176,6 +176,9 @@ class TrackingConfig:
     run_name: str = ""  # empty: train.run_name
 
 
+ALGOS = {"uniform": "baseline", "critic_delta_v1": "critic-wmtp", "rho1_excess_v1": "rho1-wmtp"}
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -192,9 +195,8 @@ class Config:
 
     @property
     def algo(self) -> str:
-        return {"uniform": "mtp", "critic_delta_v1": "critic-wmtp", "rho1_excess_v1": "rho1-wmtp"}[
-            self.loss.scorer
-        ]
+        """Name of the algorithm in experiment and run names: mtp/{algo}/{dataset}."""
+        return ALGOS[self.loss.scorer]
 
 
 # --------------------------------------------------------------------------- parsing

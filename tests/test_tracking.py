@@ -164,7 +164,7 @@ def test_embedded_sqlite_default_and_other_ranks(tmp_path, monkeypatch, capsys):
     client = MlflowClient(tracking.default_uri())
     run = client.get_run(tracker.run_id)
     assert (
-        client.get_experiment(run.info.experiment_id).name == "mtp/mtp/mbpp"
+        client.get_experiment(run.info.experiment_id).name == "mtp/baseline/mbpp"
         and "rho1.score" not in run.data.tags
     )
     assert [m.value for m in client.get_metric_history(tracker.run_id, "train/loss")] == [3.0, 1.5, 1.0]
