@@ -14,7 +14,7 @@ from pathlib import Path
 from config import load_config
 
 RUNS = [
-    ("mtp (uniform)", "configs/tiny_mbpp.toml"),
+    ("uniform (baseline)", "configs/tiny_mbpp.toml"),
     ("critic_delta_v1", "configs/tiny_critic_mbpp.toml"),
     ("rho1_excess_v1", "configs/tiny_rho1_mbpp.toml"),
 ]

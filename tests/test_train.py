@@ -211,3 +211,13 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     ids = torch.randint(0, merged.args.vocab_size, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(net(ids), merged(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_switch_trains(tiny_dir, tmp_path):
+    """model.compile = true compiles each block (opt-in); the losses match eager mode closely."""
+    run_train(tiny_dir, tmp_path, **{"train.run_name": "eager", "train.steps": 3})
+    run_train(tiny_dir, tmp_path, **{"train.run_name": "compiled", "train.steps": 3, "model.compile": True})
+    eager, compiled = losses(metrics(tmp_path, "eager")), losses(metrics(tmp_path, "compiled"))
+    for step, loss in eager.items():
+        assert compiled[step] == pytest.approx(loss, rel=1e-4), step
