@@ -159,7 +159,7 @@ def test_embedded_sqlite_default_and_other_ranks(tmp_path, monkeypatch, capsys):
 
     tracker = training_run(cfg, tmp_path / "runs" / "uniform-run", steps=3)
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
-    arts = tmp_path / "mlruns" / "artifacts" / "mtp_mtp_mbpp"
+    arts = tmp_path / "mlruns" / "artifacts" / "mtp_baseline_mbpp"
     assert list(arts.glob("*/artifacts/checkpoints/best/model.safetensors"))
     client = MlflowClient(tracking.default_uri())
     run = client.get_run(tracker.run_id)
@@ -172,7 +172,7 @@ def test_embedded_sqlite_default_and_other_ranks(tmp_path, monkeypatch, capsys):
     assert (
         tracking.main(["--run", tracker.run_id, "--alias", "staging"]) == 0
     )  # default URI: the embedded store
-    assert client.get_model_version_by_alias("mtp-mtp-mbpp", "staging").run_id == tracker.run_id
+    assert client.get_model_version_by_alias("mtp-baseline-mbpp", "staging").run_id == tracker.run_id
     bare = client.create_run(run.info.experiment_id).info.run_id  # no checkpoint: a clear error, exit code 1
     assert tracking.main(["--run", bare, "--alias", "staging"]) == 1
     assert "no checkpoints/best, checkpoints/last or checkpoints/final" in capsys.readouterr().err
