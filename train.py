@@ -53,19 +53,13 @@ def load_tokenizer(cfg: C.Config, model_dir: Path):
 
 def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
     """Load the checkpoint, then LoRA, activation checkpointing, FSDP2 and compile, in that order."""
+    # H comes from the config: a checkpoint with other H gets heads dropped or copied from head 1 (model.py)
     net = M.load_model(model_dir, cfg.model.format, cfg.model.n_future_tokens)
-    if net.args.n_future_tokens != cfg.model.n_future_tokens:
-        raise ValueError(
-            f"{cfg.source}: 'model.n_future_tokens' = {cfg.model.n_future_tokens} but the {cfg.model.format} "
-            f"checkpoint at {model_dir} has {net.args.n_future_tokens} heads"
-        )
     net.activation_checkpointing = cfg.model.activation_checkpointing
     if cfg.train.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
-        lc = cfg.train.lora
-        for p in net.parameters():
-            p.requires_grad_(False)
+        lc = cfg.train.lora  # peft freezes the base weights; adapters on the blocks of trunk and heads
         net = get_peft_model(
             net,
             LoraConfig(
