@@ -169,6 +169,16 @@ def _split(resource: str, s: dict[str, str]) -> tuple[str, str]:
     return s["bucket"], "/".join(p for p in (s["prefix"], resource.strip("/")) if p) + "/"
 
 
+def _target(resource: str, storage_cfg: Any, client, what: str) -> tuple[dict, str, str, Any, int]:
+    """Settings, bucket, key prefix, client and retry budget for one resource (shared by mirror and upload)."""
+    s = settings(storage_cfg)
+    bucket, prefix = _split(resource, s)
+    if not bucket:
+        raise StorageError(f"{what}: no S3 bucket configured (storage.s3_bucket or WMTP_S3_BUCKET)")
+    attempts = max(1, int(getattr(storage_cfg, "max_attempts", 5)))
+    return s, bucket, prefix, client or make_client(storage_cfg), attempts
+
+
 def list_objects(client, bucket: str, prefix: str) -> list[dict[str, Any]]:
     """Every object under `prefix`: [{"key": relative key, "size": int, "etag": str}], sorted by key."""
     out = []
@@ -257,12 +267,7 @@ def mirror(
     """Mirror `s3://<bucket>/<prefix>/<resource>/` into `<cache_dir>/<name>-<hash>` and return that directory."""
     from filelock import FileLock, Timeout
 
-    s = settings(storage_cfg)
-    bucket, prefix = _split(resource, s)
-    if not bucket:
-        raise StorageError("no S3 bucket configured (storage.s3_bucket or WMTP_S3_BUCKET)")
-    client = client or make_client(storage_cfg)
-    attempts = max(1, int(getattr(storage_cfg, "max_attempts", 5)))
+    s, bucket, prefix, client, attempts = _target(resource, storage_cfg, client, "mirror")
     url = f"s3://{bucket}/{prefix}"
     objects = _guard(s, f"listing {url}", attempts, lambda: list_objects(client, bucket, prefix))
     if not objects:
@@ -413,12 +418,7 @@ def upload(
     local = Path(local)
     if not local.exists():
         raise StorageError(f"upload: {local} does not exist")
-    s = settings(storage_cfg)
-    bucket, prefix = _split(resource, s)
-    if not bucket:
-        raise StorageError("upload: no S3 bucket configured (storage.s3_bucket or WMTP_S3_BUCKET)")
-    client = client or make_client(storage_cfg)
-    attempts = max(1, int(getattr(storage_cfg, "max_attempts", 5)))
+    s, bucket, prefix, client, attempts = _target(resource, storage_cfg, client, "upload")
     part = max(5 * MB, int(getattr(storage_cfg, "multipart_threshold_mb", 64)) * MB)
     tcfg = TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=4)
     files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
