@@ -162,8 +162,9 @@ def rope_cos_sin(positions: Tensor, args: ModelArgs, dtype: torch.dtype) -> tupl
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) by angle i (Meta's complex-multiply convention, in reals)."""
-    xc = torch.view_as_complex(x.to(cos.dtype).unflatten(-1, (-1, 2)).contiguous())  # one complex multiply:
-    return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).type_as(x)  # ~5x faster than 4 real ones
+    # one complex multiply: about 5x faster on CPU than the four real products and a stack
+    xc = torch.view_as_complex(x.to(cos.dtype).unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
