@@ -170,14 +170,13 @@ def test_cannot_delete_files_outside_its_directory(tmp_path):
         for c in canaries:
             c.write_text("alive")
             os.chmod(c, 0o666)  # even writable by all: only ownership of the directory protects it
+        # the hostile program tries rmtree on the parent, then insists on removing the file itself: whether the
+        # file is protected (permission) or not even visible (a fresh /tmp), the removal raises and the run fails
         src = "import os, shutil\n" + "".join(
-            f"try:\n    os.remove({str(c)!r})\nexcept OSError as e:\n    print(e)\n"
-            f"shutil.rmtree({str(c.parent)!r}, ignore_errors=True)\n"
-            for c in canaries
+            f"shutil.rmtree({str(c.parent)!r}, ignore_errors=True)\nos.remove({str(c)!r})\n" for c in canaries
         )
-        src += "assert not any(os.path.exists(p) for p in " + repr([str(c) for c in canaries]) + ")\n"
         r = run(src)
-        assert not r.passed
+        assert not r.passed and r.status in ("runtime_error", "sandbox_violation"), r
         assert all(c.read_text() == "alive" for c in canaries)
     finally:
         for c in canaries:
