@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +23,27 @@ REPO = Path(__file__).resolve().parent
 def default_data_root() -> str:
     """Where the benchmark files live: $WMTP_DATA_DIR, else ../shared/data beside the repo."""
     return os.environ.get("WMTP_DATA_DIR", str(REPO.parent / "shared" / "data"))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Write a file through `write(tmp_path)` into a temp file beside it, then os.replace: readers never see a
+    half-written file, and a crash leaves the old file (or none). Shared by every module that writes outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make outputs private to the writer
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class ConfigError(ValueError):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 import data
 import sandbox
-from config import default_data_root
+from config import atomic_write_text, default_data_root
 
 DATASETS = ("mbpp", "humaneval", "codecontests")
 PASS_KS = (1, 5, 10, 100)
@@ -218,17 +217,7 @@ def read_predictions(path: str | os.PathLike, dataset: str, problems: dict) -> d
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomic: a temp file in the same directory, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 # --------------------------------------------------------------------------- generation
@@ -389,9 +378,7 @@ def evaluate_model(
                         "kind": fails.get(i, "ok"),
                     }
                 )
-    with open(out / "samples.jsonl.tmp", "w") as f:
-        f.writelines(json.dumps(s) + "\n" for s in samples)
-    os.replace(out / "samples.jsonl.tmp", out / "samples.jsonl")
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     write_json(out / "metrics.json", results)
     _plots(out, results, ce_values)
     if weight_histogram and Path(weight_histogram).is_file():

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from config import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -529,20 +530,6 @@ class CheckpointError(ValueError):
     """A checkpoint does not match the model it should build: the message names the file and the keys."""
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temp file in the same directory, then os.replace: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         d = json.loads(path.read_text())
@@ -671,9 +658,9 @@ def save_meta(model: nn.Module, path: str | os.PathLike) -> None:
     """Write params.json + consolidated.pth (each atomically; weights first, so params.json marks completion)."""
     path = Path(path)
     sd = _full_state_dict(model)
-    _atomic_write(path / "consolidated.pth", lambda tmp: torch.save(sd, tmp))
+    atomic_write(path / "consolidated.pth", lambda tmp: torch.save(sd, tmp))
     text = json.dumps(_params_json(model.args), indent=2)
-    _atomic_write(path / "params.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path / "params.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
@@ -682,9 +669,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
 
     path = Path(path)
     sd = _full_state_dict(model)
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     text = json.dumps(dataclasses.asdict(model.args), indent=2)
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def load_checkpoint(path: str | os.PathLike, n_future_tokens: int | None = None) -> Transformer:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 import parallel as P
 import s3cache
+from config import atomic_write
 
 STD_EPS = 1e-6  # spec §3.1 step 2: z = (s - mean) / (std + 1e-6)
 BISECT_ITERS = 100  # log c bracket halves 100 times: far below 1e-6 for any realistic bracket width
@@ -866,18 +866,6 @@ def _ref_ce_rows(state: ScorerState, rows: list[tuple[int, list[int], list[bool]
     return {r[0]: ce for r, ce in zip(rows, ces, strict=True)}
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _ensure_ref_cache(state: ScorerState) -> None:
     """Reference CE of every training example, once: read from the disk cache or computed and written atomically.
 
@@ -896,7 +884,7 @@ def _ensure_ref_cache(state: ScorerState) -> None:
     else:
         rows = _dataset_rows(state.dataset)
         state.ref_ce.update(_ref_ce_rows(state, rows))
-        _save_atomic(state.ref_ce, path)
+        atomic_write(path, lambda tmp: torch.save(state.ref_ce, tmp))
         _log(f"reference CE of {len(rows)} examples cached at {path}")
     state.ref_cache_ready = True
 
@@ -995,15 +983,10 @@ def save_weight_histogram(state: ScorerState, path: str | os.PathLike) -> Path:
     ax.set_ylabel("pairs")
     ax.set_title(f"{c.scorer}: {int(state.calls)} calls", fontsize=10, pad=14)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

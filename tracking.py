@@ -306,10 +306,7 @@ class Tracker:
             return None
         run_dir = Path(run_dir)
         out = run_dir / "reports" / "run_report.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".md.tmp")
-        tmp.write_text(self._report_text(run_dir, summary or {}))
-        os.replace(tmp, out)
+        C.atomic_write_text(out, self._report_text(run_dir, summary or {}))
         if self.active:
             self.log_artifact(out, "reports")
         return out

@@ -487,7 +487,7 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     run_dir = Path(cfg.train.out_dir) / P.broadcast_object(run_name)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=2))
+        C.atomic_write_text(run_dir / "config.json", json.dumps(C.to_dict(cfg), indent=2))
     net = build_model(cfg, d, model_dir)
     base = unwrap(net)
     n_params, n_train = M.count_params(base), sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -699,9 +699,7 @@ def finish(
                 {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=st.step
             )
             tracker.log_artifacts(rep, "reports")
-        tmp = run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-        os.replace(tmp, run_dir / "summary.json")
+        C.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         tracker.log_artifacts(plots, "plots")
         if final is not None:
             tracker.log_artifacts(final, "checkpoints/final")
