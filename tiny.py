@@ -36,11 +36,7 @@ def _atomic_dir(final: Path, build: Callable[[Path], None], force: bool) -> bool
     try:
         build(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artefact is ordinary shared output
-        if final.is_dir():  # --force: move the old one aside first so `final` is never half-written
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-            os.replace(final, old / final.name)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
+        config.atomic_dir_swap(tmp, final)  # --force replaces an old one without a half-written moment
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return True

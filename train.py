@@ -126,15 +126,6 @@ class TrainState:
     last_weights: dict = field(default_factory=dict)  # weight statistics of the last good step
 
 
-def atomic_dir_swap(tmp: Path, final: Path) -> None:
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_resume(run_dir: Path, name: str, net, opt, st: TrainState, scorer_state, d: P.Dist) -> Path:
     """Sharded torch.distributed.checkpoint of model + optimizer (any world size can load it), plus trainer state."""
     import torch.distributed.checkpoint as dcp
@@ -157,7 +148,7 @@ def save_resume(run_dir: Path, name: str, net, opt, st: TrainState, scorer_state
         torch.save({"state": st.__dict__, "scorer": scorer_state.state_dict()}, tmp / "trainer.pt")
     P.barrier()
     if d.main:
-        atomic_dir_swap(tmp, final)
+        C.atomic_dir_swap(tmp, final)
     P.barrier()
     return final
 
@@ -206,7 +197,7 @@ def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
     clean.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
     M.save_checkpoint(clean, tmp)
     tokenizer.save_pretrained(str(tmp))
-    atomic_dir_swap(tmp, out)
+    C.atomic_dir_swap(tmp, out)
     return out
 
 
