@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import s3cache
+
 # --------------------------------------------------------------------------- MBPP
 
 log = logging.getLogger("wmtp.data")
@@ -380,26 +382,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 # --------------------------------------------------------------------------- where the data comes from
 
 
-def _resolve_remote(cfg: Any) -> tuple[Path | None, str]:
-    """s3cache's S3 mirror of data.resource, then the HF hub (data.hub_id): (dir or None, what was tried)."""
-    try:
-        import s3cache
-    except ImportError:  # data.py stays usable without the storage layer
-        return None, "S3 / hub: s3cache is not importable"
-    if not cfg.data.resource and not cfg.data.hub_id:
-        return None, "S3 / hub: data.resource and data.hub_id are empty"
-    try:
-        path = s3cache.resolve(
-            cfg.data.resource, None, cfg.storage, "dataset", hub_id=cfg.data.hub_id or None
-        )
-    except Exception as e:  # a remote failure must not hide the list of places tried
-        lines = str(e).split("\n  - ")[1:] or [str(e)]  # s3cache lists its tries; keep the remote ones
-        return None, "\n  - ".join(x for x in lines if not x.startswith("local path"))
-    if mbpp_files(path):
-        return Path(path), ""
-    return None, f"S3 / hub: {path} holds no MBPP files"
-
-
 def resolve_dataset_dir(cfg: Any) -> Path:
     """The MBPP directory: data.path if set and complete, else <storage.data_root>/mbpp, else s3cache."""
     if cfg.data.dataset != "mbpp":
@@ -410,10 +392,16 @@ def resolve_dataset_dir(cfg: Any) -> Path:
         if mbpp_files(cand):
             return cand
         tried.append(f"{cand} (no {'/'.join(MBPP_FILES)}, {MBPP_SINGLE} or full/*.parquet)")
-    path, note = _resolve_remote(cfg)
-    if path is not None:
-        return path
-    tried.append(note)
+    try:  # the S3 mirror of data.resource, then the HF hub (data.hub_id): s3cache lists what it tried
+        path = s3cache.resolve(
+            cfg.data.resource, None, cfg.storage, "dataset", hub_id=cfg.data.hub_id or None
+        )
+    except s3cache.StorageError as e:
+        tried.append(str(e))
+    else:
+        if mbpp_files(path):
+            return Path(path)
+        tried.append(f"{path} (mirrored, but it holds no MBPP files)")
     raise DataError(f"{cfg.source}: MBPP not found; tried:\n  - " + "\n  - ".join(tried))
 
 
