@@ -20,7 +20,6 @@ import json
 import os
 import sys
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -146,10 +145,8 @@ def judge(
     if missing:
         raise EvalError(f"{dataset}: unknown task ids {missing[:5]}")
     jobs = [(key, i, c) for key, comps in predictions.items() for i, c in enumerate(comps)]
-    workers = workers or os.cpu_count() or 1
     run = lambda j: _judge_one(dataset, problems[j[0]], j[2], timeout, time_scale)  # noqa: E731
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        verdicts = list(pool.map(run, jobs))
+    verdicts = sandbox.map_parallel(run, jobs, workers)
     per: dict[str, dict] = {}
     for (key, i, comp), v in zip(jobs, verdicts, strict=True):
         p = per.setdefault(str(key), {"passed": 0, "n": 0, "exact": 0, "failures": []})

@@ -6,7 +6,6 @@ Everything here degrades to a no-op in a single process, so train.py reads the s
 from __future__ import annotations
 
 import datetime
-import math
 import os
 from dataclasses import dataclass
 
@@ -280,11 +279,3 @@ def format_count(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return str(int(n))
-
-
-def human_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -51,8 +51,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+T, R = TypeVar("T"), TypeVar("R")
 
 FAILURE_KINDS = ("wrong_answer", "runtime_error", "timeout", "memory", "syntax", "sandbox_violation")
 _ERRNO_VIOLATION = {
@@ -290,16 +294,14 @@ def _classify(
     return mk("runtime_error", f"exit status {rc}")
 
 
-def run_many(jobs: list[dict], workers: int = 0) -> list[RunResult]:
-    """run_program(**job) for every job, `workers` at a time (0: all cores); results in job order.
-
-    Threads only wait: each program runs in its own sandboxed process tree, so the GIL is not a bottleneck.
-    """
+def map_parallel(fn: Callable[[T], R], items: list[T], workers: int = 0) -> list[R]:
+    """[fn(x) for x in items], `workers` at a time (0: all cores), results in order. For functions that run
+    sandboxed programs: the threads only wait (each program is its own process tree), so the GIL is no bottleneck."""
     workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(jobs) <= 1:
-        return [run_program(**j) for j in jobs]
+    if workers == 1 or len(items) <= 1:
+        return [fn(x) for x in items]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda j: run_program(**j), jobs))
+        return list(pool.map(fn, items))
 
 
 # --------------------------------------------------------------------------- the launcher

@@ -590,19 +590,16 @@ def _check_task_ids(state: ScorerState, task_ids: list[int]) -> None:
 
 def _test_rewards(state: ScorerState, completions: list[str], task_ids: list[int]) -> list[float]:
     """1.0 when the completion passes its MBPP problem's tests in the sandbox, else 0.0 (parallel sandboxes)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     _check_task_ids(state, task_ids)
-    from evaluate import judge_completion  # lazily: sandboxes are only needed for this reward
+    import sandbox  # lazily: sandboxes are only needed for this reward
+    from evaluate import judge_completion
 
     timeout = float(state.cfg.eval.timeout)
-    workers = state.cfg.eval.workers or os.cpu_count() or 1
 
-    def one(j: int) -> bool:
-        return bool(judge_completion("mbpp", state.problems[task_ids[j]], completions[j], timeout)["passed"])
+    def one(j: int) -> float:
+        return float(judge_completion("mbpp", state.problems[task_ids[j]], completions[j], timeout)["passed"])
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return [1.0 if p else 0.0 for p in pool.map(one, range(len(task_ids)))]
+    return sandbox.map_parallel(one, list(range(len(task_ids))), state.cfg.eval.workers)
 
 
 def _compute_rewards(

@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -47,8 +46,7 @@ def guarded(src: str) -> bool:
 
 def rate(fn, programs: list[str], workers: int) -> tuple[float, int]:
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        ok = sum(pool.map(fn, programs))
+    ok = sum(sandbox.map_parallel(fn, programs, workers))  # the same thread pool for both sides
     return len(programs) / (time.perf_counter() - t0), ok
 
 

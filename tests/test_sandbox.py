@@ -93,9 +93,11 @@ def test_minimal_environment():
     assert r.stdout.strip() == "['HOME', 'LANG', 'LC_ALL', 'PATH', 'TMPDIR']"
 
 
-def test_run_many_keeps_order():
+def test_map_parallel_keeps_order():
     jobs = [{"source": f"print({i})", "mode": "io"} for i in range(6)]
-    assert [r.stdout for r in sandbox.run_many(jobs, workers=2)] == [f"{i}\n" for i in range(6)]
+    assert [r.stdout for r in sandbox.map_parallel(lambda j: sandbox.run_program(**j), jobs, workers=2)] == [
+        f"{i}\n" for i in range(6)
+    ]
 
 
 @needs_root
