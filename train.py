@@ -223,10 +223,10 @@ def merge_lora_state(full: dict, net) -> dict:
 
 
 def micro_step(cfg, net, batch, scorer_state, count_total: float, inject_nan: bool, inject_oom: bool) -> dict:
-    """Trunk once, scorer weights, then heads one at a time. Returns detached per-head stats."""
-    H = cfg.model.n_future_tokens
-    targets, valid = M.mtp_targets(batch["input_ids"], batch["loss_mask"], H)
-    batch = {**batch, "targets": targets, "valid": valid}
+    """Trunk once, scorer weights, then heads one at a time. Returns detached per-head stats.
+
+    `batch` carries `targets` and `valid` [B, S, H] (model.mtp_targets) next to the loader's fields."""
+    targets, valid = batch["targets"], batch["valid"]
     h = net(batch["input_ids"], stage="trunk")
     scorer_state.hidden = h.detach()
     weights = score.SCORERS[cfg.loss.scorer](batch, scorer_state)
@@ -255,7 +255,10 @@ def optimizer_step(
     in that collective until the process-group timeout ($WMTP_DIST_TIMEOUT_MIN).
     """
     n = step_batch["input_ids"].shape[0]
-    _, valid = M.mtp_targets(step_batch["input_ids"], step_batch["loss_mask"], cfg.model.n_future_tokens)
+    ids, mask = step_batch["input_ids"], step_batch["loss_mask"]
+    # targets once per step; the micro-batches (any size, see the OOM fallback) take slices of them
+    targets, valid = M.mtp_targets(ids, mask, cfg.model.n_future_tokens)
+    step_batch = {**step_batch, "targets": targets, "valid": valid}
     count_total = P.all_reduce(valid.sum().double().reshape(1)).item() / d.world_size  # mean per rank
     inject_oom = step in cfg.train.inject_oom_steps and cfg.train.inject_oom_rank in (-1, d.rank)
     while True:
