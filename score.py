@@ -705,6 +705,7 @@ def _critic_values(state: ScorerState, batch: dict, update: bool) -> tuple[Tenso
         if update:
             state.value_opt.zero_grad(set_to_none=True)
             loss.backward()
+            P.average_gradients(state.value_head)  # data parallel: every rank keeps the same head (resumable)
             state.value_opt.step()
     return v.detach(), float(loss.detach()), raw
 

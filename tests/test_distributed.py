@@ -140,3 +140,15 @@ def test_sharded_aux_models_stay_in_lockstep_where_the_ranks_work_differs(tiny_d
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert p.stdout.count("aux sharding ok") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/tiny_mbpp.toml", "configs/tiny_critic_mbpp.toml"])
+def test_sharded_resume_equals_uninterrupted_run_other_scorers(config, tiny_dir, tmp_path):
+    torchrun(tiny_dir, tmp_path, config=config, **{"train.run_name": "full"})
+    torchrun(tiny_dir, tmp_path, config=config, **{"train.run_name": "part", "train.stop_after": 2})
+    torchrun(tiny_dir, tmp_path, "--resume", config=config, **{"train.run_name": "part"})
+    full, part = losses(metrics(tmp_path, "full")), losses(metrics(tmp_path, "part"))
+    assert sorted(part) == [1, 2, 3, 4]
+    for step, loss in full.items():
+        assert part[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
