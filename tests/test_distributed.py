@@ -142,7 +142,6 @@ def test_sharded_aux_models_stay_in_lockstep_where_the_ranks_work_differs(tiny_d
     assert p.stdout.count("aux sharding ok") == 2
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/tiny_mbpp.toml", "configs/tiny_critic_mbpp.toml"])
 def test_sharded_resume_equals_uninterrupted_run_other_scorers(config, tiny_dir, tmp_path):
     torchrun(tiny_dir, tmp_path, config=config, **{"train.run_name": "full"})
