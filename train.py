@@ -229,13 +229,19 @@ def micro_step(cfg, net, batch, scorer_state, count_total: float, inject_nan: bo
     targets, valid = batch["targets"], batch["valid"]
     h = net(batch["input_ids"], stage="trunk")
     scorer_state.hidden = h.detach()
-    weights = score.SCORERS[cfg.loss.scorer](batch, scorer_state)
-    w = score.mix(weights, cfg.loss.lam, valid)
-    if inject_nan:
-        w = w * float("nan")
+    poison = float("nan") if inject_nan else 1.0
+    per_head = score.head_by_head(batch, scorer_state)  # rho1 per head: weights from each head's own CE
+    weights = score.SCORERS[cfg.loss.scorer](batch, scorer_state) if per_head is None else None
+
+    def w(k: int, ce: torch.Tensor) -> torch.Tensor:  # head k's mixed weights, asked for inside the head loop
+        w_k = weights[..., k] if per_head is None else per_head(k, ce)
+        return score.mix(w_k, cfg.loss.lam, valid[..., k]) * poison
+
     alpha = cfg.loss.head_weights or None
     count = valid.sum().item()
     out = M.mtp_loss_backward(net, h, targets, valid, w, alpha=alpha, scale=count / max(count_total, 1.0))
+    if per_head is not None:
+        weights = per_head.finish()
     if inject_oom:  # after the collectives of this micro-batch, so the other ranks are not left inside one
         raise torch.OutOfMemoryError("injected OOM (train.inject_oom_steps)")
     out["count"] = count
