@@ -13,8 +13,9 @@ default) or of each sequence, all heads together (`"sequence"`, the ablation).
   inside its head-by-head step (`head_by_head`) instead of paying an extra pass over the heads.
 
 The pure functions (`normalize_weights`, `clip_normalize`, `gae_returns`, `mix`, `weight_stats`, `rho1_weights`)
-need no model; the trainer uses `init_state`, `prepare`, `SCORERS`, `head_by_head`, `mix` and
-`save_weight_histogram`.
+need no model; the trainer uses `init_state`, `prepare`, `SCORERS`, `head_by_head`, `mix`,
+`save_weight_histogram`, and `begin_step` / `rollback_step` / `end_step` around each optimizer step (so an OOM
+retry or a skipped step leaves no trace in the scorer's state).
 """
 
 from __future__ import annotations
@@ -368,6 +369,8 @@ class ScorerState:
     hist_edges: Tensor | None = None
     hist_counts: Tensor | None = None
     calls: int = 0
+    value_count: float = 0.0  # completion positions whose value loss is accumulated in the value head's grads
+    step_start: tuple | None = None  # (histogram, calls) when the optimizer step began (begin_step)
 
     def state_dict(self) -> dict:
         """What a resumed run needs: value head + optimiser, cached rewards and their statistics, histogram."""
@@ -454,6 +457,29 @@ def _record(state: ScorerState, weights: Tensor, valid: Tensor, extra: dict[str,
         state.hist_counts = counts if state.hist_counts is None else state.hist_counts + counts
     state.calls += 1
     return weights.detach()
+
+
+def begin_step(state: ScorerState) -> None:
+    """An optimizer step starts: remember the run's histogram, drop any value-head gradient."""
+    hist = None if state.hist_counts is None else state.hist_counts.clone()
+    state.step_start = (hist, state.calls)
+    _clear_value_grads(state)
+
+
+def rollback_step(state: ScorerState) -> None:
+    """The step's work is thrown away (an OOM retry, a skipped non-finite step): the histogram and call count go
+    back to `begin_step`'s, the accumulated value-head gradient is dropped. A retried step then leaves exactly
+    the trace of an uninterrupted one."""
+    if state.step_start is not None:
+        hist, state.calls = state.step_start
+        state.hist_counts = None if hist is None else hist.clone()
+    _clear_value_grads(state)
+
+
+def end_step(state: ScorerState) -> None:
+    """The optimizer step was taken: the critic's value head takes its one step of this optimizer step."""
+    if state.value_head is not None and state.cfg.critic.update_value_head:
+        _value_step(state)
 
 
 def _valid(batch: dict) -> Tensor:
@@ -714,10 +740,12 @@ def _batch_rewards(state: ScorerState, batch: dict) -> tuple[Tensor, Tensor]:
 
 
 def _critic_values(state: ScorerState, batch: dict, update: bool) -> tuple[Tensor, float, Tensor]:
-    """V [B, S] (detached, before this call's update), the value loss, raw rewards; one AdamW step if `update`.
+    """V [B, S] (detached, as it is before this optimizer step's value-head update), the value loss, raw rewards.
 
     Token rewards are 0 except the z-scored sequence reward on the last completion token; targets are the GAE
-    returns over the completion positions (loss_mask), regressed with MSE over those positions.
+    returns over the completion positions (loss_mask), regressed with MSE over those positions. With `update`,
+    the loss's gradient is only accumulated (summed over positions): `end_step` takes the one value-head step of
+    the optimizer step, so how a step is split into micro-batches (the OOM fallback) changes nothing.
     """
     if state.hidden is None:
         raise ValueError("critic_delta_v1: state.hidden is None; set it to the detached trunk output first")
@@ -733,13 +761,31 @@ def _critic_values(state: ScorerState, batch: dict, update: bool) -> tuple[Tenso
         v = state.value_head(h)
         _, ret = gae_returns(r, v.detach(), mask, cc.gamma, cc.gae_lambda)
         m = mask.to(v.dtype)
-        loss = ((v - ret.to(v.dtype)).square() * m).sum() / m.sum().clamp(min=1.0)
+        sq = ((v - ret.to(v.dtype)).square() * m).sum()
         if update:
-            state.value_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            P.average_gradients(state.value_head)  # data parallel: every rank keeps the same head (resumable)
-            state.value_opt.step()
-    return v.detach(), float(loss.detach()), raw
+            sq.backward()
+            state.value_count += float(m.sum())
+    return v.detach(), float(sq.detach()) / max(float(m.sum()), 1.0), raw
+
+
+def _value_step(state: ScorerState) -> None:
+    """One AdamW step of the value head on the gradient accumulated since the step began: the mean over this
+    rank's completion positions, then over the ranks (data parallel: every rank keeps the same head)."""
+    params = list(state.value_head.parameters())
+    for p in params:
+        if p.grad is None:  # no position on this rank: still take part in the all-reduce
+            p.grad = torch.zeros_like(p)
+        elif state.value_count > 0:
+            p.grad /= state.value_count
+    P.average_gradients(state.value_head)
+    state.value_opt.step()
+    _clear_value_grads(state)
+
+
+def _clear_value_grads(state: ScorerState) -> None:
+    if state.value_opt is not None:
+        state.value_opt.zero_grad(set_to_none=True)
+    state.value_count = 0.0
 
 
 def critic_delta_v1(batch: dict, state: ScorerState) -> Tensor:
@@ -777,6 +823,7 @@ def _prepare_critic(state: ScorerState, loader: Iterator[dict] | None) -> None:
         with torch.no_grad():
             state.hidden = state.model(batch["input_ids"], stage="trunk").detach()
         _, last, _ = _critic_values(state, batch, update=True)
+        _value_step(state)
         first = last if step == 0 else first
     state.hidden = None
     state.metrics["critic/pretrain_value_loss"] = last

@@ -267,6 +267,7 @@ def optimizer_step(
     step_batch = {**step_batch, "targets": targets, "valid": valid}
     count_total = P.all_reduce(valid.sum().double().reshape(1)).item() / d.world_size  # mean per rank
     inject_oom = step in cfg.train.inject_oom_steps and cfg.train.inject_oom_rank in (-1, d.rank)
+    score.begin_step(scorer_state)
     while True:
         mb = st.micro_batch
         opt.zero_grad(set_to_none=True)
@@ -289,6 +290,7 @@ def optimizer_step(
                 P.average_gradients(net)
             return stats
         opt.zero_grad(set_to_none=True)
+        score.rollback_step(scorer_state)  # the retry recomputes what the failed attempt recorded
         stats = None
         if d.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -304,6 +306,42 @@ def optimizer_step(
             print(
                 f"step {step}: OOM fallback -> micro_batch {st.micro_batch} x grad_accum {accum} (same batch)"
             )
+
+
+def train_step(cfg, net, opt, batch, st: TrainState, scorer_state, d: P.Dist, step: int) -> dict:
+    """One optimizer step at `step` (learning rate, gradients, clip, AdamW) and its metrics.
+
+    A non-finite loss or gradient norm skips the step: no weight is touched, the scorer's state is rolled back,
+    and `st.bad_steps` counts it (the loop restores the last good checkpoint after `train.max_bad_steps`).
+    """
+    lr = lr_at(cfg, step) * st.lr_scale
+    for g in opt.param_groups:
+        g["lr"] = lr
+    stats = optimizer_step(cfg, net, opt, batch, st, scorer_state, d, step)
+    m = step_metrics(stats, d)
+    params = [p for p in net.parameters() if p.requires_grad]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    if math.isfinite(m["train/loss"]) and math.isfinite(gnorm):
+        opt.step()
+        score.end_step(scorer_state)
+        st.bad_steps = 0
+        w, valid = (torch.cat([s[k].flatten() for s in stats]) for k in ("weights", "valid"))
+        m.update(scorer_state.metrics)  # value loss, mean excess, ... (and the last micro-batch's weights/*)
+        m.update(score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max))  # the whole step's weights
+        st.last_weights = {k: v for k, v in m.items() if k.startswith("weights/")}
+    else:  # skip: no weight is touched
+        opt.zero_grad(set_to_none=True)
+        score.rollback_step(scorer_state)
+        st.bad_steps += 1
+        st.skipped_steps += 1
+        if d.main:
+            print(
+                f"step {step}: non-finite loss/grad norm ({m['train/loss']}, {gnorm}); skipped "
+                f"({st.bad_steps} in a row)"
+            )
+    m.update({"train/lr": lr, "train/grad_norm": gnorm, "train/micro_batch": st.micro_batch})
+    return m
 
 
 def step_metrics(stats: list[dict], d: P.Dist) -> dict:
@@ -534,49 +572,18 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     while st.step < stop:
         step = st.step
         batch = {k: v.to(d.device) for k, v in next(loader).items()}
-        lr = lr_at(cfg, step) * st.lr_scale
-        for g in opt.param_groups:
-            g["lr"] = lr
-        stats = optimizer_step(cfg, net, opt, batch, st, scorer_state, d, step)
-        m = step_metrics(stats, d)
-        params = [p for p in net.parameters() if p.requires_grad]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        if math.isfinite(m["train/loss"]) and math.isfinite(gnorm):
-            opt.step()
-            st.bad_steps = 0
-            w, valid = (torch.cat([s[k].flatten() for s in stats]) for k in ("weights", "valid"))
-            m.update(
-                scorer_state.metrics
-            )  # value loss, mean excess, ... (and the last micro-batch's weights/*)
-            m.update(score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max))  # the whole step's weights
-            st.last_weights = {k: v for k, v in m.items() if k.startswith("weights/")}
-        else:  # skip: no weight is touched
-            opt.zero_grad(set_to_none=True)
-            st.bad_steps += 1
-            st.skipped_steps += 1
-            log(
-                f"step {step}: non-finite loss/grad norm ({m['train/loss']}, {gnorm}); skipped ({st.bad_steps} in a row)"
-            )
-            if st.bad_steps >= cfg.train.max_bad_steps:
-                st = recover(cfg, run_dir, net, opt, st, scorer_state, d)
+        m = train_step(cfg, net, opt, batch, st, scorer_state, d, step)
+        if st.bad_steps >= cfg.train.max_bad_steps:
+            st = recover(cfg, run_dir, net, opt, st, scorer_state, d)
         st.step += 1
-        m.update(
-            {
-                "train/lr": lr,
-                "train/grad_norm": gnorm,
-                "train/skipped_steps": st.skipped_steps,
-                "train/recoveries": st.recoveries,
-                "train/micro_batch": st.micro_batch,
-            }
-        )
+        m.update({"train/skipped_steps": st.skipped_steps, "train/recoveries": st.recoveries})
         meter.add(m["train/tokens"])
         if st.step % cfg.train.log_every == 0 or st.step == stop:
             m.update(meter.read())
             heads = " ".join(f"{m[f'train/ce_head{k + 1}']:.3f}" for k in range(base.args.n_future_tokens))
             log(
-                f"step {st.step:>6d}/{cfg.train.steps} loss {m['train/loss']:.4f} ce/head [{heads}] lr {lr:.2e} "
-                f"gnorm {gnorm:.2f} {meter.describe(m)}"
+                f"step {st.step:>6d}/{cfg.train.steps} loss {m['train/loss']:.4f} ce/head [{heads}] "
+                f"lr {m['train/lr']:.2e} gnorm {m['train/grad_norm']:.2f} {meter.describe(m)}"
             )
         tracker.log_metrics(m, step=st.step)
         if d.main:
