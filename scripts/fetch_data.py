@@ -8,7 +8,7 @@ codecontests/test_partial_73.jsonl, from one of two sources:
 - else the Hugging Face hub, through s3cache.resolve's hub fallback (HF_HUB_OFFLINE must be unset or 0), fetching
   only the files needed: MBPP from google-research-datasets/mbpp (full/*.parquet, read by data.load_mbpp), HumanEval
   from openai/openai_humaneval, and from deepmind/code_contests' test split the 73 problems of shared/data (the
-  names below, kept in the split's order) in DeepMind's original schema, which data.load_codecontests reads.
+  names below, in its order) in DeepMind's original schema, which data.load_codecontests reads.
 
 What the hub path changes against shared/data: the bytes (JSON key order and escaping, the gzip header), never the
 fields the loaders read. CodeContests keeps private_tests and generated_tests apart (shared/data merged them into
@@ -109,7 +109,7 @@ def hub_snapshot(cache_dir: str | os.PathLike) -> HubGet:
 
 def _parquet_rows(
     root: Path, pattern: str, columns: tuple[str, ...] = (), optional: tuple[str, ...] = ()
-) -> list:
+) -> list[dict]:
     import pyarrow.parquet as pq
 
     files = sorted(root.glob(pattern))
@@ -151,7 +151,7 @@ def humaneval_from_hub(out: Path, get: HubGet) -> None:
 
 
 def codecontests_from_hub(out: Path, get: HubGet) -> None:
-    """The 73 problems, in the test split's order, with test_case_count = public + private + generated."""
+    """The 73 problems in shared/data's order; test_case_count = public + private + generated tests."""
     root = get(*CODECONTESTS_HUB)
     rows = _parquet_rows(root, CODECONTESTS_HUB[1][0], CODECONTESTS_REQUIRED, CODECONTESTS_OPTIONAL)
     wanted = set(CODECONTESTS_73)
@@ -164,6 +164,7 @@ def codecontests_from_hub(out: Path, get: HubGet) -> None:
             f"{root}: the CodeContests test split should hold each of the 73 problems once; "
             f"missing {missing[:5]} ({len(missing)}), more than once {twice[:5]}"
         )
+    picked.sort(key=lambda r: CODECONTESTS_73.index(r["name"]))
     for r in picked:
         tests = (r["public_tests"], r["private_tests"], r["generated_tests"])
         r["test_case_count"] = sum(len(t["input"]) for t in tests if t)

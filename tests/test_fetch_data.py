@@ -94,7 +94,8 @@ def hub(tmp_path_factory) -> dict[str, Path]:
     with open(ROOT / "codecontests" / "test_partial_73.jsonl") as f:
         cc = [_deepmind(json.loads(line)) for line in f]
     decoy = dict(cc[0], name=DECOY)
-    _parquet(base / "cc" / CC_TEST, cc[:40] + [decoy] + cc[40:])  # a problem of the split that is not wanted
+    split = cc[40:] + [decoy] + cc[:40]  # another order, and a problem of the split that is not wanted
+    _parquet(base / "cc" / CC_TEST, split)
     _parquet(base / "cc" / "data" / "train-00000-of-00039-0123456789abcdef.parquet", [decoy])
     _parquet(base / "cc" / "data" / "valid-00000-of-00001-0123456789abcdef.parquet", [decoy])
     return {
