@@ -369,9 +369,11 @@ def export_cli(argv: list[str]) -> int:
             tokenizer = load_tokenizer(cfg, model_dir)
         else:
             raise FileNotFoundError(f"{src} holds no tokenizer (tokenizer_config.json): pass --tokenizer DIR")
-        readme = None
+        readme = None  # the model card: from the run directory, else the one an HF source carries
         if a.format == "hf" and run_dir is not None:
             readme = tracking.hf_readme(*run_card_inputs(run_dir), f"{run_dir.name}/checkpoints/{src.name}")
+        elif a.format == "hf" and (src / "README.md").is_file():
+            readme = (src / "README.md").read_text()
         write_export(net, out, a.format, tokenizer, getattr(torch, a.dtype) if a.dtype else None, readme)
     except (OSError, ValueError, s3cache.StorageError) as e:  # CheckpointError, ConfigError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
