@@ -231,7 +231,7 @@ def export_dtype(cfg: C.Config) -> torch.dtype:
 
 
 def write_export(
-    net: M.Transformer, out: Path, fmt: str, tokenizer, dtype, readme: str | None = None
+    net: M.Transformer, out: Path, fmt: str, tokenizer, dtype: torch.dtype | None, readme: str | None = None
 ) -> Path:
     """One export directory with the tokenizer, written to a temp directory then renamed into place.
 
