@@ -25,7 +25,8 @@ from typing import Any
 
 import data
 import sandbox
-from config import atomic_write_text, default_data_root
+from config import default_data_root
+from files import atomic_write_text
 
 DATASETS = ("mbpp", "humaneval", "codecontests")
 PASS_KS = (1, 5, 10, 100)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from config import atomic_write
+from files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 import parallel as P
 import s3cache
-from config import atomic_write
+from files import atomic_write
 
 STD_EPS = 1e-6  # spec §3.1 step 2: z = (s - mean) / (std + 1e-6)
 BISECT_ITERS = 100  # log c bracket halves 100 times: far below 1e-6 for any realistic bracket width

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import config
 import data
+import files
 
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -36,7 +37,7 @@ def _atomic_dir(final: Path, build: Callable[[Path], None], force: bool) -> bool
     try:
         build(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artefact is ordinary shared output
-        config.atomic_dir_swap(tmp, final)  # --force replaces an old one without a half-written moment
+        files.atomic_dir_swap(tmp, final)  # --force replaces an old one without a half-written moment
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return True

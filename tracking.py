@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import config as C
+import files
 from s3cache import scrub
 
 log = logging.getLogger("wmtp.tracking")
@@ -306,7 +307,7 @@ class Tracker:
             return None
         run_dir = Path(run_dir)
         out = run_dir / "reports" / "run_report.md"
-        C.atomic_write_text(out, self._report_text(run_dir, summary or {}))
+        files.atomic_write_text(out, self._report_text(run_dir, summary or {}))
         if self.active:
             self.log_artifact(out, "reports")
         return out

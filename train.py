@@ -28,6 +28,7 @@ import torch
 
 import config as C
 import data
+import files
 import model as M
 import parallel as P
 import s3cache
@@ -148,7 +149,7 @@ def save_resume(run_dir: Path, name: str, net, opt, st: TrainState, scorer_state
         torch.save({"state": st.__dict__, "scorer": scorer_state.state_dict()}, tmp / "trainer.pt")
     P.barrier()
     if d.main:
-        C.atomic_dir_swap(tmp, final)
+        files.atomic_dir_swap(tmp, final)
     P.barrier()
     return final
 
@@ -197,7 +198,7 @@ def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
     clean.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
     M.save_checkpoint(clean, tmp)
     tokenizer.save_pretrained(str(tmp))
-    C.atomic_dir_swap(tmp, out)
+    files.atomic_dir_swap(tmp, out)
     return out
 
 
@@ -481,7 +482,7 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     run_dir = Path(cfg.train.out_dir) / P.broadcast_object(run_name)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        C.atomic_write_text(run_dir / "config.json", json.dumps(C.to_dict(cfg), indent=2))
+        files.atomic_write_text(run_dir / "config.json", json.dumps(C.to_dict(cfg), indent=2))
     net = build_model(cfg, d, model_dir)
     base = unwrap(net)
     n_params, n_train = M.count_params(base), sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -693,7 +694,7 @@ def finish(
                 {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=st.step
             )
             tracker.log_artifacts(rep, "reports")
-        C.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        files.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         tracker.log_artifacts(plots, "plots")
         if final is not None:
             tracker.log_artifacts(final, "checkpoints/final")
