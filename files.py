@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +45,15 @@ def fault_point(name: str) -> None:
     _fault_hits[name] += 1
     if _fault_hits[name] == int(nth or 1):
         raise FaultInjected(f"{FAULT_ENV}={spec}: stopped at {name}")
+
+
+def md5(path: str | os.PathLike) -> str:
+    """Hex MD5 of a file, read in 8 MiB chunks (checklists, S3 ETags)."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

@@ -39,13 +39,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import files
+from errors import UserError
+
 log = logging.getLogger("wmtp.s3cache")
 
 MARKER = ".wmtp-complete.json"
 MB = 1024 * 1024
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A storage problem, with a message that says where, what and what to do (never a credential)."""
 
 
@@ -219,20 +222,12 @@ def is_complete(path: Path) -> bool:
 # --------------------------------------------------------------------------- download
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 * MB), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verify(path: Path, obj: dict[str, Any], url: str) -> None:
     size = path.stat().st_size
     if size != obj["size"]:
         raise StorageError(f"{url}: downloaded {size} bytes, expected {obj['size']}; run again")
     etag = obj["etag"]
-    if re.fullmatch(r"[0-9a-f]{32}", etag) and _md5(path) != etag:  # multipart ETags (`-N`) are not MD5s
+    if re.fullmatch(r"[0-9a-f]{32}", etag) and files.md5(path) != etag:  # multipart ETags (`-N`) are not MD5s
         raise StorageError(f"{url}: MD5 mismatch (object changed during download or corrupted); run again")
 
 

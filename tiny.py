@@ -107,6 +107,7 @@ def build_base_meta(out: Path, force: bool = False) -> bool:
         torch.manual_seed(SEED)
         M.save_meta(M.Transformer(args), tmp)
         tokenizer.save_pretrained(str(tmp))  # so model.tokenizer may point at the checkpoint directory
+        M.write_checklist(tmp)  # MD5s of every file, as Meta ships them (checked at load)
 
     return _atomic_dir(out / "base_meta", build, force)
 
