@@ -95,13 +95,16 @@ def _where(s: dict[str, str]) -> str:
 
 # --------------------------------------------------------------------------- errors and scrubbing
 
-_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{12,}\b")
+_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{12,}\b|\bhf_[A-Za-z0-9]{30,}\b|\bgh[pousr]_[A-Za-z0-9]{36,}\b")
 _USERINFO = re.compile(r"(://)[^/@\s]+@")
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+SECRET_ENV += ("MLFLOW_TRACKING_TOKEN", "HF_TOKEN")
 
 
 def scrub(text: str) -> str:
-    """Remove anything credential-like: the current AWS secrets, access-key ids, user:password@ in URLs."""
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
+    """Remove anything credential-like: the values of the secret env vars in use, AWS access-key ids, Hugging Face
+    and GitHub tokens, user:password@ in URLs."""
+    for name in SECRET_ENV:
         value = os.environ.get(name, "")
         if len(value) >= 4:
             text = text.replace(value, "***")
@@ -387,7 +390,7 @@ MODEL_FILES = {"meta": ["params.json"], "hf": ["config.json"], "wmtp": ["model.s
 def resolve_model(cfg: Any, path: str, resource: str, fmt: str, key: str) -> Path:
     """The model directory behind config key `key` (local, else S3 mirror); errors name the config file and key."""
     if not path and not resource:
-        raise ValueError(f"{cfg.source}: '{key}' is empty and no S3 resource is configured for it")
+        raise StorageError(f"{cfg.source}: '{key}' is empty and no S3 resource is configured for it")
     try:
         return resolve(resource, path or None, cfg.storage, kind="model", required_files=MODEL_FILES.get(fmt))
     except StorageError as e:
@@ -429,3 +432,46 @@ def upload(
         )
         urls.append(url)
     return urls
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str]) -> int:
+    """`python s3cache.py upload LOCAL RESOURCE` puts a model or dataset directory into S3 (what a run's `resource`
+    keys then mirror); `python s3cache.py mirror RESOURCE` mirrors one into the cache and prints where. Storage
+    settings come from `--config CONFIG` and `--storage.key=value` overrides; credentials from the AWS chain."""
+    import argparse
+
+    import config
+
+    overrides, rest = config.split_args(argv)
+    ap = argparse.ArgumentParser(prog="s3cache.py", description=main.__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser(
+        "upload", help="upload a local file or directory to s3://<bucket>/<prefix>/<resource>/"
+    )
+    up.add_argument("local")
+    up.add_argument("resource")
+    mi = sub.add_parser("mirror", help="mirror s3://<bucket>/<prefix>/<resource>/ into storage.cache_dir")
+    mi.add_argument("resource")
+    for p in (up, mi):
+        p.add_argument("--config", default=None, help="TOML config whose [storage] section to use")
+    a = ap.parse_args(rest)
+    storage = config.load_config(a.config, overrides).storage
+    if a.cmd == "upload":
+        urls = upload(a.local, a.resource, storage)
+        print(
+            f"uploaded {len(urls)} file(s): {urls[0] if len(urls) == 1 else urls[0].rsplit('/', 1)[0] + '/...'}"
+        )
+    else:
+        print(mirror(a.resource, storage))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    import errors
+
+    sys.exit(errors.main(main, sys.argv[1:]))
