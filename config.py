@@ -266,13 +266,6 @@ class Origins:
         return self.default
 
 
-def _leaves(d: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
-    return out
-
-
 def _merge(into: dict, new: dict) -> None:
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(into.get(k), dict):
@@ -445,20 +438,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
         origins.default = str(path)
-        lines = _key_lines(text)
-        for dotted in _leaves(table):
-            parts = dotted.split(".")
-            line = next(
-                (lines[k] for k in (".".join(parts[:i]) for i in range(len(parts), 0, -1)) if k in lines), 0
-            )
-            origins.set(dotted, f"{path}:{line}" if line else str(path))
-        for key in table:  # a whole section is blamed on its header
-            if key in lines and key not in origins.by_key:
-                origins.by_key[key] = f"{path}:{lines[key]}"
-    for text in overrides or []:
-        key, value = _parse_override(text)
+        origins.by_key = {k: f"{path}:{n}" for k, n in _key_lines(text).items()}
+    for arg in overrides or []:
+        key, value = _parse_override(arg)
         _merge(table, _nest(key, value))
-        origins.set(key, f"command line {text!r}")
+        origins.set(key, f"command line {arg!r}")
     cfg = _validate(table, origins)
     cfg.source = str(path) if path is not None else "<defaults>"
     return cfg
