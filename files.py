@@ -39,11 +39,13 @@ class FaultInjected(BaseException):
 def fault_point(name: str) -> None:
     """Stop here when $WMTP_FAULT names this point (and this is its n-th hit); a no-op otherwise."""
     spec = os.environ.get(FAULT_ENV, "")
-    point, _, nth = spec.partition(":")
-    if not spec or point != name:
+    point, _, nth = spec.rpartition(":")
+    if not nth.isdigit():
+        point, nth = spec, "1"
+    if point != name:
         return
     _fault_hits[name] += 1
-    if _fault_hits[name] == int(nth or 1):
+    if _fault_hits[name] == int(nth):
         raise FaultInjected(f"{FAULT_ENV}={spec}: stopped at {name}")
 
 
@@ -104,10 +106,15 @@ def point(link: str | os.PathLike, target: str) -> None:
 def commit_dir(tmp: str | os.PathLike, final: str | os.PathLike, pointer: str | os.PathLike) -> None:
     """Publish the fully written directory `tmp` as `final`, then switch the symlink `pointer` to it.
 
-    Until the pointer moves it names the previous complete directory (a `final` that already exists is replaced
-    by `atomic_dir_swap`, and the pointer never names it during the swap unless it already did)."""
+    Until the pointer moves it names the previous complete directory; a `final` that already exists is replaced
+    by `atomic_dir_swap`, during which the pointer names `tmp` if it named `final`. Readers must not delete
+    what the pointer names (train.clean_partial)."""
     tmp, final = Path(tmp), Path(final)
     fault_point("commit:written")
+    if final.exists() and Path(pointer).resolve() == final.resolve():
+        point(
+            pointer, tmp.name
+        )  # replacing what the pointer names: let it name the new copy through the swap
     atomic_dir_swap(tmp, final)
     fault_point("commit:renamed")
     point(pointer, final.name)
