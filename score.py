@@ -494,24 +494,9 @@ def _rounds(state: ScorerState, n: int) -> int:
 
 
 def _split_map(state: ScorerState, items: list, size: int, run: Callable[[list], list]) -> list:
-    """[run(chunk) for the chunks of `size` items], flattened; `run` gives one result per item.
-
-    Under torchrun with the SAME `items` on every rank (the whole train set), the chunks are dealt out over the
-    ranks and the results all-gathered back into the order of `items`: world_size x less work. With a sharded
-    model a rank out of chunks calls run([]) (an idle forward), so every rank makes the same number of forwards.
-    """
-    chunks = [items[s : s + size] for s in range(0, len(items), size)]
-    rank, world = P.rank_world()
-    if world == 1:
-        return [y for c in chunks for y in run(c)]
-    mine = {}
-    for j in range(rank, math.ceil(len(chunks) / world) * world, world):
-        if j < len(chunks):
-            mine[j] = run(chunks[j])
-        elif state.aux_sharded:
-            run([])
-    done = {j: ys for part in P.all_gather_object(mine) for j, ys in part.items()}
-    return [y for j in range(len(chunks)) for y in done[j]]
+    """`P.split_map` over the whole train set (the same `items` on every rank). With a sharded model a rank out of
+    chunks calls run([]) (an idle forward), so every rank makes the same number of forwards."""
+    return P.split_map(items, size, run, idle=(lambda: run([])) if state.aux_sharded else None)
 
 
 def _load_reward_model(state: ScorerState) -> None:

@@ -52,7 +52,13 @@ def load_tokenizer(cfg: C.Config, model_dir: Path):
 
 
 def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
-    """Load the checkpoint, then LoRA, activation checkpointing, FSDP2 and compile, in that order."""
+    """Load the checkpoint, then LoRA, activation checkpointing, FSDP2 and compile, in that order.
+
+    Every trainable parameter is fp32 on the device whatever the checkpoint's dtype (Meta's consolidated.pth is
+    bf16), so its gradient and AdamW state are fp32 too and small updates are not rounded away: bf16 is a compute
+    dtype only (FSDP2's MixedPrecisionPolicy under torchrun, autocast in one process). Under LoRA the frozen base
+    weights are never updated: on a bf16 GPU they stay in bf16, half the memory.
+    """
     # H comes from the config: a checkpoint with other H gets heads dropped or copied from head 1 (model.py)
     net = M.load_model(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     net.activation_checkpointing = cfg.model.activation_checkpointing
@@ -66,7 +72,9 @@ def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
                 r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules
             ),
         )
-    net.to(d.device)
+    frozen = P.compute_dtype(d.device, cfg.model.dtype)
+    for p in net.parameters():  # tensor by tensor: a bf16 checkpoint never sits on the host in fp32 at once
+        p.data = p.data.to(d.device, torch.float32 if p.requires_grad else frozen)
     if d.enabled and cfg.train.fsdp:
         P.apply_fsdp(net, bf16=use_bf16(cfg, d))
     if cfg.model.compile:
@@ -76,7 +84,7 @@ def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
 
 
 def use_bf16(cfg: C.Config, d: P.Dist) -> bool:
-    return d.device.type == "cuda" and cfg.model.dtype == "bfloat16" and torch.cuda.is_bf16_supported()
+    return P.compute_dtype(d.device, cfg.model.dtype) == torch.bfloat16
 
 
 def unwrap(net: torch.nn.Module) -> M.Transformer:
@@ -272,7 +280,8 @@ def optimizer_step(
             try:
                 inject = inject_oom and i == 0 and mb == cfg.train.micro_batch_size
                 nan = step in cfg.train.inject_nan_steps
-                stats.append(micro_step(cfg, net, mbatch, scorer_state, count_total, nan, inject))
+                with autocast(cfg, d):  # one process on a GPU: bf16 compute on the fp32 weights
+                    stats.append(micro_step(cfg, net, mbatch, scorer_state, count_total, nan, inject))
             except torch.OutOfMemoryError as e:
                 oom = True
                 print(f"[rank {d.rank}] step {step}: out of memory at micro-batch size {mb}: {str(e)[:100]}")
@@ -322,15 +331,20 @@ def step_metrics(stats: list[dict], d: P.Dist) -> dict:
 
 @torch.no_grad()
 def validate(cfg, net, val_ds, pad_id: int, d: P.Dist) -> dict:
-    """Plain (unweighted) MTP cross-entropy on the validation split, per head and averaged; sharded over ranks."""
+    """Plain (unweighted) MTP cross-entropy on the validation split, per head and averaged; sharded over ranks.
+
+    The batches (the first `train.val_batches` per rank, or all) are dealt round-robin. Every FSDP2 forward is a
+    collective, so every rank runs the same number of rounds: a rank out of batches in the last round runs an
+    idle forward on a 1-token batch with nothing to score (the sums stay exact)."""
     H = cfg.model.n_future_tokens
     sums = torch.zeros(2 * H, dtype=torch.float64, device=d.device)
-    limit = cfg.train.val_batches or None
-    for i, batch in enumerate(data.eval_batches(val_ds, cfg.train.micro_batch_size, pad_id)):
-        if limit is not None and i >= limit * d.world_size:
-            break
-        if i % d.world_size != d.rank:
-            continue
+    batches = list(data.eval_batches(val_ds, cfg.train.micro_batch_size, pad_id))
+    if cfg.train.val_batches:
+        batches = batches[: cfg.train.val_batches * d.world_size]
+    idle = data.collate([[pad_id]], [[False]], [-1], [-1], pad_id)
+    rounds = math.ceil(len(batches) / d.world_size)
+    for i in range(d.rank, rounds * d.world_size, d.world_size):
+        batch = batches[i] if i < len(batches) else idle
         ids, mask = batch["input_ids"].to(d.device), batch["loss_mask"].to(d.device)
         targets, valid = M.mtp_targets(ids, mask, H)
         with autocast(cfg, d):
@@ -350,6 +364,7 @@ def validate(cfg, net, val_ds, pad_id: int, d: P.Dist) -> dict:
 
 
 def autocast(cfg: C.Config, d: P.Dist):
+    """bf16 autocast for the forwards of one process on a GPU (training step, scorer preparation, validation)."""
     if use_bf16(cfg, d) and not (d.enabled and cfg.train.fsdp):  # FSDP2's MixedPrecisionPolicy casts instead
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -515,7 +530,8 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     loader = data.make_loader(train_ds, per_rank, pad, seed=cfg.data.seed, skip_batches=st.step, **shard)
     if st.step == 0:  # scorer stage 1 (critic) / precompute (rho1), first validation, first good checkpoint
         mb = cfg.train.micro_batch_size
-        score.prepare(scorer_state, data.make_loader(train_ds, mb, pad, seed=cfg.data.seed + 1, **shard))
+        with autocast(cfg, d):
+            score.prepare(scorer_state, data.make_loader(train_ds, mb, pad, seed=cfg.data.seed + 1, **shard))
         v0 = validate(cfg, net, val_ds, pad, d)
         log(f"step 0: val/loss {v0['val/loss']:.4f}")
         tracker.log_metrics(v0, step=0)
@@ -596,7 +612,40 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
         tracker.finish("KILLED")
         return 0
     final = export_model(net, run_dir / "checkpoints" / "final", tokenizer, d)
+    # the end-of-run evaluation loads the export whole on every rank: first free the training state
+    scorer_state.model = scorer_state.ref_model = scorer_state.reward_model = None
+    del net, base, opt
+    free_memory(d)
     return finish(cfg, d, run_dir, final, st, scorer_state, tracker, tokenizer)
+
+
+def free_memory(d: P.Dist) -> None:
+    import gc
+
+    gc.collect()
+    if d.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def end_of_run_eval(cfg, d: P.Dist, run_dir: Path, tokenizer, tracker, step: int, histogram: Path) -> dict:
+    """Every rank loads the consolidated export unsharded on its device (bf16 on GPU) and generates its share of
+    the problems; rank 0 judges, writes the report and logs (evaluate.evaluate_model). Returns rank 0's metrics."""
+    import evaluate
+
+    P.barrier()  # rank 0 wrote the export
+    final = run_dir / "checkpoints" / "final"
+    net = evaluate.load_for_eval(cfg, final, "wmtp", d.device)
+    rep = Path(cfg.eval.report_dir) if cfg.eval.report_dir else run_dir / "eval"
+    e = cfg.eval
+    metrics = evaluate.evaluate_model(
+        cfg, net, tokenizer, e.datasets, e.n_samples, e.limit, rep, weight_histogram=histogram
+    )
+    del net
+    free_memory(d)
+    if d.main:
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        tracker.log_artifacts(rep, "reports")
+    return metrics
 
 
 class Meter:
@@ -669,30 +718,14 @@ def finish(
         "scorer_metrics": dict(scorer_state.metrics),
         "host": socket.gethostname(),
     }
+    plots = run_dir / "plots"
     if d.main:
-        plots = run_dir / "plots"
         plots.mkdir(exist_ok=True)
         score.save_weight_histogram(scorer_state, plots / "weight_histogram.png")
-        if cfg.eval.enabled and final is not None:
-            import evaluate
-
-            net = M.load_checkpoint(final)
-            rep = Path(cfg.eval.report_dir) if cfg.eval.report_dir else run_dir / "eval"
-            metrics = evaluate.evaluate_model(
-                cfg,
-                net,
-                tokenizer,
-                cfg.eval.datasets,
-                cfg.eval.n_samples,
-                cfg.eval.limit,
-                rep,
-                weight_histogram=plots / "weight_histogram.png",
-            )
-            summary["eval"] = metrics
-            tracker.log_metrics(
-                {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=st.step
-            )
-            tracker.log_artifacts(rep, "reports")
+    if cfg.eval.enabled:
+        hist = plots / "weight_histogram.png"
+        summary["eval"] = end_of_run_eval(cfg, d, run_dir, tokenizer, tracker, st.step, hist)
+    if d.main:
         C.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         tracker.log_artifacts(plots, "plots")
         if final is not None:
