@@ -567,6 +567,11 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, rank: int, world_s
     return order[: per_rank * world_size][rank::world_size]
 
 
+def batches_per_epoch(n_rows: int, batch_size: int, world_size: int) -> int:
+    """Batches each rank takes from one epoch of `make_loader` (the rows that do not fill one are dropped)."""
+    return (n_rows // world_size) // batch_size
+
+
 def make_loader(
     ds: Any,
     batch_size: int,
@@ -587,7 +592,7 @@ def make_loader(
     if not 0 <= rank < world_size:
         raise DataError(f"make_loader: rank {rank} is not in [0, world_size={world_size})")
     ids, masks, task_id, index = _columns(ds)
-    per_epoch = (len(ids) // world_size) // batch_size
+    per_epoch = batches_per_epoch(len(ids), batch_size, world_size)
     if per_epoch == 0:
         raise DataError(
             f"make_loader: {len(ids)} rows over {world_size} rank(s) do not fill one batch of {batch_size}: "

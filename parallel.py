@@ -257,7 +257,7 @@ class MemoryPlan:
     def table(self) -> str:
         acts = "on" if self.activation_checkpointing else "off"
         rows = [
-            ("parameters (sharded)", self.params_gb),
+            ("parameters (sharded, trainable in fp32)", self.params_gb),
             ("gradients (sharded, fp32)", self.grads_gb),
             ("AdamW states (sharded, fp32 m+v)", self.optim_gb),
             ("activations, no checkpointing", self.activations_gb),
@@ -296,7 +296,9 @@ def plan_memory(
     gb = 1024**3
     p_bytes = 2 if bf16 else 4
     trainable = n_params if trainable_params is None else trainable_params
-    params = n_params * 4 / world_size / gb  # fp32 master weights, sharded
+    # fp32 master weights, sharded; under LoRA the frozen base stays in the compute dtype (train.build_model)
+    frozen = n_params * (p_bytes if trainable_params is not None else 0)
+    params = (frozen + trainable * 4) / world_size / gb
     grads = trainable * 4 / world_size / gb
     optim = trainable * 8 / world_size / gb
     tokens = seq_len * micro_batch

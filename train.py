@@ -372,6 +372,34 @@ def autocast(cfg: C.Config, d: P.Dist):
 
 # --------------------------------------------------------------------------- dry run
 
+MAX_EPOCHS = 20  # more passes than this over a fine-tuning split memorise it: --dry-run and the banner warn
+
+
+def epochs(cfg: C.Config, n_rows: int, world: int) -> float:
+    """Passes over the train split that `train.steps` make. The loader drops the rows that do not fill a step on
+    every rank (data.batches_per_epoch), so this is steps / steps-per-epoch, not steps x batch / rows."""
+    per_epoch = data.batches_per_epoch(n_rows, cfg.train.micro_batch_size * cfg.train.grad_accum, world)
+    return cfg.train.steps / per_epoch if per_epoch else math.inf
+
+
+def budget_lines(cfg: C.Config, n_rows: int, world: int) -> list[str]:
+    """The training budget in epochs (printed by --dry-run and the start-of-run banner), with a warning."""
+    per_rank = cfg.train.micro_batch_size * cfg.train.grad_accum
+    per_epoch = data.batches_per_epoch(n_rows, per_rank, world)
+    if per_epoch == 0:
+        return [f"budget      {n_rows} train rows do not fill one step of {per_rank * world} rows"]
+    n = epochs(cfg, n_rows, world)
+    lines = [
+        f"budget      {cfg.train.steps} steps x {per_rank * world} rows = {n:.1f} epochs of the {n_rows} "
+        f"{cfg.data.train_split} rows ({per_epoch} steps per epoch)"
+    ]
+    if n > MAX_EPOCHS:
+        lines.append(
+            f"WARNING: {n:.0f} epochs (> {MAX_EPOCHS}) over {n_rows} rows: the model memorises its train split; "
+            f"a few epochs is the usual fine-tuning budget (3 epochs = train.steps {3 * per_epoch})"
+        )
+    return lines
+
 
 def dry_run(cfg: C.Config, d: P.Dist, model_dir: Path, tokenizer) -> int:
     """Validate config, tokenizer and model shapes; print parameter count and the per-device memory plan."""
@@ -425,6 +453,11 @@ def dry_run(cfg: C.Config, d: P.Dist, model_dir: Path, tokenizer) -> int:
     print(
         f"batch       {tokens} tokens per optimizer step at most ({world} device{'s' if world > 1 else ''})"
     )
+    for line in budget_lines(cfg, len(data.build_dataset(cfg, tokenizer, cfg.data.train_split)), world):
+        print(line)
+    compute = "bf16 compute on GPU" if cfg.model.dtype == "bfloat16" else "fp32 compute"
+    frozen = ", frozen LoRA base weights in the compute dtype" if cfg.train.lora.enabled else ""
+    print(f"dtypes      fp32 master weights, gradients and AdamW states; {compute}{frozen}")
     print(f"memory plan per device (world size {world}):\n{plan.table()}")
     if not plan.fits:
         fixes = [] if cfg.model.activation_checkpointing else ["enable model.activation_checkpointing"]
@@ -510,6 +543,8 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     log(
         f"data: {len(train_ds)} train rows, {len(val_ds)} validation rows, {per_rank * d.world_size} per step"
     )
+    for line in budget_lines(cfg, len(train_ds), d.world_size):
+        log(line)
     opt = make_optimizer(cfg, net)
     scorer_state = score.init_state(cfg, net, tokenizer, d.device, dataset=train_ds)
     st = TrainState(micro_batch=cfg.train.micro_batch_size)
