@@ -251,6 +251,16 @@ def load_for_eval(cfg: Any, path: str | os.PathLike, fmt: str, device: Any) -> A
     return net.to(device=device, dtype=P.compute_dtype(device, cfg.model.dtype)).eval()
 
 
+def prompt_ids(tokenizer: Any, prompts: list[str], room: int) -> list[list[int]]:
+    """Each prompt as training encodes it (`data.encode_prompt`: BOS + the prompt's tokens), cut from the left
+    (after BOS) to at most `room` tokens."""
+    out = []
+    for p in prompts:
+        ids = data.encode_prompt(tokenizer, p)
+        out.append(ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1 :])
+    return out
+
+
 def generate(
     cfg: Any, model: Any, tokenizer: Any, prompts: list[str], n: int, stops: list[str]
 ) -> list[list[str]]:
@@ -268,11 +278,7 @@ def generate(
     room = model.args.max_seq_len - e.max_new_tokens
     if room < 1:
         raise EvalError(f"eval.max_new_tokens = {e.max_new_tokens} leaves no room under max_seq_len")
-    encoded = []
-    for p in prompts:
-        ids = data.encode_prompt(tokenizer, p)
-        encoded.append(ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1 :])
-    flat = [(i, ids) for i, ids in enumerate(encoded) for _ in range(n)]
+    flat = [(i, ids) for i, ids in enumerate(prompt_ids(tokenizer, prompts, room)) for _ in range(n)]
     tail = 32  # stop strings are a few tokens long: decoding the tail keeps the check O(1) per step
     stop = lambda row: any(s in tokenizer.decode(row[-tail:]) for s in stops)  # noqa: E731
 
