@@ -3,8 +3,9 @@
     python tiny.py --out .cache/tiny [--force] [--data-root DIR]
 
 Everything is built offline and deterministically (fixed seeds): a byte-level BPE tokenizer trained on MBPP
-train+validation, a Llama-2 style one (SentencePiece-like, byte fallback) on the same text, a Meta-format MTP base (params.json + consolidated.pth), an HF Llama reference model and an HF
-reward model, each with the tokenizer saved alongside. Each artefact is written to a temp directory and renamed
+train+validation, a Llama-2 style one (SentencePiece-like, byte fallback) on the same text, a Meta-format MTP
+base (params.json + consolidated.pth), an HF Llama reference model and an HF reward model, each with the byte-level
+tokenizer saved alongside (the models' vocabulary fits both tokenizers). Each artefact is written to a temp directory and renamed
 into place, so an existing directory is always complete and a rerun skips it.
 """
 
