@@ -634,8 +634,41 @@ def _all_rewards(state: ScorerState) -> None:
         _log(f"rewards ({state.cfg.critic.reward}) for {len(rows)} training examples")
         _compute_rewards(state, rows, split=True)
     vals = torch.tensor(list(state.rewards.values()), dtype=torch.float64)
-    state.reward_norm = (float(vals.mean()), float(vals.std(unbiased=False))) if vals.numel() else (0.0, 1.0)
     _free_reward_model(state)
+    check_reward_spread(vals, state.cfg.critic.reward)
+    state.reward_norm = (float(vals.mean()), float(vals.std(unbiased=False))) if vals.numel() else (0.0, 1.0)
+
+
+class RewardError(ValueError):
+    """The critic's rewards cannot rank the training examples (the message says why and what to use instead)."""
+
+
+REWARD_MIN_SPREAD = 1e-4  # std / max(1, |mean|) below this is rounding of one value, not a ranking
+
+
+def check_reward_spread(rewards: Tensor, reward: str) -> None:
+    """Raise RewardError when the train set's rewards have (near) zero variance.
+
+    The critic z-scores them, (r - mean) / (std + 1e-6): equal rewards give z = 0 everywhere, and rewards that
+    differ only by rounding give z of order 1 from noise. Either way the value head learns nothing real and the
+    weights that come out of it are amplified noise, so the run stops before training.
+    """
+    if rewards.numel() < 2:
+        return
+    mean, std = float(rewards.mean()), float(rewards.std(unbiased=False))
+    if std > REWARD_MIN_SPREAD * max(1.0, abs(mean)):
+        return
+    why = {
+        "tests": "every example passes its tests (on MBPP's train split the references all do)",
+        "model": "the reward model scores every example the same",
+    }.get(reward, "")
+    raise RewardError(
+        f"critic.reward = {reward!r}: the {rewards.numel()} training rewards have (near) zero variance "
+        f"(mean {mean:.6g}, std {std:.3g}): {why}. The z-scored rewards are then 0 or noise, and so would be the "
+        "critic's weights. Use critic.reward = 'model' with a reward model that ranks the examples (or a "
+        "training set whose examples differ in reward), or another scorer: loss.scorer = 'rho1_excess_v1' or "
+        "'uniform'."
+    )
 
 
 def _batch_rewards(state: ScorerState, batch: dict) -> tuple[Tensor, Tensor]:

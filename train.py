@@ -565,8 +565,14 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     loader = data.make_loader(train_ds, per_rank, pad, seed=cfg.data.seed, skip_batches=st.step, **shard)
     if st.step == 0:  # scorer stage 1 (critic) / precompute (rho1), first validation, first good checkpoint
         mb = cfg.train.micro_batch_size
-        with autocast(cfg, d):
-            score.prepare(scorer_state, data.make_loader(train_ds, mb, pad, seed=cfg.data.seed + 1, **shard))
+        try:
+            with autocast(cfg, d):
+                score.prepare(
+                    scorer_state, data.make_loader(train_ds, mb, pad, seed=cfg.data.seed + 1, **shard)
+                )
+        except score.RewardError as e:  # every rank has the same rewards: all of them stop here
+            tracker.finish("FAILED")
+            raise TrainError(str(e)) from None
         v0 = validate(cfg, net, val_ds, pad, d)
         log(f"step 0: val/loss {v0['val/loss']:.4f}")
         tracker.log_metrics(v0, step=0)

@@ -603,6 +603,37 @@ def test_tests_reward_runs_the_sandbox(tok, tmp_path, train_rows):
     assert got == [1.0, 0.0]
 
 
+def test_reward_spread_check():
+    f64 = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    score.check_reward_spread(f64(1, 0, 1, 1), "tests")  # one failing example is a ranking
+    score.check_reward_spread(f64(0.3, 0.31), "model")
+    with pytest.raises(score.RewardError) as e:
+        score.check_reward_spread(f64(1, 1, 1, 1), "tests")
+    msg = str(e.value)
+    assert "critic.reward = 'tests': the 4 training rewards have (near) zero variance (mean 1, std 0)" in msg
+    assert "every example passes its tests" in msg and "loss.scorer = 'rho1_excess_v1'" in msg
+    with pytest.raises(score.RewardError, match="the reward model scores every example the same"):
+        score.check_reward_spread(f64(-2.5, -2.5 + 1e-7, -2.5 - 1e-7), "model")  # rounding of one value
+
+
+def test_a_constant_reward_model_stops_the_critic_before_training(tok, tmp_path, aux_dirs, train_rows):
+    """A reward model whose score head is zero gives every example reward 0: prepare() refuses."""
+    from safetensors.torch import load_file, save_file
+
+    rm = tmp_path / "rm0"
+    shutil.copytree(aux_dirs / "rm", rm)
+    sd = load_file(str(rm / "model.safetensors"))
+    sd["score.weight"].zero_()
+    save_file(sd, str(rm / "model.safetensors"), metadata={"format": "pt"})
+    cfg = make_cfg(tmp_path, "critic_delta_v1", critic=dict(reward_model=str(rm), value_hidden=16))
+    state = score.init_state(cfg, tiny_policy(len(tok)), tok, "cpu", dataset=train_rows)
+    with pytest.raises(
+        score.RewardError, match="12 training rewards have \\(near\\) zero variance \\(mean 0, std 0\\)"
+    ):
+        score.prepare(state, data.make_loader(train_rows, 4, tok.pad_token_id))
+    assert state.rewards == dict.fromkeys(range(12), 0.0) and state.reward_model is None
+
+
 def test_judge_completion_is_the_public_single_judge():
     """The critic's `tests` reward goes through evaluate.judge_completion: verdicts with "passed" and "status"."""
     import evaluate

@@ -251,6 +251,22 @@ def test_epochs_follow_the_loader_over_ranks_and_accumulation():
     assert lines[1].startswith("WARNING: 400 epochs (> 20) over 374 rows")
 
 
+def test_constant_test_rewards_stop_before_training(tiny_dir, tmp_path):
+    """critic.reward = 'tests' judges the reference solutions, which all pass: every reward is 1 and the critic's
+    weights would be noise. On MBPP's 10-problem prompt split (train's 374 are the same story, 37x the sandbox
+    runs) the run stops before its first step and says why and what to use instead."""
+    kv = {"train.run_name": "const", "critic.reward": "tests", "data.train_split": "prompt"}
+    kv["data.max_length"] = 512  # no reference is cut (a cut one would fail its tests)
+    p = run_train(tiny_dir, tmp_path, config="configs/tiny_critic_mbpp.toml", check=False, **kv)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert (
+        "critic.reward = 'tests': the 10 training rewards have (near) zero variance (mean 1, std 0)"
+        in p.stderr
+    )
+    assert "Use critic.reward = 'model'" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "const" / "metrics.jsonl").exists() and "step 0: val/loss" not in p.stdout
+
+
 def test_config_error_exits_before_any_work(tiny_dir, tmp_path):
     p = run_train(tiny_dir, tmp_path, "--loss.lam=2", check=False)
     assert p.returncode == 2 and "'loss.lam' = 2.0 is out of range" in p.stderr
