@@ -271,6 +271,18 @@ def weight_stats(weights: Tensor, valid: Tensor, eps: float, w_max: float) -> di
     return out
 
 
+def head_means(weights: Tensor, valid: Tensor) -> dict[str, float]:
+    """`weights/mean_head{k}` (k from 1): the mean weight of each head's valid pairs, weights [..., H].
+
+    The normaliser makes the mean 1 over a sequence's pairs of ALL heads together, so a scorer that moves weight
+    from one head to another (rather than between tokens) shows here and nowhere else.
+    """
+    w = weights.detach().double()
+    v = (valid.bool() & torch.isfinite(w)).flatten(0, -2)
+    n, total = v.sum(0), torch.where(v, w.flatten(0, -2), 0.0).sum(0)
+    return {f"weights/mean_head{k + 1}": float(total[k] / n[k]) if n[k] else 0.0 for k in range(w.shape[-1])}
+
+
 def score_histogram(weights: Tensor, valid: Tensor, edges: Tensor) -> Tensor:
     """Counts of the valid weights in the bins of `edges` (values past the last edge land in the last bin)."""
     w = weights.detach()[valid.bool()].to(edges.dtype)
@@ -332,9 +344,10 @@ class ScorerState:
     # train.aux_models = "shard" under torchrun: the reference / reward model is FSDP2-sharded, so every forward
     # is a collective that all ranks make together (see _split_map and the lazy paths)
     aux_sharded: bool = False
-    # weight histogram over the whole run
+    # weight histogram over the whole run, per head: counts [H, HIST_BINS], and the exact sums [H] (run means)
     hist_edges: Tensor | None = None
     hist_counts: Tensor | None = None
+    head_sums: Tensor | None = None
     calls: int = 0
 
     def state_dict(self) -> dict:
@@ -346,6 +359,7 @@ class ScorerState:
             "rewards": dict(self.rewards),
             "reward_norm": self.reward_norm,
             "hist_counts": None if self.hist_counts is None else self.hist_counts.cpu(),
+            "head_sums": None if self.head_sums is None else self.head_sums.cpu(),
             "calls": self.calls,
         }
 
@@ -361,8 +375,12 @@ class ScorerState:
                 self.value_opt.load_state_dict(sd["value_opt"])
         self.rewards = {int(k): float(v) for k, v in sd.get("rewards", {}).items()}
         self.reward_norm = None if sd.get("reward_norm") is None else tuple(sd["reward_norm"])
-        if sd.get("hist_counts") is not None and self.hist_counts is not None:
-            self.hist_counts = sd["hist_counts"].to(self.hist_counts.device, torch.float64)
+        for name in ("hist_counts", "head_sums"):
+            mine, saved = getattr(self, name), sd.get(name)
+            if saved is not None and mine is not None:
+                if saved.shape != mine.shape:
+                    raise ValueError(f"scorer state: {name} {tuple(saved.shape)} != {tuple(mine.shape)} here")
+                setattr(self, name, saved.to(mine.device, torch.float64))
         self.calls = int(sd.get("calls", 0))
 
 
@@ -394,7 +412,9 @@ def init_state(cfg: Any, model: nn.Module, tokenizer: Any, device: Any, dataset:
     w_top = max(float(cfg.loss.w_max), 1.0)
     edges = torch.linspace(0.0, w_top, HIST_BINS + 1, dtype=torch.float64, device=dev)
     state = ScorerState(cfg, model, tokenizer, dev, dataset, hist_edges=edges)
-    state.hist_counts = torch.zeros(HIST_BINS, dtype=torch.float64, device=dev)
+    H = cfg.model.n_future_tokens
+    state.hist_counts = torch.zeros(H, HIST_BINS, dtype=torch.float64, device=dev)
+    state.head_sums = torch.zeros(H, dtype=torch.float64, device=dev)
     state.aux_sharded = P.Dist().enabled and cfg.train.aux_models == "shard"  # under torchrun, any world size
     if name == "critic_delta_v1":
         _init_critic(state)
@@ -416,10 +436,14 @@ def prepare(state: ScorerState, loader: Iterator[dict] | None) -> None:
 def _record(state: ScorerState, weights: Tensor, valid: Tensor, extra: dict[str, float]) -> Tensor:
     """Per-call log values + the run's weight histogram; returns the weights detached."""
     c = state.cfg.loss
-    state.metrics = {**weight_stats(weights, valid, c.eps, c.w_max), **extra}
+    state.metrics = {**weight_stats(weights, valid, c.eps, c.w_max), **head_means(weights, valid), **extra}
     if state.hist_edges is not None:
-        counts = score_histogram(weights, valid, state.hist_edges)
+        H, edges = weights.shape[-1], state.hist_edges
+        counts = torch.stack([score_histogram(weights[..., k], valid[..., k], edges) for k in range(H)])
+        v = valid.bool() & torch.isfinite(weights)
+        sums = torch.where(v, weights.double(), 0.0).flatten(0, -2).sum(0).to(edges.device)
         state.hist_counts = counts if state.hist_counts is None else state.hist_counts + counts
+        state.head_sums = sums if state.head_sums is None else state.head_sums + sums
     state.calls += 1
     return weights.detach()
 
@@ -974,8 +998,19 @@ def rho1_excess_v1(batch: dict, state: ScorerState) -> Tensor:
 # --------------------------------------------------------------------------- run-level histogram
 
 
+def head_summary(state: ScorerState) -> dict[str, dict[str, float]]:
+    """{"head{k}": {"run_mean", "pairs"}}: every weight the scorer gave head k over the run (from the histogram)."""
+    if state.hist_counts is None or state.head_sums is None:
+        return {}
+    n = state.hist_counts.reshape(state.head_sums.numel(), -1).sum(1)
+    return {
+        f"head{k + 1}": {"run_mean": float(state.head_sums[k] / n[k]) if n[k] else 0.0, "pairs": float(n[k])}
+        for k in range(n.numel())
+    }
+
+
 def save_weight_histogram(state: ScorerState, path: str | os.PathLike) -> Path:
-    """PNG of every weight the scorer produced over the run (written atomically)."""
+    """PNG of every weight the scorer produced over the run, one colour per head (written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -987,9 +1022,12 @@ def save_weight_histogram(state: ScorerState, path: str | os.PathLike) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if state.hist_counts is not None and float(state.hist_counts.sum()) > 0:
         edges = state.hist_edges.cpu().numpy()
-        counts = state.hist_counts.cpu().numpy()
-        ax.bar(edges[:-1], counts, width=edges[1:] - edges[:-1], align="edge", color="tab:blue")
+        heads = head_summary(state)
+        for k, counts in enumerate(state.hist_counts.reshape(len(heads), -1).cpu().numpy()):
+            label = f"head {k + 1}: mean {heads[f'head{k + 1}']['run_mean']:.3f}"
+            ax.stairs(counts, edges, color=f"C{k}", lw=1.5, label=label)
         ax.set_yscale("log")
+        ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no weights recorded", ha="center", va="center", transform=ax.transAxes)
     for x, name in ((c.eps, "eps"), (1.0, "1"), (c.w_max, "w_max")):

@@ -596,11 +596,12 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
         if math.isfinite(m["train/loss"]) and math.isfinite(gnorm):
             opt.step()
             st.bad_steps = 0
-            w, valid = (torch.cat([s[k].flatten() for s in stats]) for k in ("weights", "valid"))
+            w, valid = (torch.cat([s[k] for s in stats]) for k in ("weights", "valid"))  # [B, S, H]
             m.update(
                 scorer_state.metrics
             )  # value loss, mean excess, ... (and the last micro-batch's weights/*)
             m.update(score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max))  # the whole step's weights
+            m.update(score.head_means(w, valid))  # weights/mean_head{k}: weight moved between heads
             st.last_weights = {k: v for k, v in m.items() if k.startswith("weights/")}
         else:  # skip: no weight is touched
             opt.zero_grad(set_to_none=True)
@@ -756,6 +757,9 @@ def finish(
         "final_micro_batch": st.micro_batch,
         "final_lr_scale": st.lr_scale,
         "weights": st.last_weights,
+        "weights_per_head": score.head_summary(
+            scorer_state
+        ),  # the whole run's (the histogram's) mean per head
         "scorer_metrics": dict(scorer_state.metrics),
         "host": socket.gethostname(),
     }
@@ -780,6 +784,10 @@ def finish(
             for ck in (c for c in (final, best) if c is not None and c.exists()):
                 s3cache.upload(ck, f"runs/{run_dir.name}/checkpoints/{ck.name}", cfg.storage)
                 print(f"uploaded {ck} to S3 resource runs/{run_dir.name}/checkpoints/{ck.name}")
+        heads = summary["weights_per_head"]
+        print(
+            "weights per head (run mean): " + " ".join(f"{k} {h['run_mean']:.4f}" for k, h in heads.items())
+        )
         tracker.write_report(run_dir, summary)
         tracker.finish("FINISHED")
         for line in tracker.summary():

@@ -87,6 +87,23 @@ def test_training_reduces_validation_loss_and_writes_checkpoints(reference_run):
     assert not list((out / "ref" / "checkpoints").glob("*.tmp"))
 
 
+def test_per_head_weight_means_are_logged_and_reported(reference_run):
+    """weights/mean_head{k} every step; the run's per-head means (histogram) in summary.json and the run report.
+    The reference run is uniform: every weight is exactly 1, and the histogram holds every valid pair."""
+    out, rows = reference_run
+    for r in rows:
+        assert [r[f"weights/mean_head{k}"] for k in range(1, 5)] == [1.0] * 4
+    summary = json.loads((out / "ref" / "summary.json").read_text())
+    heads = summary["weights_per_head"]
+    assert sorted(heads) == ["head1", "head2", "head3", "head4"]
+    assert all(h["run_mean"] == 1.0 for h in heads.values())
+    assert sum(h["pairs"] for h in heads.values()) == sum(r["train/tokens"] for r in rows)
+    assert summary["weights"]["weights/mean_head3"] == 1.0
+    report = (out / "ref" / "reports" / "run_report.md").read_text()
+    assert "## Weights per head" in report
+    assert f"| head2 | 1 | 1 | {heads['head2']['pairs']:.0f} |" in report
+
+
 def test_resume_gives_the_same_losses(reference_run, tiny_dir, tmp_path):
     _, ref = reference_run
     run_train(tiny_dir, tmp_path, **{"train.run_name": "r", "train.stop_after": 3})
