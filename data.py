@@ -357,6 +357,11 @@ def tokenize_examples(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no eos_token: set one")
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} is a slow (Python) tokenizer: data.py needs the "
+            "character offsets of a fast one (a directory with tokenizer.json, loaded by AutoTokenizer)"
+        )
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     texts = [p + c for p, c in zip(prompts, completions, strict=True)]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)

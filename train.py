@@ -655,7 +655,7 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
         return 0
     final = export_model(net, run_dir / "checkpoints" / "final", tokenizer, d)
     # the end-of-run evaluation loads the export whole on every rank: first free the training state
-    scorer_state.model = scorer_state.ref_model = scorer_state.reward_model = None
+    scorer_state.model = scorer_state.ref_model = scorer_state.reward_model = scorer_state.hidden = None
     del net, base, opt
     free_memory(d)
     return finish(cfg, d, run_dir, final, st, scorer_state, tracker, tokenizer)

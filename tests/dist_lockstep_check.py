@@ -1,4 +1,4 @@
-"""Launched by tests/test_distributed.py under torchrun (CPU, gloo): TINY_DIR OUT_DIR SCORER [SCORER ...].
+"""Launched by tests/test_distributed.py under torchrun (CPU, gloo): TINY_DIR OUT_DIR SCORER [SCORER ...] [--eval].
 
 The ranks of a FSDP2 run must make the same collective forwards whatever the sizes: for each scorer, with the
 reference / reward model sharded too (`train.aux_models = "shard"`), this runs the scorer's preparation over the
@@ -6,8 +6,8 @@ whole train split (rho1 reference CE, critic rewards: chunk counts that do not d
 optimizer step, a FULL validation (90 MBPP rows at micro-batch 4: 23 batches) and the export. Rank 0 prints one
 JSON line per scorer with the validation metrics; the test compares them with a single process on the exported
 weights. A rank that skipped a forward would leave the others inside a collective: gloo errors or the timeout.
-Then every rank loads the first export whole and evaluates 5 MBPP problems split over the ranks (`EVAL`); rank 0
-writes the report, which the test compares with a single process.
+With --eval every rank then loads the first export whole and evaluates 5 MBPP problems split over the ranks
+(`EVAL`); rank 0 writes the report, which the test compares with a single process.
 """
 
 import json
@@ -23,7 +23,7 @@ import score
 import train
 
 EVAL = ["--eval.temperature=0", "--eval.max_new_tokens=24", "--eval.batch_size=2", "--eval.workers=2"]
-tiny, out, scorers = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+tiny, out, scorers = Path(sys.argv[1]), Path(sys.argv[2]), [a for a in sys.argv[3:] if a != "--eval"]
 d = P.init_distributed("cpu")
 for scorer in scorers:
     t0 = time.perf_counter()
@@ -65,11 +65,11 @@ for scorer in scorers:
         print(json.dumps({"scorer": scorer, "val": val, "seconds": time.perf_counter() - t0}), flush=True)
     del net, opt, state
 
-# end-of-run evaluation of the first export: 5 problems in batches of 2 (3 batches: some rank has none)
-t0 = time.perf_counter()
-cfg = C.load_config(None, [*EVAL, f"--storage.cache_dir={json.dumps(str(out / 'cache'))}"])
-net = evaluate.load_for_eval(cfg, out / scorers[0], "wmtp", d.device)
-evaluate.evaluate_model(cfg, net, tok, ["mbpp"], 1, 5, out / "eval")
-if d.main:
-    print(json.dumps({"eval_seconds": time.perf_counter() - t0}), flush=True)
+if "--eval" in sys.argv:  # end-of-run evaluation of the first export: 5 problems in batches of 2 (3 batches)
+    t0 = time.perf_counter()
+    cfg = C.load_config(None, [*EVAL, f"--storage.cache_dir={json.dumps(str(out / 'cache'))}"])
+    net = evaluate.load_for_eval(cfg, out / scorers[0], "wmtp", d.device)
+    evaluate.evaluate_model(cfg, net, tok, ["mbpp"], 1, 5, out / "eval")
+    if d.main:
+        print(json.dumps({"eval_seconds": time.perf_counter() - t0}), flush=True)
 P.shutdown()

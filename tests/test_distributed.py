@@ -207,25 +207,27 @@ def single_process_validation(tiny: Path, export: Path) -> dict:
     return train.validate(cfg, M.load_checkpoint(export), val_ds, tok.pad_token_id, P.Dist())
 
 
-@pytest.mark.parametrize("nproc, scorers", [(4, SCORERS), (3, SCORERS[1:])])  # uniform: no aux model
-def test_ranks_stay_in_lockstep_through_full_validation_and_evaluation(nproc, scorers, tiny_dir, tmp_path):
+# 4 ranks: every scorer, and the evaluation split (5 problems in 3 batches: rank 3 has none); 3 ranks: the scorers
+# with a sharded aux model (the uniform one adds nothing to validation)
+@pytest.mark.parametrize("nproc, args", [(4, [*SCORERS, "--eval"]), (3, SCORERS[1:])])
+def test_ranks_stay_in_lockstep_through_full_validation_and_evaluation(nproc, args, tiny_dir, tmp_path):
     """tests/dist_lockstep_check.py under torchrun with 4 and 3 ranks (23 validation batches, 94 reference and 38
-    reward chunks: none divides by the world size; at 3 ranks only the scorers with a sharded aux model): each
-    scorer prepares, steps, validates all 90 rows and exports without a hang; the validation loss equals one process's on the exported weights, and the evaluation
-    split over the ranks equals one process's (greedy)."""
+    reward chunks: none divides by the world size): each scorer prepares, steps, validates all 90 rows and exports
+    without a hang; the validation loss equals one process's on the exported weights, and the evaluation split over
+    the ranks equals one process's (greedy)."""
     import config as C
     import evaluate
     import tiny
 
-    cmd = [
-        *TORCHRUN[:-1],
+    script = [
         f"--nproc_per_node={nproc}",
         "tests/dist_lockstep_check.py",
         str(tiny_dir),
         str(tmp_path),
+        *args,
     ]
     p = subprocess.run(
-        [*cmd, *scorers],
+        [*TORCHRUN[:-1], *script],
         cwd=REPO,
         env={**DENV, "WMTP_DIST_TIMEOUT_MIN": "2"},
         capture_output=True,
@@ -235,16 +237,18 @@ def test_ranks_stay_in_lockstep_through_full_validation_and_evaluation(nproc, sc
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     got = {r["scorer"]: r["val"] for r in rows if "scorer" in r}
+    scorers = [a for a in args if a != "--eval"]
     assert sorted(got) == sorted(scorers)
     for scorer in scorers:
         want = single_process_validation(tiny_dir, tmp_path / scorer)
         for k, v in want.items():
             assert got[scorer][k] == pytest.approx(v, abs=1e-5), (scorer, k)
+    if "--eval" not in args:
+        return
     # the evaluation report of rank 0 equals a single process's on the same export
     cfg = C.load_config(None, LOCKSTEP_EVAL)
     net = evaluate.load_for_eval(cfg, tmp_path / scorers[0], "wmtp", torch.device("cpu"))
-    tok = tiny.load_tokenizer(tiny_dir)
-    evaluate.evaluate_model(cfg, net, tok, ["mbpp"], 1, 5, tmp_path / "eval1")
+    evaluate.evaluate_model(cfg, net, tiny.load_tokenizer(tiny_dir), ["mbpp"], 1, 5, tmp_path / "eval1")
     samples = [(tmp_path / d / "samples.jsonl").read_text() for d in ("eval", "eval1")]
     assert samples[0] == samples[1] and samples[0].count("\n") == 5
     m_dist, m_one = (
