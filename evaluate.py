@@ -3,7 +3,7 @@
     python evaluate.py judge --dataset {mbpp,codecontests,humaneval} --predictions FILE.jsonl --out METRICS.json
                              [--timeout S] [--workers N] [--data-root DIR] [--time-scale F]
     python evaluate.py CONFIG --checkpoint PATH [--datasets mbpp,codecontests,humaneval] [--n N] [--limit K]
-                             [--out DIR] [--section.key=value ...]
+                             [--out DIR] [--speculative] [--section.key=value ...]
 
 Every program runs in sandbox.py. Judging rules:
 - MBPP: completion, then test_setup_code, then every assert of test_list (this order passes all 974 references).
@@ -242,9 +242,19 @@ def trim(text: str, stops: list[str]) -> str:
 
 
 def generate(
-    cfg: Any, model: Any, tokenizer: Any, prompts: list[str], n: int, stops: list[str]
+    cfg: Any,
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    n: int,
+    stops: list[str],
+    spec_counts: dict | None = None,
 ) -> list[list[str]]:
-    """n completions per prompt with head 1 (batched; prompts cut from the left to fit max_seq_len)."""
+    """n completions per prompt with head 1 (batched; prompts cut from the left to fit max_seq_len).
+
+    With `eval.speculative` the MTP heads draft and head 1 verifies (same outputs at temperature 0, same
+    distribution otherwise); the decoding counts of every batch are summed into `spec_counts` when given.
+    """
     import torch
 
     e = cfg.eval
@@ -271,10 +281,21 @@ def generate(
                 stop=stop,
                 seed=cfg.train.seed + b,
                 pad_id=data.pad_token_id(tokenizer),
+                speculative=e.speculative,
             )
+            if e.speculative and spec_counts is not None:
+                _add_counts(spec_counts, model.speculative_stats)
             for (i, _), row in zip(chunk, rows, strict=True):
                 out[i].append(trim(tokenizer.decode(row, skip_special_tokens=True), stops))
     return out
+
+
+def _add_counts(total: dict, stats: dict) -> None:
+    """Sum the counts of one speculative `generate` call (`model.speculative_stats`) into `total`."""
+    for k in ("tokens", "forwards", "row_forwards", "draft_steps"):
+        total[k] = total.get(k, 0) + stats[k]
+    for k in ("drafted", "accepted"):  # one count per extra head
+        total[k] = [a + b for a, b in zip(total.get(k, [0] * len(stats[k])), stats[k], strict=True)]
 
 
 def head_ce(model: Any, tokenizer: Any, prompts: list[str], refs: list[str], max_length: int, batch: int = 4):
@@ -351,9 +372,18 @@ def evaluate_model(
     for ds in datasets:
         problems = load_problems(ds, cfg.storage.data_root)
         items = _prompts(cfg, ds, problems, limit)
-        comps = generate(cfg, model, tokenizer, [p for _, p in items], n, STOPS[ds])
+        counts: dict = {}
+        comps = generate(cfg, model, tokenizer, [p for _, p in items], n, STOPS[ds], counts)
         preds = {key: c for (key, _), c in zip(items, comps, strict=True)}
         m = judge(ds, problems, preds, cfg.eval.timeout, cfg.eval.workers)
+        if counts:
+            import model as M
+
+            spec = m["speculative"] = M.speculative_summary(counts)
+            flat[f"{ds}/spec_tokens_per_forward"] = spec["tokens_per_forward"]
+            for k, rate in enumerate(spec["acceptance"]):
+                if rate is not None:
+                    flat[f"{ds}/spec_acceptance_head{k + 2}"] = rate
         refs = [reference(ds, problems[k]) for k, _ in items]
         if refs and refs[0] is not None:
             means, ce_values[ds] = head_ce(model, tokenizer, [p for _, p in items], refs, cfg.data.max_length)
@@ -422,8 +452,12 @@ def _model_cli(argv: list[str]) -> int:
     ap.add_argument("--n", type=int, default=0)
     ap.add_argument("--limit", type=int, default=-1)
     ap.add_argument("--out", default="")
+    ap.add_argument(
+        "--speculative", action="store_true", help="draft with the MTP heads (= eval.speculative)"
+    )
     a = ap.parse_args(rest)
     cfg = config.load_config(a.config, overrides)
+    cfg.eval.speculative = cfg.eval.speculative or a.speculative
     ckpt = Path(a.checkpoint)
     fmt = (
         "wmtp"
