@@ -248,12 +248,13 @@ def generate(
     prompts: list[str],
     n: int,
     stops: list[str],
-    spec_counts: dict | None = None,
+    spec_stats: list[dict] | None = None,
 ) -> list[list[str]]:
     """n completions per prompt with head 1 (batched; prompts cut from the left to fit max_seq_len).
 
     With `eval.speculative` the MTP heads draft and head 1 verifies (same outputs at temperature 0, same
-    distribution otherwise); the decoding counts of every batch are summed into `spec_counts` when given.
+    distribution otherwise); each batch's decoding statistics (`model.speculative_stats`) are appended to
+    `spec_stats` when given.
     """
     import torch
 
@@ -283,19 +284,11 @@ def generate(
                 pad_id=data.pad_token_id(tokenizer),
                 speculative=e.speculative,
             )
-            if e.speculative and spec_counts is not None:
-                _add_counts(spec_counts, model.speculative_stats)
+            if e.speculative and spec_stats is not None:
+                spec_stats.append(model.speculative_stats)
             for (i, _), row in zip(chunk, rows, strict=True):
                 out[i].append(trim(tokenizer.decode(row, skip_special_tokens=True), stops))
     return out
-
-
-def _add_counts(total: dict, stats: dict) -> None:
-    """Sum the counts of one speculative `generate` call (`model.speculative_stats`) into `total`."""
-    for k in ("tokens", "forwards", "row_forwards", "draft_steps"):
-        total[k] = total.get(k, 0) + stats[k]
-    for k in ("drafted", "accepted"):  # one count per extra head
-        total[k] = [a + b for a, b in zip(total.get(k, [0] * len(stats[k])), stats[k], strict=True)]
 
 
 def head_ce(model: Any, tokenizer: Any, prompts: list[str], refs: list[str], max_length: int, batch: int = 4):
@@ -372,14 +365,14 @@ def evaluate_model(
     for ds in datasets:
         problems = load_problems(ds, cfg.storage.data_root)
         items = _prompts(cfg, ds, problems, limit)
-        counts: dict = {}
-        comps = generate(cfg, model, tokenizer, [p for _, p in items], n, STOPS[ds], counts)
+        spec_stats: list[dict] = []
+        comps = generate(cfg, model, tokenizer, [p for _, p in items], n, STOPS[ds], spec_stats)
         preds = {key: c for (key, _), c in zip(items, comps, strict=True)}
         m = judge(ds, problems, preds, cfg.eval.timeout, cfg.eval.workers)
-        if counts:
+        if spec_stats:
             import model as M
 
-            spec = m["speculative"] = M.speculative_summary(counts)
+            spec = m["speculative"] = M.speculative_summary(*spec_stats)
             flat[f"{ds}/spec_tokens_per_forward"] = spec["tokens_per_forward"]
             for k, rate in enumerate(spec["acceptance"]):
                 if rate is not None:

@@ -473,22 +473,29 @@ class Transformer(nn.Module):
     def _spec_heads(self, cache: KVCache, hbuf: Tensor, filled: list[list[int]], length: list[int], n: int):
         """Logits [B, n, V] of heads 2..n+1 at each row's last accepted slot length[b] - 1.
 
-        The extra heads' caches are filled lazily from the trunk outputs kept in `hbuf`. A block's keys and
-        values at a slot depend only on the trunk output there, so the slots head k+2 has missed since
-        filled[k][b] only get their keys and values (`_fill_kv`), and the whole block runs at the last slot.
+        The extra heads' caches are filled lazily from the trunk outputs kept in `hbuf`: head k+2 runs over the
+        last (at most SPEC_HEAD_WINDOW) slots it has not seen since filled[k][b]; older unseen slots only get
+        their keys and values (`_fill_kv`: a block's keys/values at a slot depend only on the trunk output
+        there). Every row gets a window of the longest gap: a row with a shorter gap recomputes earlier slots
+        from the same inputs, and writes slots past its length that stay masked until overwritten.
         """
-        last = [ln - 1 for ln in length]
-        slots, q, end = _slots(last, 1, hbuf.device)
-        positions, mask = _decode_mask(q, cache.pad, end)
-        x = _slot_io(hbuf, slots, 1)
-        cos, sin = rope_cos_sin(positions, self.args, x.dtype)
-        at, outs = self._kv_slots(slots), []
+        rows, outs, prev = torch.arange(len(length), device=hbuf.device), [], None
         for k in range(n):
+            if filled[k] != prev:  # heads that drafted together share the window
+                prev = filled[k]
+                W = min(max(1, *(ln - f for ln, f in zip(length, prev, strict=True))), SPEC_HEAD_WINDOW)
+                start = [max(ln - W, 0) for ln in length]
+                slots, q, end = _slots(start, W, hbuf.device)
+                positions, mask = _decode_mask(q, cache.pad, end)
+                x, at = _slot_io(hbuf, slots, W), self._kv_slots(slots)
+                cos, sin = rope_cos_sin(positions, self.args, x.dtype)
+                last = [ln - 1 - s for ln, s in zip(length, start, strict=True)]
+                last = torch.tensor(last, device=hbuf.device)
             i, block = len(self.layers) + k, self.extra_heads[k]
-            self._fill_kv(block, cache.k[i], cache.v[i], cache.pad, hbuf, filled[k], last)
-            outs.append(block(x, cos, sin, mask, (cache.k[i], cache.v[i], at)))
+            self._fill_kv(block, cache.k[i], cache.v[i], cache.pad, hbuf, filled[k], start)
+            outs.append(block(x, cos, sin, mask, (cache.k[i], cache.v[i], at))[rows, last])
             filled[k] = list(length)
-        return self.output(self.norm(torch.cat(outs, dim=1))).float()
+        return self.output(self.norm(torch.stack(outs, dim=1))).float()
 
     def _fill_kv(
         self, block, k_cache: Tensor, v_cache: Tensor, pad: Tensor, hbuf: Tensor, filled, upto
@@ -624,6 +631,7 @@ def sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generato
 SPEC_MIN_ACCEPTANCE = 0.6  # speculative decoding drafts while head 2's drafts are accepted this often ...
 SPEC_MAX_BACKOFF = 64  # ... and otherwise decodes up to this many steps plainly between one-draft probes
 SPEC_RATE_WEIGHT = 0.25  # weight of the last drafting step in that running mean
+SPEC_HEAD_WINDOW = 8  # the extra heads run whole over at most this many new slots, keys/values only before
 NUCLEUS_TOPK = 64  # top-p looks for its nucleus among the top 64 tokens first (sorting all V is slow on CPU)
 
 
@@ -762,15 +770,15 @@ class _DraftThrottle:
         self.skip = self.backoff
 
 
-def speculative_summary(counts: dict) -> dict:
-    """The counts of `speculative_stats` (possibly summed over calls) with their ratios: tokens_per_forward and
-    acceptance per extra head (None where no draft was verified)."""
-    acc = [a / d if d else None for a, d in zip(counts["accepted"], counts["drafted"], strict=True)]
-    return {
-        **counts,
-        "tokens_per_forward": counts["tokens"] / max(counts["row_forwards"], 1),
-        "acceptance": acc,
-    }
+def speculative_summary(*stats: dict) -> dict:
+    """Sum the counts of `speculative_stats` dicts (of one or several generate calls) and add their ratios:
+    tokens_per_forward, and acceptance per extra head (None where no draft was verified)."""
+    out = {k: sum(s[k] for s in stats) for k in ("tokens", "forwards", "row_forwards", "draft_steps")}
+    for k in ("drafted", "accepted"):  # one count per extra head
+        out[k] = [sum(c) for c in zip(*(s[k] for s in stats), strict=True)]
+    out["tokens_per_forward"] = out["tokens"] / max(out["row_forwards"], 1)
+    out["acceptance"] = [a / d if d else None for a, d in zip(out["accepted"], out["drafted"], strict=True)]
+    return out
 
 
 def _append(row: list[int], toks: list[int], eos_id: int | None, stop, budget: int) -> tuple[bool, int]:
