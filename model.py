@@ -535,9 +535,9 @@ class Transformer(nn.Module):
         rolls a row back by just not advancing its length: the slots past it are masked and overwritten.
 
         The extra heads (transformer blocks with their own KV caches) run lazily, when their drafts are needed,
-        over the accepted positions only (`_spec_heads`). When head 2's drafts are mostly rejected, decoding goes
-        plain for a while, with cheap one-draft probes (`_DraftThrottle`): a model whose heads guess badly costs
-        little more than plain decoding. Stop callbacks, EOS and max_new_tokens apply token by token as in
+        over the accepted positions only (`_spec_heads`). When the drafts are expected to gain less than
+        SPEC_MIN_GAIN tokens per extra head and step, decoding goes plain for a while, with cheap one-draft
+        probes (`_DraftThrottle`): a model whose heads guess badly costs little more than plain decoding. Stop callbacks, EOS and max_new_tokens apply token by token as in
         `_generate`: tokens a draft ran ahead with past a stop are dropped.
 
         Sets `self.speculative_stats`: {"tokens": generated tokens (EOS included), "forwards": trunk + head 1
@@ -628,9 +628,9 @@ def sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generato
     return draw(nucleus_probs(logits, temperature, top_p), gen)
 
 
-SPEC_MIN_ACCEPTANCE = 0.6  # speculative decoding drafts while head 2's drafts are accepted this often ...
+SPEC_MIN_GAIN = 1 / 3  # speculative decoding drafts while it expects this many accepted drafts per head ...
 SPEC_MAX_BACKOFF = 64  # ... and otherwise decodes up to this many steps plainly between one-draft probes
-SPEC_RATE_WEIGHT = 0.25  # weight of the last drafting step in that running mean
+SPEC_RATE_WEIGHT = 0.25  # weight of the last drafting step in the running acceptance of each head
 SPEC_HEAD_WINDOW = 8  # the extra heads run whole over at most this many new slots, keys/values only before
 NUCLEUS_TOPK = 64  # top-p looks for its nucleus among the top 64 tokens first (sorting all V is slow on CPU)
 
@@ -735,37 +735,43 @@ def _verify(p_logits: Tensor, q: Tensor | None, drafts: Tensor, temperature: flo
     return n_acc, token.gather(1, n_acc[:, None])[:, 0]
 
 
-def _count_drafts(stats: dict, n_acc: list[int], n_draft: int, done: list[bool]) -> float:
+def _count_drafts(stats: dict, n_acc: list[int], n_draft: int, done: list[bool]) -> list[float | None]:
     """Count per head the drafts verified (every earlier draft accepted) and accepted, over the rows still
-    generating; returns the fraction of those rows whose first draft was accepted."""
+    generating; returns this step's acceptance per drafting head (None where none was verified)."""
     stats["draft_steps"] += 1
-    live = [a for a, d in zip(n_acc, done, strict=True) if not d]
-    for a in live:
+    verified, accepted = [0] * n_draft, [0] * n_draft
+    for a in (a for a, d in zip(n_acc, done, strict=True) if not d):
         for i in range(min(a + 1, n_draft)):
-            stats["drafted"][i] += 1
-            stats["accepted"][i] += int(i < a)
-    return sum(a > 0 for a in live) / len(live)
+            verified[i] += 1
+            accepted[i] += int(i < a)
+    for i in range(n_draft):
+        stats["drafted"][i] += verified[i]
+        stats["accepted"][i] += accepted[i]
+    return [a / v if v else None for a, v in zip(accepted, verified, strict=True)]
 
 
 class _DraftThrottle:
-    """How many tokens to draft: all H-1 while head 2's drafts are mostly accepted (a running mean of the
-    fraction accepted, the last drafting step weighted SPEC_RATE_WEIGHT, stays >= SPEC_MIN_ACCEPTANCE);
-    otherwise none for 1, 2, 4, ... (at most SPEC_MAX_BACKOFF) steps between one-draft probes (only head 2
-    runs), until they are accepted again. It decides from past acceptance only, so it cannot change the output
-    distribution."""
+    """How many tokens to draft. Each head keeps a running mean of its acceptance (the last drafting step
+    weighted SPEC_RATE_WEIGHT); they give the expected number of accepted drafts per step, r2 + r2 r3 + ...
+    While that is >= SPEC_MIN_GAIN per extra head (each costs about a block) every head drafts; otherwise none
+    for 1, 2, 4, ... (at most SPEC_MAX_BACKOFF) steps between one-draft probes (only head 2 runs) until it is
+    again. It decides from past acceptance only, so it cannot change the output distribution."""
 
     def __init__(self, n_heads: int):
-        self.n_heads, self.rate, self.backoff, self.skip = n_heads, 1.0, 0, 0
+        self.rate, self.backoff, self.skip = [1.0] * n_heads, 0, 0
 
     def n_drafts(self) -> int:
         if self.skip:
             self.skip -= 1
             return 0
-        return self.n_heads if self.backoff == 0 else min(1, self.n_heads)
+        return len(self.rate) if self.backoff == 0 else min(1, len(self.rate))
 
-    def update(self, first_accepted: float) -> None:
-        self.rate += SPEC_RATE_WEIGHT * (first_accepted - self.rate)
-        ok = self.rate >= SPEC_MIN_ACCEPTANCE
+    def update(self, step_rates: list[float | None]) -> None:
+        for i, r in enumerate(step_rates):
+            if r is not None:
+                self.rate[i] += SPEC_RATE_WEIGHT * (r - self.rate[i])
+        gain = sum(math.prod(self.rate[: i + 1]) for i in range(len(self.rate)))
+        ok = gain >= SPEC_MIN_GAIN * len(self.rate)
         self.backoff = 0 if ok else min(max(2 * self.backoff, 1), SPEC_MAX_BACKOFF)
         self.skip = self.backoff
 
