@@ -184,7 +184,7 @@ class Attention(nn.Module):
         along the slot dimension. The mask [B, 1, T, end] covers slots 0..end-1."""
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.hd), cos, sin).transpose(1, 2)
-        k, v = self.kv(x, cos, sin)
+        k, v = self.project_kv(x, cos, sin)
         gqa = self.n_kv != self.n_heads
         if kv is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -197,7 +197,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
-    def kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Keys (RoPE applied) and values [B, n_kv, T, hd] of the normed input x [B, T, D]."""
         B, T, _ = x.shape
         k = apply_rope(self.wk(x).view(B, T, self.n_kv, self.hd), cos, sin).transpose(1, 2)
@@ -508,7 +508,7 @@ class Transformer(nn.Module):
             return
         slots, q, _ = _slots([max(u - T, 0) for u in upto], T, hbuf.device)
         cos, sin = rope_cos_sin((q - pad[:, None]).clamp(min=0), self.args, hbuf.dtype)
-        k, v = block.attention.kv(block.attention_norm(_slot_io(hbuf, slots, T)), cos, sin)
+        k, v = block.attention.project_kv(block.attention_norm(_slot_io(hbuf, slots, T)), cos, sin)
         at = self._kv_slots(slots)
         cache_write(k_cache, at, k)
         cache_write(v_cache, at, v)
