@@ -46,6 +46,7 @@ format: venv
 bench: tiny
 	$(BIN)/python bench/mtp_step.py
 	$(BIN)/python bench/judge.py
+	$(BIN)/python bench/speculative.py
 
 gpu-check:
 	PYTHON=$(abspath $(BIN)/python) bash scripts/gpu_check.sh

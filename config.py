@@ -174,6 +174,7 @@ class EvalConfig(Section):
     )  # seconds per program (MBPP task 123 needs several on a loaded machine)
     workers: int = Field(0, ge=0)  # parallel sandbox workers (0: all cores)
     report_dir: str = ""  # empty: <run dir>/eval
+    speculative: bool = False  # draft with the MTP heads, verify with head 1: same output distribution
 
 
 class StorageConfig(Section):

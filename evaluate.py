@@ -3,7 +3,7 @@
     python evaluate.py judge --dataset {mbpp,codecontests,humaneval} --predictions FILE.jsonl --out METRICS.json
                              [--timeout S] [--workers N] [--data-root DIR] [--time-scale F]
     python evaluate.py CONFIG --checkpoint PATH [--datasets mbpp,codecontests,humaneval] [--n N] [--limit K]
-                             [--out DIR] [--section.key=value ...]
+                             [--out DIR] [--speculative] [--section.key=value ...]
     torchrun --nproc_per_node=4 evaluate.py CONFIG --checkpoint PATH ...   (generation split over the GPUs)
 
 `--checkpoint` is any checkpoint directory, its format read from its files: ours (checkpoints/final), an HF Llama
@@ -269,13 +269,22 @@ def prompt_ids(tokenizer: Any, prompts: list[str], room: int) -> list[list[int]]
 
 
 def generate(
-    cfg: Any, model: Any, tokenizer: Any, prompts: list[str], n: int, stops: list[str]
+    cfg: Any,
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    n: int,
+    stops: list[str],
+    spec_stats: list[dict] | None = None,
 ) -> list[list[str]]:
     """n completions per prompt with head 1 (batched; prompts cut from the left to fit max_seq_len).
 
     Under torchrun every rank calls it with the same prompts and a whole (unsharded) model: the batches are dealt
     out over the ranks (`P.split_map`) and the completions gathered on every rank. Each batch, its rows and its
     sampling seed are the ones a single process would use, so the results do not depend on the world size.
+    With `eval.speculative` the MTP heads draft and head 1 verifies (same outputs at temperature 0, same
+    distribution otherwise); each batch's decoding statistics (`model.speculative_stats`) are appended to
+    `spec_stats` when given.
     """
     import torch
 
@@ -289,7 +298,7 @@ def generate(
     tail = 32  # stop strings are a few tokens long: decoding the tail keeps the check O(1) per step
     stop = lambda row: any(s in tokenizer.decode(row[-tail:]) for s in stops)  # noqa: E731
 
-    def run(chunk: list[tuple[int, tuple[int, list[int]]]]) -> list[str]:
+    def run(chunk: list[tuple[int, tuple[int, list[int]]]]) -> list[tuple[str, dict | None]]:
         with torch.no_grad():
             rows = model.generate(
                 [ids for _, (_, ids) in chunk],
@@ -300,12 +309,18 @@ def generate(
                 stop=stop,
                 seed=cfg.train.seed + chunk[0][0],  # the batch's offset in `flat`
                 pad_id=data.pad_token_id(tokenizer),
+                speculative=e.speculative,
             )
-        return [trim(tokenizer.decode(row, skip_special_tokens=True), stops) for row in rows]
+        stats = model.speculative_stats if e.speculative else None  # one per batch, with its first row
+        texts = [trim(tokenizer.decode(row, skip_special_tokens=True), stops) for row in rows]
+        return [(text, stats if j == 0 else None) for j, text in enumerate(texts)]
 
     out: list[list[str]] = [[] for _ in prompts]
-    for (i, _), text in zip(flat, P.split_map(list(enumerate(flat)), e.batch_size, run), strict=True):
+    results = P.split_map(list(enumerate(flat)), e.batch_size, run)  # gathered from every rank, in order
+    for (i, _), (text, stats) in zip(flat, results, strict=True):
         out[i].append(text)
+        if stats is not None and spec_stats is not None:
+            spec_stats.append(stats)
     return out
 
 
@@ -396,7 +411,8 @@ def evaluate_model(
     for ds in datasets:
         problems = load_problems(ds, cfg.storage.data_root)
         items = _prompts(cfg, ds, problems, limit)
-        comps = generate(cfg, model, tokenizer, [p for _, p in items], n, STOPS[ds])
+        spec_stats: list[dict] = []
+        comps = generate(cfg, model, tokenizer, [p for _, p in items], n, STOPS[ds], spec_stats)
         refs = [reference(ds, problems[k]) for k, _ in items]
         if refs and refs[0] is not None:
             ce = head_ce(model, tokenizer, [p for _, p in items], refs, cfg.data.max_length)
@@ -404,6 +420,14 @@ def evaluate_model(
             continue
         preds = {key: c for (key, _), c in zip(items, comps, strict=True)}
         m = judge(ds, problems, preds, cfg.eval.timeout, cfg.eval.workers)
+        if spec_stats:
+            import model as M
+
+            spec = m["speculative"] = M.speculative_summary(*spec_stats)
+            flat[f"{ds}/spec_tokens_per_forward"] = spec["tokens_per_forward"]
+            for k, rate in enumerate(spec["acceptance"]):
+                if rate is not None:
+                    flat[f"{ds}/spec_acceptance_head{k + 2}"] = rate
         if refs and refs[0] is not None:
             means, ce_values[ds] = ce
             m["head_ce"] = means
@@ -475,8 +499,12 @@ def _model_cli(argv: list[str]) -> int:
     ap.add_argument("--n", type=int, default=0)
     ap.add_argument("--limit", type=int, default=-1)
     ap.add_argument("--out", default="")
+    ap.add_argument(
+        "--speculative", action="store_true", help="draft with the MTP heads (= eval.speculative)"
+    )
     a = ap.parse_args(rest)
     cfg = config.load_config(a.config, overrides)
+    cfg.eval.speculative = cfg.eval.speculative or a.speculative
     ckpt = Path(a.checkpoint)
     datasets = [d for d in (a.datasets or ",".join(cfg.eval.datasets)).split(",") if d]
     bad = [d for d in datasets if d not in DATASETS]
