@@ -59,6 +59,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+SYNTHETIC_TASKS = ("copy", "nest", "chain")  # data.py's synthetic segment kinds
+
+
 class ConfigError(ValueError):
     """A config problem: the message names the file, the dotted key and what was expected."""
 
@@ -77,8 +80,25 @@ class ModelConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """The synthetic benchmark with known token classes (data.py; `data.dataset = "synthetic"`)."""
+
+    n_train: int = 4096  # rows of the train split
+    n_val: int = 256  # rows of the validation split (noisy like train)
+    n_test: int = 256  # clean held-out rows (CE per token class) and as many greedy-completion prompts
+    tasks: list[str] = field(default_factory=lambda: ["copy", "nest", "chain"])
+    min_span: int = 2  # length of the random span of a copy / nest segment, and of a junk run
+    max_span: int = 8
+    max_segments: int = 5  # segments per row: uniform in [1, max_segments] (fewer if data.max_length cuts)
+    corrupt: float = 0.15  # q: each learnable token is replaced by a random one with this probability
+    junk: float = 0.3  # probability of a run of random tokens before each segment
+    rule_seed: int = 0  # the chain task's fixed function (a permutation of the symbols)
+    test_seed: int = 1234  # the clean held-out rows and prompts (the same for every data.seed)
+
+
+@dataclass
 class DataConfig:
-    dataset: Literal["mbpp"] = "mbpp"
+    dataset: Literal["mbpp", "synthetic"] = "mbpp"
     path: str = ""  # local dataset directory; empty: <data_root>/mbpp
     resource: str = "datasets/mbpp"  # logical S3 resource
     hub_id: str = "google-research-datasets/mbpp"  # last resort for users with internet
@@ -88,6 +108,7 @@ class DataConfig:
     seed: int = 42
     train_split: Literal["train", "validation", "test", "prompt"] = "train"
     val_split: Literal["train", "validation", "test", "prompt"] = "validation"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
@@ -150,7 +171,7 @@ class LossConfig:
 
 @dataclass
 class CriticConfig:
-    reward: Literal["model", "tests"] = "model"
+    reward: Literal["model", "tests", "dataset"] = "model"  # dataset: the reward stored with each example
     reward_model: str = ""  # HF sequence-classification checkpoint directory (one label)
     reward_resource: str = ""  # logical S3 resource for it
     gamma: float = 0.99
@@ -210,6 +231,8 @@ class TrackingConfig:
     uri: str = ""  # empty: embedded sqlite store sqlite:///<repo>/mlruns/mlflow.db; or http(s)://server
     experiment: str = ""  # empty: mtp/{algo}/{dataset}
     run_name: str = ""  # empty: train.run_name
+    parent_run: str = ""  # MLflow run id this run is nested under (sweep.py sets it: one parent per sweep)
+    tags: list[str] = field(default_factory=list)  # extra run tags "key=value" (sweep.py: one per axis)
 
 
 ALGOS = {"uniform": "baseline", "critic_delta_v1": "critic-wmtp", "rho1_excess_v1": "rho1-wmtp"}
@@ -284,6 +307,13 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "eval.limit": (0, None, "an integer >= 0"),
     "eval.timeout": (0.1, None, "seconds > 0"),
     "eval.workers": (0, None, "an integer >= 0"),
+    "data.synthetic.n_train": (1, None, "an integer >= 1"),
+    "data.synthetic.n_val": (1, None, "an integer >= 1"),
+    "data.synthetic.n_test": (1, None, "an integer >= 1"),
+    "data.synthetic.min_span": (1, None, "an integer >= 1"),
+    "data.synthetic.max_segments": (1, None, "an integer >= 1"),
+    "data.synthetic.corrupt": (0.0, 1.0, "a probability in [0, 1]"),
+    "data.synthetic.junk": (0.0, 1.0, "a probability in [0, 1]"),
 }
 
 
@@ -371,11 +401,43 @@ def _check_ranges(cfg: Config) -> None:
             f"{cfg.source}: 'data.packing' = true cannot be used with loss.scorer = 'critic_delta_v1' "
             "(the reward is per example): set data.packing = false"
         )
+    _check_synthetic(cfg)
+    for text in cfg.tracking.tags:
+        if "=" not in text or not text.split("=", 1)[0]:
+            raise ConfigError(f"{cfg.source}: 'tracking.tags' entry {text!r}: expected 'key=value'")
     if cfg.tracking.uri.startswith("s3://"):
         raise ConfigError(
             f"{cfg.source}: 'tracking.uri' = {cfg.tracking.uri!r} is not a tracking URI: s3:// holds artifacts, "
             "not runs. Use an http(s):// MLflow server started with --artifacts-destination s3://..., "
             "or leave it empty for the embedded sqlite store"
+        )
+
+
+def _check_synthetic(cfg: Config) -> None:
+    sc = cfg.data.synthetic
+    if sc.max_span < sc.min_span:
+        raise ConfigError(
+            f"{cfg.source}: 'data.synthetic.max_span' = {sc.max_span} < data.synthetic.min_span = {sc.min_span}"
+        )
+    bad = [t for t in sc.tasks if t not in SYNTHETIC_TASKS]
+    if bad or not sc.tasks:
+        raise ConfigError(
+            f"{cfg.source}: 'data.synthetic.tasks' = {sc.tasks!r}: expected a non-empty list of "
+            f"{', '.join(repr(t) for t in SYNTHETIC_TASKS)}"
+        )
+    worst = (
+        3 * sc.max_span + 4
+    )  # BOS, a junk run, the longest segment, EOS: a row's first segment always fits
+    if cfg.data.dataset == "synthetic" and cfg.data.max_length < worst:
+        raise ConfigError(
+            f"{cfg.source}: 'data.max_length' = {cfg.data.max_length} is too short for the synthetic rows: "
+            f"expected >= {worst} (3 * data.synthetic.max_span + 4)"
+        )
+    critic = cfg.loss.scorer == "critic_delta_v1"
+    if critic and cfg.critic.reward == "dataset" and cfg.data.dataset != "synthetic":
+        raise ConfigError(
+            f"{cfg.source}: 'critic.reward' = 'dataset' needs a dataset that stores a reward with each example "
+            f"(data.dataset = 'synthetic'), got data.dataset = {cfg.data.dataset!r}"
         )
 
 

@@ -124,6 +124,8 @@ class TrainState:
     oom_events: int = 0
     history: list = field(default_factory=list)  # validation results
     last_weights: dict = field(default_factory=dict)  # weight statistics of the last good step
+    step_seconds: float = 0.0  # wall time inside optimizer steps (cost per step)
+    class_weights: torch.Tensor | None = None  # synthetic data: weights per token class (evaluate.py)
 
 
 def save_resume(run_dir: Path, name: str, net, opt, st: TrainState, scorer_state, d: P.Dist) -> Path:
@@ -508,7 +510,10 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     import tracking
 
     tracker = tracking.Tracker(cfg, rank=d.rank)
-    data_hash = data.data_fingerprint(data.resolve_dataset_dir(cfg))
+    if cfg.data.dataset == "synthetic":
+        data_hash = data.synthetic_fingerprint(cfg)
+    else:
+        data_hash = data.data_fingerprint(data.resolve_dataset_dir(cfg))
     extra = {"model.dir": str(model_dir), "data.hash": data_hash}
     tracker.start(run_name=run_dir.name, world_size=d.world_size, extra=extra)
     shard = {"rank": d.rank, "world_size": d.world_size}
@@ -531,6 +536,7 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
         lr = lr_at(cfg, step) * st.lr_scale
         for g in opt.param_groups:
             g["lr"] = lr
+        t_step = time.perf_counter()
         stats = optimizer_step(cfg, net, opt, batch, st, scorer_state, d, step)
         m = step_metrics(stats, d)
         params = [p for p in net.parameters() if p.requires_grad]
@@ -545,6 +551,8 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
             )  # value loss, mean excess, ... (and the last micro-batch's weights/*)
             m.update(score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max))  # the whole step's weights
             st.last_weights = {k: v for k, v in m.items() if k.startswith("weights/")}
+            if "token_class" in batch:
+                add_class_weights(cfg, st, stats, batch["token_class"])
         else:  # skip: no weight is touched
             opt.zero_grad(set_to_none=True)
             st.bad_steps += 1
@@ -555,6 +563,7 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
             if st.bad_steps >= cfg.train.max_bad_steps:
                 st = recover(cfg, run_dir, net, opt, st, scorer_state, d)
         st.step += 1
+        st.step_seconds += time.perf_counter() - t_step
         m.update(
             {
                 "train/lr": lr,
@@ -596,7 +605,42 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
         tracker.finish("KILLED")
         return 0
     final = export_model(net, run_dir / "checkpoints" / "final", tokenizer, d)
-    return finish(cfg, d, run_dir, final, st, scorer_state, tracker, tokenizer)
+    cost = cost_metrics(d, st, net, final)
+    return finish(cfg, d, run_dir, final, st, scorer_state, tracker, tokenizer, cost)
+
+
+def add_class_weights(cfg: C.Config, st: TrainState, stats: list[dict], token_class: torch.Tensor) -> None:
+    """Synthetic benchmark: add this step's weights [B, S, H] per class of their target token to the run's
+    histograms, summed over ranks (so every rank holds the same totals and any rank's resume state is right)."""
+    import evaluate
+
+    w = torch.cat([s["weights"] for s in stats])
+    valid = torch.cat([s["valid"] for s in stats])
+    inc = evaluate.class_weight_counts(w, valid, score.pair_scores(token_class, w.shape[-1]), cfg.loss.w_max)
+    inc = P.all_reduce(inc).cpu()
+    st.class_weights = inc if st.class_weights is None else st.class_weights + inc
+
+
+def cost_metrics(d: P.Dist, st: TrainState, net, final: Path | None) -> dict:
+    """What a run costs: seconds per optimizer step, peak memory (CUDA allocator; on CPU the process's peak RSS),
+    trainable parameters, size of the exported checkpoint and of the LoRA adapter alone."""
+    import resource
+
+    def size_mb(p: Path | None) -> float:
+        files = [] if p is None or not p.exists() else [p] if p.is_file() else list(p.rglob("*"))
+        return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
+
+    if d.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(d.device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return {
+        "cost/step_seconds": st.step_seconds / max(st.step, 1),
+        "cost/peak_mem_mb": peak,
+        "cost/trainable_params": float(sum(p.numel() for p in net.parameters() if p.requires_grad)),
+        "cost/checkpoint_mb": size_mb(final),
+        "cost/adapter_mb": size_mb(final / "adapter.safetensors") if final is not None else 0.0,
+    }
 
 
 class Meter:
@@ -650,7 +694,7 @@ def recover(cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P.Dis
 
 
 def finish(
-    cfg, d, run_dir: Path, final: Path | None, st: TrainState, scorer_state, tracker, tokenizer
+    cfg, d, run_dir: Path, final: Path | None, st: TrainState, scorer_state, tracker, tokenizer, cost=None
 ) -> int:
     summary = {
         "run_dir": str(run_dir),
@@ -667,9 +711,20 @@ def finish(
         "final_lr_scale": st.lr_scale,
         "weights": st.last_weights,
         "scorer_metrics": dict(scorer_state.metrics),
+        "cost": cost or {},
         "host": socket.gethostname(),
     }
     if d.main:
+        tracker.log_metrics(summary["cost"], step=st.step)
+        if cfg.data.dataset == "synthetic" and final is not None:
+            import evaluate
+
+            synth = evaluate.evaluate_synthetic(cfg, M.load_checkpoint(final), tokenizer)
+            if st.class_weights is not None:
+                synth.update(evaluate.class_weight_metrics(st.class_weights))
+            summary["synthetic"] = synth
+            tracker.log_metrics(synth, step=st.step)
+            print("synthetic: " + " ".join(f"{k[6:]} {v:.4g}" for k, v in synth.items() if "head" not in k))
         plots = run_dir / "plots"
         plots.mkdir(exist_ok=True)
         score.save_weight_histogram(scorer_state, plots / "weight_histogram.png")
