@@ -162,6 +162,9 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     scorer: Literal["uniform", "critic_delta_v1", "rho1_excess_v1"] = "uniform"
+    # which pairs one normalisation covers (spec §3.1): "head" = each head of a sequence on its own (mean weight 1
+    # per head: weights move between tokens, never between heads); "sequence" = all heads jointly (ablation)
+    normalize: Literal["head", "sequence"] = "head"
     lam: float = 0.3  # w~ = 1 + lam * (w - 1)
     temperature: float = 0.7
     eps: float = 0.05

@@ -461,7 +461,7 @@ def mtp_loss_backward(
     h: Tensor,
     targets: Tensor,
     valid: Tensor,
-    weights: Tensor,
+    weights: Tensor | Callable[[int, Tensor], Tensor],
     alpha: Iterable[float] | Tensor | None = None,
     scale: float = 1.0,
 ) -> dict[str, Tensor]:
@@ -470,6 +470,8 @@ def mtp_loss_backward(
     L = sum_valid alpha_k * w * CE / count_valid (count over all heads). For each head: logits of the valid
     positions only (fp32 CE), backward of scale * L_k into a detached leaf of h; then ONE h.backward. Every head
     runs forward and backward even when it has no valid pair, so all ranks run the same collectives.
+    `weights` is [B, S, H], or a function (k, ce_k [B, S] detached, 0 where invalid) -> head k's weights [B, S]
+    for weights that depend on the head's own CE (rho1 per head, spec §3.3): no extra pass over the heads.
     Returns detached {"loss", "head_loss" [H], "head_ce" [H]} (unscaled).
     """
     H = targets.shape[-1]
@@ -482,7 +484,13 @@ def mtp_loss_backward(
         v = valid[..., k]
         logits = model(leaf, stage=k, select=v)
         ce = F.cross_entropy(_f32(logits), targets[..., k][v], reduction="none")
-        loss_k = (weights[..., k][v].to(ce.dtype) * ce).sum() * (a[k] / denom)
+        if callable(weights):
+            w_k = weights(
+                k, torch.zeros(v.shape, dtype=ce.dtype, device=ce.device).index_put((v,), ce.detach())
+            )
+        else:
+            w_k = weights[..., k]
+        loss_k = (w_k[v].to(ce.dtype) * ce).sum() * (a[k] / denom)
         if loss_k.requires_grad:  # False under torch.no_grad(): then this is an evaluation loss
             (loss_k * scale).backward()
         head_loss.append(loss_k.detach())

@@ -331,15 +331,18 @@ def _local_problem(path: Path, required_files: list[str] | None) -> str | None:
     return None
 
 
-def _from_hub(hub_id: str, kind: str, storage_cfg: Any) -> Path:
-    """Last resort for users with internet: huggingface_hub.snapshot_download into the cache."""
+def _from_hub(hub_id: str, kind: str, storage_cfg: Any, patterns: list[str] | None = None) -> Path:
+    """Last resort for users with internet: huggingface_hub.snapshot_download into the cache (only the files
+    matching `patterns` when given: a dataset repo can hold GBs beyond the split that is needed)."""
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         raise StorageError("HF_HUB_OFFLINE is set")
     from huggingface_hub import snapshot_download
 
     repo_type = "dataset" if kind == "dataset" else "model"
     cache = Path(storage_cfg.cache_dir).resolve() / "hub"
-    return Path(snapshot_download(repo_id=hub_id, repo_type=repo_type, cache_dir=str(cache)))
+    return Path(
+        snapshot_download(repo_id=hub_id, repo_type=repo_type, cache_dir=str(cache), allow_patterns=patterns)
+    )
 
 
 def resolve(
@@ -351,10 +354,12 @@ def resolve(
     required_files: list[str] | None = None,
     client=None,
     progress: Callable[[int], None] | None = None,
+    hub_patterns: list[str] | None = None,
 ) -> Path:
     """Find a model/dataset directory: local path, else S3 mirror, else hub; else a StorageError listing all tries.
 
     `client` (a boto3 S3 client, e.g. from make_client) and `progress` (called with byte counts) are optional.
+    `hub_patterns` (glob patterns of repo paths, e.g. ["data/test-*.parquet"]) limits what the hub download fetches.
     """
     tried: list[str] = []
     if local_path:
@@ -377,7 +382,7 @@ def resolve(
         tried.append("S3: no resource configured")
     if hub_id:
         try:
-            return _from_hub(hub_id, kind, storage_cfg)
+            return _from_hub(hub_id, kind, storage_cfg, hub_patterns)
         except Exception as e:  # any hub failure is one more line in the error below
             tried.append(f"hub {hub_id!r}: {type(e).__name__}: {e}")
     raise StorageError(

@@ -2,16 +2,20 @@
 
 One weight per (position t, head k) pair; head k (0-based) at position t predicts `input_ids[t + k + 1]`, so a
 pair's score is the score of its TARGET position j = t + k + 1. Weights are detached float32, exactly 0 where
-`batch["valid"]` is False, mean 1 over the valid pairs of each sequence (all heads together).
+`batch["valid"]` is False, mean 1 over the valid pairs of each sequence and head (`loss.normalize = "head"`, the
+default) or of each sequence, all heads together (`"sequence"`, the ablation).
 
 - `uniform`: 1 on every valid pair (plain MTP).
 - `critic_delta_v1` (§3.2): reward model (or sandbox tests) -> value head on the detached trunk output, fitted with
   GAE targets -> delta_j = V_j - V_{j-1} -> `normalize_weights`.
 - `rho1_excess_v1` (§3.3): excess loss CE_k(t) - CE_ref(t + k + 1) against a frozen reference -> weighted or
-  select mode.
+  select mode. With the per-head scope, head k's weights need only head k's CE, so the trainer computes them
+  inside its head-by-head step (`head_by_head`) instead of paying an extra pass over the heads.
 
 The pure functions (`normalize_weights`, `clip_normalize`, `gae_returns`, `mix`, `weight_stats`, `rho1_weights`)
-need no model; the trainer uses `init_state`, `prepare`, `SCORERS`, `mix` and `save_weight_histogram`.
+need no model; the trainer uses `init_state`, `prepare`, `SCORERS`, `head_by_head`, `mix`,
+`save_weight_histogram`, and `begin_step` / `rollback_step` / `end_step` around each optimizer step (so an OOM
+retry or a skipped step leaves no trace in the scorer's state).
 """
 
 from __future__ import annotations
@@ -48,16 +52,37 @@ def _check_norm_args(temperature: float, eps: float, w_max: float) -> None:
         )
 
 
-def _rows(scores: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """[B, ...] -> [B, N] float64 scores and bool mask (a 1-D input is one row)."""
+SCOPES = ("head", "sequence")  # loss.normalize: which pairs one normalisation runs over (spec §3.1)
+
+
+def _rows(scores: Tensor, valid: Tensor, scope: str) -> tuple[Tensor, Tensor]:
+    """[B, ...] -> [R, N] float64 scores and bool mask, one row per normalisation group.
+
+    scope "sequence": a row is a sequence's pairs ([B, ...] flattened per b). scope "head": the last axis is the
+    head axis ([B, S, H]), and a row is one head of one sequence ([B * H, S]). Inputs with fewer than 3 axes have
+    no head axis, so both scopes normalise each row (a 1-D input is one row).
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"normalisation scope must be one of {SCOPES} (loss.normalize), got {scope!r}")
     if scores.shape != valid.shape:
         raise ValueError(
             f"scores {tuple(scores.shape)} and valid {tuple(valid.shape)} must have the same shape"
         )
     if scores.ndim == 0:
         raise ValueError("scores must have at least one dimension (rows are sequences)")
-    B = scores.shape[0] if scores.ndim > 1 else 1
-    return scores.detach().reshape(B, -1).to(torch.float64), valid.detach().reshape(B, -1).bool()
+    s, v = scores.detach(), valid.detach().bool()
+    if s.ndim == 1:
+        s, v = s[None], v[None]
+    elif scope == "head" and s.ndim >= 3:  # [B, S, H] -> [B * H, S]: a (sequence, head) group per row
+        s, v = s.movedim(-1, 1).flatten(0, 1), v.movedim(-1, 1).flatten(0, 1)
+    return s.reshape(s.shape[0], -1).to(torch.float64), v.reshape(v.shape[0], -1)
+
+
+def _unrows(w: Tensor, shape: torch.Size, scope: str) -> Tensor:
+    """Inverse of `_rows` for the weights: [R, N] -> the input's shape."""
+    if scope == "head" and len(shape) >= 3:
+        return w.reshape(shape[0], shape[-1], *shape[1:-1]).movedim(1, -1)
+    return w.reshape(shape)
 
 
 def _standardize(s: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -122,8 +147,9 @@ def clip_normalize(
     return clipped((lo + hi) / 2)
 
 
-def _finish(w: Tensor, valid: Tensor, eps: float, w_max: float, shape: torch.Size) -> Tensor:
-    """float64 -> float32 with the float32 bounds nudged inside [eps, w_max]; exactly 0 on invalid pairs."""
+def _finish(w: Tensor, valid: Tensor, eps: float, w_max: float, shape: torch.Size, scope: str) -> Tensor:
+    """float64 rows -> float32 in the input's shape, the float32 bounds nudged inside [eps, w_max]; exactly 0 on
+    invalid pairs."""
     lo = torch.tensor(eps, dtype=torch.float32)
     if lo.item() < eps:
         lo = torch.nextafter(lo, torch.tensor(math.inf))
@@ -131,7 +157,7 @@ def _finish(w: Tensor, valid: Tensor, eps: float, w_max: float, shape: torch.Siz
     if hi.item() > w_max:
         hi = torch.nextafter(hi, torch.tensor(-math.inf))
     w = w.to(torch.float32).clamp(lo.item(), hi.item())
-    return torch.where(valid, w, 0.0).reshape(shape)
+    return _unrows(torch.where(valid, w, 0.0), shape, scope)
 
 
 def normalize_weights(
@@ -141,21 +167,25 @@ def normalize_weights(
     eps: float,
     w_max: float,
     stats: dict | None = None,
+    *,
+    scope: str = "head",
 ) -> Tensor:
-    """Spec §3.1 on each row (a sequence's pairs; [B, ...] is flattened per row). Returns float32 weights.
+    """Spec §3.1 on each normalisation group of `scores` [B, S, H]. Returns float32 weights of the same shape.
 
-    Non-finite valid scores take the row mean of the finite ones (their count goes to `stats["nonfinite"]` when
-    a dict is passed); rows with no finite score, one valid pair or zero variance get 1. Then z-score (population
-    std + 1e-6), log w = z/T - logsumexp(z/T) + log n, and clip-normalise to mean 1 inside [eps, w_max].
+    scope "head" (default): each head of each sequence on its own, so every head's mean weight is 1 and weights
+    move emphasis between tokens, never between heads. scope "sequence": all valid pairs of a sequence together.
+    Non-finite valid scores take the group mean of the finite ones (their count goes to `stats["nonfinite"]`
+    when a dict is passed); groups with no finite score, one valid pair or zero variance get 1. Then z-score
+    (population std + 1e-6), log w = z/T - logsumexp(z/T) + log n, and clip-normalise to mean 1 in [eps, w_max].
     """
     _check_norm_args(temperature, eps, w_max)
-    s, v = _rows(scores, valid)
+    s, v = _rows(scores, valid, scope)
     z, flat, nonfinite = _standardize(s, v)
     w = clip_normalize(_log_weights(z, v, temperature), v, eps, w_max)
     w = torch.where(flat[:, None] & v, 1.0, w)
     if stats is not None:
         stats["nonfinite"] = stats.get("nonfinite", 0) + nonfinite
-    return _finish(w, v, eps, w_max, scores.shape)
+    return _finish(w, v, eps, w_max, scores.shape, scope)
 
 
 def _top_mask(z: Tensor, valid: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
@@ -179,8 +209,11 @@ def rho1_weights(
     top_p: float = 0.2,
     top_boost: float = 1.0,
     stats: dict | None = None,
+    *,
+    scope: str = "head",
 ) -> Tensor:
-    """Spec §3.3 weighting of raw scores [B, ...] per row.
+    """Spec §3.3 weighting of raw scores [B, S, H] per normalisation group (`scope` as in `normalize_weights`;
+    with "head", select mode picks the top max(1, round(p n_k)) pairs of each head).
 
     weighted: softmax(z/T) * n, the top-p pairs multiplied by (1 + top_boost), then clip-normalise (§3.1 step 4).
     select: the k = max(1, round(p n)) top pairs get a = (n - (n - k) eps) / k, the rest eps; a row whose a
@@ -192,7 +225,7 @@ def rho1_weights(
         raise ValueError(f"rho1.mode must be 'weighted' or 'select', got {mode!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"rho1.top_p must be in (0, 1], got {top_p!r}")
-    s, v = _rows(scores, valid)
+    s, v = _rows(scores, valid, scope)
     z, flat, nonfinite = _standardize(s, v)
     top, k = _top_mask(z, v, top_p)
     if mode == "weighted":
@@ -210,7 +243,7 @@ def rho1_weights(
     w = torch.where(flat[:, None] & v, 1.0, w)
     if stats is not None:
         stats["nonfinite"] = stats.get("nonfinite", 0) + nonfinite
-    return _finish(w, v, eps, w_max, scores.shape)
+    return _finish(w, v, eps, w_max, scores.shape, scope)
 
 
 # --------------------------------------------------------------------------- GAE, mixing, statistics
@@ -336,6 +369,8 @@ class ScorerState:
     hist_edges: Tensor | None = None
     hist_counts: Tensor | None = None
     calls: int = 0
+    value_count: float = 0.0  # completion positions whose value loss is accumulated in the value head's grads
+    step_start: tuple | None = None  # (histogram, calls) when the optimizer step began (begin_step)
 
     def state_dict(self) -> dict:
         """What a resumed run needs: value head + optimiser, cached rewards and their statistics, histogram."""
@@ -422,6 +457,29 @@ def _record(state: ScorerState, weights: Tensor, valid: Tensor, extra: dict[str,
         state.hist_counts = counts if state.hist_counts is None else state.hist_counts + counts
     state.calls += 1
     return weights.detach()
+
+
+def begin_step(state: ScorerState) -> None:
+    """An optimizer step starts: remember the run's histogram, drop any value-head gradient."""
+    hist = None if state.hist_counts is None else state.hist_counts.clone()
+    state.step_start = (hist, state.calls)
+    _clear_value_grads(state)
+
+
+def rollback_step(state: ScorerState) -> None:
+    """The step's work is thrown away (an OOM retry, a skipped non-finite step): the histogram and call count go
+    back to `begin_step`'s, the accumulated value-head gradient is dropped. A retried step then leaves exactly
+    the trace of an uninterrupted one."""
+    if state.step_start is not None:
+        hist, state.calls = state.step_start
+        state.hist_counts = None if hist is None else hist.clone()
+    _clear_value_grads(state)
+
+
+def end_step(state: ScorerState) -> None:
+    """The optimizer step was taken: the critic's value head takes its one step of this optimizer step."""
+    if state.value_head is not None and state.cfg.critic.update_value_head:
+        _value_step(state)
 
 
 def _valid(batch: dict) -> Tensor:
@@ -702,10 +760,12 @@ def _batch_rewards(state: ScorerState, batch: dict) -> tuple[Tensor, Tensor]:
 
 
 def _critic_values(state: ScorerState, batch: dict, update: bool) -> tuple[Tensor, float, Tensor]:
-    """V [B, S] (detached, before this call's update), the value loss, raw rewards; one AdamW step if `update`.
+    """V [B, S] (detached, as it is before this optimizer step's value-head update), the value loss, raw rewards.
 
     Token rewards are 0 except the z-scored sequence reward on the last completion token; targets are the GAE
-    returns over the completion positions (loss_mask), regressed with MSE over those positions.
+    returns over the completion positions (loss_mask), regressed with MSE over those positions. With `update`,
+    the loss's gradient is only accumulated (summed over positions): `end_step` takes the one value-head step of
+    the optimizer step, so how a step is split into micro-batches (the OOM fallback) changes nothing.
     """
     if state.hidden is None:
         raise ValueError("critic_delta_v1: state.hidden is None; set it to the detached trunk output first")
@@ -721,13 +781,31 @@ def _critic_values(state: ScorerState, batch: dict, update: bool) -> tuple[Tenso
         v = state.value_head(h)
         _, ret = gae_returns(r, v.detach(), mask, cc.gamma, cc.gae_lambda)
         m = mask.to(v.dtype)
-        loss = ((v - ret.to(v.dtype)).square() * m).sum() / m.sum().clamp(min=1.0)
+        sq = ((v - ret.to(v.dtype)).square() * m).sum()
         if update:
-            state.value_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            P.average_gradients(state.value_head)  # data parallel: every rank keeps the same head (resumable)
-            state.value_opt.step()
-    return v.detach(), float(loss.detach()), raw
+            sq.backward()
+            state.value_count += float(m.sum())
+    return v.detach(), float(sq.detach()) / max(float(m.sum()), 1.0), raw
+
+
+def _value_step(state: ScorerState) -> None:
+    """One AdamW step of the value head on the gradient accumulated since the step began: the mean over this
+    rank's completion positions, then over the ranks (data parallel: every rank keeps the same head)."""
+    params = list(state.value_head.parameters())
+    for p in params:
+        if p.grad is None:  # no position on this rank: still take part in the all-reduce
+            p.grad = torch.zeros_like(p)
+        elif state.value_count > 0:
+            p.grad /= state.value_count
+    P.average_gradients(state.value_head)
+    state.value_opt.step()
+    _clear_value_grads(state)
+
+
+def _clear_value_grads(state: ScorerState) -> None:
+    if state.value_opt is not None:
+        state.value_opt.zero_grad(set_to_none=True)
+    state.value_count = 0.0
 
 
 def critic_delta_v1(batch: dict, state: ScorerState) -> Tensor:
@@ -737,8 +815,9 @@ def critic_delta_v1(batch: dict, state: ScorerState) -> Tensor:
     v, value_loss, raw = _critic_values(state, batch, update=c.critic.update_value_head)
     delta = v - torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], 1)
     stats: dict = {}
+    scores = pair_scores(delta, valid.shape[-1])
     w = normalize_weights(
-        pair_scores(delta, valid.shape[-1]), valid, c.loss.temperature, c.loss.eps, c.loss.w_max, stats
+        scores, valid, c.loss.temperature, c.loss.eps, c.loss.w_max, stats, scope=c.loss.normalize
     )
     extra = {
         "critic/value_loss": value_loss,
@@ -764,6 +843,7 @@ def _prepare_critic(state: ScorerState, loader: Iterator[dict] | None) -> None:
         with torch.no_grad():
             state.hidden = state.model(batch["input_ids"], stage="trunk").detach()
         _, last, _ = _critic_values(state, batch, update=True)
+        _value_step(state)
         first = last if step == 0 else first
     state.hidden = None
     state.metrics["critic/pretrain_value_loss"] = last
@@ -929,48 +1009,108 @@ def _batch_ref_ce(state: ScorerState, batch: dict) -> Tensor:
     return out.to(state.device)
 
 
+def _ref_pairs(batch: dict, state: ScorerState, valid: Tensor) -> Tensor:
+    """CE_ref of each pair's target token [B, S, H] (0 on invalid pairs): the reference predicts x_{t+k+1} from
+    its logits at position t + k, so pair (t, k) takes CE_ref at position t + k + 1 (`pair_scores`)."""
+    ref = pair_scores(_batch_ref_ce(state, batch).to(valid.device), valid.shape[-1])
+    return torch.where(valid, ref, 0.0)
+
+
 def excess_scores(batch: dict, state: ScorerState) -> tuple[Tensor, Tensor, Tensor]:
     """(excess, CE_k(t), CE_ref(t + k + 1)) [B, S, H], 0 on invalid pairs; both CEs on token x_{t+k+1}.
 
-    Head k at position t predicts x_{t+k+1}; the reference predicts the same token from its logits at position
-    t + k, so its CE is CE_ref at position t + k + 1 (`pair_scores` of the per-position CE_ref).
+    CE_k comes from one no-grad pass over every head (`model.mtp_head_ce`): what the `"sequence"` scope needs
+    before any head's weight. The trainer's per-head path (`head_by_head`) gets CE_k from the training step.
     """
+    valid = _valid(batch)
+    ce, ref = _model_ce(batch, state), _ref_pairs(batch, state, valid)
+    return torch.where(valid, ce - ref, 0.0), ce, ref
+
+
+def _model_ce(batch: dict, state: ScorerState) -> Tensor:
+    """CE_k(t) [B, S, H] of the model being trained, from one extra no-grad pass over every head."""
     import model as M
 
-    valid = _valid(batch)
     if state.hidden is None:
         raise ValueError("rho1_excess_v1: state.hidden is None; set it to the detached trunk output first")
-    ce = M.mtp_head_ce(state.model, state.hidden.detach(), batch["targets"], valid)  # the extra no-grad pass
-    ref = torch.where(valid, pair_scores(_batch_ref_ce(state, batch).to(ce.device), valid.shape[-1]), 0.0)
-    return torch.where(valid, ce - ref, 0.0), ce, ref
+    return M.mtp_head_ce(state.model, state.hidden.detach(), batch["targets"], _valid(batch))
+
+
+def _rho1_from_excess(excess: Tensor, valid: Tensor, cfg: Any, stats: dict, scope: str) -> Tensor:
+    """§3.3: s = e (`excess`) or |e| (`abs_excess`), then weighted or select mode over each `scope` group."""
+    s = excess if cfg.rho1.score == "excess" else excess.abs()
+    lc, rc = cfg.loss, cfg.rho1
+    return rho1_weights(
+        s, valid, lc.temperature, lc.eps, lc.w_max, rc.mode, rc.top_p, rc.top_boost, stats, scope=scope
+    )
+
+
+def _rho1_record(
+    state: ScorerState, w: Tensor, valid: Tensor, ce: Tensor, ref: Tensor, nonfinite: int
+) -> Tensor:
+    n = max(int(valid.sum()), 1)
+    extra = {
+        "rho1/excess_mean": float(torch.where(valid, ce - ref, 0.0).sum()) / n,
+        "rho1/ce_mean": float(torch.where(valid, ce, 0.0).sum()) / n,
+        "rho1/ref_ce_mean": float(ref.sum()) / n,
+        "scorer/nonfinite": float(nonfinite),
+    }
+    return _record(state, w, valid, extra)
+
+
+class Rho1Heads:
+    """rho1 weights head by head, for `loss.normalize = "head"` (spec §3.3).
+
+    Head k's weights need only head k's CE (and the reference's), so the trainer's head-by-head step calls
+    `self(k, ce_k)` with the CE it has just computed for its loss and uses the returned weights at once: no extra
+    pass over the heads. `finish()` then records the step's statistics exactly as the scorer does and returns
+    all weights [B, S, H]. Built once per micro-batch (the reference forward, when needed, happens here).
+    """
+
+    def __init__(self, batch: dict, state: ScorerState):
+        self.state, self.valid = state, _valid(batch)
+        self.ref = _ref_pairs(batch, state, self.valid)
+        self.ce = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)
+        self.weights = torch.zeros_like(self.ce)
+        self.stats: dict = {"nonfinite": 0}
+
+    def __call__(self, k: int, ce_k: Tensor) -> Tensor:
+        """Weights of head k [B, S] from its per-pair CE [B, S] (detached; any value on invalid pairs)."""
+        v = self.valid[..., k]
+        ce_k = torch.where(v, ce_k.detach().to(self.ce), 0.0)
+        self.ce[..., k] = ce_k
+        excess = torch.where(v, ce_k - self.ref[..., k], 0.0)
+        w = _rho1_from_excess(excess, v, self.state.cfg, self.stats, scope="sequence")  # [B, S]: one head
+        self.weights[..., k] = w
+        return w
+
+    def finish(self) -> Tensor:
+        return _rho1_record(self.state, self.weights, self.valid, self.ce, self.ref, self.stats["nonfinite"])
+
+
+def head_by_head(batch: dict, state: ScorerState) -> Rho1Heads | None:
+    """The per-head form of the configured scorer when its weights need the heads' own CE (rho1 with the "head"
+    scope), for the trainer's head-by-head step; None when the weights are known before the heads run (then
+    call `SCORERS[...]`). Both give the same weights: `rho1_excess_v1` itself runs this path on the CE of its
+    extra pass."""
+    c = state.cfg
+    if c.loss.scorer == "rho1_excess_v1" and c.loss.normalize == "head":
+        return Rho1Heads(batch, state)
+    return None
 
 
 def rho1_excess_v1(batch: dict, state: ScorerState) -> Tensor:
     """Excess e(t, k) = CE_k(t) - CE_ref(t + k + 1); s = e (`excess`) or |e| (`abs_excess`); §3.3 weights."""
     valid = _valid(batch)
-    c = state.cfg
+    if state.cfg.loss.normalize == "head":
+        heads, ce = Rho1Heads(batch, state), _model_ce(batch, state)
+        for k in range(valid.shape[-1]):
+            heads(k, ce[..., k])
+        return heads.finish()
     excess, ce, ref = excess_scores(batch, state)
-    s = excess if c.rho1.score == "excess" else excess.abs()
-    stats: dict = {}
-    w = rho1_weights(
-        s,
-        valid,
-        c.loss.temperature,
-        c.loss.eps,
-        c.loss.w_max,
-        c.rho1.mode,
-        c.rho1.top_p,
-        c.rho1.top_boost,
-        stats,
-    )
-    n = max(int(valid.sum()), 1)
-    extra = {
-        "rho1/excess_mean": float(excess.sum()) / n,
-        "rho1/ce_mean": float(torch.where(valid, ce, 0.0).sum()) / n,
-        "rho1/ref_ce_mean": float(torch.where(valid, ref, 0.0).sum()) / n,
-        "scorer/nonfinite": float(stats["nonfinite"]),
-    }
-    return _record(state, w, valid, extra)
+    stats: dict = {"nonfinite": 0}
+    w = _rho1_from_excess(excess, valid, state.cfg, stats, scope="sequence")
+    return _rho1_record(state, w, valid, ce, ref, stats["nonfinite"])
 
 
 # --------------------------------------------------------------------------- run-level histogram

@@ -231,13 +231,19 @@ def micro_step(cfg, net, batch, scorer_state, count_total: float, inject_nan: bo
     targets, valid = batch["targets"], batch["valid"]
     h = net(batch["input_ids"], stage="trunk")
     scorer_state.hidden = h.detach()
-    weights = score.SCORERS[cfg.loss.scorer](batch, scorer_state)
-    w = score.mix(weights, cfg.loss.lam, valid)
-    if inject_nan:
-        w = w * float("nan")
+    poison = float("nan") if inject_nan else 1.0
+    per_head = score.head_by_head(batch, scorer_state)  # rho1 per head: weights from each head's own CE
+    weights = score.SCORERS[cfg.loss.scorer](batch, scorer_state) if per_head is None else None
+
+    def w(k: int, ce: torch.Tensor) -> torch.Tensor:  # head k's mixed weights, asked for inside the head loop
+        w_k = weights[..., k] if per_head is None else per_head(k, ce)
+        return score.mix(w_k, cfg.loss.lam, valid[..., k]) * poison
+
     alpha = cfg.loss.head_weights or None
     count = valid.sum().item()
     out = M.mtp_loss_backward(net, h, targets, valid, w, alpha=alpha, scale=count / max(count_total, 1.0))
+    if per_head is not None:
+        weights = per_head.finish()
     if inject_oom:  # after the collectives of this micro-batch, so the other ranks are not left inside one
         raise torch.OutOfMemoryError("injected OOM (train.inject_oom_steps)")
     out["count"] = count
@@ -263,6 +269,7 @@ def optimizer_step(
     step_batch = {**step_batch, "targets": targets, "valid": valid}
     count_total = P.all_reduce(valid.sum().double().reshape(1)).item() / d.world_size  # mean per rank
     inject_oom = step in cfg.train.inject_oom_steps and cfg.train.inject_oom_rank in (-1, d.rank)
+    score.begin_step(scorer_state)
     while True:
         mb = st.micro_batch
         opt.zero_grad(set_to_none=True)
@@ -285,6 +292,7 @@ def optimizer_step(
                 P.average_gradients(net)
             return stats
         opt.zero_grad(set_to_none=True)
+        score.rollback_step(scorer_state)  # the retry recomputes what the failed attempt recorded
         stats = None
         if d.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -300,6 +308,44 @@ def optimizer_step(
             print(
                 f"step {step}: OOM fallback -> micro_batch {st.micro_batch} x grad_accum {accum} (same batch)"
             )
+
+
+def train_step(cfg, net, opt, batch, st: TrainState, scorer_state, d: P.Dist, step: int) -> dict:
+    """One optimizer step at `step` (learning rate, gradients, clip, AdamW) and its metrics.
+
+    A non-finite loss or gradient norm skips the step: no weight is touched, the scorer's state is rolled back,
+    and `st.bad_steps` counts it (the loop restores the last good checkpoint after `train.max_bad_steps`).
+    """
+    lr = lr_at(cfg, step) * st.lr_scale
+    for g in opt.param_groups:
+        g["lr"] = lr
+    stats = optimizer_step(cfg, net, opt, batch, st, scorer_state, d, step)
+    m = step_metrics(stats, d)
+    params = [p for p in net.parameters() if p.requires_grad]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    if math.isfinite(m["train/loss"]) and math.isfinite(gnorm):
+        opt.step()
+        score.end_step(scorer_state)
+        st.bad_steps = 0
+        w, valid = (torch.cat([s[k].flatten() for s in stats]) for k in ("weights", "valid"))
+        m.update(scorer_state.metrics)  # value loss, mean excess, ... (and the last micro-batch's weights/*)
+        m.update(score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max))  # the whole step's weights
+        st.last_weights = {k: v for k, v in m.items() if k.startswith("weights/")}
+        if "token_class" in batch:
+            add_class_weights(cfg, st, stats, batch["token_class"])
+    else:  # skip: no weight is touched
+        opt.zero_grad(set_to_none=True)
+        score.rollback_step(scorer_state)
+        st.bad_steps += 1
+        st.skipped_steps += 1
+        if d.main:
+            print(
+                f"step {step}: non-finite loss/grad norm ({m['train/loss']}, {gnorm}); skipped "
+                f"({st.bad_steps} in a row)"
+            )
+    m.update({"train/lr": lr, "train/grad_norm": gnorm, "train/micro_batch": st.micro_batch})
+    return m
 
 
 def step_metrics(stats: list[dict], d: P.Dist) -> dict:
@@ -533,53 +579,20 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     while st.step < stop:
         step = st.step
         batch = {k: v.to(d.device) for k, v in next(loader).items()}
-        lr = lr_at(cfg, step) * st.lr_scale
-        for g in opt.param_groups:
-            g["lr"] = lr
         t_step = time.perf_counter()
-        stats = optimizer_step(cfg, net, opt, batch, st, scorer_state, d, step)
-        m = step_metrics(stats, d)
-        params = [p for p in net.parameters() if p.requires_grad]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        if math.isfinite(m["train/loss"]) and math.isfinite(gnorm):
-            opt.step()
-            st.bad_steps = 0
-            w, valid = (torch.cat([s[k].flatten() for s in stats]) for k in ("weights", "valid"))
-            m.update(
-                scorer_state.metrics
-            )  # value loss, mean excess, ... (and the last micro-batch's weights/*)
-            m.update(score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max))  # the whole step's weights
-            st.last_weights = {k: v for k, v in m.items() if k.startswith("weights/")}
-            if "token_class" in batch:
-                add_class_weights(cfg, st, stats, batch["token_class"])
-        else:  # skip: no weight is touched
-            opt.zero_grad(set_to_none=True)
-            st.bad_steps += 1
-            st.skipped_steps += 1
-            log(
-                f"step {step}: non-finite loss/grad norm ({m['train/loss']}, {gnorm}); skipped ({st.bad_steps} in a row)"
-            )
-            if st.bad_steps >= cfg.train.max_bad_steps:
-                st = recover(cfg, run_dir, net, opt, st, scorer_state, d)
-        st.step += 1
+        m = train_step(cfg, net, opt, batch, st, scorer_state, d, step)
         st.step_seconds += time.perf_counter() - t_step
-        m.update(
-            {
-                "train/lr": lr,
-                "train/grad_norm": gnorm,
-                "train/skipped_steps": st.skipped_steps,
-                "train/recoveries": st.recoveries,
-                "train/micro_batch": st.micro_batch,
-            }
-        )
+        if st.bad_steps >= cfg.train.max_bad_steps:
+            st = recover(cfg, run_dir, net, opt, st, scorer_state, d)
+        st.step += 1
+        m.update({"train/skipped_steps": st.skipped_steps, "train/recoveries": st.recoveries})
         meter.add(m["train/tokens"])
         if st.step % cfg.train.log_every == 0 or st.step == stop:
             m.update(meter.read())
             heads = " ".join(f"{m[f'train/ce_head{k + 1}']:.3f}" for k in range(base.args.n_future_tokens))
             log(
-                f"step {st.step:>6d}/{cfg.train.steps} loss {m['train/loss']:.4f} ce/head [{heads}] lr {lr:.2e} "
-                f"gnorm {gnorm:.2f} {meter.describe(m)}"
+                f"step {st.step:>6d}/{cfg.train.steps} loss {m['train/loss']:.4f} ce/head [{heads}] "
+                f"lr {m['train/lr']:.2e} gnorm {m['train/grad_norm']:.2f} {meter.describe(m)}"
             )
         tracker.log_metrics(m, step=st.step)
         if d.main:

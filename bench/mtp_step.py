@@ -1,4 +1,4 @@
-"""MTP training-step benchmark: time and peak memory of H=4 vs H=1, memory-efficient vs naive, rho1's extra pass.
+"""MTP training-step benchmark: time and peak memory of H=4 vs H=1, memory-efficient vs naive, rho1 per scope.
 
 Why: the paper's claim (spec §1) is that the head-by-head schedule keeps peak memory flat in H; this measures it.
 
@@ -6,6 +6,12 @@ Configurations (same total number of transformer blocks, Meta's parameter matchi
   h1        H=1, memory-efficient step (mtp_loss_backward)
   h4        H=4, memory-efficient step; also times rho1's extra no-grad pass over the heads (mtp_head_ce)
   h4_naive  H=4, all heads' logits at once (naive_mtp_loss)
+  rho1_head H=4, rho1 weights with loss.normalize = "head": each head weighted from the CE of its own
+            forward inside the head-by-head step (spec §3.3: no extra pass)
+  rho1_seq  H=4, rho1 weights with loss.normalize = "sequence": the extra no-grad pass over every head first,
+            then the joint weights, then the step
+Both rho1 configurations include the weighting itself (excess against a fixed reference CE, z-score, softmax,
+top-p boost, clip-normalise); the reference model's forward is the same for both and left out.
 A step = trunk forward + loss + backward (no optimizer). Each configuration runs in a fresh subprocess, one warm-up
 step, then `--repeats` timed steps (median). Peak memory is the step's high-water mark above the memory held
 before the timed steps (parameters, their pre-allocated gradients, data): on CPU the Linux VmHWM of the process,
@@ -62,7 +68,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-CONFIGS = {"h1": (1, "efficient"), "h4": (4, "efficient"), "h4_naive": (4, "naive")}
+CONFIGS = {
+    "h1": (1, "efficient"),
+    "h4": (4, "efficient"),
+    "h4_naive": (4, "naive"),
+    "rho1_head": (4, "rho1_head"),
+    "rho1_seq": (4, "rho1_seq"),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,6 +144,7 @@ def run_child(a: argparse.Namespace) -> dict:
     import torch
 
     import model as M
+    import score
 
     H, path = CONFIGS[a.child]
     H = a.heads if H > 1 else 1
@@ -149,6 +162,11 @@ def run_child(a: argparse.Namespace) -> dict:
     mask[:, : a.seq // 8] = False  # a short prompt
     targets, valid = M.mtp_targets(ids, mask, H)
     weights = valid.float()
+    ref_ce = torch.rand(valid.shape, device=dev) * 8  # a reference's CE of each pair's target (fixed)
+
+    def rho1(excess: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # spec §3.3 defaults, then lam = 0.3
+        w = score.rho1_weights(excess, v, 0.7, 0.05, 3.0, "weighted", 0.2, 1.0, scope="sequence")
+        return score.mix(w, 0.3, v).to(dev)
 
     def sync() -> None:
         if a.device == "cuda":
@@ -157,8 +175,16 @@ def run_child(a: argparse.Namespace) -> dict:
     def step() -> None:
         if path == "naive":
             M.naive_mtp_loss(model, ids, targets, valid, weights).backward()
+            return
+        h = model(ids, stage="trunk")
+        if path == "rho1_head":  # head k weighted from its own CE, inside the head loop
+            w = lambda k, ce: rho1(ce - ref_ce[..., k], valid[..., k])  # noqa: E731
+        elif path == "rho1_seq":  # every head's CE first (no grad), then all weights jointly
+            ce = M.mtp_head_ce(model, h.detach(), targets, valid)
+            w = rho1(ce - ref_ce, valid)
         else:
-            M.mtp_loss_backward(model, model(ids, stage="trunk"), targets, valid, weights)
+            w = weights
+        M.mtp_loss_backward(model, h, targets, valid, w)
 
     step()  # warm-up
     meter = PeakMeter(a.device)
@@ -220,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         if proc.returncode != 0:
             sys.exit(f"configuration {name} failed:\n{proc.stderr[-3000:]}")
         res[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    h1, h4, nv = res["h1"], res["h4"], res["h4_naive"]
+    h1, h4, nv, rh, rs = (res[k] for k in CONFIGS)
     H = h4["H"]
     elt = 2 if a.dtype == "bfloat16" else 4
     n_pos = a.batch * a.seq
@@ -233,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{'config':<10} {'H':>2} {'trunk':>5} {'params':>10} {'step median':>12} {'min':>8} {'peak above baseline':>20}"
     )
-    for r in (h1, h4, nv):
+    for r in (h1, h4, nv, rh, rs):
         print(f"{r['name']:<10} {r['H']:>2} {r['trunk_blocks']:>5} {r['params']:>10,} {r['step_s']:>10.3f} s {min(r['times']):>6.3f} s {mb(r['peak']):>20}")  # fmt: skip
     print(f"(a) H={H} / H=1 (efficient): time x{h4['step_s'] / h1['step_s']:.2f}, "
           f"peak x{h4['peak'] / h1['peak']:.2f} (goal <= 1.10)")  # fmt: skip
@@ -246,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     pct = 100 * h4["rho1_pass_s"] / h4["step_s"]
     print(f"rho1 extra no-grad head pass: {h4['rho1_pass_s']:.3f} s = {pct:.1f}% of an H={H} step here (small dim: "
           f"logits dominate); FLOP estimate for Meta 7B_1T_4 at seq 2048: {rho1_share_7b():.1f}%")  # fmt: skip
+    print(f"(c) rho1 step, scope head / sequence: time x{rh['step_s'] / rs['step_s']:.2f} "
+          f"({rh['step_s']:.3f} s vs {rs['step_s']:.3f} s: the per-head scope saves "
+          f"{100 * (1 - rh['step_s'] / rs['step_s']):.0f}%), peak x{rh['peak'] / rs['peak']:.2f}")  # fmt: skip
     print(f"total wall time {time.time() - t0:.0f} s")
 
 

@@ -33,7 +33,8 @@ def tiny_model(seed: int = 0, dtype=torch.float32, **kw) -> M.Transformer:
 
 
 def hf_llama(tmp_path, tie: bool = False, rope: dict | None = None, shard: str | None = None):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     cfg = transformers.LlamaConfig(
         hidden_size=64,
         num_hidden_layers=3,
@@ -186,6 +187,33 @@ def test_meta_params_errors(tmp_path):
     assert M.load_meta(tmp_path).args.n_future_tokens == 1
 
 
+def test_meta_format_variants(tmp_path):
+    """What real Meta checkpoints look like: Llama-2's `vocab_size: -1`, an old `rope.freqs` buffer, weights in
+    `consolidated.00.pth` (one model-parallel shard); several shards are refused with the fix."""
+    m = tiny_model(n_future_tokens=2)
+    M.save_meta(m, tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    sd = torch.load(tmp_path / "consolidated.pth", weights_only=True)
+    hd = m.args.head_dim
+    sd["rope.freqs"] = 1.0 / (m.args.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    (tmp_path / "consolidated.pth").unlink()
+    torch.save(sd, tmp_path / "consolidated.00.pth")
+    (tmp_path / "params.json").write_text(json.dumps({**params, "vocab_size": -1}))
+    m2 = M.load_meta(tmp_path).eval()
+    assert m2.args == m.args  # vocab_size read off tok_embeddings
+    assert M.read_model_args(tmp_path, "meta") == m.args
+    ids = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(m(ids), m2(ids))
+    sd["rope.freqs"] = sd["rope.freqs"] * 2  # frequencies of another rope_theta
+    torch.save(sd, tmp_path / "consolidated.00.pth")
+    with pytest.raises(M.CheckpointError, match="rope.freqs does not match rope_theta"):
+        M.load_meta(tmp_path)
+    torch.save(sd, tmp_path / "consolidated.01.pth")
+    with pytest.raises(M.CheckpointError, match="2 model-parallel shards; merge them into consolidated.pth"):
+        M.load_meta(tmp_path)
+
+
 def test_checkpoint_round_trip_and_resize(tmp_path):
     m = tiny_model(n_future_tokens=3)
     M.save_checkpoint(m, tmp_path)
@@ -278,6 +306,45 @@ def test_memory_efficient_equals_naive():
         assert torch.allclose(gr, 0.5 * g_eff[n], atol=1e-9), n
 
 
+def test_mtp_loss_equals_a_plain_loop_over_pairs():
+    """Spec §2 written out pair by pair (H=3, per-head alpha, arbitrary pair weights, masked prompt and
+    padding): L = sum over valid (b, t, k) of alpha_k * w * -log p_k(x_{t+k+1}) / count_valid. The loss and
+    every gradient of the memory-efficient step equal this loop's (float64, autograd through the loop)."""
+    m = tiny_model(dtype=torch.float64, n_layers=5, n_future_tokens=3).train()
+    B, S, H = 2, 11, 3
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, V, (B, S), generator=g)
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    mask[0, 4:] = True
+    mask[1, 6:9] = True  # a short completion followed by padding
+    w = torch.rand(B, S, H, generator=g, dtype=torch.float64) * 3
+    alpha = [1.0, 0.5, 0.0]
+
+    logp = torch.log_softmax(m(ids), dim=-1)  # [B, S, H, V]
+    total, count = 0.0, 0
+    for b in range(B):
+        for t in range(S):
+            for k in range(H):
+                j = t + k + 1
+                if j < S and mask[b, j]:
+                    total = total - alpha[k] * w[b, t, k] * logp[b, t, k, ids[b, j]]
+                    count += 1
+    assert count == 3 * (7 + 3)  # 7 and 3 completion tokens, each the target of one pair per head
+    loop = total / count
+    loop.backward()
+    want = grads(m)
+    m.zero_grad(set_to_none=True)
+
+    targets, valid = M.mtp_targets(ids, mask, H)
+    out = M.mtp_loss_backward(m, m(ids, stage="trunk"), targets, valid, torch.where(valid, w, 0.0), alpha)
+    assert out["loss"].item() == pytest.approx(loop.item(), rel=1e-12)
+    got = grads(m)
+    assert set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-12, msg=n)
+    assert (got["extra_heads.1.attention.wq.weight"] == 0).all()  # alpha_3 = 0: head 3 gets no gradient
+
+
 def test_uniform_h1_is_next_token_ce():
     m = tiny_model(n_future_tokens=1).train()
     B, S = 2, 20
@@ -347,6 +414,47 @@ def test_generate_sampling_stops_and_seed():
     assert out == [g[:2] for g in greedy]
     with pytest.raises(ValueError, match="max_seq_len"):
         m.generate(prompts, 200)
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit over the categories with p > 0; p-value from the chi-square survival
+    function Q(df/2, x/2) (torch.special.gammaincc)."""
+    keep = probs > 0
+    n = counts.sum()
+    expected = probs[keep] * n
+    x = ((counts[keep] - expected) ** 2 / expected).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), x / 2))
+
+
+@pytest.mark.parametrize(
+    "temperature,top_p,kept", [(1.0, 0.79, 2), (1.0, 0.81, 3), (0.5, 0.9, 2), (2.0, 1.0, 6)]
+)
+def test_nucleus_sampling_frequencies(temperature, top_p, kept):
+    """model.sample keeps exactly the smallest set of tokens whose tempered mass is >= top_p and samples them in
+    proportion to their tempered probabilities: no token outside the set is ever drawn, and a chi-square test at
+    a fixed false-alarm rate (p < 0.001, seeded: deterministic) accepts the frequencies."""
+    base = torch.tensor([0.5, 0.3, 0.12, 0.05, 0.02, 0.01], dtype=torch.float64)
+    order = torch.tensor([3, 0, 5, 1, 4, 2])  # the vocabulary order differs from the probability order
+    logits = torch.empty(6, dtype=torch.float64)
+    logits[order] = base.log()
+    tempered = torch.softmax(logits / temperature, -1)
+    ranked = tempered.sort(descending=True)
+    mass = ranked.values.cumsum(0)
+    n_keep = int((mass < top_p).sum()) + 1 if top_p < 1 else 6
+    assert n_keep == kept  # the hand-picked cases straddle the boundaries
+    want = torch.zeros(6, dtype=torch.float64)
+    want[ranked.indices[:n_keep]] = ranked.values[:n_keep] / ranked.values[:n_keep].sum()
+
+    n = 40_000
+    gen = torch.Generator().manual_seed(11)
+    draws = M.sample(logits.float().expand(n, 6), temperature, top_p, gen)
+    counts = torch.bincount(draws, minlength=6).double()
+    assert (counts[want == 0] == 0).all(), counts
+    assert chi_square_p(counts, want) > 1e-3, (counts / n, want)
+    # the test can fail: the untruncated tempered distribution is rejected whenever top_p cuts something
+    if kept < 6:
+        assert chi_square_p(counts, tempered) < 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,28 +1,72 @@
 """sandbox.py: verdicts, isolation layers, and hostile programs that must fail without harming the machine.
 
-The hostile tests need root (uid drop, namespaces), as on CI and the dev machines; they are skipped otherwise.
+The isolation tests (@needs_root) need root and namespaces (uid drop, mount/pid/net namespaces), as on the dev
+machines and in CI's privileged root container. Without them they skip locally, and FAIL when $CI is set: a CI that
+cannot isolate would otherwise go green while judging ran unisolated.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
+import json
 import os
 import secrets
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 
 import pytest
 
+import evaluate
 import sandbox
 from config import REPO
 
-ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(
-    not ROOT, reason="isolation layers need root (CI and dev machines run as root)"
-)
 UID_FLOOR = 100_000  # sandbox.run_program draws run uids above this
+
+
+def on_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def isolation_problem(euid: int, layers: dict[str, bool]) -> str:
+    """Why the sandbox cannot isolate programs here ('' when every layer holds); `layers` as RunResult.isolation."""
+    if euid != 0:
+        return f"the tests run as uid {euid}, not root, so the sandbox has no namespaces and no uid drop"
+    refused = [name for name, held in layers.items() if not held]
+    if not refused:
+        return ""
+    return (
+        f"the OS refused isolation layer(s) {', '.join(refused)} to root (a container without --privileged?)"
+    )
+
+
+@functools.cache
+def _problem_here() -> str:
+    euid = os.geteuid()
+    return isolation_problem(euid, sandbox.run_program("pass").isolation if euid == 0 else {})
+
+
+def needs_root(test):
+    """Run `test` only where every isolation layer holds: skip elsewhere, fail on CI (saying why)."""
+
+    @functools.wraps(test)
+    def guarded(*args, **kwargs):
+        problem = _problem_here()
+        if problem and on_ci():
+            pytest.fail(
+                f"CI must run the sandbox isolation tests, but {problem}. Run the job as root with namespaces "
+                "allowed (.github/workflows/ci.yml: a --privileged root container)",
+                pytrace=False,
+            )
+        if problem:
+            pytest.skip(f"isolation layers unavailable: {problem} (with $CI set this fails)")
+        return test(*args, **kwargs)
+
+    return guarded
 
 
 def run(src: str, **kw) -> sandbox.RunResult:
@@ -106,6 +150,49 @@ def test_all_isolation_layers_hold_as_root():
     uid, gid, groups, pid = r.stdout.split(maxsplit=3)
     assert r.isolation == {"mount": True, "pid": True, "net": True, "user": True}
     assert int(uid) >= UID_FLOOR and uid == gid and groups.startswith("[]") and pid.strip() == "1"
+
+
+def test_isolation_problem_names_what_is_missing():
+    assert isolation_problem(0, {"mount": True, "pid": True, "net": True, "user": True}) == ""
+    assert isolation_problem(0, {"mount": False, "pid": True, "net": False, "user": True}).startswith(
+        "the OS refused isolation layer(s) mount, net to root"
+    )
+    assert "uid 1000, not root" in isolation_problem(1000, {})
+
+
+ONE_MBPP = {"task_id": 1, "text": "", "code": "", "test_list": ["assert f() == 1"], "test_setup_code": ""}
+JUDGE_ONE = f"""import json, evaluate
+m = evaluate.judge("mbpp", {{1: {ONE_MBPP!r}}}, {{1: ["def f():\\n    return 1"]}}, workers=1)
+print(json.dumps([m["pass@1"], m["network_isolated"], m["isolation"]]))
+"""
+
+
+@needs_root
+def test_without_root_isolation_tests_skip_locally_fail_on_ci_and_metrics_say_so():
+    """As uid 65534 (a new user namespace with no uid map: `unshare --user`; files stay readable), the isolation
+    tests skip without $CI and fail with it, and the judge's metrics report every layer missing."""
+    nobody = ["unshare", "--user", sys.executable]
+    tests = [f"{__file__}::test_all_isolation_layers_hold_as_root", f"{__file__}::test_network_is_cut_off"]
+    pytest_cmd = [*nobody, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "--noconftest", *tests]
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # hypothesis' plugin alone costs seconds of start-up
+    pipe = {"cwd": REPO, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    procs = [
+        subprocess.Popen(pytest_cmd, env=env, **pipe),
+        subprocess.Popen(pytest_cmd, env={**env, "CI": "true"}, **pipe),
+        subprocess.Popen([*nobody, "-c", JUDGE_ONE], env=env, **pipe),
+    ]
+    local, ci, judged = (p.communicate(timeout=120)[0] for p in procs)
+    assert [p.returncode for p in procs] == [0, 1, 0], local + ci + judged
+    assert (
+        "2 skipped" in local and "isolation layers unavailable: the tests run as uid 65534, not root" in local
+    )
+    assert "2 failed" in ci
+    assert ci.count("Failed: CI must run the sandbox isolation tests, but the tests run as uid 65534") == 2
+    missing = {"net": False, "pid": False, "mount": False, "user": False}
+    assert json.loads(judged.splitlines()[-1]) == [1.0, False, missing]
+    m = evaluate.judge("mbpp", {1: ONE_MBPP}, {1: ["def f():\n    return 1"]}, workers=1)  # here, as root
+    assert [m["pass@1"], m["network_isolated"], m["isolation"]] == [1.0, True, dict.fromkeys(missing, True)]
 
 
 # --------------------------------------------------------------------------- hostile programs

@@ -25,12 +25,17 @@ H = 3
 # --------------------------------------------------------------------------- normaliser: properties
 
 
-def check_invariants(w: torch.Tensor, valid: torch.Tensor, eps: float, w_max: float) -> None:
+def check_invariants(w: torch.Tensor, valid: torch.Tensor, eps: float, w_max: float, scope: str = "") -> None:
+    """Every weight finite in [eps, w_max], invalid pairs 0, mean 1 over each group: a row of a 2-D input, each
+    (sequence, head) of a [B, S, H] input with scope "head", each sequence with scope "sequence"."""
     assert w.dtype == torch.float32 and not w.requires_grad
     assert torch.isfinite(w).all()
     assert (w[~valid] == 0).all(), "invalid pairs must be exactly 0"
     wv = w.double()
     assert (wv[valid] >= eps).all() and (wv[valid] <= w_max).all()
+    if scope == "head":  # [B, S, H] -> one row per (sequence, head)
+        wv, valid = wv.movedim(-1, 1).flatten(0, 1), valid.movedim(-1, 1).flatten(0, 1)
+    wv, valid = wv.flatten(1), valid.flatten(1)
     n = valid.sum(1)
     mean = (wv * valid).sum(1) / n.clamp(min=1)
     assert ((mean - 1).abs()[n > 0] <= 1e-4).all(), mean
@@ -89,6 +94,56 @@ def test_rho1_weights_invariants_on_any_input(case, mode, top_p, top_boost):
     scores, valid, temperature, eps, w_max = case
     w = score.rho1_weights(scores, valid, temperature, eps, w_max, mode, top_p, top_boost)
     check_invariants(w, valid, eps, w_max)
+
+
+@st.composite
+def pair_case(draw):
+    """[B, S, H] scores of a batch of sequences, one column per head, with any mix of valid pairs."""
+    scores, valid, temperature, eps, w_max = draw(score_case())
+    B, N = scores.shape
+    Hc = draw(st.integers(1, min(4, N)))
+    S = N // Hc
+    scores, valid = scores[:, : S * Hc].reshape(B, S, Hc), valid[:, : S * Hc].reshape(B, S, Hc)
+    return scores, valid, temperature, eps, w_max
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pair_case(), st.sampled_from(["head", "sequence"]), st.sampled_from(["normalize", "weighted", "select"])
+)
+def test_both_scopes_keep_the_invariants_of_their_groups(case, scope, fn):
+    """Spec §3.1: scope "head" makes every (sequence, head) group mean 1; "sequence" the whole sequence."""
+    scores, valid, temperature, eps, w_max = case
+    if fn == "normalize":
+        w = score.normalize_weights(scores, valid, temperature, eps, w_max, scope=scope)
+    else:
+        w = score.rho1_weights(scores, valid, temperature, eps, w_max, fn, 0.3, 1.0, scope=scope)
+    assert w.shape == scores.shape
+    check_invariants(w, valid, eps, w_max, scope)
+    if scope == "head":  # each head's weights are exactly what that head alone gets
+        for k in range(scores.shape[-1]):
+            alone = score.normalize_weights if fn == "normalize" else score.rho1_weights
+            args = () if fn == "normalize" else (fn, 0.3, 1.0)
+            want = alone(scores[..., k], valid[..., k], temperature, eps, w_max, *args)
+            torch.testing.assert_close(w[..., k], want, rtol=0, atol=0)
+
+
+def test_head_scope_stops_a_far_head_taking_the_weight():
+    """The spec's reason for the per-head scope: far heads' excess is larger on every token, so a joint z-score
+    hands head 4 most of the weight; per head, every head keeps mean 1 and only the token ranking matters."""
+    torch.manual_seed(4)
+    B, S, Hh = 3, 40, 4
+    token_score = torch.randn(B, S, 1)
+    scores = token_score + torch.arange(Hh, dtype=torch.float32) * 2.0  # head k's excess grows with k
+    valid = torch.ones(B, S, Hh, dtype=torch.bool)
+    joint = score.normalize_weights(scores, valid, 0.7, 0.05, 3.0, scope="sequence")
+    head = score.normalize_weights(scores, valid, 0.7, 0.05, 3.0)  # the default scope is per head
+    assert joint[..., 3].mean() > 2.0 and joint[..., 0].mean() < 0.2  # head 4 takes over half the weight
+    torch.testing.assert_close(head.mean(1), torch.ones(B, Hh))
+    for k in range(Hh):  # the same token ranking in every head, and it is the token score's
+        assert torch.equal(head[..., k].argsort(1), head[..., 0].argsort(1))
+    with pytest.raises(ValueError, match="loss.normalize"):
+        score.normalize_weights(scores, valid, 0.7, 0.05, 3.0, scope="batch")
 
 
 # --------------------------------------------------------------------------- normaliser: examples
@@ -151,10 +206,10 @@ def test_normalize_is_per_row_monotone_and_shape_preserving():
     torch.manual_seed(1)
     s = torch.randn(4, 6, H)
     valid = torch.rand(4, 6, H) > 0.3
-    w = score.normalize_weights(s, valid, 0.5, 0.05, 3.0)
+    w = score.normalize_weights(s, valid, 0.5, 0.05, 3.0, scope="sequence")
     assert w.shape == s.shape
     for b in range(4):  # each row alone gives the same weights (the batched bisection does not mix rows)
-        alone = score.normalize_weights(s[b : b + 1], valid[b : b + 1], 0.5, 0.05, 3.0)
+        alone = score.normalize_weights(s[b : b + 1], valid[b : b + 1], 0.5, 0.05, 3.0, scope="sequence")
         torch.testing.assert_close(alone[0], w[b])
         sv, wv = s[b][valid[b]], w[b][valid[b]]
         order = sv.argsort()
@@ -506,6 +561,46 @@ def test_loss_gradient_ignores_the_weights(name, tok, tmp_path, aux_dirs, train_
         grads.append([p.grad.clone() for p in policy.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode,top_p", [("weighted", 0.2), ("select", 0.6)])
+def test_rho1_per_head_weights_inside_the_head_step_equal_the_scorer(
+    mode, top_p, tok, tmp_path, aux_dirs, train_rows
+):
+    """loss.normalize = "head": the trainer's head-by-head step weights head k from the CE it has just computed
+    (no extra pass); weights, statistics, loss and gradients equal the scorer's own (extra-pass) weights used in
+    the all-heads-at-once reference loss. The "sequence" scope keeps the joint normaliser and the extra pass."""
+    policy = tiny_policy(len(tok))
+    rho1 = dict(ref_model=str(aux_dirs / "ref"), mode=mode, top_p=top_p)
+    cfg = make_cfg(tmp_path, "rho1_excess_v1", rho1=rho1)
+    state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
+    batch = add_targets(next(data.make_loader(train_rows, 4, tok.pad_token_id, seed=3)))
+    ids, targets, valid, lam = batch["input_ids"], batch["targets"], batch["valid"], 0.5
+    h = policy(ids, stage="trunk")
+    state.hidden = h.detach()
+    want = score.SCORERS["rho1_excess_v1"](batch, state)
+    want_metrics = dict(state.metrics)
+    check_invariants(want, valid, cfg.loss.eps, cfg.loss.w_max, "head")
+
+    per_head = score.head_by_head(batch, state)
+    weights = lambda k, ce: score.mix(per_head(k, ce), lam, valid[..., k])  # noqa: E731
+    out = M.mtp_loss_backward(policy, h, targets, valid, weights)
+    got = per_head.finish()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert state.metrics == pytest.approx(want_metrics, rel=1e-6)
+    grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad(set_to_none=True)
+    ref_loss = M.naive_mtp_loss(policy, ids, targets, valid, score.mix(want, lam, valid))
+    ref_loss.backward()
+    assert float(out["loss"]) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    for a, b in zip(grads, [p.grad for p in policy.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    cfg.loss.normalize = "sequence"
+    assert score.head_by_head(batch, state) is None
+    joint = score.SCORERS["rho1_excess_v1"](batch, state)
+    check_invariants(joint, valid, cfg.loss.eps, cfg.loss.w_max, "sequence")
+    assert not torch.allclose(joint, want)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -112,6 +112,53 @@ def test_oom_fallback_keeps_the_effective_batch(reference_run, tiny_dir, tmp_pat
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
 
 
+def in_process_steps(cfg: C.Config, tiny: Path, steps: int):
+    """train.py's own step (train.train_step) in this process: model, optimizer and scorer built as train() does."""
+    import data
+    import parallel as P
+    import score
+
+    torch.manual_seed(cfg.train.seed)
+    d = P.Dist()
+    tok = train.load_tokenizer(cfg, tiny / "base_meta")
+    net = train.build_model(cfg, d, tiny / "base_meta")
+    opt = train.make_optimizer(cfg, net)
+    ds = data.build_dataset(cfg, tok, "train")
+    state = score.init_state(cfg, net, tok, d.device, dataset=ds)
+    mb, pad = cfg.train.micro_batch_size, tok.pad_token_id
+    score.prepare(state, data.make_loader(ds, mb, pad, seed=cfg.data.seed + 1))
+    loader = data.make_loader(ds, mb * cfg.train.grad_accum, pad, seed=cfg.data.seed)
+    st = train.TrainState(micro_batch=mb)
+    rows = [train.train_step(cfg, net, opt, next(loader), st, state, d, step) for step in range(steps)]
+    return rows, net, state, st
+
+
+@pytest.mark.parametrize("scorer", ["uniform", "critic_delta_v1", "rho1_excess_v1"])
+def test_an_oom_retry_leaves_no_trace_for_any_scorer(scorer, tiny_dir, tmp_path):
+    """An OOM in the first micro-batch of step 1 (the step is retried at half the micro-batch, and every later
+    step too) ends where an uninterrupted run ends: the same losses and weights, and for the critic the same
+    value head (one value-head step per optimizer step, never one for the failed attempt); the run's weight
+    histogram counts each step once."""
+    runs = {}
+    for name, inject in (("plain", []), ("oom", [1])):
+        kv = {"loss.scorer": scorer, "train.inject_oom_steps": inject, "loss.lam": 1.0}
+        cfg = C.load_config(REPO / "configs/tiny_mbpp.toml", tiny_overrides(tiny_dir, tmp_path, **kv))
+        runs[name] = in_process_steps(cfg, tiny_dir, 3)
+    (plain, net_a, state_a, st_a), (oom, net_b, state_b, st_b) = runs["plain"], runs["oom"]
+    assert (st_a.oom_events, st_b.oom_events, st_b.micro_batch) == (0, 1, 2)
+    for a, b in zip(plain, oom, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+        assert b["weights/mean"] == pytest.approx(a["weights/mean"], abs=1e-6)
+    for (n, a), b in zip(net_a.named_parameters(), net_b.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5, msg=n)  # AdamW magnifies rounding noise
+    assert (state_a.calls, state_b.calls) == (3, 1 + 2 + 2)  # a call per micro-batch; the failed one undone
+    assert torch.equal(state_b.hist_counts, state_a.hist_counts)
+    if scorer == "critic_delta_v1":
+        for a, b in zip(state_a.value_head.parameters(), state_b.value_head.parameters(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        assert state_b.value_opt.state_dict()["state"][0]["step"] == 2 + 3  # stage 1's 2 steps + 3
+
+
 def test_oom_at_micro_batch_one_gives_up_clearly(tiny_dir, tmp_path):
     kv = {"train.run_name": "oom1", "train.micro_batch_size": 1, "train.inject_oom_steps": [0]}
     p = run_train(tiny_dir, tmp_path, check=False, **kv)
