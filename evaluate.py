@@ -5,6 +5,10 @@
     python evaluate.py CONFIG --checkpoint PATH [--datasets mbpp,codecontests,humaneval] [--n N] [--limit K]
                              [--out DIR] [--section.key=value ...]
 
+`--checkpoint` is any checkpoint directory, its format read from its files: ours (checkpoints/final), an HF Llama
+(an `hf/` export or a model from elsewhere), Meta's (params.json). The tokenizer is model.tokenizer, else the
+checkpoint directory's.
+
 Every program runs in sandbox.py. Judging rules:
 - MBPP: completion, then test_setup_code, then every assert of test_list (this order passes all 974 references).
 - HumanEval: prompt + completion + test + `check(entry_point)`.
@@ -543,12 +547,10 @@ def _model_cli(argv: list[str]) -> int:
     a = ap.parse_args(rest)
     cfg = config.load_config(a.config, overrides)
     ckpt = Path(a.checkpoint)
-    fmt = (
-        "wmtp"
-        if (ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()
-        else cfg.model.format
-    )
-    net = M.load_model(ckpt, fmt, cfg.model.n_future_tokens)
+    try:  # the format from the files (ours, an HF export or any HF Llama, Meta), judged with its own heads
+        net = M.load_model(ckpt, M.detect_format(ckpt))
+    except (M.CheckpointError, FileNotFoundError) as e:
+        raise EvalError(f"--checkpoint: {e}") from None
     tok_dir = cfg.model.tokenizer or str(ckpt)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     datasets = [d for d in (a.datasets or ",".join(cfg.eval.datasets)).split(",") if d]

@@ -662,12 +662,26 @@ def _params_json(args: ModelArgs) -> dict[str, Any]:
     return d
 
 
-def save_meta(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write params.json + consolidated.pth (each atomically; weights first, so params.json marks completion)."""
+def save_meta(
+    model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None, reference: bool = False
+) -> None:
+    """Write params.json + consolidated.pth (each atomically; weights first, so params.json marks completion).
+
+    `dtype` casts the weights (None: as they are). `reference=True` writes params.json as Meta's reference code
+    reads it (`ModelArgs(max_seq_len=..., max_batch_size=..., **params)`): without max_seq_len, its build
+    argument; load_meta then uses the ModelArgs default. ffn_hidden_dim / rope_scaling_factor (models from HF
+    checkpoints) have no Meta key: they are kept when used, so load_meta still builds the same model.
+    """
     path = Path(path)
-    sd = _full_state_dict(model)
+    sd = {k: v.to(dtype) if dtype else v for k, v in _full_state_dict(model).items()}
+    params = _params_json(model.args)
+    if reference:
+        del params["max_seq_len"]
+        extra = sorted(set(params) & {"ffn_hidden_dim", "rope_scaling_factor"})
+        if extra:
+            log.warning("params.json keeps %s, which Meta's reference code does not read", extra)
     atomic_write(path / "consolidated.pth", lambda tmp: torch.save(sd, tmp))
-    text = json.dumps(_params_json(model.args), indent=2)
+    text = json.dumps(params, indent=2)
     atomic_write(path / "params.json", lambda tmp: Path(tmp).write_text(text))
 
 
@@ -765,6 +779,15 @@ def _read_safetensors_dir(path: Path) -> dict[str, Tensor]:
     return sd
 
 
+# HF LlamaForCausalLM tensor names -> ours (top level; and inside model.layers.{i}.)
+_HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}  # fmt: skip
+_HF_BLOCK = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+
+
 def _unpermute(w: Tensor, n_heads: int) -> Tensor:
     """Invert HF's convert permute (rotate-half rows -> Meta's interleaved rows) of a q/k projection."""
     dim1, dim2 = w.shape
@@ -783,12 +806,7 @@ def load_hf(path: str | os.PathLike, n_future_tokens: int = 1) -> Transformer:
     args = _hf_args(cfg, source)
     hf = _read_safetensors_dir(path)
     hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
-    names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}
-    names["lm_head.weight"] = "output.weight"
-    sub = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-           "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-           "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-           "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    names, sub = _HF_NAMES, _HF_BLOCK
     sd, unknown = {}, []
     for k, v in hf.items():
         if k in names:
@@ -813,6 +831,140 @@ def load_hf(path: str | os.PathLike, n_future_tokens: int = 1) -> Transformer:
     )
     args, sd = _resize_heads(args, sd, n_future_tokens)
     return _build(args, sd, str(path))
+
+
+def _permute(w: Tensor, n_heads: int) -> Tensor:
+    """HF's convert permute (Meta's interleaved rows -> rotate-half rows) of a q/k projection: `_unpermute`'s inverse."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def hf_config(
+    args: ModelArgs,
+    dtype: torch.dtype,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> dict[str, Any]:
+    """The LlamaForCausalLM config.json of trunk + head 1. Refuses (CheckpointError) what HF Llama cannot express.
+
+    RoPE is written both ways (`rope_theta` / `rope_scaling`: transformers 4, vLLM, TGI; `rope_parameters`:
+    transformers 5), and the dtype as `torch_dtype` (4) and `dtype` (5). Every ModelArgs field has an HF
+    equivalent today (ffn_hidden_dim -> intermediate_size, rope_scaling_factor -> linear scaling, GQA ->
+    num_key_value_heads); the check reads the config back with load_hf's parser and names any field that would
+    change, so a future extension (qk-norm, biases, Llama 3.1 RoPE, ...) fails here instead of exporting a
+    different network.
+    """
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
+    scaling = None
+    if args.rope_scaling_factor != 1.0:
+        scaling = {"rope_type": "linear", "factor": args.rope_scaling_factor}
+        rope = {**scaling, "rope_theta": args.rope_theta}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_trunk + 1,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": scaling,
+        "rope_parameters": rope,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "torch_dtype": _dtype_name(dtype),
+        "dtype": _dtype_name(dtype),
+        "use_cache": True,
+    }
+    _check_hf_round_trip(args, cfg)
+    return cfg
+
+
+def _check_hf_round_trip(args: ModelArgs, cfg: dict[str, Any]) -> None:
+    """Every ModelArgs field must come back unchanged from the HF config (as head 1 alone: H = 1)."""
+    back = _hf_args(cfg, "HF export config")
+    want = {"n_layers": args.n_trunk + 1, "n_future_tokens": 1, "n_kv_heads": args.kv_heads}
+    want["ffn_hidden_dim"] = args.hidden_dim  # multiple_of / ffn_dim_multiplier only shape the FFN width
+    bad = []
+    for f in dataclasses.fields(args):
+        if f.name in ("multiple_of", "ffn_dim_multiplier"):
+            continue
+        value, got = want.get(f.name, getattr(args, f.name)), getattr(back, f.name, "<no HF Llama key>")
+        if value != got:
+            bad.append(f"{f.name} = {value!r} (an HF Llama config gives {got!r})")
+    if bad:
+        raise CheckpointError(f"HF Llama cannot express this model: {'; '.join(bad)}")
+
+
+def save_hf(
+    model: Transformer,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> None:
+    """Write trunk + head 1 as an HF LlamaForCausalLM directory (model.safetensors, generation_config.json,
+    config.json; each atomic, config.json last). The extra heads are not part of it (the Meta export keeps them).
+
+    `dtype` casts the weights (None: as they are) and is written as the config's torch_dtype. wq/wk get HF's
+    rotate-half permutation back, so `AutoModelForCausalLM.from_pretrained(path)` gives head 1's logits.
+    """
+    from safetensors.torch import save_file
+
+    path, args = Path(path), model.args
+    sd = _full_state_dict(model)
+    dtype = dtype or sd["output.weight"].dtype
+    cfg = hf_config(args, dtype, bos_id, eos_id, pad_id)
+    top, block = {v: k for k, v in _HF_NAMES.items()}, {v: k for k, v in _HF_BLOCK.items()}
+    out = {}
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v.to(dtype)
+            continue
+        parts = k.split(".")  # layers.{i}.{module}.weight (extra_heads.* are not exported)
+        if parts[0] != "layers":
+            continue
+        mod = ".".join(parts[2:-1])
+        if mod in ("attention.wq", "attention.wk"):
+            v = _permute(v, args.n_heads if mod == "attention.wq" else args.kv_heads)
+        out[f"model.layers.{parts[1]}.{block[mod]}.{parts[-1]}"] = v.to(dtype).contiguous()
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(out, tmp, metadata={"format": "pt"}))
+    gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
+    atomic_write(path / "generation_config.json", lambda tmp: Path(tmp).write_text(json.dumps(gen, indent=2)))
+    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """'hf' | 'wmtp' | 'meta' from the files of a checkpoint directory (config.json with a model_type: HF)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        cfg = _read_json(path / "config.json")
+        return "hf" if "model_type" in cfg or "architectures" in cfg else "wmtp"
+    if (path / "params.json").is_file():
+        return "meta"
+    if (path / "dcp").is_dir():
+        raise CheckpointError(
+            f"{path} is a resume checkpoint (dcp/): export it first with "
+            f"`python train.py export --checkpoint {path} --format hf --out DIR`"
+        )
+    raise FileNotFoundError(
+        f"{path}: not a checkpoint directory (expected config.json: HF or ours, or params.json: Meta)"
+    )
 
 
 def load_model(path: str | os.PathLike, fmt: str, n_future_tokens: int | None = None) -> Transformer:

@@ -16,8 +16,8 @@ Why the resilience: a tracking server that goes away must not kill a multi-hour 
 guarded; metrics are buffered in memory (bounded) and re-sent on a later call (after a short back-off), HTTP
 retries/timeouts are kept low for the run, a warning is printed once, and `summary()` says what was lost.
 
-The model registry: `promote(run_id, alias)` registers the run's best checkpoint as a model version with a
-generated model card and moves the alias (`staging` | `production`); the CLI is
+The model registry: `promote(run_id, alias)` registers the run's best checkpoint (its HF export, `hf/`) as a model
+version with a generated model card and moves the alias (`staging` | `production`); the CLI is
 `python train.py promote --run RUN_ID --alias staging` (which calls `main`).
 """
 
@@ -399,6 +399,11 @@ def _fmt(v: float) -> str:
 
 
 def _checkpoint_artifact(client, run_id: str) -> str:
+    """The HF export of best (else final): the registered version then loads with transformers as it is. Runs
+    without one (from before the export existed) register our format: best, last, final."""
+    for path in ("checkpoints/best/hf", "checkpoints/final/hf"):
+        if client.list_artifacts(run_id, path):
+            return path
     for path in ("checkpoints/best", "checkpoints/last", "checkpoints/final"):
         if client.list_artifacts(run_id, path):
             return path
@@ -410,8 +415,15 @@ def _checkpoint_artifact(client, run_id: str) -> str:
 
 
 def model_card(run, name: str, artifact: str) -> str:
-    """A markdown model card from the run's params, metrics and tags."""
-    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    """The registry's model card of an MLflow run (params, metrics, tags)."""
+    d = run.data
+    return card_text(name, d.params, d.metrics, d.tags, f"runs:/{run.info.run_id}/{artifact}")
+
+
+def card_text(name: str, params: dict, metrics: dict, tags: dict, checkpoint: str) -> str:
+    """A markdown model card from a run's params (flat config keys), metrics and tags (algo, git_commit). One
+    text for the registry (model_card) and the HF export's README.md (hf_readme, which adds YAML front matter)."""
+    p, m, t = params, metrics, tags
     get = lambda k: p.get(k, "?")  # noqa: E731
     lines = [
         f"# Model card: {name}",
@@ -422,7 +434,7 @@ def model_card(run, name: str, artifact: str) -> str:
         f"- training: `{t.get('algo', '?')}` (scorer `{get('loss.scorer')}`, lambda {get('loss.lam')}, "
         f"temperature {get('loss.temperature')}), {get('train.steps')} steps at lr {get('optim.lr')}",
         f"- LoRA: {get('train.lora.enabled')}",
-        f"- checkpoint: `runs:/{run.info.run_id}/{artifact}`; git commit `{t.get('git_commit', '?')}`",
+        f"- checkpoint: `{checkpoint}`; git commit `{t.get('git_commit', '?')}`",
         "",
         "## Data",
         f"- dataset: `{get('data.dataset')}` (train split `{get('data.train_split')}`, validation split "
@@ -458,9 +470,46 @@ def model_card(run, name: str, artifact: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+BENCHMARKS = {"mbpp": "MBPP", "humaneval": "HumanEval", "codecontests": "CodeContests"}
+
+
+def hf_readme(name: str, params: dict, metrics: dict, tags: dict, checkpoint: str) -> str:
+    """The HF model card (README.md of an HF export): YAML front matter (library_name, base_model, tags, datasets,
+    metrics, model-index with the run's pass@k and validation loss), then the same text as the registry's card."""
+    import yaml
+
+    def result(dataset: str, split: str, ms: list[dict]) -> dict:
+        ds = {"type": dataset, "name": BENCHMARKS.get(dataset, dataset), "split": split}
+        return {"task": {"type": "text-generation"}, "dataset": ds, "metrics": ms}
+
+    scores: dict[str, list[dict]] = {}
+    for key, value in sorted(metrics.items()):
+        found = re.fullmatch(r"(mbpp|humaneval|codecontests)/pass_at_(\d+)", key)
+        if found:
+            scores.setdefault(found[1], []).append({"type": f"pass@{found[2]}", "value": value})
+    index = [result(ds, params.get("eval.split", "test"), ms) for ds, ms in scores.items()]
+    if "val/loss" in metrics:
+        val = {"type": "loss", "name": "validation loss (mean CE of the heads)", "value": metrics["val/loss"]}
+        index.append(result(params.get("data.dataset", "?"), "validation", [val]))
+    algo, scorer = tags.get("algo"), params.get("loss.scorer")
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "base_model": params.get("model.resource") or params.get("model.path") or None,
+        "tags": [k for k in ("wmtp", "multi-token-prediction", "llama", "code", algo, scorer) if k],
+        "datasets": [params["data.hub_id"]] if params.get("data.hub_id") else [],
+        "metrics": sorted({m["type"] for r in index for m in r["metrics"]}),
+        "model-index": [{"name": name, "results": index}],
+    }
+    front = {k: v for k, v in front.items() if v not in (None, [])}
+    body = card_text(name, params, metrics, tags, checkpoint)
+    return f"---\n{yaml.safe_dump(front, sort_keys=False, allow_unicode=True)}---\n\n{body}"
+
+
 def promote(run_id: str, alias: str, tracking_uri: str | None = None):
-    """Register the run's best checkpoint (fallback last, final) as a model version with a model card, and point
-    `alias` (staging | production) at it. A run already registered reuses its version. Returns the ModelVersion."""
+    """Register the run's best checkpoint (its HF export; see _checkpoint_artifact) as a model version with a
+    model card, and point `alias` (staging | production) at it. A run already registered reuses its version.
+    Returns the ModelVersion."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -474,6 +523,9 @@ def promote(run_id: str, alias: str, tracking_uri: str | None = None):
     artifact = _checkpoint_artifact(client, run_id)
     card = model_card(run, name, artifact)
     client.log_text(run_id, card, "reports/model_card.md")
+    if artifact.endswith("/hf"):  # the version's README.md: the same card, for transformers and the Hub
+        d, where = run.data, f"runs:/{run_id}/{artifact}"
+        client.log_text(run_id, hf_readme(name, d.params, d.metrics, d.tags, where), f"{artifact}/README.md")
     description = card if len(card) <= 4900 else card[:4800] + "\n...(full card: reports/model_card.md)\n"
     try:
         client.create_registered_model(name, description=f"WMTP models from experiment {experiment}")

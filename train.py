@@ -3,6 +3,7 @@
     python train.py configs/tiny_mbpp.toml [--section.key=value ...] [--resume] [--dry-run]
     torchrun --nproc_per_node=4 train.py configs/rho1_mbpp.toml
     python train.py promote --run RUN_ID --alias staging
+    python train.py export --checkpoint runs/RUN/checkpoints/last --format hf --out DIR
 
 One optimizer step: the per-rank batch (micro_batch_size * grad_accum examples) is split into micro-batches; for
 each, the trunk runs once, the scorer turns (batch, state) into weights [B, S, H], and the heads run one at a time
@@ -20,7 +21,7 @@ import socket
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
         )
         meta = {"r": lc.r, "lora_alpha": lc.lora_alpha, "target_modules": sorted(lc.target_modules)}
         (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2))
-        full = merge_lora_state(full, net)
+        full = merge_lora_state(full, lc.lora_alpha / lc.r)
     clean.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
     M.save_checkpoint(clean, tmp)
     tokenizer.save_pretrained(str(tmp))
@@ -203,9 +204,8 @@ def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
     return out
 
 
-def merge_lora_state(full: dict, net) -> dict:
-    """W + (alpha / r) * B @ A for every LoRA pair, with peft's key prefixes stripped."""
-    scaling = net.peft_config["default"].lora_alpha / net.peft_config["default"].r
+def merge_lora_state(full: dict, scaling: float) -> dict:
+    """W + scaling * B @ A (scaling = alpha / r) for every LoRA pair, with peft's key prefixes stripped."""
     out = {}
     for k, v in full.items():
         if "lora_" in k:
@@ -219,6 +219,169 @@ def merge_lora_state(full: dict, net) -> dict:
             tgt = stem.replace("base_model.model.", "") + ".weight"
             out[tgt] = out[tgt].float() + scaling * (b.float() @ v.float())
     return out
+
+
+# --------------------------------------------------------------------------- exports (HF Llama, Meta)
+
+EXPORT_FORMATS = ("hf", "meta")
+
+
+def export_dtype(cfg: C.Config) -> torch.dtype:
+    """Exports are written in model.dtype (bf16 by default: what the model computed in on GPUs and what Llama
+    checkpoints ship as, half of the fp32 masters' size); our own format keeps the fp32 masters."""
+    return torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+
+
+def write_export(
+    net: M.Transformer, out: Path, fmt: str, tokenizer, dtype: torch.dtype | None, readme: str | None = None
+) -> Path:
+    """One export directory with the tokenizer, written to a temp directory then renamed into place.
+
+    hf: LlamaForCausalLM of trunk + head 1 (+ README.md model card); meta: params.json + consolidated.pth, every
+    head, params.json readable by Meta's reference code."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if fmt == "hf":
+        ids = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        M.save_hf(net, tmp, dtype, *ids)
+        if readme is not None:
+            C.atomic_write_text(tmp / "README.md", readme)
+    elif fmt == "meta":
+        M.save_meta(net, tmp, dtype, reference=True)
+    else:
+        raise ValueError(f"export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    tokenizer.save_pretrained(str(tmp))
+    C.atomic_dir_swap(tmp, out)
+    return out
+
+
+def export_formats(cfg: C.Config, run_dir: Path, ckpt: Path, tokenizer) -> None:
+    """hf/ and meta/ inside a finished checkpoint directory of ours (checkpoints/final, checkpoints/best).
+
+    Run once at the end of the run, from the files: `best` is rewritten at every improvement during training,
+    so writing three formats each time would triple that I/O for copies that are overwritten anyway."""
+    import tracking
+
+    net = M.load_checkpoint(ckpt)
+    name, params, metrics, tags = run_card_inputs(run_dir)
+    where = f"{run_dir.name}/{ckpt.relative_to(run_dir).as_posix()}/hf"
+    readme = tracking.hf_readme(name, params, metrics, tags, where)
+    for fmt in EXPORT_FORMATS:
+        write_export(net, ckpt / fmt, fmt, tokenizer, export_dtype(cfg), readme)
+        print(f"exported {ckpt / fmt} ({fmt}, {export_dtype(cfg)})")
+
+
+def run_card_inputs(run_dir: Path) -> tuple[str, dict, dict, dict]:
+    """(name, params, metrics, tags) for the model card, read from a run directory: config.json, metrics.jsonl
+    (the last step) and summary.json (validation and evaluation results); the keys MLflow holds for the run."""
+    import tracking
+
+    def read(name: str, default):
+        path = run_dir / name
+        return path.read_text() if path.exists() else default
+
+    raw = json.loads(read("config.json", "{}"))
+    cfg = C.from_dict(raw)
+    params = tracking.clean_params(C.flatten(raw))
+    with suppress(data.DataError):  # else the card says "not recorded"
+        params["data.hash"] = data.data_fingerprint(data.resolve_dataset_dir(cfg))
+    rows = read("metrics.jsonl", "").splitlines()
+    metrics = {k: v for k, v in json.loads(rows[-1]).items() if k != "step"} if rows else {}
+    summary = json.loads(read("summary.json", "{}"))
+    if summary.get("final_val_loss") is not None:
+        metrics["val/loss"] = summary["final_val_loss"]
+    metrics.update(summary.get("eval") or {})
+    metrics = {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    tags = {"algo": cfg.algo, "git_commit": tracking._git_commit()}
+    return tracking.registered_name(tracking.experiment_name(cfg)), params, metrics, tags
+
+
+def load_resume_model(ckpt: Path) -> tuple[M.Transformer, C.Config, Path]:
+    """The model of a resume checkpoint (checkpoints/last, step_N: dcp/), LoRA merged, in fp32.
+
+    The architecture comes from the run's config.json (runs/<run>/config.json) and its base model's metadata;
+    only the model entries of the sharded checkpoint are read (not the optimizer state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    run_dir = ckpt.resolve().parent.parent
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{ckpt} is a resume checkpoint but {run_dir / 'config.json'} (its run's config) is missing: "
+            "export it from inside its run directory (runs/<run>/checkpoints/<name>)"
+        )
+    cfg = C.from_dict(json.loads((run_dir / "config.json").read_text()))
+    model_dir = s3cache.resolve_model(cfg, cfg.model.path, cfg.model.resource, cfg.model.format, "model.path")
+    args = M.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    reader = dcp.FileSystemReader(str(ckpt / "dcp"))
+    entries = reader.read_metadata().state_dict_metadata
+    sd = {k[len("model.") :]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
+          if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}  # fmt: skip
+    dcp.load({"model": sd}, storage_reader=reader)
+    if cfg.train.lora.enabled:
+        sd = merge_lora_state(sd, cfg.train.lora.alpha / cfg.train.lora.r)
+    with torch.device("meta"):
+        net = M.Transformer(args)
+    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    return net, cfg, model_dir
+
+
+def export_cli(argv: list[str]) -> int:
+    """`train.py export --checkpoint DIR --format hf|meta --out OUT [--dtype D] [--tokenizer DIR]`."""
+    import argparse
+
+    from transformers import AutoTokenizer
+
+    import tracking
+
+    ap = argparse.ArgumentParser(
+        prog="train.py export", description="Export a checkpoint to HF Llama or Meta."
+    )
+    ap.add_argument(
+        "--checkpoint", required=True, help="ours (final, best), a resume one (last, step_N), HF, Meta"
+    )
+    ap.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    ap.add_argument("--out", required=True, help="a new (or empty) directory")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: as the checkpoint stores them")
+    ap.add_argument(
+        "--tokenizer", default="", help="default: the checkpoint's, else its run's model.tokenizer"
+    )
+    a = ap.parse_args(argv)
+    src, out = Path(a.checkpoint), Path(a.out)
+    parent = src.resolve().parent  # runs/<run>/checkpoints/<name>: the run directory gives the model card
+    run_dir = (
+        parent.parent if parent.name == "checkpoints" and (parent.parent / "config.json").is_file() else None
+    )
+    try:
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"--out {out} exists and is not empty: choose a new directory")
+        cfg = model_dir = None
+        if (src / "dcp").is_dir():
+            net, cfg, model_dir = load_resume_model(src)
+        else:
+            net = M.load_model(src, M.detect_format(src))
+        if a.tokenizer or (src / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(a.tokenizer or str(src))
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        elif cfg is not None:
+            tokenizer = load_tokenizer(cfg, model_dir)
+        else:
+            raise FileNotFoundError(f"{src} holds no tokenizer (tokenizer_config.json): pass --tokenizer DIR")
+        readme = None  # the model card: from the run directory, else the one an HF source carries
+        if a.format == "hf" and run_dir is not None:
+            readme = tracking.hf_readme(*run_card_inputs(run_dir), f"{run_dir.name}/checkpoints/{src.name}")
+        elif a.format == "hf" and (src / "README.md").is_file():
+            readme = (src / "README.md").read_text()
+        write_export(net, out, a.format, tokenizer, getattr(torch, a.dtype) if a.dtype else None, readme)
+    except (OSError, ValueError, s3cache.StorageError) as e:  # CheckpointError, ConfigError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"export: {out} ({a.format}, {a.dtype or 'stored dtype'}) from {src}")
+    return 0
 
 
 # --------------------------------------------------------------------------- one optimizer step
@@ -489,7 +652,8 @@ def parse_cli(argv: list[str]) -> tuple[str, list[str], bool, bool]:
     if unknown or len(paths) != 1:
         raise SystemExit(
             "usage: train.py CONFIG.toml [--section.key=value ...] [--resume] [--dry-run]\n"
-            "       train.py promote --run RUN_ID --alias staging|production"
+            "       train.py promote --run RUN_ID --alias staging|production\n"
+            "       train.py export --checkpoint DIR --format hf|meta --out OUT"
             + (f"\nunknown option(s): {' '.join(sorted(unknown))}" if unknown else "")
         )
     return paths[0], overrides, "--resume" in flags, "--dry-run" in flags
@@ -500,6 +664,8 @@ def main(argv: list[str]) -> int:
         import tracking
 
         return tracking.main(argv[1:])
+    if argv and argv[0] == "export":
+        return export_cli(argv[1:])
     path, overrides, resume, dry = parse_cli(argv)
     try:
         cfg = C.load_config(path, overrides)
@@ -532,6 +698,10 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
         C.atomic_write_text(run_dir / "config.json", json.dumps(C.to_dict(cfg), indent=2))
     net = build_model(cfg, d, model_dir)
     base = unwrap(net)
+    try:  # the run ends with an HF export: refuse a model HF Llama cannot express before training it
+        M.hf_config(base.args, export_dtype(cfg))
+    except M.CheckpointError as e:
+        raise TrainError(str(e)) from None
     n_params, n_train = M.count_params(base), sum(p.numel() for p in net.parameters() if p.requires_grad)
     log(
         f"model: {P.format_count(n_params)} parameters ({P.format_count(n_train)} trainable), "
@@ -762,10 +932,12 @@ def finish(
             )
             tracker.log_artifacts(rep, "reports")
         C.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        best = run_dir / "checkpoints" / "best"
+        for ck in (c for c in (final, best) if c is not None and c.exists()):  # hf/ and meta/ beside ours
+            export_formats(cfg, run_dir, ck, tokenizer)
         tracker.log_artifacts(plots, "plots")
         if final is not None:
             tracker.log_artifacts(final, "checkpoints/final")
-        best = run_dir / "checkpoints" / "best"
         if best.exists():
             tracker.log_artifacts(best, "checkpoints/best")
         if (

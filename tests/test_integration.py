@@ -132,7 +132,10 @@ def test_training_run_logs_to_mlflow_and_its_artifacts_land_in_s3(tracked_run, m
     assert {
         "checkpoints/final/model.safetensors",
         "checkpoints/final/config.json",
+        "checkpoints/final/hf/model.safetensors",
+        "checkpoints/final/meta/consolidated.pth",
         "checkpoints/best/model.safetensors",
+        "checkpoints/best/hf/config.json",
         "plots/weight_histogram.png",
         "reports/run_report.md",
     } <= arts, sorted(arts)
@@ -165,7 +168,9 @@ def test_promote_moves_staging_then_production_and_attaches_the_card(tracked_run
     [mv] = client.search_model_versions(f"name='{REGISTERED}' and run_id='{run_id}'")
     assert f"alias 'staging' -> version {mv.version}" in p.stdout
     assert client.get_model_version_by_alias(REGISTERED, "staging").version == mv.version
-    assert mv.source == f"runs:/{run_id}/checkpoints/best"
+    assert (
+        mv.source == f"runs:/{run_id}/checkpoints/best/hf"
+    )  # the HF export: loads with transformers as it is
 
     env_uri = {**env, "MLFLOW_TRACKING_URI": uri}  # the other way tracking.main finds the server
     q = run(["promote", "--run", run_id, "--alias", "production"], env_uri)
@@ -184,6 +189,18 @@ def test_promote_moves_staging_then_production_and_attaches_the_card(tracked_run
     exp_id = client.get_run(run_id).info.experiment_id
     card_key = f"mlflow/{exp_id}/{run_id}/artifacts/reports/model_card.md"
     assert bucket_keys(mlflow_server.s3_endpoint, mlflow_server.bucket, card_key) == [card_key]
+    # the registered HF directory carries the same card as its README.md, under YAML front matter
+    import yaml
+
+    dst = tracked_run["out"] / "downloaded"
+    card = Path(client.download_artifacts(run_id, "reports/model_card.md", str(dst))).read_text()
+    readme = Path(client.download_artifacts(run_id, "checkpoints/best/hf/README.md", str(dst))).read_text()
+    _, front, body = readme.split("---\n", 2)
+    assert body == "\n" + card and yaml.safe_load(front)["library_name"] == "transformers"
+    pass_at_1 = client.get_run(run_id).data.metrics["mbpp/pass_at_1"]
+    results = yaml.safe_load(front)["model-index"][0]["results"]
+    [mbpp] = [r for r in results if r["dataset"] == {"type": "mbpp", "name": "MBPP", "split": "test"}]
+    assert {"type": "pass@1", "value": pass_at_1} in mbpp["metrics"]
 
 
 def mirrors(cache: Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -394,6 +395,76 @@ def test_kv_cache_generation_equals_full_recomputation():
                 assert int(full.argmax()) == new[b][step]
                 seq.append(new[b][step])
     assert m.generate(prompts, 10, temperature=0) == new
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exports: HF Llama (trunk + head 1) and Meta's reference params.json
+
+
+def test_save_hf_is_llama_for_transformers_with_gqa_linear_rope_and_any_ffn_width(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    m = tiny_model(n_future_tokens=2, rope_scaling_factor=2.0, ffn_hidden_dim=96, rope_theta=5000.0)
+    M.save_hf(m, tmp_path, bos_id=0, eos_id=1, pad_id=2)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (
+        cfg["num_hidden_layers"] == 3 and cfg["intermediate_size"] == 96 and cfg["num_key_value_heads"] == 2
+    )
+    assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 2.0} and cfg["torch_dtype"] == "float32"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert hf.generation_config.eos_token_id == 1 and hf.generation_config.pad_token_id == 2
+    ids = torch.randint(0, V, (2, 40))
+    with torch.no_grad():
+        assert (hf(ids).logits - m(ids)[:, :, 0]).abs().max().item() < 1e-4
+    back = M.load_hf(tmp_path)  # HF's q/k permutation re-applied, then undone: the very same tensors
+    assert back.args == dataclasses.replace(m.args, n_layers=3, n_future_tokens=1, multiple_of=256)
+    head1 = {k: v for k, v in m.state_dict().items() if not k.startswith("extra_heads.")}
+    assert all(torch.equal(v, head1[k]) for k, v in back.state_dict().items()) and len(head1) == len(
+        back.state_dict()
+    )
+
+    M.save_hf(m, tmp_path / "bf16", dtype=torch.bfloat16)
+    from safetensors.torch import load_file
+
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_save_hf_refuses_what_hf_llama_cannot_express(tmp_path):
+    @dataclasses.dataclass
+    class QKNormArgs(M.ModelArgs):  # a future extension: LlamaConfig has no key for it
+        qk_norm: bool = True
+
+    args = QKNormArgs(**dataclasses.asdict(tiny_args()))
+    with pytest.raises(M.CheckpointError, match=r"HF Llama cannot express this model: qk_norm = True"):
+        M.hf_config(args, torch.float32)
+    with pytest.raises(M.CheckpointError, match="qk_norm"):
+        M.save_hf(M.Transformer(args), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_save_meta_reference_params_are_metas_keys(tmp_path):
+    m = tiny_model(n_future_tokens=2)
+    M.save_meta(m, tmp_path, dtype=torch.bfloat16, reference=True)
+    params = json.loads((tmp_path / "params.json").read_text())
+    meta_keys = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                 "norm_eps", "rope_theta", "n_future_tokens"}  # fmt: skip
+    assert set(params) == meta_keys  # no max_seq_len: Meta's Llama.build passes it next to **params
+    back = M.load_meta(tmp_path)
+    assert back.args == dataclasses.replace(m.args, max_seq_len=M.ModelArgs.max_seq_len)
+    assert all(torch.equal(v, m.state_dict()[k].bfloat16()) for k, v in back.state_dict().items())
+
+
+def test_detect_format(tmp_path):
+    m = tiny_model(n_future_tokens=2)
+    M.save_checkpoint(m, tmp_path / "wmtp")
+    M.save_hf(m, tmp_path / "hf")
+    M.save_meta(m, tmp_path / "meta")
+    assert [M.detect_format(tmp_path / f) for f in ("wmtp", "hf", "meta")] == ["wmtp", "hf", "meta"]
+    (tmp_path / "last" / "dcp").mkdir(parents=True)
+    with pytest.raises(M.CheckpointError, match="resume checkpoint.*train.py export"):
+        M.detect_format(tmp_path / "last")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        M.detect_format(tmp_path)
 
 
 def test_generate_sampling_stops_and_seed():

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -112,53 +113,6 @@ def test_oom_fallback_keeps_the_effective_batch(reference_run, tiny_dir, tmp_pat
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
 
 
-def in_process_steps(cfg: C.Config, tiny: Path, steps: int):
-    """train.py's own step (train.train_step) in this process: model, optimizer and scorer built as train() does."""
-    import data
-    import parallel as P
-    import score
-
-    torch.manual_seed(cfg.train.seed)
-    d = P.Dist()
-    tok = train.load_tokenizer(cfg, tiny / "base_meta")
-    net = train.build_model(cfg, d, tiny / "base_meta")
-    opt = train.make_optimizer(cfg, net)
-    ds = data.build_dataset(cfg, tok, "train")
-    state = score.init_state(cfg, net, tok, d.device, dataset=ds)
-    mb, pad = cfg.train.micro_batch_size, tok.pad_token_id
-    score.prepare(state, data.make_loader(ds, mb, pad, seed=cfg.data.seed + 1))
-    loader = data.make_loader(ds, mb * cfg.train.grad_accum, pad, seed=cfg.data.seed)
-    st = train.TrainState(micro_batch=mb)
-    rows = [train.train_step(cfg, net, opt, next(loader), st, state, d, step) for step in range(steps)]
-    return rows, net, state, st
-
-
-@pytest.mark.parametrize("scorer", ["uniform", "critic_delta_v1", "rho1_excess_v1"])
-def test_an_oom_retry_leaves_no_trace_for_any_scorer(scorer, tiny_dir, tmp_path):
-    """An OOM in the first micro-batch of step 1 (the step is retried at half the micro-batch, and every later
-    step too) ends where an uninterrupted run ends: the same losses and weights, and for the critic the same
-    value head (one value-head step per optimizer step, never one for the failed attempt); the run's weight
-    histogram counts each step once."""
-    runs = {}
-    for name, inject in (("plain", []), ("oom", [1])):
-        kv = {"loss.scorer": scorer, "train.inject_oom_steps": inject, "loss.lam": 1.0}
-        cfg = C.load_config(REPO / "configs/tiny_mbpp.toml", tiny_overrides(tiny_dir, tmp_path, **kv))
-        runs[name] = in_process_steps(cfg, tiny_dir, 3)
-    (plain, net_a, state_a, st_a), (oom, net_b, state_b, st_b) = runs["plain"], runs["oom"]
-    assert (st_a.oom_events, st_b.oom_events, st_b.micro_batch) == (0, 1, 2)
-    for a, b in zip(plain, oom, strict=True):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
-        assert b["weights/mean"] == pytest.approx(a["weights/mean"], abs=1e-6)
-    for (n, a), b in zip(net_a.named_parameters(), net_b.parameters(), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5, msg=n)  # AdamW magnifies rounding noise
-    assert (state_a.calls, state_b.calls) == (3, 1 + 2 + 2)  # a call per micro-batch; the failed one undone
-    assert torch.equal(state_b.hist_counts, state_a.hist_counts)
-    if scorer == "critic_delta_v1":
-        for a, b in zip(state_a.value_head.parameters(), state_b.value_head.parameters(), strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
-        assert state_b.value_opt.state_dict()["state"][0]["step"] == 2 + 3  # stage 1's 2 steps + 3
-
-
 def test_oom_at_micro_batch_one_gives_up_clearly(tiny_dir, tmp_path):
     kv = {"train.run_name": "oom1", "train.micro_batch_size": 1, "train.inject_oom_steps": [0]}
     p = run_train(tiny_dir, tmp_path, check=False, **kv)
@@ -258,6 +212,153 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     ids = torch.randint(0, merged.args.vocab_size, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(net(ids), merged(ids), rtol=1e-5, atol=1e-5)
+
+    # the HF export holds the merged weights: transformers gives the adapter model's head 1, not the base's
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        train.write_export(merged, tmp_path / "hf", "hf", tok, None)
+    ).eval()
+    base = M.load_meta(tiny_dir / "base_meta").eval()
+    with torch.no_grad():
+        logits = hf(ids).logits
+        assert (logits - net(ids)[:, :, 0]).abs().max().item() < 1e-4
+        assert (logits - base(ids)[:, :, 0]).abs().max().item() > 1e-2
+    # a resume checkpoint of the LoRA run (adapters and base weights under peft's names) exports merged too
+    (tmp_path / "run").mkdir()
+    C.atomic_write_text(tmp_path / "run" / "config.json", json.dumps(C.to_dict(cfg)))
+    resume = train.save_resume(tmp_path / "run", "last", net, opt, st, state, d)
+    again, _, _ = train.load_resume_model(resume)
+    assert all(torch.allclose(v, merged.state_dict()[k], atol=1e-6) for k, v in again.state_dict().items())
+
+
+# --------------------------------------------------------------------------- exports (HF Llama, Meta)
+
+
+def mbpp_prompts(tok, n: int = 4) -> list[list[int]]:
+    import data
+
+    problems = data.load_mbpp(Path(C.default_data_root()) / "mbpp")
+    rows = data.mbpp_split(problems, "test")[:n]
+    return [data.encode_prompt(tok, data.mbpp_prompt(r, "zero_shot")) for r in rows]
+
+
+def test_exports_load_in_transformers_and_meta_and_equal_the_trained_heads(reference_run):
+    """The done-when of the export: HF = head 1 (logits and greedy tokens), Meta = every head, a model card."""
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import model as M
+
+    out, _ = reference_run
+    ck = out / "ref" / "checkpoints"
+    for name in ("final", "best"):
+        assert {"hf", "meta"} <= {p.name for p in (ck / name).iterdir()}, name
+    trained = M.load_checkpoint(ck / "final").eval()
+    assert trained.args.n_future_tokens == 4
+    hf = AutoModelForCausalLM.from_pretrained(ck / "final" / "hf", local_files_only=True).eval()
+    assert (
+        hf.dtype == torch.float32
+        and json.loads((ck / "final/hf/config.json").read_text())["dtype"] == "float32"
+    )
+    tok = AutoTokenizer.from_pretrained(ck / "final" / "hf")
+    prompts = mbpp_prompts(tok)
+    meta = M.load_meta(ck / "final" / "meta").eval()
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            ours = trained(ids)
+            assert (hf(ids).logits - ours[:, :, 0]).abs().max().item() <= 1e-4
+            assert torch.equal(meta(ids), ours)  # every head, the same fp32 tensors
+        ours = trained.generate(prompts, 24, temperature=0, eos_id=tok.eos_token_id)
+        for p, row in zip(prompts, ours, strict=True):
+            new = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, len(p) :].tolist()
+            assert (new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new) == row
+    params = json.loads((ck / "final" / "meta" / "params.json").read_text())
+    assert "max_seq_len" not in params and params["n_future_tokens"] == 4
+
+    @dataclass
+    class MetaReferenceArgs:  # the fields of Meta's reference ModelArgs, built as its Llama.build does
+        dim: int = 4096
+        n_layers: int = 32
+        n_heads: int = 32
+        n_kv_heads: int | None = None
+        vocab_size: int = -1
+        multiple_of: int = 256
+        ffn_dim_multiplier: float | None = None
+        norm_eps: float = 1e-5
+        rope_theta: float = 10000.0
+        max_batch_size: int = 32
+        max_seq_len: int = 2048
+        n_future_tokens: int = 1
+
+    assert MetaReferenceArgs(max_seq_len=512, max_batch_size=1, **params).n_future_tokens == 4
+
+    readme = (ck / "final" / "hf" / "README.md").read_text()
+    _, front, body = readme.split("---\n", 2)
+    card = yaml.safe_load(front)
+    summary = json.loads((out / "ref" / "summary.json").read_text())
+    assert card["library_name"] == "transformers" and card["datasets"] == ["google-research-datasets/mbpp"]
+    assert card["base_model"].endswith("base_meta") and {"wmtp", "baseline", "uniform"} <= set(card["tags"])
+    [result] = card["model-index"][0]["results"]
+    assert result["metrics"][0]["value"] == summary["final_val_loss"] and card["metrics"] == ["loss"]
+    assert body.startswith("\n# Model card: mtp-baseline-mbpp\n") and "## Limitations" in body
+    assert (
+        "checkpoint: `ref/checkpoints/final/hf`" in body
+        and f"| val/loss | {summary['final_val_loss']:.6g} |" in body
+    )
+
+
+def test_export_cli_from_a_resume_checkpoint_and_a_final_dir(reference_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out, _ = reference_run
+    ck = out / "ref" / "checkpoints"
+    # checkpoints/last (sharded, with optimizer state) holds the same weights as final: the same HF export
+    assert (
+        train.main(
+            ["export", "--checkpoint", str(ck / "last"), "--format", "hf", "--out", str(tmp_path / "a")]
+        )
+        == 0
+    )
+    a, b = (
+        load_file(tmp_path / "a" / "model.safetensors"),
+        load_file(ck / "final" / "hf" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "README.md").read_text().startswith("---\nlibrary_name: transformers\n")
+    argv = ["export", "--checkpoint", str(ck / "final"), "--format", "meta", "--dtype", "bfloat16"]
+    assert train.main([*argv, "--out", str(tmp_path / "m")]) == 0
+    a, b = (
+        torch.load(d / "consolidated.pth", weights_only=True) for d in (tmp_path / "m", ck / "final" / "meta")
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].bfloat16()) for k in a)
+    capsys.readouterr()
+    assert train.main([*argv, "--out", str(tmp_path / "m")]) == 2  # never overwrites a directory
+    assert "--out" in capsys.readouterr().err
+    assert (
+        train.main(["export", "--checkpoint", str(ck), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
+    )
+    assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+def test_evaluate_detects_the_checkpoint_format(reference_run, tmp_path, capsys):
+    """Ours, its HF export and its Meta export are judged the same way (head 1 identical; HF has one head)."""
+    import evaluate
+
+    out, _ = reference_run
+    ck = out / "ref" / "checkpoints" / "final"
+    flat = {}
+    for sub in ("", "hf", "meta"):
+        argv = ["configs/tiny_mbpp.toml", "--checkpoint", str(ck / sub), "--limit", "2", "--n", "1"]
+        argv += ["--out", str(tmp_path / (sub or "wmtp")), "--model.tokenizer=", "--eval.max_new_tokens=16"]
+        assert evaluate.main(argv) == 0
+        flat[sub or "wmtp"] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert flat["wmtp"]["mbpp/pass_at_1"] == flat["hf"]["mbpp/pass_at_1"] == flat["meta"]["mbpp/pass_at_1"]
+    assert flat["hf"]["mbpp/head1_ce"] == pytest.approx(flat["wmtp"]["mbpp/head1_ce"], rel=1e-5)
+    assert (
+        flat["meta"]["mbpp/head4_ce"] == flat["wmtp"]["mbpp/head4_ce"] and "mbpp/head2_ce" not in flat["hf"]
+    )
 
 
 @pytest.mark.slow
