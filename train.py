@@ -806,12 +806,12 @@ def add_class_weights(cfg: C.Config, st: TrainState, stats: list[dict], token_cl
 
 def cost_metrics(d: P.Dist, st: TrainState, net, final: Path | None) -> dict:
     """What a run costs: seconds per optimizer step, peak memory (CUDA allocator; on CPU the process's peak RSS),
-    trainable parameters, size of the exported checkpoint and of the LoRA adapter alone."""
+    trainable parameters, size of the final checkpoint (ours, fp32) and of the LoRA adapter alone."""
     import resource
 
-    def size_mb(p: Path | None) -> float:
-        files = [] if p is None or not p.exists() else [p] if p.is_file() else list(p.rglob("*"))
-        return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
+    def size_mb(name: str) -> float:
+        p = None if final is None else final / name
+        return p.stat().st_size / 2**20 if p is not None and p.is_file() else 0.0
 
     if d.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(d.device) / 2**20
@@ -821,8 +821,8 @@ def cost_metrics(d: P.Dist, st: TrainState, net, final: Path | None) -> dict:
         "cost/step_seconds": st.step_seconds / max(st.step, 1),
         "cost/peak_mem_mb": peak,
         "cost/trainable_params": float(sum(p.numel() for p in net.parameters() if p.requires_grad)),
-        "cost/checkpoint_mb": size_mb(final),
-        "cost/adapter_mb": size_mb(final / "adapter.safetensors") if final is not None else 0.0,
+        "cost/checkpoint_mb": size_mb("model.safetensors"),
+        "cost/adapter_mb": size_mb("adapter.safetensors"),
     }
 
 

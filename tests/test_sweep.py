@@ -68,7 +68,9 @@ def run_sweep(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_sweep_end_to_end(tmp_path, tiny_dir):
-    path = write_sweep(tmp_path, tiny_dir, '[[grid]]\nname = "arms"\ntitle = "Arms"\narm = ["uniform", "critic"]')
+    path = write_sweep(
+        tmp_path, tiny_dir, '[[grid]]\nname = "arms"\ntitle = "Arms"\narm = ["uniform", "critic"]'
+    )
     out = tmp_path / "runs"
     p = run_sweep(str(path))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -90,7 +92,11 @@ def test_sweep_end_to_end(tmp_path, tiny_dir):
     assert len(parent) == 1 and parent[0].info.run_id == state["parent_run"]
     assert parent[0].info.status == "FINISHED"
     assert "reports/report.md" in [a.path for a in client.list_artifacts(state["parent_run"], "reports")]
-    children = {r.data.tags["sweep.run"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run"]}
+    children = {
+        r.data.tags["sweep.run"]: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == state["parent_run"]
+    }
     assert sorted(children) == sorted(names)
     assert {n: r.data.tags["arm"] for n, r in children.items()} == {n: n.split("--")[0] for n in names}
     assert all(r.info.status == "FINISHED" for r in children.values())
@@ -135,7 +141,10 @@ def test_sweep_end_to_end(tmp_path, tiny_dir):
     cfg["loss"]["lam"] = 0.9
     cfg_file.write_text(json.dumps(cfg))
     p = run_sweep(str(path), "--dry-run")
-    assert p.returncode == 2 and "holds a run with another config than the sweep's (differs in loss.lam)" in p.stderr
+    assert (
+        p.returncode == 2
+        and "holds a run with another config than the sweep's (differs in loss.lam)" in p.stderr
+    )
 
 
 def test_expand_shares_equal_configs_and_picks(tmp_path, tiny_dir):
@@ -163,7 +172,10 @@ arm = ["best"]
     sweep.expand(sw, sw.grids[0], {}, runs)
     rows = sweep.expand(sw, sw.grids[1], {}, runs)
     # lam = 0.3 is critic's default: the lambda grid's first row is the arms grid's critic runs
-    assert [r.runs for r in rows] == [["critic--s0", "critic--s1"], ["critic--loss.lam=0.6--s0", "critic--loss.lam=0.6--s1"]]
+    assert [r.runs for r in rows] == [
+        ["critic--s0", "critic--s1"],
+        ["critic--loss.lam=0.6--s0", "critic--loss.lam=0.6--s1"],
+    ]
     assert rows[1].values == {"arm": "critic", "loss.lam": "0.6"}
     assert sorted(runs) == sorted(["uniform--s0", "uniform--s1", "critic--s0", "critic--s1", *rows[1].runs])
     picked = sweep.expand(sw, sw.grids[2], {"arm.best": "critic"}, runs)
@@ -179,9 +191,15 @@ arm = ["best"]
     [
         ('[[grid]]\nname = "g"\narm = ["nope"]', r"arm = 'nope' has no table \[arm.nope\]"),
         ('[[grid]]\nname = "g"\nlam = [1]', r"axis 'lam' is neither a dotted config key nor a bundle"),
-        ('[[grid]]\nname = "g"\n"loss.lam" = [2.0]', r"run loss.lam=2.0--s0: .*'loss.lam' = 2.0 is out of range"),
+        (
+            '[[grid]]\nname = "g"\n"loss.lam" = [2.0]',
+            r"run loss.lam=2.0--s0: .*'loss.lam' = 2.0 is out of range",
+        ),
         ('[[grid]]\nname = "g"\n"loss.nope" = [1]', r"unknown key 'loss.nope'"),
-        ('[arm.b]\npick_best = ["uniform"]\nfrom_grid = "later"\n[[grid]]\nname = "g"\narm = ["b"]', "'from_grid' = 'later'"),
+        (
+            '[arm.b]\npick_best = ["uniform"]\nfrom_grid = "later"\n[[grid]]\nname = "g"\narm = ["b"]',
+            "'from_grid' = 'later'",
+        ),
     ],
 )
 def test_bad_sweep_files_name_the_problem(tmp_path, tiny_dir, body, message):
@@ -197,7 +215,11 @@ def test_statistics_and_conclusion():
     m, hw, n = sweep.mean_ci([1.0, 2.0, 3.0])
     assert (m, n) == (2.0, 3) and hw == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
     assert math.isnan(sweep.mean_ci([5.0])[1]) and sweep.mean_ci([])[2] == 0
-    metrics = {f"{a}{s}": {"loss": v} for a, vals in (("u", (1.0, 1.2, 1.1)), ("w", (0.5, 0.6, 0.7)), ("z", (1.0, 1.3, 1.2))) for s, v in enumerate(vals)}
+    metrics = {
+        f"{a}{s}": {"loss": v}
+        for a, vals in (("u", (1.0, 1.2, 1.1)), ("w", (0.5, 0.6, 0.7)), ("z", (1.0, 1.3, 1.2)))
+        for s, v in enumerate(vals)
+    }
     grid = {
         "primary": "loss",
         "goal": "min",
@@ -210,9 +232,13 @@ def test_statistics_and_conclusion():
     assert "Baseline uniform: 1.1 ± " in text and "difference -0.5 (-45.5%)" in text
     assert text.endswith("The 95% intervals do not overlap: the best row is better than the baseline.")
     grid["goal"] = "max"
-    assert "That is the baseline itself" in sweep.conclusion({**grid, "rows": grid["rows"][:1]}, metrics, ["u0", "u1", "u2"])
+    assert "That is the baseline itself" in sweep.conclusion(
+        {**grid, "rows": grid["rows"][:1]}, metrics, ["u0", "u1", "u2"]
+    )
     assert "intervals overlap" in sweep.conclusion(grid, metrics, ["u0", "u1", "u2"])  # z (1.17) vs u (1.1)
-    assert sweep.run_metrics({"steps": 3, "cost": {"cost/x": 2}, "synthetic": {"synth/y": 0.5}, "algo": "a"}) == {
+    assert sweep.run_metrics(
+        {"steps": 3, "cost": {"cost/x": 2}, "synthetic": {"synth/y": 0.5}, "algo": "a"}
+    ) == {
         "steps": 3.0,
         "cost/x": 2.0,
         "synth/y": 0.5,
