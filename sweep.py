@@ -270,8 +270,11 @@ def _bundle(sw: Sweep, axis: str, value: str, picks: dict[str, str]) -> tuple[st
     return base, overrides
 
 
-def expand(sw: Sweep, grid: dict[str, Any], picks: dict[str, str], runs: dict[str, Run]) -> list[Row]:
-    """The rows of one grid; new runs are added to `runs` (by name), equal configs share one run."""
+def expand(
+    sw: Sweep, grid: dict[str, Any], picks: dict[str, str], runs: dict[str, Run], dry: bool = False
+) -> list[Row]:
+    """The rows of one grid; new runs are added to `runs` (by name), equal configs share one run. `dry` names a
+    picked bundle's runs after the candidate too (the dry run expands every candidate)."""
     axes = [(a, v) for a, v in grid.items() if a not in GRID_KEYS]
     seeds = [int(s) for s in grid.get("seeds", sw.seeds)]
     seed_keys = grid.get("seed_keys", sw.seed_keys)
@@ -285,7 +288,7 @@ def expand(sw: Sweep, grid: dict[str, Any], picks: dict[str, str], runs: dict[st
                 b, extra = _bundle(sw, axis, v, picks)
                 base = b or base
                 overrides.update(extra)
-                label.append(str(v))
+                label.append(f"{v}={picks[f'{axis}.{v}']}" if dry and f"{axis}.{v}" in picks else str(v))
             else:
                 overrides[axis] = _subst(v, sw.out_dir)
                 label.append(f"{axis}={_fmt(v)}")
@@ -624,8 +627,11 @@ def pick(sw: Sweep, grid: dict, state: dict, runs: dict[str, Run]) -> dict[str, 
 
 
 def dry_run(sw: Sweep) -> int:
-    """Expand every grid and check every run's config; a pick_best bundle is checked with each candidate."""
+    """Expand every grid and check every run's config, listing each run and whether it is done. A grid that uses
+    a pick_best bundle is expanded with each candidate (its runs named `bundle=candidate`); the sweep itself will
+    run the picked candidate's only."""
     runs: dict[str, Run] = {}
+    expected = 0
     for grid in sw.grids:
         choices = [
             [(f"{a}.{v}", c) for c in sw.bundles[a][v]["pick_best"]]
@@ -634,16 +640,20 @@ def dry_run(sw: Sweep) -> int:
             for v in grid[a]
             if "pick_best" in sw.bundles[a][v]
         ]
+        added = []
         for combo in itertools.product(*choices):
-            rows = expand(sw, grid, dict(combo), runs)
-        print(f"grid {grid['name']}: {len(rows)} rows x {len(grid.get('seeds', sw.seeds))} seeds")
-    for r in runs.values():
+            before = set(runs)
+            rows = expand(sw, grid, dict(combo), runs, dry=True)
+            added.append([r for n, r in runs.items() if n not in before])
+        expected += len(added[0])
+        each = f" per candidate of {', '.join(c[0][0] for c in choices)}" if choices else ""
         print(
-            f"  {status(sw, r):<6} {r.name}  ({r.base}{''.join(f' {k}={_fmt(v)}' for k, v in r.overrides.items() if k not in sw.seed_keys)})"
+            f"grid {grid['name']}: {len(rows)} rows x {len(grid.get('seeds', sw.seeds))} seeds, {len(added[0])} new runs{each}"
         )
-    print(
-        f"dry run: {len(runs)} distinct runs in {len(sw.grids)} grids: every config is valid (nothing was run)"
-    )
+        for r in (r for new in added for r in new):
+            shown = "".join(f" {k}={_fmt(v)}" for k, v in r.overrides.items() if k not in sw.set)
+            print(f"  {status(sw, r):<6} {r.name}  ({r.base}{shown})")
+    print(f"dry run: every config is valid (nothing was run); the sweep runs {expected} runs")
     return 0
 
 
@@ -793,7 +803,10 @@ def _plot(grid: dict, metrics: dict, baseline_runs: list[str] | None, path: Path
             ax.set_xlabel(x_axis)
             ax.legend(fontsize=7)
         else:
-            labels = [_row_label(r["values"]) for r in grid["rows"]]
+            one = len(grid["axes"]) == 1  # a single axis: its values are the labels
+            labels = [
+                next(iter(r["values"].values())) if one else _row_label(r["values"]) for r in grid["rows"]
+            ]
             ax.bar(
                 range(len(labels)),
                 [s[0] for s in stats],

@@ -805,7 +805,8 @@ def add_class_weights(cfg: C.Config, st: TrainState, stats: list[dict], token_cl
 
 
 def cost_metrics(d: P.Dist, st: TrainState, net, final: Path | None) -> dict:
-    """What a run costs: seconds per optimizer step, peak memory (CUDA allocator; on CPU the process's peak RSS),
+    """What a run costs: seconds per optimizer step, the process's CPU seconds (all threads, from its start: on a
+    shared CPU machine the load-independent cost), peak memory (CUDA allocator; on CPU the process's peak RSS),
     trainable parameters, size of the final checkpoint (ours, fp32) and of the LoRA adapter alone."""
     import resource
 
@@ -819,6 +820,7 @@ def cost_metrics(d: P.Dist, st: TrainState, net, final: Path | None) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     return {
         "cost/step_seconds": st.step_seconds / max(st.step, 1),
+        "cost/process_cpu_s": time.process_time(),
         "cost/peak_mem_mb": peak,
         "cost/trainable_params": float(sum(p.numel() for p in net.parameters() if p.requires_grad)),
         "cost/checkpoint_mb": size_mb("model.safetensors"),
