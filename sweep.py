@@ -1,6 +1,6 @@
 """Sweeps: a grid of train.py runs that survives interruption, grouped in MLflow, and a report computed from them.
 
-    python sweep.py configs/sweeps/synthetic.toml [--parallel N] [--launcher CMD] [--dry-run]
+    python sweep.py configs/sweeps/synthetic.toml [--parallel N] [--launcher CMD] [--seeds 0,1,2,3] [--dry-run]
     python sweep.py --report DIR [--out DIR]          # rebuild report.md + plots/ from DIR's finished runs
 
 A sweep file (TOML) names a base config, named bundles of overrides, and grids over them:
@@ -17,6 +17,8 @@ A sweep file (TOML) names a base config, named bundles of overrides, and grids o
     goal = "min"                           # or "max"
     baseline = "uniform"                   # the arm the conclusions compare with
     metrics = ["synth/ce_learnable_head1", "synth/exact_match"]   # table columns and plots
+    description = "..."                    # markdown under the report's title
+    notes = "docs/results/synthetic/notes.md"   # optional: a hand-written note appended to the report
 
     [set]                                  # overrides for every run ("{out_dir}" in a string is replaced)
     "train.steps" = 400
@@ -81,6 +83,8 @@ TOP_KEYS = {
     "metrics": list,
     "set": dict,
     "grid": list,
+    "description": str,
+    "notes": str,
 }
 GRID_KEYS = {"name", "title", "seeds", "seed_keys", "metrics", "report", "baseline"}
 BUNDLE_META = {"base", "pick_best", "from_grid"}
@@ -114,6 +118,8 @@ class Sweep:
     bundles: dict[str, dict[str, dict[str, Any]]]  # axis -> value -> table
     grids: list[dict[str, Any]]
     text: str = ""
+    description: str = ""
+    notes: str = ""
 
 
 def load_sweep(path: str | os.PathLike) -> Sweep:
@@ -162,6 +168,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         bundles=bundles,
         grids=list(spec["grid"]),
         text=text,
+        description=spec.get("description", ""),
+        notes=spec.get("notes", ""),
     )
     if sw.primary not in sw.metrics:
         sw.metrics.insert(0, sw.primary)
@@ -540,6 +548,7 @@ def _load_state(sw: Sweep) -> dict:
     path = sw.out_dir / "sweep.json"
     state = json.loads(path.read_text()) if path.is_file() else {}
     state.update({"name": sw.name, "file": str(sw.path), "text": sw.text, "commit": git_commit()})
+    state.update({"description": sw.description, "notes": sw.notes})
     state.setdefault("runs", {})
     state["grids"] = []
     return state
@@ -888,6 +897,8 @@ def write_report(out_dir: str | os.PathLike, report_dir: str | os.PathLike | Non
         "Every number is the mean over seeds ± the half-width of its 95% t-interval (n - 1 degrees of freedom), "
         "computed from the runs' `summary.json`; the conclusions below are generated from the same numbers.",
     ]
+    if state.get("description"):
+        lines += ["", state["description"].strip()]
     for g in state["grids"]:
         if not g.get("report", True):
             continue
@@ -914,6 +925,14 @@ def write_report(out_dir: str | os.PathLike, report_dir: str | os.PathLike | Non
         sec = state["runs"].get(n, {}).get("seconds")
         val = metrics.get(n, {}).get(state["grids"][0]["primary"])
         lines.append(f"| {n} | {sec:.0f} | {val:.4g} |" if sec and val is not None else f"| {n} | – | – |")
+    notes = Path(state.get("notes") or "")
+    if state.get("notes") and notes.is_file():
+        lines += [
+            "",
+            "## Notes (written by hand after reading the results above)",
+            "",
+            notes.read_text().strip(),
+        ]
     out = report_dir / "report.md"
     C.atomic_write_text(out, "\n".join(lines) + "\n")
     return out
@@ -930,6 +949,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dry-run", action="store_true", help="expand and check every run's config; run nothing")
     ap.add_argument("--parallel", type=int, help="runs at once (default: the sweep file's `parallel`)")
     ap.add_argument("--launcher", help='e.g. "python" or "torchrun --standalone --nproc_per_node=4"')
+    ap.add_argument("--seeds", help="comma-separated seeds for the grids without their own (e.g. more seeds)")
     a = ap.parse_args(argv)
     try:
         if a.report:
@@ -938,6 +958,11 @@ def main(argv: list[str]) -> int:
         if not a.sweep:
             ap.error("give a sweep file, or --report DIR")
         sw = load_sweep(a.sweep)
+        if a.seeds:
+            try:
+                sw.seeds = [int(x) for x in a.seeds.split(",")]
+            except ValueError:
+                raise SweepError(f"--seeds {a.seeds!r}: expected comma-separated integers") from None
         if a.dry_run:
             return dry_run(sw)
         return run_sweep(sw, a.launcher or sw.launcher, a.parallel or sw.parallel)

@@ -67,25 +67,34 @@ def run_sweep(*args: str) -> subprocess.CompletedProcess:
     return p
 
 
-def test_sweep_end_to_end(tmp_path, tiny_dir):
-    path = write_sweep(
-        tmp_path, tiny_dir, '[[grid]]\nname = "arms"\ntitle = "Arms"\narm = ["uniform", "critic"]'
-    )
-    out = tmp_path / "runs"
-    p = run_sweep(str(path))
+ARMS = '[[grid]]\nname = "arms"\ntitle = "Arms"\narm = ["uniform", "critic"]'
+NAMES = ["uniform--s0", "uniform--s1", "critic--s0", "critic--s1"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_dir):
+    """A 2-arm x 2-seed sweep of 3-step runs, run once (4 at once) through the CLI."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = write_sweep(tmp, tiny_dir, ARMS)
+    p = run_sweep(str(path), "--parallel", "4")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    names = ["uniform--s0", "uniform--s1", "critic--s0", "critic--s1"]
-    for n in names:
+    return tmp, path
+
+
+def test_sweep_end_to_end(finished, capsys):
+    tmp, path = finished
+    out = tmp / "runs"
+    for n in NAMES:
         s = json.loads((out / n / "summary.json").read_text())
         assert s["steps"] == 3 and s["scorer"] == ("uniform" if n.startswith("u") else "critic_delta_v1")
         assert 0 <= s["synthetic"]["synth/exact_match"] <= 1 and s["cost"]["cost/trainable_params"] == 1222272
     state = json.loads((out / "sweep.json").read_text())
-    assert [r["runs"] for r in state["grids"][0]["rows"]] == [names[:2], names[2:]]
+    assert [r["runs"] for r in state["grids"][0]["rows"]] == [NAMES[:2], NAMES[2:]]
 
     # MLflow: one parent run, the four runs nested under it with their axis tags
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sweep/t")
     runs = client.search_runs([exp.experiment_id])
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -97,8 +106,8 @@ def test_sweep_end_to_end(tmp_path, tiny_dir):
         for r in runs
         if r.data.tags.get("mlflow.parentRunId") == state["parent_run"]
     }
-    assert sorted(children) == sorted(names)
-    assert {n: r.data.tags["arm"] for n, r in children.items()} == {n: n.split("--")[0] for n in names}
+    assert sorted(children) == sorted(NAMES)
+    assert {n: r.data.tags["arm"] for n, r in children.items()} == {n: n.split("--")[0] for n in NAMES}
     assert all(r.info.status == "FINISHED" for r in children.values())
 
     # the report: a row per arm with mean ± t-interval half-width over the 2 seeds, and a computed conclusion
@@ -112,12 +121,66 @@ def test_sweep_end_to_end(tmp_path, tiny_dir):
     assert (out / "plots" / "arms.png").stat().st_size > 1000
 
     # rerun: everything is finished, nothing is launched
-    before = {n: (out / n / "summary.json").stat().st_mtime_ns for n in names}
-    p = run_sweep(str(path))
-    assert p.returncode == 0 and "sweep: start" not in p.stdout, p.stdout
-    assert before == {n: (out / n / "summary.json").stat().st_mtime_ns for n in names}
+    before = {n: (out / n / "summary.json").stat().st_mtime_ns for n in NAMES}
+    assert sweep.main([str(path)]) == 0
+    assert "sweep: start" not in capsys.readouterr().out
+    assert before == {n: (out / n / "summary.json").stat().st_mtime_ns for n in NAMES}
 
-    # a half-finished run resumes from its checkpoint; one without a checkpoint restarts
+    # --report rebuilds the same tables from the run directories alone
+    assert sweep.main(["--report", str(out), "--out", str(tmp / "rebuilt")]) == 0
+    rebuilt = (tmp / "rebuilt" / "report.md").read_text()
+    table = lambda t: [line for line in t.splitlines() if line.startswith("| uniform |")]  # noqa: E731
+    assert table(rebuilt) == table(report) and table(rebuilt)
+
+
+def test_sweep_run_states(finished, tmp_path):
+    """done / resume (a checkpoint) / new (none); a directory holding another config is refused (exit 2)."""
+    src, path = finished
+    sw = sweep.load_sweep(path)
+    sw.out_dir = tmp_path / "runs"
+    shutil.copytree(src / "runs", sw.out_dir)
+    runs: dict = {}
+    sweep.expand(sw, sw.grids[0], {}, runs)
+    assert {n: sweep.status(sw, r) for n, r in runs.items()} == dict.fromkeys(NAMES, "done")
+    (sw.out_dir / "uniform--s0" / "summary.json").unlink()
+    (sw.out_dir / "critic--s1" / "summary.json").unlink()
+    shutil.rmtree(sw.out_dir / "critic--s1" / "checkpoints")
+    assert sweep.status(sw, runs["uniform--s0"]) == "resume" and sweep.status(sw, runs["critic--s1"]) == "new"
+    assert sweep.command(sw, runs["uniform--s0"], "python", None, resume=True)[-1] == "--resume"
+    cmd = sweep.command(sw, runs["critic--s1"], "torchrun --standalone --nproc_per_node=4", "P", resume=False)
+    assert cmd[:4] == ["torchrun", "--standalone", "--nproc_per_node=4", "train.py"] and "--resume" not in cmd
+    assert '--tracking.parent_run="P"' in cmd and f'--train.out_dir="{sw.out_dir}"' in cmd
+    # before a relaunch, the run's earlier MLflow runs still RUNNING (killed with the sweep) are marked KILLED
+    from mlflow import MlflowClient
+
+    shutil.copy(src / "mlflow.db", tmp_path / "mlflow.db")
+    sw.set["tracking.uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(sw.set["tracking.uri"])
+    exp = client.get_experiment_by_name("sweep/t").experiment_id
+    stale, other = (
+        client.create_run(exp, tags={"sweep.run": n}).info.run_id for n in ("uniform--s0", "critic--s1")
+    )
+    sweep._close_stale(sw, runs["uniform--s0"], parent="P")
+    assert client.get_run(stale).info.status == "KILLED" and client.get_run(other).info.status == "RUNNING"
+    cfg_file = sw.out_dir / "critic--s0" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["loss"]["lam"] = 0.9
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(
+        sweep.SweepError, match=r"holds a run with another config than the sweep's \(differs in loss.lam\)"
+    ):
+        sweep.status(sw, runs["critic--s0"])
+
+
+@pytest.mark.slow
+def test_sweep_resumes_and_restarts(finished, tmp_path):
+    """An interrupted run resumes from its checkpoint, one that never saved restarts; the rest is skipped."""
+    src, _ = finished
+    out = tmp_path / "runs"
+    shutil.copytree(src / "runs", out)
+    text = (src / "t.toml").read_text().replace(f'out_dir = "{src / "runs"}"', f'out_dir = "{out}"')
+    path = tmp_path / "t.toml"
+    path.write_text(text)
     (out / "uniform--s0" / "summary.json").unlink()
     (out / "critic--s1" / "summary.json").unlink()
     shutil.rmtree(out / "critic--s1" / "checkpoints")
@@ -126,25 +189,7 @@ def test_sweep_end_to_end(tmp_path, tiny_dir):
     assert "start uniform--s0 (resume)" in p.stdout and "start critic--s1 (new)" in p.stdout
     assert p.stdout.count("sweep: start") == 2
     assert "resumed from" in (out / "logs" / "uniform--s0.log").read_text()
-    assert all((out / n / "summary.json").is_file() for n in names)
-
-    # --report rebuilds the same tables from the run directories alone
-    p = run_sweep("--report", str(out), "--out", str(tmp_path / "rebuilt"))
-    assert p.returncode == 0, p.stderr
-    rebuilt = (tmp_path / "rebuilt" / "report.md").read_text()
-    table = lambda t: [line for line in t.splitlines() if line.startswith("| uniform |")]  # noqa: E731
-    assert table(rebuilt) == table((out / "report.md").read_text()) and table(rebuilt)
-
-    # a run directory holding another config is refused, never reused
-    cfg_file = out / "critic--s0" / "config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["loss"]["lam"] = 0.9
-    cfg_file.write_text(json.dumps(cfg))
-    p = run_sweep(str(path), "--dry-run")
-    assert (
-        p.returncode == 2
-        and "holds a run with another config than the sweep's (differs in loss.lam)" in p.stderr
-    )
+    assert all((out / n / "summary.json").is_file() for n in NAMES)
 
 
 def test_expand_shares_equal_configs_and_picks(tmp_path, tiny_dir):
