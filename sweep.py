@@ -369,7 +369,8 @@ def command(sw: Sweep, run: Run, launcher: str, parent: str | None, resume: bool
     }
     if parent:
         ov["tracking.parent_run"] = parent
-    return [*exe, "train.py", run.base, *(f"--{k}={json.dumps(v)}" for k, v in ov.items())] + (
+    train = str(C.REPO / "train.py")  # run in the sweep's directory: relative paths mean the same to both
+    return [*exe, train, run.base, *(f"--{k}={json.dumps(v)}" for k, v in ov.items())] + (
         ["--resume"] if resume else []
     )
 
@@ -417,7 +418,7 @@ def launch_all(
                 log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
                 log.flush()
                 p = subprocess.Popen(
-                    cmd, cwd=C.REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
                 active[p] = (run, time.time(), log)
                 print(f"sweep: start {run.name} ({'resume' if st == 'resume' else 'new'})", flush=True)

@@ -24,7 +24,7 @@ ENV.pop("OMP_NUM_THREADS", None)  # the sweep sets 1 thread per run when it runs
 def write_sweep(tmp: Path, tiny: Path, body: str, name: str = "t") -> Path:
     text = f"""
 name = "{name}"
-base = "configs/synthetic.toml"
+base = "{REPO / "configs" / "synthetic.toml"}"
 out_dir = "{tmp / "runs"}"
 seeds = [0, 1]
 seed_keys = ["train.seed", "data.seed"]
@@ -148,7 +148,8 @@ def test_sweep_run_states(finished, tmp_path):
     assert sweep.status(sw, runs["uniform--s0"]) == "resume" and sweep.status(sw, runs["critic--s1"]) == "new"
     assert sweep.command(sw, runs["uniform--s0"], "python", None, resume=True)[-1] == "--resume"
     cmd = sweep.command(sw, runs["critic--s1"], "torchrun --standalone --nproc_per_node=4", "P", resume=False)
-    assert cmd[:4] == ["torchrun", "--standalone", "--nproc_per_node=4", "train.py"] and "--resume" not in cmd
+    assert cmd[:4] == ["torchrun", "--standalone", "--nproc_per_node=4", str(REPO / "train.py")]
+    assert cmd[4] == str(REPO / "configs" / "synthetic.toml") and "--resume" not in cmd
     assert '--tracking.parent_run="P"' in cmd and f'--train.out_dir="{sw.out_dir}"' in cmd
     # before a relaunch, the run's earlier MLflow runs still RUNNING (killed with the sweep) are marked KILLED
     from mlflow import MlflowClient

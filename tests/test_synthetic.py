@@ -185,3 +185,15 @@ def test_critic_dataset_reward(tok, tiny_dir):
     assert state.rewards == {i: r for i, r in zip(ds["index"], ds["reward"], strict=True)}
     with pytest.raises(C.ConfigError, match="critic.reward' = 'dataset' needs a dataset"):
         C.load_config(None, ["--loss.scorer=critic_delta_v1", "--critic.reward=dataset"])
+
+
+def test_synthetic_base(tiny_dir, tok):
+    net = M.load_meta(tiny_dir / "synthetic_base")
+    assert net.args.n_future_tokens == 4 and net.args.vocab_size == len(data.SYN_VOCAB) == len(tok)
+    assert (
+        M.count_params(net) == 1222272
+        and M.count_params(M.load_meta(tiny_dir / "synthetic_base", 1)) == 619392
+    )
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(tiny_dir / "synthetic_base")).get_vocab() == tok.get_vocab()
