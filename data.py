@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import s3cache
+from errors import UserError
 
 # --------------------------------------------------------------------------- MBPP
 
@@ -44,7 +45,7 @@ MBPP_FIELDS: dict[str, type] = {
 MBPP_FEWSHOT_IDS = (2, 3, 4)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem: the message names the file (and line / field) and what was expected."""
 
 
@@ -459,6 +460,12 @@ def pad_token_id(tokenizer: Any) -> int:
 def _build_rows(cfg: Any, tokenizer: Any, split: str, root: Path) -> dict[str, list]:
     problems = load_mbpp(root)
     examples = mbpp_split(problems, split)
+    if not examples:
+        lo, hi = MBPP_SPLITS[split]
+        raise DataError(
+            f"{root}: MBPP split {split!r} is empty: none of the {len(problems)} problems read has a task_id in "
+            f"{lo}..{hi} (data.train_split / data.val_split)"
+        )
     fewshot = mbpp_fewshot(problems) if cfg.data.template == "three_shot" else None
     random.Random(cfg.data.seed).shuffle(examples)
     prompts = [mbpp_prompt(p, cfg.data.template, fewshot) for p in examples]

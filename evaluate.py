@@ -28,8 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import data
+import errors
 import sandbox
-from config import atomic_write_text, default_data_root
+from config import default_data_root
+from errors import UserError
+from files import atomic_write_text
 
 DATASETS = ("mbpp", "humaneval", "codecontests")
 PASS_KS = (1, 5, 10, 100)
@@ -39,7 +42,7 @@ CHECKER_NOTE = (
 )
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Bad evaluation input: the message names the file/line and what was expected."""
 
 
@@ -552,7 +555,10 @@ def _model_cli(argv: list[str]) -> int:
     except (M.CheckpointError, FileNotFoundError) as e:
         raise EvalError(f"--checkpoint: {e}") from None
     tok_dir = cfg.model.tokenizer or str(ckpt)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{tok_dir}: no tokenizer could be loaded ({str(e).splitlines()[0]})") from None
     datasets = [d for d in (a.datasets or ",".join(cfg.eval.datasets)).split(",") if d]
     bad = [d for d in datasets if d not in DATASETS]
     if bad:
@@ -572,13 +578,12 @@ def _model_cli(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        if argv and argv[0] == "judge":
-            return _judge_cli(argv[1:])
-        return _model_cli(argv)
-    except (EvalError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """`evaluate.py judge ...` or `evaluate.py CONFIG --checkpoint DIR`; expected failures print one line (errors.py)."""
+
+    def run(args: list[str]) -> int:
+        return _judge_cli(args[1:]) if args[:1] == ["judge"] else _model_cli(args)
+
+    return errors.main(run, argv)
 
 
 if __name__ == "__main__":

@@ -39,13 +39,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import files
+from errors import UserError
+
 log = logging.getLogger("wmtp.s3cache")
 
 MARKER = ".wmtp-complete.json"
 MB = 1024 * 1024
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A storage problem, with a message that says where, what and what to do (never a credential)."""
 
 
@@ -92,13 +95,16 @@ def _where(s: dict[str, str]) -> str:
 
 # --------------------------------------------------------------------------- errors and scrubbing
 
-_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{12,}\b")
+_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{12,}\b|\bhf_[A-Za-z0-9]{30,}\b|\bgh[pousr]_[A-Za-z0-9]{36,}\b")
 _USERINFO = re.compile(r"(://)[^/@\s]+@")
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+SECRET_ENV += ("MLFLOW_TRACKING_TOKEN", "HF_TOKEN")
 
 
 def scrub(text: str) -> str:
-    """Remove anything credential-like: the current AWS secrets, access-key ids, user:password@ in URLs."""
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
+    """Remove anything credential-like: the values of the secret env vars in use, AWS access-key ids, Hugging Face
+    and GitHub tokens, user:password@ in URLs."""
+    for name in SECRET_ENV:
         value = os.environ.get(name, "")
         if len(value) >= 4:
             text = text.replace(value, "***")
@@ -219,20 +225,12 @@ def is_complete(path: Path) -> bool:
 # --------------------------------------------------------------------------- download
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 * MB), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verify(path: Path, obj: dict[str, Any], url: str) -> None:
     size = path.stat().st_size
     if size != obj["size"]:
         raise StorageError(f"{url}: downloaded {size} bytes, expected {obj['size']}; run again")
     etag = obj["etag"]
-    if re.fullmatch(r"[0-9a-f]{32}", etag) and _md5(path) != etag:  # multipart ETags (`-N`) are not MD5s
+    if re.fullmatch(r"[0-9a-f]{32}", etag) and files.md5(path) != etag:  # multipart ETags (`-N`) are not MD5s
         raise StorageError(f"{url}: MD5 mismatch (object changed during download or corrupted); run again")
 
 
@@ -397,7 +395,7 @@ MODEL_FILES = {"meta": ["params.json"], "hf": ["config.json"], "wmtp": ["model.s
 def resolve_model(cfg: Any, path: str, resource: str, fmt: str, key: str) -> Path:
     """The model directory behind config key `key` (local, else S3 mirror); errors name the config file and key."""
     if not path and not resource:
-        raise ValueError(f"{cfg.source}: '{key}' is empty and no S3 resource is configured for it")
+        raise StorageError(f"{cfg.source}: '{key}' is empty and no S3 resource is configured for it")
     try:
         return resolve(resource, path or None, cfg.storage, kind="model", required_files=MODEL_FILES.get(fmt))
     except StorageError as e:
@@ -439,3 +437,46 @@ def upload(
         )
         urls.append(url)
     return urls
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str]) -> int:
+    """`python s3cache.py upload LOCAL RESOURCE` puts a model or dataset directory into S3 (what a run's `resource`
+    keys then mirror); `python s3cache.py mirror RESOURCE` mirrors one into the cache and prints where. Storage
+    settings come from `--config CONFIG` and `--storage.key=value` overrides; credentials from the AWS chain."""
+    import argparse
+
+    import config
+
+    overrides, rest = config.split_args(argv)
+    ap = argparse.ArgumentParser(prog="s3cache.py", description=main.__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser(
+        "upload", help="upload a local file or directory to s3://<bucket>/<prefix>/<resource>/"
+    )
+    up.add_argument("local")
+    up.add_argument("resource")
+    mi = sub.add_parser("mirror", help="mirror s3://<bucket>/<prefix>/<resource>/ into storage.cache_dir")
+    mi.add_argument("resource")
+    for p in (up, mi):
+        p.add_argument("--config", default=None, help="TOML config whose [storage] section to use")
+    a = ap.parse_args(rest)
+    storage = config.load_config(a.config, overrides).storage
+    if a.cmd == "upload":
+        urls = upload(a.local, a.resource, storage)
+        print(
+            f"uploaded {len(urls)} file(s): {urls[0] if len(urls) == 1 else urls[0].rsplit('/', 1)[0] + '/...'}"
+        )
+    else:
+        print(mirror(a.resource, storage))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    import errors
+
+    sys.exit(errors.main(main, sys.argv[1:]))

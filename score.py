@@ -34,7 +34,13 @@ from torch import Tensor, nn
 
 import parallel as P
 import s3cache
-from config import atomic_write
+from errors import UserError
+from files import atomic_write
+
+
+class ScoreError(UserError, ValueError):
+    """A scorer cannot be set up (a missing or mismatched reference / reward model): the message says which key."""
+
 
 STD_EPS = 1e-6  # spec §3.1 step 2: z = (s - mean) / (std + 1e-6)
 BISECT_ITERS = 100  # log c bracket halves 100 times: far below 1e-6 for any realistic bracket width
@@ -424,7 +430,7 @@ def init_state(cfg: Any, model: nn.Module, tokenizer: Any, device: Any, dataset:
     """
     name = cfg.loss.scorer
     if name not in SCORERS:
-        raise ValueError(f"{cfg.source}: 'loss.scorer' = {name!r}; expected one of {', '.join(SCORERS)}")
+        raise ScoreError(f"{cfg.source}: 'loss.scorer' = {name!r}; expected one of {', '.join(SCORERS)}")
     dev = torch.device(device)
     w_top = max(float(cfg.loss.w_max), 1.0)
     edges = torch.linspace(0.0, w_top, HIST_BINS + 1, dtype=torch.float64, device=dev)
@@ -508,7 +514,7 @@ def _init_critic(state: ScorerState) -> None:
     state.value_opt = torch.optim.AdamW(state.value_head.parameters(), lr=cc.value_lr)
     if cc.reward == "model":
         if not cc.reward_model and not cc.reward_resource:
-            raise ValueError(
+            raise ScoreError(
                 f"{cfg.source}: critic.reward = 'model' needs 'critic.reward_model' (an HF sequence-classification "
                 "checkpoint directory with one label) or 'critic.reward_resource'"
             )
@@ -516,12 +522,12 @@ def _init_critic(state: ScorerState) -> None:
             cfg, cc.reward_model, cc.reward_resource, "hf", "critic.reward_model"
         )
         if not (state.reward_dir / "config.json").is_file():
-            raise FileNotFoundError(
+            raise ScoreError(
                 f"{cfg.source}: 'critic.reward_model' = {str(state.reward_dir)!r} has no config.json "
                 "(expected an HF AutoModelForSequenceClassification checkpoint)"
             )
     elif cc.reward not in ("tests", "dataset"):
-        raise ValueError(
+        raise ScoreError(
             f"{cfg.source}: 'critic.reward' = {cc.reward!r}; expected 'model', 'tests' or 'dataset'"
         )
 
@@ -581,11 +587,11 @@ def _load_reward_model(state: ScorerState) -> None:
     tok = AutoTokenizer.from_pretrained(str(d))
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(f"reward model tokenizer {d} has neither pad_token nor eos_token: set one")
+            raise ScoreError(f"reward model tokenizer {d} has neither pad_token nor eos_token: set one")
         tok.pad_token = tok.eos_token
     rm = AutoModelForSequenceClassification.from_pretrained(str(d), dtype=_aux_dtype(state))
     if rm.config.num_labels != 1:
-        raise ValueError(
+        raise ScoreError(
             f"reward model {d}: expected num_labels = 1 (a scalar reward), got {rm.config.num_labels}"
         )
     if rm.config.pad_token_id is None:  # HF finds the last real token of each row through it
@@ -719,7 +725,7 @@ def _stored_rewards(ds: Any) -> dict[int, float]:
     """critic.reward = "dataset": {index: reward} from the dataset's `reward` column."""
     cols = ds if isinstance(ds, dict) else ds[:]
     if "reward" not in cols:
-        raise ValueError(
+        raise ScoreError(
             "critic.reward = 'dataset': the training set has no 'reward' column (data.dataset = 'synthetic' has)"
         )
     return {int(i): float(r) for i, r in zip(cols["index"], cols["reward"], strict=True)}
@@ -736,7 +742,7 @@ def _batch_rewards(state: ScorerState, batch: dict) -> tuple[Tensor, Tensor]:
     index = [int(i) for i in batch["index"].tolist()]
     if state.cfg.critic.reward == "dataset":
         if "reward" not in batch:
-            raise KeyError(
+            raise ScoreError(
                 "critic.reward = 'dataset': the batch has no 'reward' (data.dataset = 'synthetic')"
             )
         state.rewards.update(zip(index, batch["reward"].tolist(), strict=True))
@@ -860,14 +866,14 @@ def check_same_tokenizer(base: Any, ref_dir: str | os.PathLike, key: str = "rho1
     try:
         ref = AutoTokenizer.from_pretrained(str(ref_dir))
     except Exception as e:  # any loader failure means we cannot prove the ids agree
-        raise ValueError(
+        raise ScoreError(
             f"'{key}' = {str(ref_dir)!r}: cannot load its tokenizer ({type(e).__name__}: {e}); the reference "
             "directory must hold the tokenizer it was trained with"
         ) from None
     va, vb = base.get_vocab(), ref.get_vocab()
     if va != vb:
         diff = sorted(set(va.items()) ^ set(vb.items()))[:5]
-        raise ValueError(
+        raise ScoreError(
             f"'{key}' = {str(ref_dir)!r}: its tokenizer differs from the base model's ({len(va)} vs {len(vb)} "
             f"tokens; first differences {diff}); rho1 needs the SAME tokenizer for both models"
         )
@@ -875,7 +881,7 @@ def check_same_tokenizer(base: Any, ref_dir: str | os.PathLike, key: str = "rho1
         a, b = getattr(base, attr, None), getattr(ref, attr, None)
         ia, ib = getattr(base, attr + "_id", None), getattr(ref, attr + "_id", None)
         if (a, ia) != (b, ib):
-            raise ValueError(
+            raise ScoreError(
                 f"'{key}' = {str(ref_dir)!r}: {attr} differs: base {a!r} (id {ia}) vs reference {b!r} (id {ib})"
             )
 
@@ -883,7 +889,7 @@ def check_same_tokenizer(base: Any, ref_dir: str | os.PathLike, key: str = "rho1
 def _init_rho1(state: ScorerState) -> None:
     cfg, rc = state.cfg, state.cfg.rho1
     if not rc.ref_model and not rc.ref_resource:
-        raise ValueError(
+        raise ScoreError(
             f"{cfg.source}: loss.scorer = 'rho1_excess_v1' needs 'rho1.ref_model' (a reference causal LM "
             "directory with the base tokenizer) or 'rho1.ref_resource'"
         )
@@ -900,7 +906,7 @@ def _init_rho1(state: ScorerState) -> None:
         ref = M.load_model(d, rc.ref_format, 1).to(_aux_dtype(state))
         n_out = ref.args.vocab_size
     if n_out < len(state.tokenizer):
-        raise ValueError(
+        raise ScoreError(
             f"'rho1.ref_model' = {str(d)!r}: {n_out} output logits < {len(state.tokenizer)} tokens"
         )
     state.ref_model = _place_aux(state, ref)

@@ -67,6 +67,8 @@ from pathlib import Path
 from typing import Any
 
 import config as C
+import errors
+import files
 
 TOP_KEYS = {
     "name": str,
@@ -92,7 +94,7 @@ BUNDLE_META = {"base", "pick_best", "from_grid"}
 RUN_KEYS = ("train.out_dir", "train.run_name", "tracking.experiment", "tracking.parent_run", "tracking.tags")
 
 
-class SweepError(ValueError):
+class SweepError(errors.UserError, ValueError):
     """A problem with a sweep file or its runs: the message names the file / key / run and what was expected."""
 
 
@@ -254,7 +256,10 @@ def _subst(v: Any, out_dir: Path) -> Any:
 
 
 def _canonical(d: dict) -> dict:
-    flat = C.flatten(json.loads(json.dumps(d)))
+    """A config as train.py writes it to config.json (credentials scrubbed), flat, without RUN_KEYS."""
+    from s3cache import scrub
+
+    flat = C.flatten(json.loads(scrub(json.dumps(d))))
     return {k: v for k, v in flat.items() if k not in RUN_KEYS and k != "source"}
 
 
@@ -353,9 +358,9 @@ def status(sw: Sweep, run: Run) -> str:
     summary = d / "summary.json"
     if summary.is_file() and json.loads(summary.read_text()).get("steps") == run.steps:
         return "done"
-    if (d / "checkpoints" / "last" / "trainer.pt").is_file():
-        return "resume"
-    return "new"
+    from train import find_resume  # what `train.py --resume` would continue from
+
+    return "resume" if find_resume(d / "checkpoints") is not None else "new"
 
 
 def command(sw: Sweep, run: Run, launcher: str, parent: str | None, resume: bool) -> list[str]:
@@ -542,7 +547,7 @@ def finish_parent(sw: Sweep, parent: str | None, report: Path, failed: list[str]
 
 
 def _save_state(sw: Sweep, state: dict) -> None:
-    C.atomic_write_text(sw.out_dir / "sweep.json", json.dumps(state, indent=2, default=str))
+    files.atomic_write_text(sw.out_dir / "sweep.json", json.dumps(state, indent=2, default=str))
 
 
 def _load_state(sw: Sweep) -> dict:
@@ -835,7 +840,7 @@ def _plot(grid: dict, metrics: dict, baseline_runs: list[str] | None, path: Path
     fig.suptitle(f"{grid['title']}: mean and 95% t-interval over seeds", fontsize=10)
     fig.tight_layout()
     try:
-        C.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+        files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     finally:
         plt.close(fig)
 
@@ -935,14 +940,14 @@ def write_report(out_dir: str | os.PathLike, report_dir: str | os.PathLike | Non
             notes.read_text().strip(),
         ]
     out = report_dir / "report.md"
-    C.atomic_write_text(out, "\n".join(lines) + "\n")
+    files.atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str]) -> int:
+def run(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n")[0])
     ap.add_argument("sweep", nargs="?", help="sweep file (TOML)")
     ap.add_argument("--report", metavar="DIR", help="rebuild report.md + plots from DIR's finished runs")
@@ -952,26 +957,28 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--launcher", help='e.g. "python" or "torchrun --standalone --nproc_per_node=4"')
     ap.add_argument("--seeds", help="comma-separated seeds for the grids without their own (e.g. more seeds)")
     a = ap.parse_args(argv)
+    if a.report:
+        print(f"sweep: report {write_report(a.report, a.out)}")
+        return 0
+    if not a.sweep:
+        ap.error("give a sweep file, or --report DIR")
+    sw = load_sweep(a.sweep)
+    if a.seeds:
+        try:
+            sw.seeds = [int(x) for x in a.seeds.split(",")]
+        except ValueError:
+            raise SweepError(f"--seeds {a.seeds!r}: expected comma-separated integers") from None
+    if a.dry_run:
+        return dry_run(sw)
     try:
-        if a.report:
-            print(f"sweep: report {write_report(a.report, a.out)}")
-            return 0
-        if not a.sweep:
-            ap.error("give a sweep file, or --report DIR")
-        sw = load_sweep(a.sweep)
-        if a.seeds:
-            try:
-                sw.seeds = [int(x) for x in a.seeds.split(",")]
-            except ValueError:
-                raise SweepError(f"--seeds {a.seeds!r}: expected comma-separated integers") from None
-        if a.dry_run:
-            return dry_run(sw)
         return run_sweep(sw, a.launcher or sw.launcher, a.parallel or sw.parallel)
-    except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: list[str]) -> int:
+    """Expected failures (a bad sweep file, a run directory with another config) print `error: ...`, exit 2."""
+    return errors.main(run, argv)
 
 
 if __name__ == "__main__":

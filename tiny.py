@@ -21,6 +21,7 @@ from pathlib import Path
 
 import config
 import data
+import files
 
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -37,7 +38,7 @@ def _atomic_dir(final: Path, build: Callable[[Path], None], force: bool) -> bool
     try:
         build(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artefact is ordinary shared output
-        config.atomic_dir_swap(tmp, final)  # --force replaces an old one without a half-written moment
+        files.atomic_dir_swap(tmp, final)  # --force replaces an old one without a half-written moment
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return True
@@ -107,6 +108,7 @@ def build_base_meta(out: Path, force: bool = False) -> bool:
         torch.manual_seed(SEED)
         M.save_meta(M.Transformer(args), tmp)
         tokenizer.save_pretrained(str(tmp))  # so model.tokenizer may point at the checkpoint directory
+        M.write_checklist(tmp)  # MD5s of every file, as Meta ships them (checked at load)
 
     return _atomic_dir(out / "base_meta", build, force)
 

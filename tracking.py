@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import config as C
+import errors
+import files
 from s3cache import scrub
 
 log = logging.getLogger("wmtp.tracking")
@@ -56,7 +58,16 @@ HTTP_ENV = {  # short HTTP retries for the run (restored at finish), unless the 
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.2",
 }
-_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_key|api_key|private_key|auth", re.I)
+# a param whose last name part is one of these (alone or after a prefix: api_token, aws_secret_access_key) is a
+# secret; names that merely contain the word (model.n_future_tokens, model.tokenizer) are not
+_SECRET_KEY = re.compile(
+    r"(?:\w+_)?(?:secret|password|passwd|token|credentials?|access_key|secret_key|api_key|apikey|private_key|auth)",
+    re.I,
+)
+
+
+class TrackingError(errors.UserError, ValueError):
+    """A tracking problem a user can fix (a URI, a run without checkpoints, an unreachable server)."""
 
 
 def default_uri() -> str:
@@ -66,7 +77,7 @@ def default_uri() -> str:
 def check_uri(uri: str) -> str:
     """The tracking URI to use ('' -> embedded sqlite); s3:// is refused (it can hold artifacts, not runs)."""
     if uri.startswith("s3://"):
-        raise ValueError(
+        raise TrackingError(
             f"tracking.uri = {uri!r}: s3:// holds artifacts, not runs. Use an http(s):// MLflow server started "
             "with --artifacts-destination s3://..., or leave it empty for the embedded sqlite store"
         )
@@ -82,10 +93,11 @@ def _artifact_root(uri: str, experiment: str) -> str | None:
 
 
 def clean_params(params: dict[str, Any]) -> dict[str, str]:
-    """Params as MLflow strings: secret-looking keys masked, credentials scrubbed, values cut to 500 chars."""
+    """Params as MLflow strings: known secret keys masked, secret values scrubbed, values cut to 500 chars."""
     out = {}
     for k, v in params.items():
-        text = "***" if _SECRET_KEY.search(k) and v not in ("", None) else scrub(str(v))
+        secret = _SECRET_KEY.fullmatch(k.rsplit(".", 1)[-1]) and v not in ("", None)
+        text = "***" if secret else scrub(str(v))
         if len(text) > MAX_PARAM_LEN:
             cut = "...[truncated]"
             text = text[: MAX_PARAM_LEN - len(cut)] + cut
@@ -136,6 +148,7 @@ class Tracker:
         self._last_error = ""
         self._finished = False
         self._env_set: list[str] = []
+        self._logged: dict[str, int] = {}  # a resumed run: last step the MLflow run already holds, per metric
         if self.active and self.uri.startswith(("http://", "https://")):
             self._env_set = [k for k in HTTP_ENV if k not in os.environ]
             os.environ.update({k: HTTP_ENV[k] for k in self._env_set})
@@ -171,6 +184,8 @@ class Tracker:
         from mlflow.entities import Param
 
         client = self._mlflow()
+        if self._spec.get("resume") and self._reopen(client, self._spec["resume"]):
+            return True
         exp = client.get_experiment_by_name(self.experiment)
         exp_id = (
             exp.experiment_id
@@ -184,6 +199,25 @@ class Tracker:
         self.run_id = run.info.run_id
         return True
 
+    def _reopen(self, client, run_id: str) -> bool:
+        """Continue the MLflow run of a resumed training run: status RUNNING again, and the steps it already holds
+        (logged before a kill, replayed identically after the resume) are not sent twice. False when the run is not
+        in this store (a new run is created)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            print(f"tracking: run {run_id} of the checkpoint is not in {scrub(self.uri)}; starting a new run")
+            return False
+        for key in run.data.metrics:
+            self._logged[key] = max(m.step for m in client.get_metric_history(run_id, key))
+        client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        return True
+
     def _flush(self, force: bool = False) -> bool:
         """Send buffered metrics; True when nothing is left. While the server is away, retry only after a delay."""
         if not self._pending and self.run_id is not None:
@@ -193,6 +227,9 @@ class Tracker:
         try:
             if not self._ensure_run():
                 return False
+            if self._logged:
+                done = self._logged
+                self._pending = collections.deque(m for m in self._pending if m.step > done.get(m.key, -1))
             while self._pending:
                 chunk = [self._pending[i] for i in range(min(BATCH, len(self._pending)))]
                 self._mlflow().log_batch(self.run_id, metrics=chunk)
@@ -207,10 +244,15 @@ class Tracker:
     # ----------------------------------------------------------------------- public API
 
     def start(
-        self, run_name: str | None = None, world_size: int = 1, extra: dict[str, Any] | None = None
+        self,
+        run_name: str | None = None,
+        world_size: int = 1,
+        extra: dict[str, Any] | None = None,
+        resume_run_id: str = "",
     ) -> str | None:
         """Open the run: tags (algo, dataset, git commit, host, launcher, scorer), params (config, world size, extra
-        such as model ids and the data hash). Returns the run id, or None when tracking is off or unreachable."""
+        such as model ids and the data hash). `resume_run_id` (from a checkpoint) continues that run instead.
+        Returns the run id, or None when tracking is off or unreachable."""
         if not self.active:
             return None
         cfg = self.cfg
@@ -235,7 +277,7 @@ class Tracker:
         params = C.flatten(C.to_dict(cfg))
         params.update({"world_size": world_size, **(extra or {})})
         name = run_name or cfg.tracking.run_name or cfg.train.run_name or None
-        self._spec = {"name": name, "tags": tags, "params": clean_params(params)}
+        self._spec = {"name": name, "tags": tags, "params": clean_params(params), "resume": resume_run_id}
         self._flush(force=True)
         return self.run_id
 
@@ -309,7 +351,7 @@ class Tracker:
             return None
         run_dir = Path(run_dir)
         out = run_dir / "reports" / "run_report.md"
-        C.atomic_write_text(out, self._report_text(run_dir, summary or {}))
+        files.atomic_write_text(out, self._report_text(run_dir, summary or {}))
         if self.active:
             self.log_artifact(out, "reports")
         return out
@@ -408,7 +450,7 @@ def _checkpoint_artifact(client, run_id: str) -> str:
         if client.list_artifacts(run_id, path):
             return path
     have = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
-    raise ValueError(
+    raise TrackingError(
         f"run {run_id} has no checkpoints/best, checkpoints/last or checkpoints/final artifact "
         f"(checkpoints/ holds: {', '.join(have) or 'nothing'})"
     )
@@ -514,7 +556,7 @@ def promote(run_id: str, alias: str, tracking_uri: str | None = None):
     from mlflow.exceptions import MlflowException
 
     if alias not in ALIASES:
-        raise ValueError(f"alias {alias!r}: expected one of {', '.join(ALIASES)}")
+        raise TrackingError(f"alias {alias!r}: expected one of {', '.join(ALIASES)}")
     uri = check_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.get_run(run_id)
@@ -547,6 +589,8 @@ def promote(run_id: str, alias: str, tracking_uri: str | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """`train.py promote --run RUN_ID --alias staging|production [--tracking-uri URI]`."""
+    from mlflow.exceptions import MlflowException
+
     ap = argparse.ArgumentParser(prog="train.py promote", description=promote.__doc__)
     ap.add_argument("--run", required=True, help="MLflow run id")
     ap.add_argument("--alias", required=True, choices=ALIASES)
@@ -556,9 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         mv = promote(args.run, args.alias, args.tracking_uri or None)
-    except Exception as e:  # print a clean message, not a traceback, for a CLI user
-        print(f"promote: {scrub(str(e))}", file=sys.stderr)
-        return 1
+    except MlflowException as e:  # run not found, server unreachable: the user's to fix, not a bug
+        raise TrackingError(f"promote: {scrub(str(e))}") from None
     print(
         f"promote: {mv.name} version {mv.version} ({mv.source}); alias '{args.alias}' -> version {mv.version}"
     )
@@ -566,4 +609,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(errors.main(main, sys.argv[1:]))

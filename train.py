@@ -13,12 +13,16 @@ all ranks, so the gradient does not depend on how the step was split (which is w
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from contextlib import nullcontext, suppress
@@ -29,10 +33,13 @@ import torch
 
 import config as C
 import data
+import errors
+import files
 import model as M
 import parallel as P
 import s3cache
 import score
+from errors import UserError
 
 # single-process runs save with torch.distributed.checkpoint too; its "assuming a single process" note is noise
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -40,16 +47,36 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 # --------------------------------------------------------------------------- setup helpers
 
 
-def load_tokenizer(cfg: C.Config, model_dir: Path):
+def load_tokenizer(cfg: C.Config, model_dir: Path | None):
     from transformers import AutoTokenizer
 
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
     path = Path(cfg.model.tokenizer) if cfg.model.tokenizer else model_dir
-    if not path.exists():
-        raise FileNotFoundError(f"{cfg.source}: 'model.tokenizer' = {str(path)!r} does not exist")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    if path is None or not path.exists():
+        raise M.CheckpointError(
+            f"{cfg.source}: '{key}' = {str(path)!r} does not exist (the tokenizer directory)"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise M.CheckpointError(
+            f"{cfg.source}: '{key}' = {str(path)!r}: no tokenizer could be loaded ({str(e).splitlines()[0]})"
+        ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_tokenizer(cfg: C.Config, model_dir: Path, tokenizer) -> M.ModelArgs:
+    """Every token id must have a row in the model's embedding: checked before any work (ids past the vocabulary
+    would otherwise fail mid-step)."""
+    args = M.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    if len(tokenizer) > args.vocab_size:
+        raise M.CheckpointError(
+            f"{cfg.source}: the tokenizer ({cfg.model.tokenizer or model_dir}) has {len(tokenizer)} tokens but the "
+            f"model's vocab_size is {args.vocab_size} ({model_dir}): use the tokenizer the model was trained with"
+        )
+    return args
 
 
 def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
@@ -104,11 +131,24 @@ def lr_at(cfg: C.Config, step: int) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class TrainError(RuntimeError):
-    """A run that cannot go on for a reason the message explains (printed without a traceback)."""
+class TrainError(UserError, RuntimeError):
+    """A run that cannot go on for a reason the message explains (printed without a traceback, exit 1)."""
+
+    exit_code = 1
+
+
+EXIT_PREEMPTED = (
+    75  # SIGTERM/SIGINT: a resumable checkpoint was committed; continue with --resume (EX_TEMPFAIL)
+)
 
 
 # --------------------------------------------------------------------------- checkpoints
+#
+# runs/<run>/checkpoints/step_NNNNNN/ are resumable checkpoints, each written as step_N.tmp/ and renamed into place
+# when complete; `latest` is a symlink switched to the newest in one rename (files.commit_dir), so at every moment
+# some complete checkpoint is there to resume from. --resume follows `latest`, else takes the newest complete
+# step_N. The newest train.keep_checkpoints periodic ones (multiples of save_every) are kept, others pruned.
+# A checkpoint is only written after a good step: every one is a state a NaN rollback may return to.
 
 
 @dataclass
@@ -125,16 +165,69 @@ class TrainState:
     oom_events: int = 0
     history: list = field(default_factory=list)  # validation results
     last_weights: dict = field(default_factory=dict)  # weight statistics of the last good step
+    rolled_back_steps: int = 0  # steps undone by NaN rollbacks, in all
+    rollbacks: list = field(default_factory=list)  # {"at": step, "to": step, "from": snapshot | step_N}
+    mlflow_run_id: str = ""  # a resumed run continues the same MLflow run
     step_seconds: float = 0.0  # wall time inside optimizer steps (cost per step)
     class_weights: torch.Tensor | None = None  # synthetic data: weights per token class (evaluate.py)
 
 
-def save_resume(run_dir: Path, name: str, net, opt, st: TrainState, scorer_state, d: P.Dist) -> Path:
-    """Sharded torch.distributed.checkpoint of model + optimizer (any world size can load it), plus trainer state."""
+STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def checkpoints(ckdir: Path) -> dict[int, Path]:
+    """Complete resumable checkpoints by step (a step_N directory exists only once it is complete)."""
+    if not ckdir.is_dir():
+        return {}
+    found = ((STEP_DIR.fullmatch(p.name), p) for p in ckdir.iterdir())
+    return {int(m[1]): p for m, p in found if m and (p / "trainer.pt").is_file() and not p.is_symlink()}
+
+
+def find_resume(ckdir: Path) -> Path | None:
+    """`latest` when it names a complete checkpoint, else the newest complete step_N, else None."""
+    latest = ckdir / "latest"
+    if (latest / "trainer.pt").is_file():
+        return latest.resolve()
+    found = checkpoints(ckdir)
+    return found[max(found)] if found else None
+
+
+def prune_checkpoints(ckdir: Path, current: int, save_every: int, keep: int) -> None:
+    """Keep `current` and the newest `keep` periodic checkpoints (0: all); a checkpoint leaves by a rename first, so
+    a step_N name never holds a half-deleted directory."""
+    periodic = sorted(
+        s for s in checkpoints(ckdir) if save_every and s and s % save_every == 0 and s <= current
+    )
+    kept = {current, *(periodic if keep == 0 else periodic[-keep:])}
+    for s, path in checkpoints(ckdir).items():
+        if s not in kept:
+            gone = path.with_name(f".{path.name}.del")
+            os.replace(path, gone)
+            files.fault_point("prune:renamed")
+            shutil.rmtree(gone)
+
+
+def clean_partial(ckdir: Path) -> None:
+    """Remove what a killed writer left (step_N.tmp, .step_N.old/.del, pointer temps) except what `latest` names;
+    run with the lock held."""
+    keep = (ckdir / "latest").resolve()
+    for p in ckdir.iterdir() if ckdir.is_dir() else []:
+        if p == keep:
+            continue
+        if p.name.endswith(".tmp") or (p.name.startswith(".") and p.name.endswith((".old", ".del"))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def save_resume(cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P.Dist) -> Path:
+    """Sharded torch.distributed.checkpoint of model + optimizer (any world size can load it), trainer state and
+    RNG, committed as checkpoints/step_<st.step> (see the section comment)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    final = run_dir / "checkpoints" / name
+    final = run_dir / "checkpoints" / f"step_{st.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -151,7 +244,9 @@ def save_resume(run_dir: Path, name: str, net, opt, st: TrainState, scorer_state
         torch.save({"state": st.__dict__, "scorer": scorer_state.state_dict()}, tmp / "trainer.pt")
     P.barrier()
     if d.main:
-        C.atomic_dir_swap(tmp, final)
+        files.commit_dir(tmp, final, final.parent / "latest")
+        prune_checkpoints(final.parent, st.step, cfg.train.save_every, cfg.train.keep_checkpoints)
+        clean_partial(final.parent)  # what an earlier, killed commit left
     P.barrier()
     return final
 
@@ -173,6 +268,128 @@ def load_resume(ckpt: Path, net, opt, scorer_state, d: P.Dist) -> TrainState:
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     return TrainState(**blob["state"])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (the storage itself under no_grad), or the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class Snapshot:
+    """A CPU copy of this rank's trainable parameters and their optimizer state (its FSDP shards) and of the scorer
+    state, taken every train.nan_snapshot_every good steps: the known-good state a NaN rollback returns to without
+    reading the disk, so a rollback loses at most that many steps even when checkpoints are rare. The host buffers
+    are allocated once and reused."""
+
+    def __init__(self):
+        self.step = -1
+        self.params: list[torch.Tensor] = []
+        self.optim: list[dict | None] = []
+        self.scorer: dict = {}
+
+    @torch.no_grad()
+    def take(self, net, opt, st: TrainState, scorer_state) -> Snapshot:
+        params = [p for p in net.parameters() if p.requires_grad]
+        old = self.optim or [None] * len(params)
+        self.params = [_to_host(self.params[i] if self.params else None, p) for i, p in enumerate(params)]
+        self.optim = [
+            {
+                k: _to_host((old[i] or {}).get(k), v) if torch.is_tensor(v) else v
+                for k, v in opt.state[p].items()
+            }
+            if p in opt.state
+            else None
+            for i, p in enumerate(params)
+        ]
+        self.scorer = copy.deepcopy(scorer_state.state_dict())
+        self.step = st.step
+        return self
+
+    @torch.no_grad()
+    def restore(self, net, opt, scorer_state) -> None:
+        params = [p for p in net.parameters() if p.requires_grad]
+        for p, saved, state in zip(params, self.params, self.optim, strict=True):
+            _local(p).copy_(saved)
+            if state is None:
+                opt.state.pop(p, None)  # not stepped yet at the snapshot: AdamW starts this one afresh
+                continue
+            for k, v in state.items():
+                if torch.is_tensor(v) and k in opt.state[p]:
+                    _local(opt.state[p][k]).copy_(v)
+                else:
+                    opt.state[p][k] = v.clone() if torch.is_tensor(v) else v
+        scorer_state.load_state_dict(copy.deepcopy(self.scorer))
+
+
+def _to_host(buf: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    """Copy this rank's part of `t` to the CPU, into `buf` when it fits."""
+    t = _local(t).detach()
+    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+        return t.to("cpu", copy=True)
+    return buf.copy_(t)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of steps <= `step` in metrics.jsonl: a resumed run writes the later ones again (a line
+    torn by a kill goes too)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line + "\n")
+        except ValueError:
+            continue
+    files.atomic_write_text(path, "".join(keep))
+
+
+def open_run_dir(cfg, d: P.Dist, run_dir: Path, resume: bool) -> files.RunLock:
+    """Take the run directory: its lock (rank 0; every rank stops if another run holds it), then refuse to start
+    over an unfinished run, clear what a killed writer left and write config.json (credentials scrubbed)."""
+    lock, problem = files.RunLock(run_dir), None
+    if d.main:
+        try:
+            lock.acquire()
+            problem = _check_start(run_dir, resume)
+        except UserError as e:
+            problem = str(e)
+            lock.release()
+    problem = P.broadcast_object(problem)
+    if problem:
+        raise UserError(problem)
+    if d.main:
+        if lock.previous.get("pid"):
+            was = lock.previous
+            print(
+                f"{run_dir}: taking over the lock of a run that is gone (host {was.get('host')}, pid {was.get('pid')})"
+            )
+        clean_partial(run_dir / "checkpoints")
+        text = s3cache.scrub(json.dumps(C.to_dict(cfg), indent=2))
+        files.atomic_write_text(run_dir / "config.json", text)
+    P.barrier()
+    return lock
+
+
+def _check_start(run_dir: Path, resume: bool) -> None:
+    ck = find_resume(run_dir / "checkpoints")
+    if resume and ck is None:
+        raise UserError(
+            f"--resume: no checkpoint in {run_dir / 'checkpoints'} (train.run_name = {run_dir.name!r})"
+        )
+    if resume or ck is None:
+        return
+    if not (run_dir / "summary.json").exists():
+        raise UserError(
+            f"{run_dir} holds an unfinished run (checkpoint {ck.name}): continue it with --resume, or choose "
+            "another train.run_name (or delete the directory)"
+        )
+    print(f"{run_dir}: starting over; the files of the finished run there are removed")
+    for p in run_dir.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.name != ".lock":
+            p.unlink()
 
 
 def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
@@ -200,7 +417,7 @@ def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
     clean.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
     M.save_checkpoint(clean, tmp)
     tokenizer.save_pretrained(str(tmp))
-    C.atomic_dir_swap(tmp, out)
+    files.atomic_dir_swap(tmp, out)
     return out
 
 
@@ -246,13 +463,13 @@ def write_export(
         ids = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
         M.save_hf(net, tmp, dtype, *ids)
         if readme is not None:
-            C.atomic_write_text(tmp / "README.md", readme)
+            files.atomic_write_text(tmp / "README.md", readme)
     elif fmt == "meta":
         M.save_meta(net, tmp, dtype, reference=True)
     else:
         raise ValueError(f"export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     tokenizer.save_pretrained(str(tmp))
-    C.atomic_dir_swap(tmp, out)
+    files.atomic_dir_swap(tmp, out)
     return out
 
 
@@ -569,6 +786,45 @@ def autocast(cfg: C.Config, d: P.Dist):
 # --------------------------------------------------------------------------- dry run
 
 
+def resolve_inputs(cfg: C.Config) -> tuple[Path, object]:
+    """Find every input the run needs (model, tokenizer, reference / reward model, data) and report all that are
+    missing or unusable at once; returns (model directory, tokenizer)."""
+    missing: list[str] = []
+
+    def attempt(fn):
+        try:
+            return fn()
+        except UserError as e:
+            missing.append(errors.one_line(str(e)))
+            return None
+
+    mc = cfg.model
+    model_dir = attempt(lambda: s3cache.resolve_model(cfg, mc.path, mc.resource, mc.format, "model.path"))
+    tokenizer = attempt(lambda: load_tokenizer(cfg, model_dir)) if model_dir or cfg.model.tokenizer else None
+    if model_dir is not None and tokenizer is not None:
+        attempt(lambda: check_tokenizer(cfg, model_dir, tokenizer))
+    rc, cc = cfg.rho1, cfg.critic
+    if cfg.loss.scorer == "rho1_excess_v1":
+        attempt(
+            lambda: s3cache.resolve_model(cfg, rc.ref_model, rc.ref_resource, rc.ref_format, "rho1.ref_model")
+        )
+    if cfg.loss.scorer == "critic_delta_v1" and cc.reward == "model":
+        attempt(
+            lambda: s3cache.resolve_model(
+                cfg, cc.reward_model, cc.reward_resource, "hf", "critic.reward_model"
+            )
+        )
+    attempt(lambda: data.resolve_dataset_dir(cfg))
+    if missing:
+        for m in missing:
+            print(f"missing     {m}")
+        raise UserError(
+            f"--dry-run: {len(missing)} input(s) missing or unusable (listed above); to plan the memory of a 7B run "
+            "without its weights, run python scripts/plan_7b.py"
+        )
+    return model_dir, tokenizer
+
+
 def dry_run(cfg: C.Config, d: P.Dist, model_dir: Path, tokenizer) -> int:
     """Validate config, tokenizer and model shapes; print parameter count and the per-device memory plan."""
     args = M.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
@@ -603,10 +859,6 @@ def dry_run(cfg: C.Config, d: P.Dist, model_dir: Path, tokenizer) -> int:
         bf16=cfg.model.dtype == "bfloat16",
         trainable_params=trainable,
     )
-    if len(tokenizer) > args.vocab_size:
-        raise ValueError(
-            f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {args.vocab_size}"
-        )
     print(f"config      {cfg.source} (scorer {cfg.loss.scorer}, H={args.n_future_tokens})")
     print(
         f"model       {model_dir} [{cfg.model.format}] dim={args.dim} blocks={blocks} vocab={args.vocab_size}"
@@ -667,35 +919,35 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "export":
         return export_cli(argv[1:])
     path, overrides, resume, dry = parse_cli(argv)
-    try:
-        cfg = C.load_config(path, overrides)
-    except C.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = C.load_config(path, overrides)
     d = P.init_distributed(cfg.train.device)
     try:
         return train(cfg, d, resume, dry)
-    except TrainError as e:
-        print(f"[rank {d.rank}] error: {e}", file=sys.stderr)
-        return 1
     finally:
         P.shutdown()
 
 
 def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     torch.manual_seed(cfg.train.seed)
-    log = print if d.main else (lambda *a, **k: None)
+    if dry:
+        return dry_run(cfg, d, *resolve_inputs(cfg))
     model_dir = s3cache.resolve_model(cfg, cfg.model.path, cfg.model.resource, cfg.model.format, "model.path")
     tokenizer = load_tokenizer(cfg, model_dir)
-    if dry:
-        return dry_run(cfg, d, model_dir, tokenizer)
-
-    # ---- run directory, model, data, optimizer, scorer
+    check_tokenizer(cfg, model_dir, tokenizer)
     run_name = cfg.train.run_name or f"{cfg.algo}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.train.out_dir) / P.broadcast_object(run_name)
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        C.atomic_write_text(run_dir / "config.json", json.dumps(C.to_dict(cfg), indent=2))
+    lock = open_run_dir(cfg, d, run_dir, resume)  # one run per directory, held until the run ends
+    try:
+        with Preemption() as preempt:
+            return run(cfg, d, run_dir, resume, model_dir, tokenizer, preempt)
+    finally:
+        if d.main:
+            lock.release()
+
+
+def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, tokenizer, preempt) -> int:
+    """Model, data, optimizer and scorer, then the loop, then export and evaluation."""
+    log = print if d.main else (lambda *a, **k: None)
     net = build_model(cfg, d, model_dir)
     base = unwrap(net)
     try:  # the run ends with an HF export: refuse a model HF Llama cannot express before training it
@@ -716,12 +968,15 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     opt = make_optimizer(cfg, net)
     scorer_state = score.init_state(cfg, net, tokenizer, d.device, dataset=train_ds)
     st = TrainState(micro_batch=cfg.train.micro_batch_size)
+    ckdir = run_dir / "checkpoints"
     if resume:
-        last = run_dir / "checkpoints" / "last"
-        if not (last / "trainer.pt").exists():
-            raise TrainError(f"--resume: no checkpoint at {last} (train.run_name = {run_dir.name!r})")
-        st = load_resume(last, net, opt, scorer_state, d)
-        log(f"resumed from {last} at step {st.step}")
+        ck = find_resume(ckdir)
+        if ck != (ckdir / "latest").resolve():
+            log(f"{ckdir / 'latest'} is missing or broken: resuming from the newest complete checkpoint")
+        st = load_resume(ck, net, opt, scorer_state, d)
+        log(f"resumed from {ck} at step {st.step}")
+    if d.main:  # a resumed run writes the later steps again; a fresh one starts an empty file
+        truncate_metrics(run_dir / "metrics.jsonl", st.step)
 
     import tracking
 
@@ -731,31 +986,54 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     else:
         data_hash = data.data_fingerprint(data.resolve_dataset_dir(cfg))
     extra = {"model.dir": str(model_dir), "data.hash": data_hash}
-    tracker.start(run_name=run_dir.name, world_size=d.world_size, extra=extra)
+    tracker.start(run_name=run_dir.name, world_size=d.world_size, extra=extra, resume_run_id=st.mlflow_run_id)
+
+    def save() -> None:
+        st.mlflow_run_id = tracker.run_id or st.mlflow_run_id
+        save_resume(cfg, run_dir, net, opt, st, scorer_state, d)
+
     shard = {"rank": d.rank, "world_size": d.world_size}
     loader = data.make_loader(train_ds, per_rank, pad, seed=cfg.data.seed, skip_batches=st.step, **shard)
     if st.step == 0:  # scorer stage 1 (critic) / precompute (rho1), first validation, first good checkpoint
         mb = cfg.train.micro_batch_size
         score.prepare(scorer_state, data.make_loader(train_ds, mb, pad, seed=cfg.data.seed + 1, **shard))
         v0 = validate(cfg, net, val_ds, pad, d)
+        if not math.isfinite(v0["val/loss"]):
+            raise M.CheckpointError(
+                f"validation loss at step 0 is {v0['val/loss']} before any update: the checkpoint ({model_dir}) or "
+                "the data is broken (a learning rate cannot cause this); check both"
+            )
         log(f"step 0: val/loss {v0['val/loss']:.4f}")
         tracker.log_metrics(v0, step=0)
         st.history.append({"step": 0, **v0})
-        save_resume(run_dir, "last", net, opt, st, scorer_state, d)
+        save()
+    snapshot = Snapshot().take(net, opt, st, scorer_state) if cfg.train.nan_snapshot_every else None
 
     # ---- the loop
     meter = Meter(d, M.flops_per_token(base.args, cfg.data.max_length))
     stop = min(cfg.train.steps, cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
+    saved = st.step
     while st.step < stop:
+        if preempt.requested(d):  # every rank agrees at this step boundary
+            return preempted(d, st, saved, save, tracker)
         step = st.step
         batch = {k: v.to(d.device) for k, v in next(loader).items()}
         t_step = time.perf_counter()
         m = train_step(cfg, net, opt, batch, st, scorer_state, d, step)
         st.step_seconds += time.perf_counter() - t_step
         if st.bad_steps >= cfg.train.max_bad_steps:
-            st = recover(cfg, run_dir, net, opt, st, scorer_state, d)
+            st = recover(cfg, run_dir, net, opt, st, scorer_state, d, snapshot)
         st.step += 1
-        m.update({"train/skipped_steps": st.skipped_steps, "train/recoveries": st.recoveries})
+        every = cfg.train.nan_snapshot_every
+        if every and st.step % every == 0 and not st.bad_steps:
+            snapshot.take(net, opt, st, scorer_state)
+        m.update(
+            {
+                "train/skipped_steps": st.skipped_steps,
+                "train/recoveries": st.recoveries,
+                "train/rolled_back_steps": st.rolled_back_steps,
+            }
+        )
         meter.add(m["train/tokens"])
         if st.step % cfg.train.log_every == 0 or st.step == stop:
             m.update(meter.read())
@@ -778,11 +1056,12 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
                 st.best_val = v["val/loss"]
                 export_model(net, run_dir / "checkpoints" / "best", tokenizer, d)
         periodic = cfg.train.save_every and st.step % cfg.train.save_every == 0
-        if (periodic or st.step == stop) and not st.bad_steps:  # "last" is only ever a good state
-            save_resume(run_dir, "last", net, opt, st, scorer_state, d)
-        if periodic:
-            save_resume(run_dir, f"step_{st.step:06d}", net, opt, st, scorer_state, d)
+        if (periodic or st.step == stop) and not st.bad_steps:  # a checkpoint is only ever a good state
+            save()
+            saved = st.step
 
+    if preempt.requested(d):  # after the last step: its checkpoint is there; export and evaluation on resume
+        return preempted(d, st, saved, save, tracker)
     if st.step < cfg.train.steps:
         log(f"stopped at step {st.step} of {cfg.train.steps} (train.stop_after); continue with --resume")
         tracker.finish("KILLED")
@@ -858,24 +1137,83 @@ class Meter:
         return text
 
 
-def recover(cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P.Dist) -> TrainState:
-    """After max_bad_steps non-finite steps: restore the last good checkpoint and lower the LR by lr_backoff."""
+def recover(cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P.Dist, snapshot) -> TrainState:
+    """After max_bad_steps non-finite steps: return to the newest known-good state (the in-memory snapshot or the
+    latest checkpoint) and lower the LR by lr_backoff. Weights and optimizer come back; the position in the data
+    and the counters move on."""
     if st.recoveries >= cfg.train.max_recoveries:
         raise TrainError(
             f"step {st.step}: {st.bad_steps} consecutive non-finite steps after {st.recoveries} recoveries "
             f"(train.max_recoveries = {cfg.train.max_recoveries}); stopping. Lower optim.lr or check the data."
         )
     keep = TrainState(**st.__dict__)
-    restored = load_resume(run_dir / "checkpoints" / "last", net, opt, scorer_state, d)
-    # weights and optimizer come back from the checkpoint; the position in the data and the counters move on
+    ck = find_resume(run_dir / "checkpoints")
+    ck_step = int(STEP_DIR.fullmatch(ck.name)[1]) if ck is not None else -1
+    if snapshot is not None and snapshot.step >= ck_step:
+        snapshot.restore(net, opt, scorer_state)
+        to, source = snapshot.step, "the in-memory snapshot"
+    else:
+        to, source = load_resume(ck, net, opt, scorer_state, d).step, f"checkpoint {ck.name}"
+    now = st.step + 1  # this step's number in the logs
     keep.recoveries += 1
     keep.lr_scale = st.lr_scale * cfg.train.lr_backoff
     keep.bad_steps = 0
+    keep.rolled_back_steps += now - to
+    keep.rollbacks = [*st.rollbacks, {"at": now, "to": to, "from": source}]
     if d.main:
         print(
-            f"step {st.step}: restored the checkpoint of step {restored.step}; lr scale now {keep.lr_scale:g} (recovery {keep.recoveries})"
+            f"step {now}: {st.bad_steps} non-finite steps in a row: rolled back {now - to} steps to step {to} "
+            f"({source}); lr scale now {keep.lr_scale:g} (recovery {keep.recoveries})"
         )
     return keep
+
+
+class Preemption:
+    """SIGTERM (what Kubernetes and VESSL send before evicting a pod) and SIGINT ask the run to stop at the next
+    step boundary: all ranks agree (parallel.any_rank), a resumable checkpoint is committed, the process exits with
+    EXIT_PREEMPTED. The same signal again stops at once (the previous checkpoint stays valid)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received == signum:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.received is None:
+            self.received = signum
+            if os.environ.get("RANK", "0") == "0":
+                print(
+                    f"{signal.Signals(signum).name}: stopping at the end of this step with a checkpoint "
+                    "(send it again to stop at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    def requested(self, d: P.Dist) -> bool:
+        return P.any_rank(self.received is not None, d.device)
+
+
+def preempted(d: P.Dist, st: TrainState, saved: int, save, tracker) -> int:
+    if saved != st.step:
+        save()
+    if d.main:
+        print(f"preempted at step {st.step}: checkpoint committed; continue with --resume", flush=True)
+    tracker.finish("KILLED")
+    return EXIT_PREEMPTED
 
 
 def finish(
@@ -891,6 +1229,8 @@ def finish(
         "best_val_loss": st.best_val,
         "skipped_steps": st.skipped_steps,
         "recoveries": st.recoveries,
+        "rolled_back_steps": st.rolled_back_steps,
+        "rollbacks": st.rollbacks,
         "oom_events": st.oom_events,
         "final_micro_batch": st.micro_batch,
         "final_lr_scale": st.lr_scale,
@@ -933,7 +1273,9 @@ def finish(
                 {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=st.step
             )
             tracker.log_artifacts(rep, "reports")
-        C.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        files.atomic_write_text(
+            run_dir / "summary.json", s3cache.scrub(json.dumps(summary, indent=2, default=str))
+        )
         best = run_dir / "checkpoints" / "best"
         for ck in (c for c in (final, best) if c is not None and c.exists()):  # hf/ and meta/ beside ours
             export_formats(cfg, run_dir, ck, tokenizer)
@@ -972,4 +1314,4 @@ def finish(
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(errors.main(main, sys.argv[1:]))

@@ -1,7 +1,8 @@
 """Print train.py's --dry-run memory plan for the shipped 7B configs on 4 x A100 80GB, with no weights on disk.
 
-Writes metadata-only stand-ins (Meta's 7B_1T_4 params.json, an HF config.json of a Sheared-LLaMA-1.3B-class
-reference) and the tiny tokenizer into a temp dir, then runs `train.py CONFIG --dry-run` with WORLD_SIZE=4.
+Writes metadata-only stand-ins (Meta's 7B_1T_4 params.json, HF config.json files of a Sheared-LLaMA-1.3B-class
+reference and reward model) and the tiny tokenizer into a temp dir, then runs `train.py CONFIG --dry-run` with
+WORLD_SIZE=4.
 The README quotes this output:  python scripts/plan_7b.py
 """
 
@@ -46,11 +47,13 @@ def main() -> int:
         subprocess.run([sys.executable, "tiny.py", "--out", ".cache/tiny"], cwd=REPO, check=True)
     rc = 0
     with tempfile.TemporaryDirectory() as tmp:
-        base, ref = Path(tmp, "7B_1T_4"), Path(tmp, "ref_1.3b")
-        base.mkdir()
-        ref.mkdir()
+        base, ref, rm = Path(tmp, "7B_1T_4"), Path(tmp, "ref_1.3b"), Path(tmp, "reward_1.3b")
+        for d in (base, ref, rm):
+            d.mkdir()
         (base / "params.json").write_text(json.dumps(META_7B_1T_4))
         (ref / "config.json").write_text(json.dumps(REF_1_3B))
+        reward = {**REF_1_3B, "architectures": ["LlamaForSequenceClassification"], "num_labels": 1}
+        (rm / "config.json").write_text(json.dumps(reward))  # --dry-run checks that every input is there
         runs = [
             (cfg, ac, 4) for cfg in ("baseline_mbpp", "critic_mbpp", "rho1_mbpp") for ac in ("true", "false")
         ]
@@ -58,6 +61,7 @@ def main() -> int:
             args = [f"configs/{cfg}.toml", "--dry-run", f"--model.activation_checkpointing={ac}"]
             print(f"\n$ WORLD_SIZE={world} python train.py {' '.join(args)}")
             paths = [f"--model.path={base}", f"--model.tokenizer={tok}", f"--rho1.ref_model={ref}"]
+            paths.append(f"--critic.reward_model={rm}")
             env = {**os.environ, "WORLD_SIZE": str(world), "HF_HUB_OFFLINE": "1"}
             cmd = [sys.executable, "train.py", *args, *paths, "--train.memory_gb=80"]
             p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -32,7 +32,7 @@ def test_defaults_follow_the_spec():
 
 def test_unknown_key_names_file_and_dotted_key(tmp_path):
     p = write(tmp_path, "[train]\nstepz = 3\n")
-    with pytest.raises(ConfigError, match=r"c\.toml: unknown key 'train\.stepz'"):
+    with pytest.raises(ConfigError, match=r"c\.toml:2: unknown key 'train\.stepz'"):
         load_config(p)
 
 
@@ -51,7 +51,9 @@ def test_wrong_type(tmp_path):
 
 
 def test_out_of_range(tmp_path):
-    with pytest.raises(ConfigError, match=r"'loss\.lam' = 1\.5 is out of range: expected lambda in \[0, 1\]"):
+    with pytest.raises(
+        ConfigError, match=r"c\.toml:2: 'loss\.lam' = 1\.5 is out of range: expected a number in \[0, 1\]"
+    ):
         load_config(write(tmp_path, "[loss]\nlam = 1.5\n"))
     with pytest.raises(ConfigError, match=r"'loss\.w_max' = 0\.5 is out of range"):
         load_config(write(tmp_path, "[loss]\nw_max = 0.5\n"))
@@ -94,3 +96,40 @@ def test_cross_field_rules(tmp_path):
         )
     with pytest.raises(ConfigError, match="packing"):
         load_config(write(tmp_path, '[loss]\nscorer = "critic_delta_v1"\n[data]\npacking = true\n'))
+
+
+@pytest.mark.parametrize(
+    "override", ["--optim.lr=nan", "--loss.temperature=nan", "--loss.lam=nan", "--eval.timeout=inf"]
+)
+def test_nan_and_inf_are_refused_naming_the_override(override):
+    key = override[2:].split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs/tiny_mbpp.toml", [override])
+    assert str(e.value) == (
+        f"command line '{override}': '{key}' = {override.split('=')[1]}: expected a finite number, not nan or inf"
+    )
+
+
+def test_errors_name_the_file_line_or_the_override(tmp_path):
+    p = write(tmp_path, "# tiny\n[train]\nsteps = 3\n\n[train.lora]\nr = 0\n[loss]\nlam = 1.5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).splitlines() == [  # every problem at once, each at its line
+        f"{p}:6: 'train.lora.r' = 0 is out of range: expected an integer >= 1",
+        f"{p}:8: 'loss.lam' = 1.5 is out of range: expected a number in [0, 1]",
+    ]
+    with pytest.raises(ConfigError) as e:  # the file's value is fine; the bad one came from the command line
+        load_config(write(tmp_path, "[loss]\nlam = 0.5\n"), ["--loss.lam=1.5"])
+    assert str(e.value).startswith("command line '--loss.lam=1.5': 'loss.lam' = 1.5 is out of range")
+    with pytest.raises(ConfigError, match=r"'train\.steps': expected an integer, got 1\.5 \(float\)"):
+        load_config(None, ["--train.steps=1.5"])
+    with pytest.raises(ConfigError, match=r"c\.toml:1: unknown section 'source'"):
+        load_config(write(tmp_path, 'source = "x"\n'))
+
+
+def test_config_round_trips_through_plain_data():
+    from config import from_dict, to_dict
+
+    cfg = load_config(REPO / "configs/tiny_rho1_mbpp.toml", ["--train.lora.r=4"])
+    again = from_dict(to_dict(cfg))
+    assert again == cfg and again.source == cfg.source and again.algo == "rho1-wmtp"

@@ -51,7 +51,7 @@ def rho1_2proc(tiny_dir, tmp_path_factory):
 def test_sharded_resume_equals_uninterrupted_run(rho1_2proc, tiny_dir):
     out = rho1_2proc
     torchrun(tiny_dir, out, **{"train.run_name": "part", "train.stop_after": 2})
-    assert (out / "part" / "checkpoints" / "last" / "dcp" / ".metadata").is_file()
+    assert (out / "part" / "checkpoints" / "latest" / "dcp" / ".metadata").is_file()
     torchrun(tiny_dir, out, "--resume", **{"train.run_name": "part"})
     full, part = losses(metrics(out, "full")), losses(metrics(out, "part"))
     assert sorted(part) == [1, 2, 3, 4]
@@ -64,7 +64,7 @@ def test_consolidated_export_matches_the_sharded_checkpoint(rho1_2proc):
     ck = rho1_2proc / "full" / "checkpoints"
     exported = M.load_checkpoint(ck / "final")
     resharded = M.Transformer(exported.args)
-    resharded.load_state_dict(dcp_model(ck / "last", rho1_2proc))  # 2 shards -> 1 process
+    resharded.load_state_dict(dcp_model(ck / "latest", rho1_2proc))  # 2 shards -> 1 process
     ids = torch.randint(0, exported.args.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.equal(exported(ids), resharded(ids))
@@ -146,3 +146,50 @@ def test_sharded_resume_equals_uninterrupted_run_other_scorers(config, tiny_dir,
         assert part[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["final_val_loss"] < summary["first_val_loss"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_then_resume_equals_an_uninterrupted_run(rho1_2proc, tiny_dir):
+    """SIGTERM to torchrun (what a pod eviction sends): it passes the signal to the workers, they agree on a step
+    boundary, rank 0 commits the checkpoint and they exit (with train.EXIT_PREEMPTED); --resume on 2 ranks
+    continues exactly."""
+    import signal
+    import time
+
+    out = rho1_2proc
+    cmd = [*TORCHRUN, "train.py", "configs/tiny_rho1_mbpp.toml"]
+    cmd += tiny_overrides(tiny_dir, out, **{"train.steps": 4, "train.run_name": "pre"})
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=DENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    log = out / "pre" / "metrics.jsonl"
+    while not (log.exists() and log.read_text().endswith("\n")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    n = int(re.search(r"preempted at step (\d+): checkpoint committed", stdout)[1])
+    assert proc.returncode != 0, stderr[-3000:]  # torchrun itself reports the signal
+    assert 1 <= n < 4 and (out / "pre" / "checkpoints" / "latest").resolve().name == f"step_{n:06d}"
+    torchrun(tiny_dir, out, "--resume", **{"train.run_name": "pre"})
+    full, pre = losses(metrics(out, "full")), losses(metrics(out, "pre"))
+    assert sorted(pre) == [1, 2, 3, 4]
+    for step, loss in full.items():
+        assert pre[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+
+
+@pytest.mark.slow
+def test_nan_rollback_restores_the_sharded_snapshot(rho1_2proc, tiny_dir):
+    """Under FSDP2 the in-memory snapshot holds each rank's shards: a rollback to step 2 ends with exactly the
+    weights a run stopped at step 2 checkpointed."""
+    out = rho1_2proc
+    torchrun(tiny_dir, out, **{"train.run_name": "two", "train.stop_after": 2})
+    kv = {"train.run_name": "rb", "train.nan_snapshot_every": 2, "train.inject_nan_steps": [2, 3]}
+    p = torchrun(tiny_dir, out, **kv, **{"train.max_bad_steps": 2})
+    assert (
+        "step 4: 2 non-finite steps in a row: rolled back 2 steps to step 2 (the in-memory snapshot)"
+        in p.stdout
+    )
+    two = dcp_model(out / "two" / "checkpoints" / "latest", out)
+    rolled = M.load_checkpoint(out / "rb" / "checkpoints" / "final").state_dict()
+    assert two.keys() == rolled.keys() and all(torch.equal(two[k], rolled[k]) for k in two)

@@ -215,6 +215,66 @@ def test_meta_format_variants(tmp_path):
         M.load_meta(tmp_path)
 
 
+def damaged(src, dst, how: str):
+    """A copy of a checkpoint directory with its weights file damaged the way disks and copies do."""
+    import random
+    import shutil
+
+    shutil.copytree(src, dst)
+    f = dst / ("consolidated.pth" if (dst / "consolidated.pth").exists() else "model.safetensors")
+    n = f.stat().st_size
+    if how == "middle":  # 64 KB of random bytes written into the middle
+        with open(f, "r+b") as fh:
+            fh.seek(n // 2)
+            fh.write(random.Random(0).randbytes(64 << 10))
+    elif how == "truncated":
+        os.truncate(f, n // 2)
+    elif how == "random":
+        f.write_bytes(random.Random(1).randbytes(n))
+    return dst, f
+
+
+@pytest.mark.parametrize("how", ["middle", "truncated", "random"])
+def test_damaged_meta_weights_are_refused_naming_the_file(tiny_dir, tmp_path, how):
+    path, f = damaged(tiny_dir / "base_meta", tmp_path / "meta", how)
+    (path / M.CHECKLIST).unlink(missing_ok=True)  # torch's own record CRCs catch it without Meta's checklist
+    with pytest.raises(M.CheckpointError) as e:
+        M.load_model(path, "meta", 4)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: ")
+    if how == "middle":  # the first damaged record, and the tensor stored in it
+        assert "Bad CRC-32" in msg and "(tensor layers.2.ffn_norm.weight)" in msg, msg
+    else:
+        assert "truncated or corrupted" in msg, msg
+
+
+def test_meta_checklist_and_non_finite_tensors(tiny_dir, tmp_path):
+    path, f = damaged(tiny_dir / "base_meta", tmp_path / "meta", "none")
+    M.write_checklist(path)
+    assert M.verify_checklist(path) and M.load_model(path, "meta", 4) is not None
+    params = path / "params.json"
+    params.write_text(params.read_text() + "\n")
+    with pytest.raises(
+        M.CheckpointError, match=rf"{params}: MD5 .* does not match .* in {path / M.CHECKLIST}"
+    ):
+        M.load_model(path, "meta", 4)
+    (path / M.CHECKLIST).unlink()
+    sd = torch.load(f, weights_only=True)
+    sd["layers.1.attention.wk.weight"][3, 5] = float("nan")  # a valid file holding a NaN
+    torch.save(sd, f)
+    with pytest.raises(M.CheckpointError) as e:
+        M.load_model(path, "meta", 4)
+    assert str(e.value).startswith(f"{f}: tensor 'layers.1.attention.wk.weight' has 1 non-finite value(s)")
+
+
+def test_damaged_safetensors_are_refused_naming_the_file(tmp_path):
+    M.save_checkpoint(tiny_model(), tmp_path / "ok")
+    for how in ("truncated", "random"):
+        path, f = damaged(tmp_path / "ok", tmp_path / how, how)
+        with pytest.raises(M.CheckpointError, match=rf"^{f}: (not a safetensors file|the header describes)"):
+            M.load_model(path, "wmtp")
+
+
 def test_checkpoint_round_trip_and_resize(tmp_path):
     m = tiny_model(n_future_tokens=3)
     M.save_checkpoint(m, tmp_path)

@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 import config as C
+import errors
 import tracking
 from tests.servers import TcpProxy, s3_client, start_mlflow_server  # fixtures come from tests/conftest.py
 
@@ -144,6 +145,7 @@ def test_embedded_sqlite_default_and_other_ranks(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tracking, "MLRUNS", tmp_path / "mlruns")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = make_cfg("", scorer="uniform")
+    cfg.model.tokenizer = "/models/llama2_tokenizer"
     quiet = tracking.Tracker(cfg, rank=1)
     assert quiet.start(run_name="r", world_size=2) is None
     quiet.log_metrics({"train/loss": 1.0}, step=1)
@@ -173,9 +175,16 @@ def test_embedded_sqlite_default_and_other_ranks(tmp_path, monkeypatch, capsys):
         tracking.main(["--run", tracker.run_id, "--alias", "staging"]) == 0
     )  # default URI: the embedded store
     assert client.get_model_version_by_alias("mtp-baseline-mbpp", "staging").run_id == tracker.run_id
-    bare = client.create_run(run.info.experiment_id).info.run_id  # no checkpoint: a clear error, exit code 1
-    assert tracking.main(["--run", bare, "--alias", "staging"]) == 1
-    assert "no checkpoints/best, checkpoints/last or checkpoints/final" in capsys.readouterr().err
+    # a secret-looking word inside a name is no secret: H, the tokenizer and the generation length are shown
+    params = run.data.params
+    assert (params["model.n_future_tokens"], params["eval.max_new_tokens"]) == ("4", "256")
+    assert params["model.tokenizer"] == "/models/llama2_tokenizer" and params["api_token"] == "***"
+    card = client.get_model_version_by_alias("mtp-baseline-mbpp", "staging").description
+    assert "(format `meta`), 4 prediction heads" in card
+    bare = client.create_run(run.info.experiment_id).info.run_id  # no checkpoint: one clear line, exit code 2
+    assert errors.main(tracking.main, ["--run", bare, "--alias", "staging"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if "mlflow.store" not in x]  # not MLflow's INFO
+    assert len(err) == 1 and err[0].startswith(f"error: run {bare} has no checkpoints/best, checkpoints/last")
 
     with pytest.raises(ValueError, match="s3:// holds artifacts, not runs"):
         tracking.Tracker(make_cfg("s3://bucket/mlflow"))

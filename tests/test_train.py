@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import pytest
 import torch
 
 import config as C
+import files
 import train
 from config import REPO
 
@@ -82,10 +86,10 @@ def test_training_reduces_validation_loss_and_writes_checkpoints(reference_run):
     summary = json.loads((out / "ref" / "summary.json").read_text())
     assert summary["final_val_loss"] < summary["first_val_loss"]
     assert all(math.isfinite(r["train/loss"]) for r in rows)
-    for name in ("last", "best", "final"):
-        assert (out / "ref" / "checkpoints" / name).is_dir()
-    assert (out / "ref" / "checkpoints" / "final" / "model.safetensors").is_file()
-    assert not list((out / "ref" / "checkpoints").glob("*.tmp"))
+    ck = out / "ref" / "checkpoints"
+    # save_every = 0: the step-0 checkpoint was pruned once the end-of-run one was committed
+    assert sorted(p.name for p in ck.iterdir()) == ["best", "final", "latest", "step_000006"]
+    assert (ck / "latest").resolve() == ck / "step_000006" and (ck / "final" / "model.safetensors").is_file()
 
 
 def test_resume_gives_the_same_losses(reference_run, tiny_dir, tmp_path):
@@ -113,6 +117,82 @@ def test_oom_fallback_keeps_the_effective_batch(reference_run, tiny_dir, tmp_pat
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
 
 
+def sqlite_tracking(tmp: Path) -> dict:
+    return {"tracking.enabled": True, "tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+
+
+def mlflow_history(tmp: Path, run: str, key: str) -> list[int]:
+    """Steps of `key` in the one MLflow run named `run` (asserting there is exactly one)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mtp/baseline/mbpp")
+    [r] = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run}'")
+    assert r.info.status == "FINISHED"
+    return sorted(m.step for m in client.get_metric_history(r.info.run_id, key))
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(reference_run, tiny_dir, tmp_path):
+    """What Kubernetes does before evicting a pod: SIGTERM mid-run. The run commits a checkpoint at the next step
+    boundary and exits with EXIT_PREEMPTED; --resume ends with the uninterrupted run's weights, and metrics.jsonl
+    and MLflow hold every step once. No credential of the config reaches the run directory."""
+    out, ref = reference_run
+    kv = {"train.run_name": "pre", **sqlite_tracking(tmp_path)}
+    kv["storage.endpoint_url"] = "http://wmtp:hunter2-secret@minio.internal:9000"
+    cmd = [sys.executable, "train.py", "configs/tiny_mbpp.toml", *tiny_overrides(tiny_dir, tmp_path, **kv)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "pre" / "metrics.jsonl"
+    while not (log.exists() and log.read_text().endswith("\n")):  # step 1 is done
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == train.EXIT_PREEMPTED, stdout[-2000:] + stderr[-2000:]
+    n = int(re.search(r"preempted at step (\d+): checkpoint committed", stdout)[1])
+    assert 1 <= n < 6 and sorted(losses(metrics(tmp_path, "pre"))) == list(range(1, n + 1))
+    assert (tmp_path / "pre" / "checkpoints" / "latest").resolve().name == f"step_{n:06d}"
+
+    run_train(tiny_dir, tmp_path, "--resume", **kv)
+    rows = metrics(tmp_path, "pre")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for step, loss in losses(ref).items():
+        assert losses(rows)[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+    from safetensors.torch import load_file
+
+    a, b = (
+        load_file(d / "checkpoints" / "final" / "model.safetensors") for d in (out / "ref", tmp_path / "pre")
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert mlflow_history(tmp_path, "pre", "train/loss") == [1, 2, 3, 4, 5, 6]
+    assert mlflow_history(tmp_path, "pre", "val/loss") == [0, 3, 6]
+    for f in ("config.json", "summary.json", "reports/run_report.md"):
+        assert "hunter2" not in (tmp_path / "pre" / f).read_text(), f
+    assert "minio.internal" in (tmp_path / "pre" / "config.json").read_text()
+
+
+def test_a_run_killed_while_committing_a_checkpoint_resumes(reference_run, tiny_dir, tmp_path):
+    """Killed with the step-4 checkpoint written but not yet renamed into place, after metrics of steps 3 and 4
+    were logged: --resume starts from step 2, logs steps 3 and 4 again in metrics.jsonl only (MLflow already has
+    them), ends like the uninterrupted run and keeps the newest train.keep_checkpoints = 2 periodic checkpoints."""
+    _, ref = reference_run
+    kv = {"train.run_name": "kill", "train.save_every": 2, **sqlite_tracking(tmp_path)}
+    env = {**ENV, files.FAULT_ENV: "commit:written:3"}  # commits: step 0, step 2, step 4
+    cmd = [sys.executable, "train.py", "configs/tiny_mbpp.toml", *tiny_overrides(tiny_dir, tmp_path, **kv)]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "FaultInjected: WMTP_FAULT=commit:written:3" in p.stderr, p.stderr[-2000:]
+    ck = tmp_path / "kill" / "checkpoints"
+    assert (ck / "step_000004.tmp").is_dir() and (ck / "latest").resolve().name == "step_000002"
+    assert sorted(losses(metrics(tmp_path, "kill"))) == [1, 2, 3, 4]
+
+    run_train(tiny_dir, tmp_path, "--resume", **kv)
+    rows = metrics(tmp_path, "kill")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for step, loss in losses(ref).items():
+        assert losses(rows)[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+    assert mlflow_history(tmp_path, "kill", "train/loss") == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in ck.iterdir()) == ["best", "final", "latest", "step_000004", "step_000006"]
+
+
 def test_oom_at_micro_batch_one_gives_up_clearly(tiny_dir, tmp_path):
     kv = {"train.run_name": "oom1", "train.micro_batch_size": 1, "train.inject_oom_steps": [0]}
     p = run_train(tiny_dir, tmp_path, check=False, **kv)
@@ -133,23 +213,45 @@ def test_nan_steps_are_skipped_then_recovered_with_lower_lr(tiny_dir, tmp_path):
         "train.run_name": "nan",
         "train.steps": 7,
         "train.save_every": 1,
+        "train.keep_checkpoints": 0,
         "train.inject_nan_steps": [2, 3, 4],
         "train.max_bad_steps": 3,
         "train.lr_backoff": 0.5,
     }
     p = run_train(tiny_dir, tmp_path, **kv)
-    assert "restored the checkpoint of step 2" in p.stdout, p.stdout[-2000:]
+    assert (
+        "step 5: 3 non-finite steps in a row: rolled back 3 steps to step 2 (checkpoint step_000002)"
+        in p.stdout
+    )
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
     assert summary["skipped_steps"] == 3 and summary["recoveries"] == 1 and summary["final_lr_scale"] == 0.5
     rows = {r["step"]: r for r in metrics(tmp_path, "nan")}
     assert [rows[s]["train/skipped_steps"] for s in range(1, 8)] == [0, 0, 1, 2, 3, 3, 3]
     cfg = C.load_config("configs/tiny_mbpp.toml", ["--train.steps=7"])
     assert rows[6]["train/lr"] == pytest.approx(0.5 * train.lr_at(cfg, 5))
-    # a skipped step touches no weight: the checkpoints after steps 2, 3 and 4 hold the weights of step 2
+    # no checkpoint during the bad steps; the one after the rollback holds exactly the weights of step 2
     ck = tmp_path / "nan" / "checkpoints"
-    w2, w4, w6 = (dcp_model(ck / f"step_{s:06d}", tmp_path) for s in (2, 4, 6))
-    assert all(torch.equal(w2[k], w4[k]) for k in w2)
+    assert sorted(int(p.name[5:]) for p in ck.glob("step_*")) == [1, 2, 5, 6, 7]
+    w2, w5, w6 = (dcp_model(ck / f"step_{s:06d}", tmp_path) for s in (2, 5, 6))
+    assert all(torch.equal(w2[k], w5[k]) for k in w2)
     assert any(not torch.equal(w2[k], w6[k]) for k in w2)  # the first good step after the recovery
+
+
+def test_nan_rollback_loses_at_most_nan_snapshot_every_steps(tiny_dir, tmp_path):
+    """save_every = 0 leaves step 0 as the only checkpoint: the in-memory snapshot (every 2 steps) is the state the
+    rollback returns to, and the run says how far back it went."""
+    kv = {"train.run_name": "far", "train.nan_snapshot_every": 2, "train.inject_nan_steps": [3, 4, 5]}
+    p = run_train(tiny_dir, tmp_path, **kv)
+    assert (
+        "step 6: 3 non-finite steps in a row: rolled back 4 steps to step 2 (the in-memory snapshot)"
+        in p.stdout
+    )
+    summary = json.loads((tmp_path / "far" / "summary.json").read_text())
+    assert summary["rolled_back_steps"] == 4 and summary["rollbacks"] == [
+        {"at": 6, "to": 2, "from": "the in-memory snapshot"}
+    ]
+    rows = metrics(tmp_path, "far")
+    assert [r["train/rolled_back_steps"] for r in rows] == [0, 0, 0, 0, 0, 4]
 
 
 def test_nan_forever_stops_with_a_clear_message(tiny_dir, tmp_path):
@@ -176,7 +278,9 @@ def test_dry_run_prints_the_plan_and_refuses_what_does_not_fit(tiny_dir, tmp_pat
 
 def test_config_error_exits_before_any_work(tiny_dir, tmp_path):
     p = run_train(tiny_dir, tmp_path, "--loss.lam=2", check=False)
-    assert p.returncode == 2 and "'loss.lam' = 2.0 is out of range" in p.stderr
+    assert p.returncode == 2 and p.stderr == (
+        "error: command line '--loss.lam=2': 'loss.lam' = 2 is out of range: expected a number in [0, 1]\n"
+    )
 
 
 def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_path):
@@ -226,8 +330,8 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
         assert (logits - base(ids)[:, :, 0]).abs().max().item() > 1e-2
     # a resume checkpoint of the LoRA run (adapters and base weights under peft's names) exports merged too
     (tmp_path / "run").mkdir()
-    C.atomic_write_text(tmp_path / "run" / "config.json", json.dumps(C.to_dict(cfg)))
-    resume = train.save_resume(tmp_path / "run", "last", net, opt, st, state, d)
+    files.atomic_write_text(tmp_path / "run" / "config.json", json.dumps(C.to_dict(cfg)))
+    resume = train.save_resume(cfg, tmp_path / "run", net, opt, st, state, d)
     again, _, _ = train.load_resume_model(resume)
     assert all(torch.allclose(v, merged.state_dict()[k], atol=1e-6) for k, v in again.state_dict().items())
 
@@ -314,13 +418,9 @@ def test_export_cli_from_a_resume_checkpoint_and_a_final_dir(reference_run, tmp_
 
     out, _ = reference_run
     ck = out / "ref" / "checkpoints"
-    # checkpoints/last (sharded, with optimizer state) holds the same weights as final: the same HF export
-    assert (
-        train.main(
-            ["export", "--checkpoint", str(ck / "last"), "--format", "hf", "--out", str(tmp_path / "a")]
-        )
-        == 0
-    )
+    # checkpoints/latest (sharded, with optimizer state) holds the same weights as final: the same HF export
+    argv = ["export", "--checkpoint", str(ck / "latest"), "--format", "hf", "--out", str(tmp_path / "a")]
+    assert train.main(argv) == 0
     a, b = (
         load_file(tmp_path / "a" / "model.safetensors"),
         load_file(ck / "final" / "hf" / "model.safetensors"),
