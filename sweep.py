@@ -2,6 +2,7 @@
 
     python sweep.py configs/sweeps/synthetic.toml [--parallel N] [--launcher CMD] [--seeds 0,1,2,3] [--dry-run]
     python sweep.py --report DIR [--out DIR]          # rebuild report.md + plots/ from DIR's finished runs
+                                                      # (in the sweep's report_dir unless --out)
 
 A sweep file (TOML) names a base config, named bundles of overrides, and grids over them:
 
@@ -554,7 +555,7 @@ def _load_state(sw: Sweep) -> dict:
     path = sw.out_dir / "sweep.json"
     state = json.loads(path.read_text()) if path.is_file() else {}
     state.update({"name": sw.name, "file": str(sw.path), "text": sw.text, "commit": git_commit()})
-    state.update({"description": sw.description, "notes": sw.notes})
+    state.update({"description": sw.description, "notes": sw.notes, "report_dir": str(sw.report_dir)})
     state.setdefault("runs", {})
     state["grids"] = []
     return state
@@ -873,13 +874,14 @@ def _baseline_runs(state: dict, grid: dict) -> list[str] | None:
 
 
 def write_report(out_dir: str | os.PathLike, report_dir: str | os.PathLike | None = None) -> Path:
-    """report.md + plots/<grid>.png from sweep.json and the finished runs' summary.json files."""
+    """report.md + plots/<grid>.png from sweep.json and the finished runs' summary.json files, in `report_dir`
+    (default: the sweep file's report_dir, recorded in sweep.json)."""
     out_dir = Path(out_dir)
     path = out_dir / "sweep.json"
     if not path.is_file():
         raise SweepError(f"{out_dir}: no sweep.json (not a sweep directory, or the sweep never started)")
     state = json.loads(path.read_text())
-    report_dir = Path(report_dir or out_dir)
+    report_dir = Path(report_dir or state.get("report_dir") or out_dir)
     metrics = load_metrics(out_dir)
     all_runs = list(dict.fromkeys(n for g in state["grids"] for r in g["rows"] for n in r["runs"]))
     finished = [n for n in all_runs if n in metrics]
@@ -951,7 +953,7 @@ def run(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n")[0])
     ap.add_argument("sweep", nargs="?", help="sweep file (TOML)")
     ap.add_argument("--report", metavar="DIR", help="rebuild report.md + plots from DIR's finished runs")
-    ap.add_argument("--out", metavar="DIR", help="where --report writes (default: DIR)")
+    ap.add_argument("--out", metavar="DIR", help="where --report writes (default: the sweep's report_dir)")
     ap.add_argument("--dry-run", action="store_true", help="expand and check every run's config; run nothing")
     ap.add_argument("--parallel", type=int, help="runs at once (default: the sweep file's `parallel`)")
     ap.add_argument("--launcher", help='e.g. "python" or "torchrun --standalone --nproc_per_node=4"')
