@@ -327,10 +327,6 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return ([bos] if bos is not None else []) + list(ids)
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
 def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
     """Cut (BOS + prompt, completion + EOS) to at most max_length tokens.
 
@@ -350,20 +346,39 @@ def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[lis
 def tokenize_examples(
     tokenizer: Any, prompts: list[str], completions: list[str], max_length: int | None
 ) -> list[tuple[list[int], list[bool]]]:
-    """(input_ids, loss_mask) per example: BOS + prompt + completion + EOS, mask True on completion and EOS.
+    """(input_ids, loss_mask) per example: BOS + tokens of (prompt + completion) + EOS, mask True on the
+    completion's tokens and EOS.
 
-    Rows longer than max_length are cut by `_fit` (None: never cut).
+    Prompt and completion are tokenised as ONE text, as the model reads them: tokenised alone, a completion gets
+    a word-initial piece (SentencePiece's "▁def", a one-space indent) that the model never sees after the
+    prompt's newline. The completion's tokens are the ones that end past the prompt (character offsets, so a fast
+    tokenizer is needed). Evaluation encodes the prompt alone (`encode_prompt`): the same tokens unless a token
+    straddles the boundary, which is counted in a warning. Rows longer than max_length are cut by `_fit`.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no eos_token: set one")
-    bos = tokenizer.bos_token_id
-    out = []
-    for p, c in zip(_encode(tokenizer, prompts), _encode(tokenizer, completions), strict=True):
-        p, c = ([bos] if bos is not None else []) + p, c + [eos]
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} is a slow (Python) tokenizer: data.py needs the "
+            "character offsets of a fast one (a directory with tokenizer.json, loaded by AutoTokenizer)"
+        )
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out, straddling = [], 0
+    for prompt, ids, offsets in zip(prompts, enc["input_ids"], enc["offset_mapping"], strict=True):
+        n = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
+        straddling += n < len(ids) and offsets[n][0] < len(prompt)
+        p, c = bos + list(ids[:n]), list(ids[n:]) + [eos]
         if max_length is not None:
             p, c = _fit(p, c, max_length)
         out.append((p + c, [False] * len(p) + [True] * len(c)))
+    if straddling:
+        log.warning(
+            f"data: in {straddling} of {len(texts)} examples a token spans the end of the prompt and the start of "
+            "the completion: it is trained on, and evaluation's prompt (encoded alone) ends differently"
+        )
     return out
 
 
@@ -416,7 +431,7 @@ def data_fingerprint(root: str | os.PathLike) -> str:
 
 # --------------------------------------------------------------------------- tokenised dataset + cache
 
-PREPROCESS_VERSION = 1  # bump when prompt format or tokenisation rules change: invalidates every cache
+PREPROCESS_VERSION = 2  # bump when prompt format or tokenisation rules change: invalidates every cache
 STATS = {"built": 0, "loaded": 0}  # how build_dataset got its result (tests check cache hits with it)
 
 
@@ -599,6 +614,11 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, rank: int, world_s
     return order[: per_rank * world_size][rank::world_size]
 
 
+def batches_per_epoch(n_rows: int, batch_size: int, world_size: int) -> int:
+    """Batches each rank takes from one epoch of `make_loader` (the rows that do not fill one are dropped)."""
+    return (n_rows // world_size) // batch_size
+
+
 def make_loader(
     ds: Any,
     batch_size: int,
@@ -620,7 +640,7 @@ def make_loader(
         raise DataError(f"make_loader: rank {rank} is not in [0, world_size={world_size})")
     ids, masks, task_id, index = _columns(ds)
     extra = _extra_columns(ds)
-    per_epoch = (len(ids) // world_size) // batch_size
+    per_epoch = batches_per_epoch(len(ids), batch_size, world_size)
     if per_epoch == 0:
         raise DataError(
             f"make_loader: {len(ids)} rows over {world_size} rank(s) do not fill one batch of {batch_size}: "

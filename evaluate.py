@@ -4,6 +4,7 @@
                              [--timeout S] [--workers N] [--data-root DIR] [--time-scale F]
     python evaluate.py CONFIG --checkpoint PATH [--datasets mbpp,codecontests,humaneval] [--n N] [--limit K]
                              [--out DIR] [--section.key=value ...]
+    torchrun --nproc_per_node=4 evaluate.py CONFIG --checkpoint PATH ...   (generation split over the GPUs)
 
 `--checkpoint` is any checkpoint directory, its format read from its files: ours (checkpoints/final), an HF Llama
 (an `hf/` export or a model from elsewhere), Meta's (params.json). The tokenizer is model.tokenizer, else the
@@ -248,67 +249,98 @@ def trim(text: str, stops: list[str]) -> str:
     return text[:cut]
 
 
+def load_for_eval(cfg: Any, path: str | os.PathLike, fmt: str, device: Any) -> Any:
+    """A checkpoint ready to generate on `device`: bf16 on a GPU (model.dtype = "bfloat16"), else fp32; eval mode."""
+    import model as M
+    import parallel as P
+
+    net = M.load_model(path, fmt)  # the checkpoint's own heads (an HF export has head 1 only)
+    return net.to(device=device, dtype=P.compute_dtype(device, cfg.model.dtype)).eval()
+
+
+def prompt_ids(tokenizer: Any, prompts: list[str], room: int) -> list[list[int]]:
+    """Each prompt as training encodes it (`data.encode_prompt`: BOS + the prompt's tokens), cut from the left
+    (after BOS) to at most `room` tokens."""
+    out = []
+    for p in prompts:
+        ids = data.encode_prompt(tokenizer, p)
+        out.append(ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1 :])
+    return out
+
+
 def generate(
     cfg: Any, model: Any, tokenizer: Any, prompts: list[str], n: int, stops: list[str]
 ) -> list[list[str]]:
-    """n completions per prompt with head 1 (batched; prompts cut from the left to fit max_seq_len)."""
+    """n completions per prompt with head 1 (batched; prompts cut from the left to fit max_seq_len).
+
+    Under torchrun every rank calls it with the same prompts and a whole (unsharded) model: the batches are dealt
+    out over the ranks (`P.split_map`) and the completions gathered on every rank. Each batch, its rows and its
+    sampling seed are the ones a single process would use, so the results do not depend on the world size.
+    """
     import torch
+
+    import parallel as P
 
     e = cfg.eval
     room = model.args.max_seq_len - e.max_new_tokens
     if room < 1:
         raise EvalError(f"eval.max_new_tokens = {e.max_new_tokens} leaves no room under max_seq_len")
-    encoded = []
-    for p in prompts:
-        ids = data.encode_prompt(tokenizer, p)
-        encoded.append(ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1 :])
-    flat = [(i, ids) for i, ids in enumerate(encoded) for _ in range(n)]
-    out: list[list[str]] = [[] for _ in prompts]
+    flat = [(i, ids) for i, ids in enumerate(prompt_ids(tokenizer, prompts, room)) for _ in range(n)]
     tail = 32  # stop strings are a few tokens long: decoding the tail keeps the check O(1) per step
     stop = lambda row: any(s in tokenizer.decode(row[-tail:]) for s in stops)  # noqa: E731
-    with torch.no_grad():
-        for b in range(0, len(flat), e.batch_size):
-            chunk = flat[b : b + e.batch_size]
+
+    def run(chunk: list[tuple[int, tuple[int, list[int]]]]) -> list[str]:
+        with torch.no_grad():
             rows = model.generate(
-                [ids for _, ids in chunk],
+                [ids for _, (_, ids) in chunk],
                 e.max_new_tokens,
                 temperature=e.temperature,
                 top_p=e.top_p,
                 eos_id=tokenizer.eos_token_id,
                 stop=stop,
-                seed=cfg.train.seed + b,
+                seed=cfg.train.seed + chunk[0][0],  # the batch's offset in `flat`
                 pad_id=data.pad_token_id(tokenizer),
             )
-            for (i, _), row in zip(chunk, rows, strict=True):
-                out[i].append(trim(tokenizer.decode(row, skip_special_tokens=True), stops))
+        return [trim(tokenizer.decode(row, skip_special_tokens=True), stops) for row in rows]
+
+    out: list[list[str]] = [[] for _ in prompts]
+    for (i, _), text in zip(flat, P.split_map(list(enumerate(flat)), e.batch_size, run), strict=True):
+        out[i].append(text)
     return out
 
 
 def head_ce(model: Any, tokenizer: Any, prompts: list[str], refs: list[str], max_length: int, batch: int = 4):
-    """Per-token CE of every head on prompt + reference: ([H] means, [H] lists of values)."""
+    """Per-token CE of every head on prompt + reference: ([H] means, [H] lists of values).
+
+    Under torchrun every rank calls it with the same inputs; the batches are split over the ranks as in `generate`.
+    """
     import torch
     import torch.nn.functional as F
 
     import model as M
+    import parallel as P
 
     H = model.args.n_future_tokens
     rows = data.tokenize_examples(tokenizer, prompts, [data.normalize_code(r) for r in refs], max_length)
     dev = model.output.weight.device
-    values: list[list[float]] = [[] for _ in range(H)]
+
+    def run(part: list) -> list[list[list[float]]]:  # per row: H lists of CE values
+        b = data.collate([r[0] for r in part], [r[1] for r in part], [0] * len(part), [0] * len(part), 0)
+        ids, mask = b["input_ids"].to(dev), b["loss_mask"].to(dev)
+        targets, valid = M.mtp_targets(ids, mask, H)
+        h = model(ids, stage="trunk")
+        per_head = []
+        for k in range(H):
+            logits = model(h, stage=k).float()
+            per_head.append(F.cross_entropy(logits.transpose(1, 2), targets[..., k], reduction="none"))
+        return [[per_head[k][r][valid[r, :, k]].tolist() for k in range(H)] for r in range(len(part))]
+
     was = model.training
     model.eval()
     with torch.no_grad():
-        for s in range(0, len(rows), batch):
-            part = rows[s : s + batch]
-            b = data.collate([r[0] for r in part], [r[1] for r in part], [0] * len(part), [0] * len(part), 0)
-            ids, mask = b["input_ids"].to(dev), b["loss_mask"].to(dev)
-            targets, valid = M.mtp_targets(ids, mask, H)
-            h = model(ids, stage="trunk")
-            for k in range(H):
-                logits = model(h, stage=k).float()
-                ce = F.cross_entropy(logits.transpose(1, 2), targets[..., k], reduction="none")
-                values[k].extend(ce[valid[..., k]].tolist())
+        per_row = P.split_map(rows, batch, run)
     model.train(was)
+    values = [[v for row in per_row for v in row[k]] for k in range(H)]
     return [sum(v) / len(v) if v else float("nan") for v in values], values
 
 
@@ -351,19 +383,29 @@ def evaluate_model(
     out_dir: str | os.PathLike,
     weight_histogram: str | os.PathLike | None = None,
 ) -> dict:
-    """Generate, judge, write the report dir; returns flat numeric metrics ("<dataset>/pass_at_1", ...)."""
+    """Generate, judge, write the report dir; returns flat numeric metrics ("<dataset>/pass_at_1", ...).
+
+    Under torchrun EVERY rank calls it (each with the whole model): generation and head CEs are split over the
+    ranks, then rank 0 alone judges, writes the report and returns the metrics; the other ranks return {}.
+    """
+    import parallel as P
+
+    main = P.rank_world()[0] == 0
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     results, ce_values, flat, samples = {}, {}, {}, []
     for ds in datasets:
         problems = load_problems(ds, cfg.storage.data_root)
         items = _prompts(cfg, ds, problems, limit)
         comps = generate(cfg, model, tokenizer, [p for _, p in items], n, STOPS[ds])
-        preds = {key: c for (key, _), c in zip(items, comps, strict=True)}
-        m = judge(ds, problems, preds, cfg.eval.timeout, cfg.eval.workers)
         refs = [reference(ds, problems[k]) for k, _ in items]
         if refs and refs[0] is not None:
-            means, ce_values[ds] = head_ce(model, tokenizer, [p for _, p in items], refs, cfg.data.max_length)
+            ce = head_ce(model, tokenizer, [p for _, p in items], refs, cfg.data.max_length)
+        if not main:
+            continue
+        preds = {key: c for (key, _), c in zip(items, comps, strict=True)}
+        m = judge(ds, problems, preds, cfg.eval.timeout, cfg.eval.workers)
+        if refs and refs[0] is not None:
+            means, ce_values[ds] = ce
             m["head_ce"] = means
             flat.update({f"{ds}/head{k + 1}_ce": v for k, v in enumerate(means)})
         results[ds] = m
@@ -382,6 +424,9 @@ def evaluate_model(
                         "kind": fails.get(i, "ok"),
                     }
                 )
+    if not main:
+        return {}
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     write_json(out / "metrics.json", results)
     _plots(out, results, ce_values)
@@ -538,6 +583,7 @@ def _model_cli(argv: list[str]) -> int:
 
     import config
     import model as M
+    import parallel as P
 
     overrides, rest = config.split_args(argv)
     ap = argparse.ArgumentParser(prog="evaluate.py", description="Generate with a checkpoint and judge.")
@@ -550,30 +596,28 @@ def _model_cli(argv: list[str]) -> int:
     a = ap.parse_args(rest)
     cfg = config.load_config(a.config, overrides)
     ckpt = Path(a.checkpoint)
-    try:  # the format from the files (ours, an HF export or any HF Llama, Meta), judged with its own heads
-        net = M.load_model(ckpt, M.detect_format(ckpt))
-    except (M.CheckpointError, FileNotFoundError) as e:
-        raise EvalError(f"--checkpoint: {e}") from None
+    datasets = [d for d in (a.datasets or ",".join(cfg.eval.datasets)).split(",") if d]
+    bad = [d for d in datasets if d not in DATASETS]
+    if bad:
+        raise EvalError(f"--datasets: unknown {bad}; expected a comma list of {', '.join(DATASETS)}")
     tok_dir = cfg.model.tokenizer or str(ckpt)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     except (OSError, ValueError) as e:
         raise EvalError(f"{tok_dir}: no tokenizer could be loaded ({str(e).splitlines()[0]})") from None
-    datasets = [d for d in (a.datasets or ",".join(cfg.eval.datasets)).split(",") if d]
-    bad = [d for d in datasets if d not in DATASETS]
-    if bad:
-        raise EvalError(f"--datasets: unknown {bad}; expected a comma list of {', '.join(DATASETS)}")
-    out = a.out or cfg.eval.report_dir or str(ckpt / "eval")
-    flat = evaluate_model(
-        cfg,
-        net,
-        tokenizer,
-        datasets,
-        a.n or cfg.eval.n_samples,
-        cfg.eval.limit if a.limit < 0 else a.limit,
-        out,
-    )
-    print(json.dumps(flat))
+    d = P.init_distributed(cfg.train.device)  # the GPU when there is one; torchrun splits the generation
+    try:
+        try:  # the format from the files (ours, an HF export or any HF Llama, Meta), judged with its own heads
+            net = load_for_eval(cfg, ckpt, M.detect_format(ckpt), d.device)
+        except (M.CheckpointError, FileNotFoundError) as e:
+            raise EvalError(f"--checkpoint: {e}") from None
+        out = a.out or cfg.eval.report_dir or str(ckpt / "eval")
+        n, limit = a.n or cfg.eval.n_samples, cfg.eval.limit if a.limit < 0 else a.limit
+        flat = evaluate_model(cfg, net, tokenizer, datasets, n, limit, out)
+    finally:
+        P.shutdown()
+    if d.main:
+        print(json.dumps(flat))
     return 0
 
 

@@ -6,7 +6,9 @@ Everything here degrades to a no-op in a single process, so train.py reads the s
 from __future__ import annotations
 
 import datetime
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +176,40 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def split_map(
+    items: list, size: int, run: Callable[[list], list], idle: Callable[[], None] | None = None
+) -> list:
+    """[run(chunk) for the chunks of `size` items], flattened; `run` gives one result per item.
+
+    Under torchrun with the SAME `items` on every rank, chunk j runs on rank j % world_size and the results are
+    all-gathered back into the order of `items` on every rank: world_size x less work, and each chunk is exactly
+    the one a single process would run. A rank out of chunks in the last round calls `idle()` (when given), so
+    every rank makes the same number of calls: a sharded model's forwards are collectives.
+    """
+    chunks = [items[s : s + size] for s in range(0, len(items), size)]
+    rank, world = rank_world()
+    if world == 1:
+        return [y for c in chunks for y in run(c)]
+    mine = {}
+    for j in range(rank, math.ceil(len(chunks) / world) * world, world):
+        if j < len(chunks):
+            mine[j] = run(chunks[j])
+        elif idle is not None:
+            idle()
+    done = {j: ys for part in all_gather_object(mine) for j, ys in part.items()}
+    return [y for j in range(len(chunks)) for y in done[j]]
+
+
+def compute_dtype(device: torch.device, model_dtype: str) -> torch.dtype:
+    """bfloat16 on a GPU that has it when `model.dtype` = "bfloat16", else float32 (CPU always computes in fp32).
+
+    A compute dtype only: master weights, gradients and optimizer states are fp32 whatever the checkpoint's dtype.
+    """
+    if device.type == "cuda" and model_dtype == "bfloat16" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def set_grad_sync(model: nn.Module, enabled: bool) -> None:
     """Skip the reduce-scatter on all but the last micro-batch of a gradient-accumulation step (FSDP2 only)."""
     if hasattr(model, "set_requires_gradient_sync"):
@@ -221,7 +257,7 @@ class MemoryPlan:
     def table(self) -> str:
         acts = "on" if self.activation_checkpointing else "off"
         rows = [
-            ("parameters (sharded)", self.params_gb),
+            ("parameters (sharded, trainable in fp32)", self.params_gb),
             ("gradients (sharded, fp32)", self.grads_gb),
             ("AdamW states (sharded, fp32 m+v)", self.optim_gb),
             ("activations, no checkpointing", self.activations_gb),
@@ -260,7 +296,9 @@ def plan_memory(
     gb = 1024**3
     p_bytes = 2 if bf16 else 4
     trainable = n_params if trainable_params is None else trainable_params
-    params = n_params * 4 / world_size / gb  # fp32 master weights, sharded
+    # fp32 master weights, sharded; under LoRA the frozen base stays in the compute dtype (train.build_model)
+    frozen = n_params * (p_bytes if trainable_params is not None else 0)
+    params = (frozen + trainable * 4) / world_size / gb
     grads = trainable * 4 / world_size / gb
     optim = trainable * 8 / world_size / gb
     tokens = seq_len * micro_batch

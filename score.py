@@ -310,6 +310,18 @@ def weight_stats(weights: Tensor, valid: Tensor, eps: float, w_max: float) -> di
     return out
 
 
+def head_means(weights: Tensor, valid: Tensor) -> dict[str, float]:
+    """`weights/mean_head{k}` (k from 1): the mean weight of each head's valid pairs, weights [..., H].
+
+    The normaliser makes the mean 1 over a sequence's pairs of ALL heads together, so a scorer that moves weight
+    from one head to another (rather than between tokens) shows here and nowhere else.
+    """
+    w = weights.detach().double()
+    v = (valid.bool() & torch.isfinite(w)).flatten(0, -2)
+    n, total = v.sum(0), torch.where(v, w.flatten(0, -2), 0.0).sum(0)
+    return {f"weights/mean_head{k + 1}": float(total[k] / n[k]) if n[k] else 0.0 for k in range(w.shape[-1])}
+
+
 def score_histogram(weights: Tensor, valid: Tensor, edges: Tensor) -> Tensor:
     """Counts of the valid weights in the bins of `edges` (values past the last edge land in the last bin)."""
     w = weights.detach()[valid.bool()].to(edges.dtype)
@@ -371,12 +383,15 @@ class ScorerState:
     # train.aux_models = "shard" under torchrun: the reference / reward model is FSDP2-sharded, so every forward
     # is a collective that all ranks make together (see _split_map and the lazy paths)
     aux_sharded: bool = False
-    # weight histogram over the whole run
+    # weight histogram over the whole run, per head: counts [H, HIST_BINS], and the exact sums [H] (run means)
     hist_edges: Tensor | None = None
     hist_counts: Tensor | None = None
+    head_sums: Tensor | None = None
     calls: int = 0
     value_count: float = 0.0  # completion positions whose value loss is accumulated in the value head's grads
-    step_start: tuple | None = None  # (histogram, calls) when the optimizer step began (begin_step)
+    step_start: tuple | None = (
+        None  # (histogram, head sums, calls) when the optimizer step began (begin_step)
+    )
 
     def state_dict(self) -> dict:
         """What a resumed run needs: value head + optimiser, cached rewards and their statistics, histogram."""
@@ -387,6 +402,7 @@ class ScorerState:
             "rewards": dict(self.rewards),
             "reward_norm": self.reward_norm,
             "hist_counts": None if self.hist_counts is None else self.hist_counts.cpu(),
+            "head_sums": None if self.head_sums is None else self.head_sums.cpu(),
             "calls": self.calls,
         }
 
@@ -402,8 +418,12 @@ class ScorerState:
                 self.value_opt.load_state_dict(sd["value_opt"])
         self.rewards = {int(k): float(v) for k, v in sd.get("rewards", {}).items()}
         self.reward_norm = None if sd.get("reward_norm") is None else tuple(sd["reward_norm"])
-        if sd.get("hist_counts") is not None and self.hist_counts is not None:
-            self.hist_counts = sd["hist_counts"].to(self.hist_counts.device, torch.float64)
+        for name in ("hist_counts", "head_sums"):
+            mine, saved = getattr(self, name), sd.get(name)
+            if saved is not None and mine is not None:
+                if saved.shape != mine.shape:
+                    raise ValueError(f"scorer state: {name} {tuple(saved.shape)} != {tuple(mine.shape)} here")
+                setattr(self, name, saved.to(mine.device, torch.float64))
         self.calls = int(sd.get("calls", 0))
 
 
@@ -435,7 +455,9 @@ def init_state(cfg: Any, model: nn.Module, tokenizer: Any, device: Any, dataset:
     w_top = max(float(cfg.loss.w_max), 1.0)
     edges = torch.linspace(0.0, w_top, HIST_BINS + 1, dtype=torch.float64, device=dev)
     state = ScorerState(cfg, model, tokenizer, dev, dataset, hist_edges=edges)
-    state.hist_counts = torch.zeros(HIST_BINS, dtype=torch.float64, device=dev)
+    H = cfg.model.n_future_tokens
+    state.hist_counts = torch.zeros(H, HIST_BINS, dtype=torch.float64, device=dev)
+    state.head_sums = torch.zeros(H, dtype=torch.float64, device=dev)
     state.aux_sharded = P.Dist().enabled and cfg.train.aux_models == "shard"  # under torchrun, any world size
     if name == "critic_delta_v1":
         _init_critic(state)
@@ -457,28 +479,33 @@ def prepare(state: ScorerState, loader: Iterator[dict] | None) -> None:
 def _record(state: ScorerState, weights: Tensor, valid: Tensor, extra: dict[str, float]) -> Tensor:
     """Per-call log values + the run's weight histogram; returns the weights detached."""
     c = state.cfg.loss
-    state.metrics = {**weight_stats(weights, valid, c.eps, c.w_max), **extra}
+    state.metrics = {**weight_stats(weights, valid, c.eps, c.w_max), **head_means(weights, valid), **extra}
     if state.hist_edges is not None:
-        counts = score_histogram(weights, valid, state.hist_edges)
+        H, edges = weights.shape[-1], state.hist_edges
+        counts = torch.stack([score_histogram(weights[..., k], valid[..., k], edges) for k in range(H)])
+        v = valid.bool() & torch.isfinite(weights)
+        sums = torch.where(v, weights.double(), 0.0).flatten(0, -2).sum(0).to(edges.device)
         state.hist_counts = counts if state.hist_counts is None else state.hist_counts + counts
+        state.head_sums = sums if state.head_sums is None else state.head_sums + sums
     state.calls += 1
     return weights.detach()
 
 
 def begin_step(state: ScorerState) -> None:
-    """An optimizer step starts: remember the run's histogram, drop any value-head gradient."""
-    hist = None if state.hist_counts is None else state.hist_counts.clone()
-    state.step_start = (hist, state.calls)
+    """An optimizer step starts: remember the run's histogram and per-head sums, drop any value-head gradient."""
+    state.step_start = tuple(None if t is None else t.clone() for t in (state.hist_counts, state.head_sums))
+    state.step_start += (state.calls,)
     _clear_value_grads(state)
 
 
 def rollback_step(state: ScorerState) -> None:
-    """The step's work is thrown away (an OOM retry, a skipped non-finite step): the histogram and call count go
-    back to `begin_step`'s, the accumulated value-head gradient is dropped. A retried step then leaves exactly
-    the trace of an uninterrupted one."""
+    """The step's work is thrown away (an OOM retry, a skipped non-finite step): histogram, per-head sums and call
+    count go back to `begin_step`'s, the accumulated value-head gradient is dropped. A retried step then leaves
+    exactly the trace of an uninterrupted one."""
     if state.step_start is not None:
-        hist, state.calls = state.step_start
+        hist, sums, state.calls = state.step_start
         state.hist_counts = None if hist is None else hist.clone()
+        state.head_sums = None if sums is None else sums.clone()
     _clear_value_grads(state)
 
 
@@ -560,24 +587,9 @@ def _rounds(state: ScorerState, n: int) -> int:
 
 
 def _split_map(state: ScorerState, items: list, size: int, run: Callable[[list], list]) -> list:
-    """[run(chunk) for the chunks of `size` items], flattened; `run` gives one result per item.
-
-    Under torchrun with the SAME `items` on every rank (the whole train set), the chunks are dealt out over the
-    ranks and the results all-gathered back into the order of `items`: world_size x less work. With a sharded
-    model a rank out of chunks calls run([]) (an idle forward), so every rank makes the same number of forwards.
-    """
-    chunks = [items[s : s + size] for s in range(0, len(items), size)]
-    rank, world = P.rank_world()
-    if world == 1:
-        return [y for c in chunks for y in run(c)]
-    mine = {}
-    for j in range(rank, math.ceil(len(chunks) / world) * world, world):
-        if j < len(chunks):
-            mine[j] = run(chunks[j])
-        elif state.aux_sharded:
-            run([])
-    done = {j: ys for part in P.all_gather_object(mine) for j, ys in part.items()}
-    return [y for j in range(len(chunks)) for y in done[j]]
+    """`P.split_map` over the whole train set (the same `items` on every rank). With a sharded model a rank out of
+    chunks calls run([]) (an idle forward), so every rank makes the same number of forwards."""
+    return P.split_map(items, size, run, idle=(lambda: run([])) if state.aux_sharded else None)
 
 
 def _load_reward_model(state: ScorerState) -> None:
@@ -717,8 +729,41 @@ def _all_rewards(state: ScorerState) -> None:
         _log(f"rewards ({state.cfg.critic.reward}) for {len(rows)} training examples")
         _compute_rewards(state, rows, split=True)
     vals = torch.tensor(list(state.rewards.values()), dtype=torch.float64)
-    state.reward_norm = (float(vals.mean()), float(vals.std(unbiased=False))) if vals.numel() else (0.0, 1.0)
     _free_reward_model(state)
+    check_reward_spread(vals, state.cfg.critic.reward)
+    state.reward_norm = (float(vals.mean()), float(vals.std(unbiased=False))) if vals.numel() else (0.0, 1.0)
+
+
+class RewardError(ValueError):
+    """The critic's rewards cannot rank the training examples (the message says why and what to use instead)."""
+
+
+REWARD_MIN_SPREAD = 1e-4  # std / max(1, |mean|) below this is rounding of one value, not a ranking
+
+
+def check_reward_spread(rewards: Tensor, reward: str) -> None:
+    """Raise RewardError when the train set's rewards have (near) zero variance.
+
+    The critic z-scores them, (r - mean) / (std + 1e-6): equal rewards give z = 0 everywhere, and rewards that
+    differ only by rounding give z of order 1 from noise. Either way the value head learns nothing real and the
+    weights that come out of it are amplified noise, so the run stops before training.
+    """
+    if rewards.numel() < 2:
+        return
+    mean, std = float(rewards.mean()), float(rewards.std(unbiased=False))
+    if std > REWARD_MIN_SPREAD * max(1.0, abs(mean)):
+        return
+    why = {
+        "tests": "every example passes its tests (on MBPP's train split the references all do)",
+        "model": "the reward model scores every example the same",
+    }.get(reward, "")
+    raise RewardError(
+        f"critic.reward = {reward!r}: the {rewards.numel()} training rewards have (near) zero variance "
+        f"(mean {mean:.6g}, std {std:.3g}): {why}. The z-scored rewards are then 0 or noise, and so would be the "
+        "critic's weights. Use critic.reward = 'model' with a reward model that ranks the examples (or a "
+        "training set whose examples differ in reward), or another scorer: loss.scorer = 'rho1_excess_v1' or "
+        "'uniform'."
+    )
 
 
 def _stored_rewards(ds: Any) -> dict[int, float]:
@@ -1122,8 +1167,19 @@ def rho1_excess_v1(batch: dict, state: ScorerState) -> Tensor:
 # --------------------------------------------------------------------------- run-level histogram
 
 
+def head_summary(state: ScorerState) -> dict[str, dict[str, float]]:
+    """{"head{k}": {"run_mean", "pairs"}}: every weight the scorer gave head k over the run (from the histogram)."""
+    if state.hist_counts is None or state.head_sums is None:
+        return {}
+    n = state.hist_counts.reshape(state.head_sums.numel(), -1).sum(1)
+    return {
+        f"head{k + 1}": {"run_mean": float(state.head_sums[k] / n[k]) if n[k] else 0.0, "pairs": float(n[k])}
+        for k in range(n.numel())
+    }
+
+
 def save_weight_histogram(state: ScorerState, path: str | os.PathLike) -> Path:
-    """PNG of every weight the scorer produced over the run (written atomically)."""
+    """PNG of every weight the scorer produced over the run, one colour per head (written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1135,9 +1191,12 @@ def save_weight_histogram(state: ScorerState, path: str | os.PathLike) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if state.hist_counts is not None and float(state.hist_counts.sum()) > 0:
         edges = state.hist_edges.cpu().numpy()
-        counts = state.hist_counts.cpu().numpy()
-        ax.bar(edges[:-1], counts, width=edges[1:] - edges[:-1], align="edge", color="tab:blue")
+        heads = head_summary(state)
+        for k, counts in enumerate(state.hist_counts.reshape(len(heads), -1).cpu().numpy()):
+            label = f"head {k + 1}: mean {heads[f'head{k + 1}']['run_mean']:.3f}"
+            ax.stairs(counts, edges, color=f"C{k}", lw=1.5, label=label)
         ax.set_yscale("log")
+        ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no weights recorded", ha="center", va="center", transform=ax.transAxes)
     for x, name in ((c.eps, "eps"), (1.0, "1"), (c.w_max, "w_max")):

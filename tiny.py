@@ -3,10 +3,11 @@
     python tiny.py --out .cache/tiny [--force] [--data-root DIR]
 
 Everything is built offline and deterministically (fixed seeds): a byte-level BPE tokenizer trained on MBPP
-train+validation, a Meta-format MTP base (params.json + consolidated.pth), an HF Llama reference model and an HF
-reward model, each with the tokenizer saved alongside; and for the synthetic benchmark (data.py) its word-level
-tokenizer and a ~1M-parameter Meta-format H=4 base. Each artefact is written to a temp directory and renamed
-into place, so an existing directory is always complete and a rerun skips it.
+train+validation, a Llama-2 style one (SentencePiece-like, byte fallback) on the same text, a Meta-format MTP
+base (params.json + consolidated.pth), an HF Llama reference model and an HF reward model, each with the byte-level
+tokenizer saved alongside (the models' vocabulary fits both tokenizers); and for the synthetic benchmark
+(data.py) its word-level tokenizer and a ~1M-parameter Meta-format H=4 base. Each artefact is written to a temp
+directory and renamed into place, so an existing directory is always complete and a rerun skips it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ import files
 
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-ARTEFACTS = ("tokenizer", "base_meta", "ref_hf", "rm_hf", "synthetic_tokenizer", "synthetic_base")
+LLAMA_SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}  # no pad, as Llama-2
+ARTEFACTS = (
+    "tokenizer",
+    "tokenizer_llama",
+    "base_meta",
+    "ref_hf",
+    "rm_hf",
+    "synthetic_tokenizer",
+    "synthetic_base",
+)
 SEED = 0
 
 
@@ -74,6 +84,42 @@ def train_tokenizer(data_root: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **SPECIAL_TOKENS)
 
 
+def train_llama_tokenizer(data_root: str):
+    """A tokenizer in the Llama-2 style (VOCAB_SIZE tokens), with the same tokenizer.json layout as Llama-2's.
+
+    SentencePiece-like BPE: the text gets a "▁" prefix and spaces become "▁" (pieces are "▁def", "▁return", ...),
+    byte fallback (<0x00>..<0xFF> after <unk> <s> </s>, as in Llama-2), no pad token. Trained on the LINES of the
+    corpus, as SentencePiece trains on lines, so no piece holds a newline: "\n" is <0x0A> and the code after a
+    prompt's last newline starts with "def", not "▁def". The vocabulary fits the tiny models' (VOCAB_SIZE).
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(LLAMA_SPECIAL_TOKENS.values())
+    learn = Tokenizer(models.BPE(unk_token="<unk>"))
+    learn.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")  # no piece crosses a space
+    lines = [line for text in _corpus(data_root) for line in text.split("\n") if line.strip()]
+    learn.train_from_iterator(
+        lines, trainers.BpeTrainer(vocab_size=VOCAB_SIZE - 256, special_tokens=specials, show_progress=False)
+    )
+    learned = json.loads(learn.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **LLAMA_SPECIAL_TOKENS)
+
+
 def load_tokenizer(out: Path):
     from transformers import AutoTokenizer
 
@@ -83,6 +129,12 @@ def load_tokenizer(out: Path):
 def build_tokenizer(out: Path, data_root: str, force: bool = False) -> bool:
     return _atomic_dir(
         out / "tokenizer", lambda tmp: train_tokenizer(data_root).save_pretrained(str(tmp)), force
+    )
+
+
+def build_llama_tokenizer(out: Path, data_root: str, force: bool = False) -> bool:
+    return _atomic_dir(
+        out / "tokenizer_llama", lambda tmp: train_llama_tokenizer(data_root).save_pretrained(str(tmp)), force
     )
 
 
@@ -227,6 +279,7 @@ def build_all(
     root = data_root or config.default_data_root()
     steps = {
         "tokenizer": lambda: build_tokenizer(out, root, force),
+        "tokenizer_llama": lambda: build_llama_tokenizer(out, root, force),
         "base_meta": lambda: build_base_meta(out, force),
         "ref_hf": lambda: build_ref_hf(out, force),
         "rm_hf": lambda: build_rm_hf(out, force),

@@ -366,6 +366,21 @@ class Tracker:
             lines.append(f"- MLflow run: `{self.run_id}` at `{scrub(self.uri)}`")
         lines += ["", "## Metrics (last value)", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(self.last_metrics.items())]
+        heads = summary.get("weights_per_head") or {}
+        if heads:
+            last = summary.get("weights") or {}
+            lines += [
+                "",
+                "## Weights per head",
+                "",
+                "| head | run mean | last step mean | pairs |",
+                "|---|---|---|---|",
+            ]
+            for name, h in heads.items():
+                step = last.get(f"weights/mean_{name}")
+                lines.append(
+                    f"| {name} | {_fmt(h['run_mean'])} | {'-' if step is None else _fmt(step)} | {h['pairs']:.0f} |"
+                )
         if summary:
             lines += [
                 "",

@@ -3,7 +3,7 @@
     python train.py configs/tiny_mbpp.toml [--section.key=value ...] [--resume] [--dry-run]
     torchrun --nproc_per_node=4 train.py configs/rho1_mbpp.toml
     python train.py promote --run RUN_ID --alias staging
-    python train.py export --checkpoint runs/RUN/checkpoints/last --format hf --out DIR
+    python train.py export --checkpoint runs/RUN/checkpoints/latest --format hf --out DIR
 
 One optimizer step: the per-rank batch (micro_batch_size * grad_accum examples) is split into micro-batches; for
 each, the trunk runs once, the scorer turns (batch, state) into weights [B, S, H], and the heads run one at a time
@@ -80,7 +80,13 @@ def check_tokenizer(cfg: C.Config, model_dir: Path, tokenizer) -> M.ModelArgs:
 
 
 def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
-    """Load the checkpoint, then LoRA, activation checkpointing, FSDP2 and compile, in that order."""
+    """Load the checkpoint, then LoRA, activation checkpointing, FSDP2 and compile, in that order.
+
+    Every trainable parameter is fp32 on the device whatever the checkpoint's dtype (Meta's consolidated.pth is
+    bf16), so its gradient and AdamW state are fp32 too and small updates are not rounded away: bf16 is a compute
+    dtype only (FSDP2's MixedPrecisionPolicy under torchrun, autocast in one process). Under LoRA the frozen base
+    weights are never updated: on a bf16 GPU they stay in bf16, half the memory.
+    """
     # H comes from the config: a checkpoint with other H gets heads dropped or copied from head 1 (model.py)
     net = M.load_model(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     net.activation_checkpointing = cfg.model.activation_checkpointing
@@ -94,7 +100,9 @@ def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
                 r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules
             ),
         )
-    net.to(d.device)
+    frozen = P.compute_dtype(d.device, cfg.model.dtype)
+    for p in net.parameters():  # tensor by tensor: a bf16 checkpoint never sits on the host in fp32 at once
+        p.data = p.data.to(d.device, torch.float32 if p.requires_grad else frozen)
     if d.enabled and cfg.train.fsdp:
         P.apply_fsdp(net, bf16=use_bf16(cfg, d))
     if cfg.model.compile:
@@ -104,7 +112,7 @@ def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
 
 
 def use_bf16(cfg: C.Config, d: P.Dist) -> bool:
-    return d.device.type == "cuda" and cfg.model.dtype == "bfloat16" and torch.cuda.is_bf16_supported()
+    return P.compute_dtype(d.device, cfg.model.dtype) == torch.bfloat16
 
 
 def unwrap(net: torch.nn.Module) -> M.Transformer:
@@ -517,7 +525,7 @@ def run_card_inputs(run_dir: Path) -> tuple[str, dict, dict, dict]:
 
 
 def load_resume_model(ckpt: Path) -> tuple[M.Transformer, C.Config, Path]:
-    """The model of a resume checkpoint (checkpoints/last, step_N: dcp/), LoRA merged, in fp32.
+    """The model of a resume checkpoint (checkpoints/latest, step_N: dcp/), LoRA merged, in fp32.
 
     The architecture comes from the run's config.json (runs/<run>/config.json) and its base model's metadata;
     only the model entries of the sharded checkpoint are read (not the optimizer state)."""
@@ -661,7 +669,8 @@ def optimizer_step(
             try:
                 inject = inject_oom and i == 0 and mb == cfg.train.micro_batch_size
                 nan = step in cfg.train.inject_nan_steps
-                stats.append(micro_step(cfg, net, mbatch, scorer_state, count_total, nan, inject))
+                with autocast(cfg, d):  # one process on a GPU: bf16 compute on the fp32 weights
+                    stats.append(micro_step(cfg, net, mbatch, scorer_state, count_total, nan, inject))
             except torch.OutOfMemoryError as e:
                 oom = True
                 print(f"[rank {d.rank}] step {step}: out of memory at micro-batch size {mb}: {str(e)[:100]}")
@@ -708,9 +717,10 @@ def train_step(cfg, net, opt, batch, st: TrainState, scorer_state, d: P.Dist, st
         opt.step()
         score.end_step(scorer_state)
         st.bad_steps = 0
-        w, valid = (torch.cat([s[k].flatten() for s in stats]) for k in ("weights", "valid"))
+        w, valid = (torch.cat([s[k] for s in stats]) for k in ("weights", "valid"))  # [B, S, H]
         m.update(scorer_state.metrics)  # value loss, mean excess, ... (and the last micro-batch's weights/*)
         m.update(score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max))  # the whole step's weights
+        m.update(score.head_means(w, valid))  # weights/mean_head{k}: weight moved between heads
         st.last_weights = {k: v for k, v in m.items() if k.startswith("weights/")}
         if "token_class" in batch:
             add_class_weights(cfg, st, stats, batch["token_class"])
@@ -750,15 +760,20 @@ def step_metrics(stats: list[dict], d: P.Dist) -> dict:
 
 @torch.no_grad()
 def validate(cfg, net, val_ds, pad_id: int, d: P.Dist) -> dict:
-    """Plain (unweighted) MTP cross-entropy on the validation split, per head and averaged; sharded over ranks."""
+    """Plain (unweighted) MTP cross-entropy on the validation split, per head and averaged; sharded over ranks.
+
+    The batches (the first `train.val_batches` per rank, or all) are dealt round-robin. Every FSDP2 forward is a
+    collective, so every rank runs the same number of rounds: a rank out of batches in the last round runs an
+    idle forward on a 1-token batch with nothing to score (the sums stay exact)."""
     H = cfg.model.n_future_tokens
     sums = torch.zeros(2 * H, dtype=torch.float64, device=d.device)
-    limit = cfg.train.val_batches or None
-    for i, batch in enumerate(data.eval_batches(val_ds, cfg.train.micro_batch_size, pad_id)):
-        if limit is not None and i >= limit * d.world_size:
-            break
-        if i % d.world_size != d.rank:
-            continue
+    batches = list(data.eval_batches(val_ds, cfg.train.micro_batch_size, pad_id))
+    if cfg.train.val_batches:
+        batches = batches[: cfg.train.val_batches * d.world_size]
+    idle = data.collate([[pad_id]], [[False]], [-1], [-1], pad_id)
+    rounds = math.ceil(len(batches) / d.world_size)
+    for i in range(d.rank, rounds * d.world_size, d.world_size):
+        batch = batches[i] if i < len(batches) else idle
         ids, mask = batch["input_ids"].to(d.device), batch["loss_mask"].to(d.device)
         targets, valid = M.mtp_targets(ids, mask, H)
         with autocast(cfg, d):
@@ -778,12 +793,41 @@ def validate(cfg, net, val_ds, pad_id: int, d: P.Dist) -> dict:
 
 
 def autocast(cfg: C.Config, d: P.Dist):
+    """bf16 autocast for the forwards of one process on a GPU (training step, scorer preparation, validation)."""
     if use_bf16(cfg, d) and not (d.enabled and cfg.train.fsdp):  # FSDP2's MixedPrecisionPolicy casts instead
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
 
 # --------------------------------------------------------------------------- dry run
+
+MAX_EPOCHS = 20  # more passes than this over a fine-tuning split memorise it: --dry-run and the banner warn
+
+
+def epochs(cfg: C.Config, n_rows: int, world: int) -> float:
+    """Passes over the train split that `train.steps` make. The loader drops the rows that do not fill a step on
+    every rank (data.batches_per_epoch), so this is steps / steps-per-epoch, not steps x batch / rows."""
+    per_epoch = data.batches_per_epoch(n_rows, cfg.train.micro_batch_size * cfg.train.grad_accum, world)
+    return cfg.train.steps / per_epoch if per_epoch else math.inf
+
+
+def budget_lines(cfg: C.Config, n_rows: int, world: int) -> list[str]:
+    """The training budget in epochs (printed by --dry-run and the start-of-run banner), with a warning."""
+    per_rank = cfg.train.micro_batch_size * cfg.train.grad_accum
+    per_epoch = data.batches_per_epoch(n_rows, per_rank, world)
+    if per_epoch == 0:
+        return [f"budget      {n_rows} train rows do not fill one step of {per_rank * world} rows"]
+    n = epochs(cfg, n_rows, world)
+    lines = [
+        f"budget      {cfg.train.steps} steps x {per_rank * world} rows = {n:.1f} epochs of the {n_rows} "
+        f"{cfg.data.train_split} rows ({per_epoch} steps per epoch)"
+    ]
+    if n > MAX_EPOCHS:
+        lines.append(
+            f"WARNING: {n:.0f} epochs (> {MAX_EPOCHS}) over {n_rows} rows: the model memorises its train split; "
+            f"a few epochs is the usual fine-tuning budget (3 epochs = train.steps {3 * per_epoch})"
+        )
+    return lines
 
 
 def resolve_inputs(cfg: C.Config) -> tuple[Path, object]:
@@ -873,6 +917,11 @@ def dry_run(cfg: C.Config, d: P.Dist, model_dir: Path, tokenizer) -> int:
     print(
         f"batch       {tokens} tokens per optimizer step at most ({world} device{'s' if world > 1 else ''})"
     )
+    for line in budget_lines(cfg, len(data.build_dataset(cfg, tokenizer, cfg.data.train_split)), world):
+        print(line)
+    compute = "bf16 compute on GPU" if cfg.model.dtype == "bfloat16" else "fp32 compute"
+    frozen = ", frozen LoRA base weights in the compute dtype" if cfg.train.lora.enabled else ""
+    print(f"dtypes      fp32 master weights, gradients and AdamW states; {compute}{frozen}")
     print(f"memory plan per device (world size {world}):\n{plan.table()}")
     if not plan.fits:
         fixes = [] if cfg.model.activation_checkpointing else ["enable model.activation_checkpointing"]
@@ -965,6 +1014,8 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
     log(
         f"data: {len(train_ds)} train rows, {len(val_ds)} validation rows, {per_rank * d.world_size} per step"
     )
+    for line in budget_lines(cfg, len(train_ds), d.world_size):
+        log(line)
     opt = make_optimizer(cfg, net)
     scorer_state = score.init_state(cfg, net, tokenizer, d.device, dataset=train_ds)
     st = TrainState(micro_batch=cfg.train.micro_batch_size)
@@ -996,7 +1047,14 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
     loader = data.make_loader(train_ds, per_rank, pad, seed=cfg.data.seed, skip_batches=st.step, **shard)
     if st.step == 0:  # scorer stage 1 (critic) / precompute (rho1), first validation, first good checkpoint
         mb = cfg.train.micro_batch_size
-        score.prepare(scorer_state, data.make_loader(train_ds, mb, pad, seed=cfg.data.seed + 1, **shard))
+        try:
+            with autocast(cfg, d):
+                score.prepare(
+                    scorer_state, data.make_loader(train_ds, mb, pad, seed=cfg.data.seed + 1, **shard)
+                )
+        except score.RewardError as e:  # every rank has the same rewards: all of them stop here
+            tracker.finish("FAILED")
+            raise TrainError(str(e)) from None
         v0 = validate(cfg, net, val_ds, pad, d)
         if not math.isfinite(v0["val/loss"]):
             raise M.CheckpointError(
@@ -1068,6 +1126,10 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
         return 0
     final = export_model(net, run_dir / "checkpoints" / "final", tokenizer, d)
     cost = cost_metrics(d, st, net, final)
+    # the end-of-run evaluation loads the export whole on every rank: first free the training state
+    scorer_state.model = scorer_state.ref_model = scorer_state.reward_model = scorer_state.hidden = None
+    net = base = opt = None  # (save() is not called after this point)
+    free_memory(d)
     return finish(cfg, d, run_dir, final, st, scorer_state, tracker, tokenizer, cost)
 
 
@@ -1105,6 +1167,35 @@ def cost_metrics(d: P.Dist, st: TrainState, net, final: Path | None) -> dict:
         "cost/checkpoint_mb": size_mb("model.safetensors"),
         "cost/adapter_mb": size_mb("adapter.safetensors"),
     }
+
+
+def free_memory(d: P.Dist) -> None:
+    import gc
+
+    gc.collect()
+    if d.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def end_of_run_eval(cfg, d: P.Dist, run_dir: Path, tokenizer, tracker, step: int, histogram: Path) -> dict:
+    """Every rank loads the consolidated export unsharded on its device (bf16 on GPU) and generates its share of
+    the problems; rank 0 judges, writes the report and logs (evaluate.evaluate_model). Returns rank 0's metrics."""
+    import evaluate
+
+    P.barrier()  # rank 0 wrote the export
+    final = run_dir / "checkpoints" / "final"
+    net = evaluate.load_for_eval(cfg, final, "wmtp", d.device)
+    rep = Path(cfg.eval.report_dir) if cfg.eval.report_dir else run_dir / "eval"
+    e = cfg.eval
+    metrics = evaluate.evaluate_model(
+        cfg, net, tokenizer, e.datasets, e.n_samples, e.limit, rep, weight_histogram=histogram
+    )
+    del net
+    free_memory(d)
+    if d.main:
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        tracker.log_artifacts(rep, "reports")
+    return metrics
 
 
 class Meter:
@@ -1235,10 +1326,14 @@ def finish(
         "final_micro_batch": st.micro_batch,
         "final_lr_scale": st.lr_scale,
         "weights": st.last_weights,
+        "weights_per_head": score.head_summary(
+            scorer_state
+        ),  # the whole run's (the histogram's) mean per head
         "scorer_metrics": dict(scorer_state.metrics),
         "cost": cost or {},
         "host": socket.gethostname(),
     }
+    plots = run_dir / "plots"
     if d.main:
         tracker.log_metrics(summary["cost"], step=st.step)
         if cfg.data.dataset == "synthetic" and final is not None:
@@ -1250,33 +1345,16 @@ def finish(
             summary["synthetic"] = synth
             tracker.log_metrics(synth, step=st.step)
             print("synthetic: " + " ".join(f"{k[6:]} {v:.4g}" for k, v in synth.items() if "head" not in k))
-        plots = run_dir / "plots"
         plots.mkdir(exist_ok=True)
         score.save_weight_histogram(scorer_state, plots / "weight_histogram.png")
-        if cfg.eval.enabled and final is not None:
-            import evaluate
-
-            net = M.load_checkpoint(final)
-            rep = Path(cfg.eval.report_dir) if cfg.eval.report_dir else run_dir / "eval"
-            metrics = evaluate.evaluate_model(
-                cfg,
-                net,
-                tokenizer,
-                cfg.eval.datasets,
-                cfg.eval.n_samples,
-                cfg.eval.limit,
-                rep,
-                weight_histogram=plots / "weight_histogram.png",
-            )
-            summary["eval"] = metrics
-            tracker.log_metrics(
-                {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=st.step
-            )
-            tracker.log_artifacts(rep, "reports")
+    if cfg.eval.enabled:
+        hist = plots / "weight_histogram.png"
+        summary["eval"] = end_of_run_eval(cfg, d, run_dir, tokenizer, tracker, st.step, hist)
+    best = run_dir / "checkpoints" / "best"
+    if d.main:
         files.atomic_write_text(
             run_dir / "summary.json", s3cache.scrub(json.dumps(summary, indent=2, default=str))
         )
-        best = run_dir / "checkpoints" / "best"
         for ck in (c for c in (final, best) if c is not None and c.exists()):  # hf/ and meta/ beside ours
             export_formats(cfg, run_dir, ck, tokenizer)
         tracker.log_artifacts(plots, "plots")
@@ -1290,6 +1368,10 @@ def finish(
             for ck in (c for c in (final, best) if c is not None and c.exists()):
                 s3cache.upload(ck, f"runs/{run_dir.name}/checkpoints/{ck.name}", cfg.storage)
                 print(f"uploaded {ck} to S3 resource runs/{run_dir.name}/checkpoints/{ck.name}")
+        heads = summary["weights_per_head"]
+        print(
+            "weights per head (run mean): " + " ".join(f"{k} {h['run_mean']:.4f}" for k, h in heads.items())
+        )
         tracker.write_report(run_dir, summary)
         tracker.finish("FINISHED")
         for line in tracker.summary():

@@ -31,6 +31,16 @@ def tok(tiny_tokenizer_dir):
     return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
 
 
+@pytest.fixture(scope="module", params=["bpe", "llama"])
+def any_tok(request, tiny_tokenizer_dir, tiny_llama_tokenizer_dir):
+    """Both tiny tokenizers: byte-level BPE, and Llama-2 style (SentencePiece-like "▁" prefix, byte fallback)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        str(tiny_llama_tokenizer_dir if request.param == "llama" else tiny_tokenizer_dir)
+    )
+
+
 def make_cfg(tmp_path: Path, *overrides: str):
     return load_config(None, [f'--storage.cache_dir="{tmp_path / "cache"}"', *overrides])
 
@@ -278,7 +288,8 @@ def test_mbpp_hub_parquet_layout(tmp_path, mbpp):
 # --------------------------------------------------------------------------- tokenised dataset
 
 
-def test_build_dataset_rows_masks_and_cache_hit(tmp_path, tok, mbpp):
+def test_build_dataset_rows_masks_and_cache_hit(tmp_path, any_tok, mbpp):
+    tok = any_tok
     cfg = make_cfg(tmp_path)
     before = dict(data.STATS)
     ds = data.build_dataset(cfg, tok, "validation")
@@ -304,7 +315,24 @@ def test_build_dataset_rows_masks_and_cache_hit(tmp_path, tok, mbpp):
     assert all(Path(f["filename"]).is_relative_to(cache) for f in again.cache_files)
 
 
-def test_packing_rows_are_exactly_max_length_and_keep_every_token(tmp_path, tok):
+def test_training_rows_are_the_tokens_of_prompt_plus_completion(tmp_path, any_tok, mbpp):
+    """Prompt and completion are tokenised as ONE text, as the model reads them: alone, a Llama-style completion
+    would start with "▁def" (a one-space indent) where the model sees "def" after the prompt's newline. The first
+    trained token starts the completion, and evaluation's prompt encoding is exactly the row's prompt."""
+    tok = any_tok
+    ds = data.build_dataset(make_cfg(tmp_path, "--data.max_length=1024"), tok, "train")  # no row is cut
+    for row in ds:
+        prompt, target = data.mbpp_prompt(mbpp[row["task_id"]]), data.mbpp_target(mbpp[row["task_id"]])
+        enc = tok(prompt + target, add_special_tokens=False, return_offsets_mapping=True)
+        assert row["input_ids"] == [tok.bos_token_id, *enc["input_ids"], tok.eos_token_id]
+        n = row["loss_mask"].index(True)
+        assert row["loss_mask"] == [False] * n + [True] * (len(row["input_ids"]) - n)
+        assert enc["offset_mapping"][n - 1][0] == len(prompt)  # row[n] is enc[n - 1] (BOS first)
+        assert row["input_ids"][:n] == data.encode_prompt(tok, prompt)
+
+
+def test_packing_rows_are_exactly_max_length_and_keep_every_token(tmp_path, any_tok):
+    tok = any_tok
     plain = data.build_dataset(make_cfg(tmp_path), tok, "validation")
     packed = data.build_dataset(
         make_cfg(tmp_path, "--data.packing=true", "--data.max_length=128"), tok, "validation"
@@ -328,7 +356,8 @@ def test_truncation_keeps_bos_prompt_end_and_completion_start():
     assert data._fit([0, 5], [7, 1], 64) == ([0, 5], [7, 1])
 
 
-def test_three_shot_dataset_is_truncated_to_max_length(tmp_path, tok):
+def test_three_shot_dataset_is_truncated_to_max_length(tmp_path, any_tok):
+    tok = any_tok
     ds = data.build_dataset(
         make_cfg(tmp_path, "--data.template=three_shot", "--data.max_length=200"), tok, "prompt"
     )
@@ -397,7 +426,8 @@ def test_skip_batches_resumes_the_same_stream(skip):
         assert torch.equal(x["index"], y["index"]) and torch.equal(x["input_ids"], y["input_ids"])
 
 
-def test_eval_batches_in_order_with_partial_last(tmp_path, tok):
+def test_eval_batches_in_order_with_partial_last(tmp_path, any_tok):
+    tok = any_tok
     ds = data.build_dataset(make_cfg(tmp_path), tok, "prompt")
     batches = list(data.eval_batches(ds, 4, data.pad_token_id(tok)))
     assert [len(b["index"]) for b in batches] == [4, 4, 2]

@@ -41,11 +41,39 @@ def test_fsdp2_gradients_equal_single_process():
     assert p.stdout.count("max gradient error") == 2
 
 
+# the end-of-run evaluation of the `full` run: 3 problems in batches of 2, greedy (rank 1 generates one)
+EVAL_KV = {"eval.enabled": True, "eval.limit": 3, "eval.temperature": 0, "eval.max_new_tokens": 16}
+EVAL_KV |= {"eval.batch_size": 2, "eval.workers": 2}
+
+
 @pytest.fixture(scope="module")
 def rho1_2proc(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    torchrun(tiny_dir, out, **{"train.run_name": "full"})
+    torchrun(tiny_dir, out, **{"train.run_name": "full", **EVAL_KV})
     return out
+
+
+def test_end_of_run_evaluation_is_split_over_the_ranks_like_one_process(rho1_2proc, tiny_dir):
+    """Both ranks load the export and generate their share; rank 0's report equals one process's evaluation."""
+    import config as C
+    import evaluate
+    import tiny
+
+    run = rho1_2proc / "full"
+    summary = json.loads((run / "summary.json").read_text())
+    assert json.loads((run / "eval" / "metrics.json").read_text())["mbpp"]["n_problems"] == 3
+    kv = {**EVAL_KV, "data.max_length": 128}  # as tiny_overrides: head CEs are taken on rows of that length
+    cfg = C.load_config(None, [f"--{k}={json.dumps(v)}" for k, v in kv.items()])
+    net = evaluate.load_for_eval(cfg, run / "checkpoints" / "final", "wmtp", torch.device("cpu"))
+    one = evaluate.evaluate_model(
+        cfg, net, tiny.load_tokenizer(tiny_dir), ["mbpp"], 1, 3, rho1_2proc / "eval1"
+    )
+    assert (run / "eval" / "samples.jsonl").read_text() == (
+        rho1_2proc / "eval1" / "samples.jsonl"
+    ).read_text()
+    assert sorted(summary["eval"]) == sorted(one) and "mbpp/pass_at_1" in one
+    for k, v in one.items():
+        assert summary["eval"][k] == pytest.approx(v, abs=1e-5), k
 
 
 def test_sharded_resume_equals_uninterrupted_run(rho1_2proc, tiny_dir):
@@ -193,3 +221,85 @@ def test_nan_rollback_restores_the_sharded_snapshot(rho1_2proc, tiny_dir):
     two = dcp_model(out / "two" / "checkpoints" / "latest", out)
     rolled = M.load_checkpoint(out / "rb" / "checkpoints" / "final").state_dict()
     assert two.keys() == rolled.keys() and all(torch.equal(two[k], rolled[k]) for k in two)
+
+
+# --------------------------------------------------------------------------- ranks in lockstep (full validation)
+
+SCORERS = ["uniform", "critic_delta_v1", "rho1_excess_v1"]
+LOCKSTEP_EVAL = [
+    "--eval.temperature=0",
+    "--eval.max_new_tokens=24",
+    "--eval.batch_size=2",
+    "--eval.workers=2",
+]
+
+
+def single_process_validation(tiny: Path, export: Path) -> dict:
+    """train.validate in this process (no process group) on the exported weights, as the script configures it."""
+    import config as C
+    import data
+    import parallel as P
+    import train
+
+    kv = [f"--model.tokenizer={json.dumps(str(tiny / 'tokenizer'))}", "--train.micro_batch_size=4"]
+    kv += [
+        "--train.val_batches=0",
+        "--data.max_length=128",
+        f"--storage.cache_dir={json.dumps(str(REPO / '.cache'))}",
+    ]
+    cfg = C.load_config(REPO / "configs" / "tiny_mbpp.toml", kv)
+    tok = train.load_tokenizer(cfg, export)
+    val_ds = data.build_dataset(cfg, tok, "validation")
+    assert len(val_ds) == 90
+    return train.validate(cfg, M.load_checkpoint(export), val_ds, tok.pad_token_id, P.Dist())
+
+
+# 4 ranks: every scorer, and the evaluation split (5 problems in 3 batches: rank 3 has none); 3 ranks: the scorers
+# with a sharded aux model (the uniform one adds nothing to validation)
+@pytest.mark.parametrize("nproc, args", [(4, [*SCORERS, "--eval"]), (3, SCORERS[1:])])
+def test_ranks_stay_in_lockstep_through_full_validation_and_evaluation(nproc, args, tiny_dir, tmp_path):
+    """tests/dist_lockstep_check.py under torchrun with 4 and 3 ranks (23 validation batches, 94 reference and 38
+    reward chunks: none divides by the world size): each scorer prepares, steps, validates all 90 rows and exports
+    without a hang; the validation loss equals one process's on the exported weights, and the evaluation split over
+    the ranks equals one process's (greedy)."""
+    import config as C
+    import evaluate
+    import tiny
+
+    script = [
+        f"--nproc_per_node={nproc}",
+        "tests/dist_lockstep_check.py",
+        str(tiny_dir),
+        str(tmp_path),
+        *args,
+    ]
+    p = subprocess.run(
+        [*TORCHRUN[:-1], *script],
+        cwd=REPO,
+        env={**DENV, "WMTP_DIST_TIMEOUT_MIN": "2"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    got = {r["scorer"]: r["val"] for r in rows if "scorer" in r}
+    scorers = [a for a in args if a != "--eval"]
+    assert sorted(got) == sorted(scorers)
+    for scorer in scorers:
+        want = single_process_validation(tiny_dir, tmp_path / scorer)
+        for k, v in want.items():
+            assert got[scorer][k] == pytest.approx(v, abs=1e-5), (scorer, k)
+    if "--eval" not in args:
+        return
+    # the evaluation report of rank 0 equals a single process's on the same export
+    cfg = C.load_config(None, LOCKSTEP_EVAL)
+    net = evaluate.load_for_eval(cfg, tmp_path / scorers[0], "wmtp", torch.device("cpu"))
+    evaluate.evaluate_model(cfg, net, tiny.load_tokenizer(tiny_dir), ["mbpp"], 1, 5, tmp_path / "eval1")
+    samples = [(tmp_path / d / "samples.jsonl").read_text() for d in ("eval", "eval1")]
+    assert samples[0] == samples[1] and samples[0].count("\n") == 5
+    m_dist, m_one = (
+        json.loads((tmp_path / d / "metrics.json").read_text())["mbpp"] for d in ("eval", "eval1")
+    )
+    assert m_dist.pop("head_ce") == pytest.approx(m_one.pop("head_ce"), abs=1e-5)
+    assert m_dist == m_one and m_one["n_problems"] == 5

@@ -201,16 +201,39 @@ def test_unknown_task_id_error_in_python(tmp_path, humaneval):
 # --------------------------------------------------------------------------- with a model
 
 
-def test_evaluate_model_on_tiny_model_writes_the_report(tiny_dir, tmp_path):
+TOKENIZERS = ["tokenizer", "tokenizer_llama"]  # tiny.py's byte-level BPE and Llama-2 style tokenizers
+
+
+@pytest.mark.parametrize("tok_name", TOKENIZERS)
+def test_evaluation_prompts_are_the_training_rows_prompts(tok_name, tiny_dir, tmp_path, mbpp):
+    """Generation starts from exactly the tokens that precede the completion in training (same split here)."""
+    from transformers import AutoTokenizer
+
+    import config
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir / tok_name))
+    cfg = config.load_config(
+        None, [f"--storage.cache_dir={json.dumps(str(tmp_path))}", "--eval.split=validation"]
+    )
+    items = evaluate._prompts(cfg, "mbpp", mbpp, 0)
+    rows = {r["task_id"]: r for r in data.build_dataset(cfg, tok, "validation")}
+    assert sorted(rows) == sorted(k for k, _ in items) and len(rows) == 90
+    for (key, _), ids in zip(items, evaluate.prompt_ids(tok, [p for _, p in items], 4096), strict=True):
+        row = rows[key]
+        assert ids == row["input_ids"][: row["loss_mask"].index(True)], key
+
+
+@pytest.mark.parametrize("tok_name", TOKENIZERS)
+def test_evaluate_model_on_tiny_model_writes_the_report(tok_name, tiny_dir, tmp_path):
     import torch
+    from transformers import AutoTokenizer
 
     import config
     import model as M
-    import tiny
 
     torch.manual_seed(0)
     net = M.load_model(tiny_dir / "base_meta", "meta", 4)
-    tok = tiny.load_tokenizer(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir / tok_name))
     cfg = config.load_config(None, ["--eval.max_new_tokens=24", "--eval.batch_size=4", "--eval.workers=2"])
     cfg.storage.data_root = str(ROOT)
     hist = tmp_path / "w.png"

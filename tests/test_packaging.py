@@ -8,6 +8,8 @@ A missing tool is a failure naming the package to install, never a skip.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -392,3 +394,60 @@ def test_docker_smoke_script_is_valid_bash_and_runs_the_tiny_train():
     text = SMOKE.read_text()
     for needle in ("set -euo pipefail", "docker build", "--gpus", "tiny.py", "configs/tiny_mbpp.toml"):
         assert needle in text, f"{SMOKE.name} lacks {needle!r}"
+
+
+GPU_CHECK = REPO / "scripts" / "gpu_check.sh"
+
+
+def test_gpu_check_script_is_valid_bash_and_runs_every_scorer_through_torchrun():
+    assert GPU_CHECK.stat().st_mode & 0o111, f"{GPU_CHECK} must be executable"
+    r = run("bash", "-n", GPU_CHECK)
+    assert r.returncode == 0, r.stderr
+    text = GPU_CHECK.read_text()
+    for needle in (
+        "set -euo pipefail",
+        "torch.distributed.run",
+        "--train.val_batches=0",
+        "--eval.enabled=true",
+    ):
+        assert needle in text, f"{GPU_CHECK.name} lacks {needle!r}"
+    for cfg in ("tiny_mbpp", "tiny_critic_mbpp", "tiny_rho1_mbpp"):
+        assert f"configs/{cfg}.toml" in text
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu_at_tiny_shapes(tmp_path):
+    """The whole script with DEVICE=cpu on a 4.5M-parameter model: every stage trains, validates, evaluates and
+    reports (no GPU here, so no MFU or memory figures; the GPU run itself is in the README)."""
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "DEVICE": "cpu",
+        "DIM": "64",
+        "LAYERS": "6",
+        "HEADS": "4",
+        "SEQ": "256",
+        "STEPS": "3",
+        "EVAL_LIMIT": "2",
+        "MICRO_BATCH": "2",
+        "STAGES": "1 2 3 4",
+        "OUT": str(tmp_path / "runs"),
+        "CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    r = subprocess.run(
+        ["bash", str(GPU_CHECK)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = r.stdout[r.stdout.index("| run | steps |") :].splitlines()
+    assert [line.split(" | ")[0] for line in table[2:6]] == ["| uniform", "| critic", "| rho1", "| single"]
+    for line in table[2:6]:
+        cols = [c.strip() for c in line.strip("|").split("|")]
+        assert cols[1] == "3" and cols[7] == "float32" and cols[6] != "-", line  # steps, fp32 masters, pass@1
+    params = json.loads((tmp_path / "cache" / "base_64x6" / "params.json").read_text())
+    assert (params["dim"], params["n_layers"], params["n_future_tokens"], params["vocab_size"]) == (
+        64,
+        6,
+        4,
+        32000,
+    )

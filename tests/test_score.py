@@ -304,6 +304,37 @@ def test_mix_and_weight_stats():
     assert score.weight_stats(w.flatten(), valid.flatten(), 0.05, 3.0) == s
 
 
+def test_per_head_weight_statistics_histogram_and_resume(tmp_path):
+    """Each head's mean weight per call, its own histogram row and run mean (resumable), one colour per head."""
+    import matplotlib.image
+
+    cfg = C.Config()
+    cfg.model.n_future_tokens = 3
+    state = score.init_state(cfg, tiny_policy(64, n_future=3), None, "cpu")
+    valid = torch.ones(2, 5, 3, dtype=torch.bool)
+    valid[1, 3:] = False  # 8 valid pairs per head
+    w = torch.where(valid, torch.tensor([0.5, 1.0, 2.0]), 0.0)  # head k's weights: 0.5, 1, 2
+    w[0, 0, 2] = 2.62  # one head-3 weight elsewhere
+    score._record(state, w, valid, {})
+    assert state.metrics["weights/mean_head1"] == 0.5 and state.metrics["weights/mean_head2"] == 1.0
+    assert state.metrics["weights/mean_head3"] == pytest.approx((7 * 2.0 + 2.62) / 8)
+    score._record(state, torch.where(valid, 1.0, 0.0), valid, {})  # a second call: all 1
+    assert state.hist_counts.shape == (3, score.HIST_BINS) and state.hist_counts.sum(1).tolist() == [16.0] * 3
+    values = torch.tensor([0.5, 1.0, 2.0, 2.62]).double()  # float32 weights, binned in float64
+    bins = torch.bucketize(values, state.hist_edges, right=True) - 1
+    assert state.hist_counts[0, bins[0]] == 8 and state.hist_counts[2, bins[3]] == 1
+    heads = score.head_summary(state)
+    assert heads["head1"] == {"run_mean": 0.75, "pairs": 16.0}
+    assert heads["head3"]["run_mean"] == pytest.approx((7 * 2.0 + 2.62 + 8) / 16)
+    resumed = score.init_state(cfg, tiny_policy(64, n_future=3), None, "cpu")
+    resumed.load_state_dict(state.state_dict())
+    assert score.head_summary(resumed) == heads and torch.equal(resumed.hist_counts, state.hist_counts)
+    png = score.save_weight_histogram(state, tmp_path / "w.png")
+    rgb = torch.from_numpy(matplotlib.image.imread(png)[..., :3]).reshape(-1, 3)
+    for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x2C, 0xA0, 0x2C)):  # C0, C1, C2: heads 1-3
+        assert ((rgb - torch.tensor(colour) / 255).abs().amax(1) < 0.01).any(), colour
+
+
 def test_pair_scores_maps_each_pair_to_its_target_position():
     tok = torch.arange(10.0)[None] * 10
     p = score.pair_scores(tok, H)
@@ -696,6 +727,37 @@ def test_tests_reward_runs_the_sandbox(tok, tmp_path, train_rows):
     tid = row["task_id"]
     got = score._test_rewards(state, [completion, "def nothing():\n    pass\n"], [tid, tid])
     assert got == [1.0, 0.0]
+
+
+def test_reward_spread_check():
+    f64 = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    score.check_reward_spread(f64(1, 0, 1, 1), "tests")  # one failing example is a ranking
+    score.check_reward_spread(f64(0.3, 0.31), "model")
+    with pytest.raises(score.RewardError) as e:
+        score.check_reward_spread(f64(1, 1, 1, 1), "tests")
+    msg = str(e.value)
+    assert "critic.reward = 'tests': the 4 training rewards have (near) zero variance (mean 1, std 0)" in msg
+    assert "every example passes its tests" in msg and "loss.scorer = 'rho1_excess_v1'" in msg
+    with pytest.raises(score.RewardError, match="the reward model scores every example the same"):
+        score.check_reward_spread(f64(-2.5, -2.5 + 1e-7, -2.5 - 1e-7), "model")  # rounding of one value
+
+
+def test_a_constant_reward_model_stops_the_critic_before_training(tok, tmp_path, aux_dirs, train_rows):
+    """A reward model whose score head is zero gives every example reward 0: prepare() refuses."""
+    from safetensors.torch import load_file, save_file
+
+    rm = tmp_path / "rm0"
+    shutil.copytree(aux_dirs / "rm", rm)
+    sd = load_file(str(rm / "model.safetensors"))
+    sd["score.weight"].zero_()
+    save_file(sd, str(rm / "model.safetensors"), metadata={"format": "pt"})
+    cfg = make_cfg(tmp_path, "critic_delta_v1", critic=dict(reward_model=str(rm), value_hidden=16))
+    state = score.init_state(cfg, tiny_policy(len(tok)), tok, "cpu", dataset=train_rows)
+    with pytest.raises(
+        score.RewardError, match="12 training rewards have \\(near\\) zero variance \\(mean 0, std 0\\)"
+    ):
+        score.prepare(state, data.make_loader(train_rows, 4, tok.pad_token_id))
+    assert state.rewards == dict.fromkeys(range(12), 0.0) and state.reward_model is None
 
 
 def test_judge_completion_is_the_public_single_judge():

@@ -45,6 +45,36 @@ def test_tokenizer_training_is_deterministic():
     assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
 
 
+def test_llama_style_tokenizer_is_sentencepiece_like(tiny_dir):
+    """Llama-2's layout: <unk> <s> </s>, then the 256 byte tokens; a "▁" prefix and "▁" for spaces; newlines are
+    byte tokens only (so code after a newline starts without "▁"); no pad token; loads offline and round-trips."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer_llama"))
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 13, 258]) == [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<0x00>",
+        "<0x0A>",
+        "<0xFF>",
+    ]
+    assert (tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token) == ("<unk>", "<s>", "</s>", None)
+    assert len(tok) == tiny.VOCAB_SIZE
+    assert tok("x = 1")["input_ids"][0] == tok.bos_token_id
+    alone = tok.convert_ids_to_tokens(tok("def f(x):", add_special_tokens=False)["input_ids"])
+    after = tok.convert_ids_to_tokens(tok('"""\ndef f(x):', add_special_tokens=False)["input_ids"])
+    assert alone[0] == "▁def" and after[:3] == ['▁"', '"', '"'] and after[4] == "def"
+    assert not any("\n" in t for t in tok.get_vocab())
+    problems = data.load_mbpp(os.path.join(default_data_root(), "mbpp"))
+    for p in data.mbpp_split(problems, "test")[:50]:  # unseen by the tokenizer's training
+        text = data.mbpp_prompt(p) + data.mbpp_target(p)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text and len(ids) < len(text.encode())
+    again = tiny.train_llama_tokenizer(default_data_root())  # deterministic
+    assert again.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+
+
 def test_ref_hf_is_a_llama_causal_lm(tok, tiny_dir):
     from transformers import AutoModelForCausalLM
 

@@ -92,6 +92,23 @@ def test_training_reduces_validation_loss_and_writes_checkpoints(reference_run):
     assert (ck / "latest").resolve() == ck / "step_000006" and (ck / "final" / "model.safetensors").is_file()
 
 
+def test_per_head_weight_means_are_logged_and_reported(reference_run):
+    """weights/mean_head{k} every step; the run's per-head means (histogram) in summary.json and the run report.
+    The reference run is uniform: every weight is exactly 1, and the histogram holds every valid pair."""
+    out, rows = reference_run
+    for r in rows:
+        assert [r[f"weights/mean_head{k}"] for k in range(1, 5)] == [1.0] * 4
+    summary = json.loads((out / "ref" / "summary.json").read_text())
+    heads = summary["weights_per_head"]
+    assert sorted(heads) == ["head1", "head2", "head3", "head4"]
+    assert all(h["run_mean"] == 1.0 for h in heads.values())
+    assert sum(h["pairs"] for h in heads.values()) == sum(r["train/tokens"] for r in rows)
+    assert summary["weights"]["weights/mean_head3"] == 1.0
+    report = (out / "ref" / "reports" / "run_report.md").read_text()
+    assert "## Weights per head" in report
+    assert f"| head2 | 1 | 1 | {heads['head2']['pairs']:.0f} |" in report
+
+
 def test_resume_gives_the_same_losses(reference_run, tiny_dir, tmp_path):
     _, ref = reference_run
     run_train(tiny_dir, tmp_path, **{"train.run_name": "r", "train.stop_after": 3})
@@ -208,6 +225,56 @@ def dcp_model(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return torch.load(dst, weights_only=False)["model"]
 
 
+def test_bf16_checkpoint_trains_fp32_master_weights(tiny_dir, tmp_path):
+    """Meta's consolidated.pth is bf16. Trained in bf16, most 1e-5 updates would round away; the masters, their
+    gradients and the AdamW state are fp32, so after 3 steps at lr 1e-5 nearly every weight has moved."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    import model as M
+
+    base = tmp_path / "base_bf16"
+    M.save_meta(M.load_model(tiny_dir / "base_meta", "meta").to(torch.bfloat16), base)
+    init = torch.load(base / "consolidated.pth", weights_only=True)
+    assert {v.dtype for v in init.values()} == {torch.bfloat16}
+    kv = {"train.run_name": "bf16", "model.path": str(base), "optim.lr": 1e-5, "train.steps": 3}
+    run_train(tiny_dir, tmp_path, **kv, **{"train.eval_every": 0, "train.val_batches": 1})
+    dcp_to_torch_save(str(tmp_path / "bf16" / "checkpoints" / "latest" / "dcp"), str(tmp_path / "last.pt"))
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    masters, adam = ckpt["model"], ckpt["optim"]["state"]
+    assert {v.dtype for v in masters.values()} == {torch.float32}
+    assert {t.dtype for s in adam.values() for k, t in s.items() if k != "step"} == {torch.float32}
+    assert sorted(adam) == sorted(masters)  # every parameter is trained
+    moved = sum(int((masters[k] != init[k].float()).sum()) for k in init)
+    assert moved / sum(v.numel() for v in init.values()) > 0.95
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_one_process_step_computes_in_bf16_on_a_gpu_only(device, tiny_dir, tmp_path):
+    """One process on a GPU: bf16 autocast over the fp32 masters (what FSDP2's MixedPrecisionPolicy does under
+    torchrun); the CPU computes in fp32."""
+    import data
+    import parallel as P
+    import score
+
+    kv = {"model.dtype": "bfloat16", "train.device": device}
+    cfg = C.load_config(REPO / "configs/tiny_mbpp.toml", tiny_overrides(tiny_dir, tmp_path, **kv))
+    d = P.Dist(device=torch.device(device))
+    net = train.build_model(cfg, d, tiny_dir / "base_meta")
+    seen = []
+    net.layers[0].attention.wq.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    tok = train.load_tokenizer(cfg, tiny_dir / "base_meta")
+    batch = next(data.make_loader(data.build_dataset(cfg, tok, "train"), 4, tok.pad_token_id))
+    batch = {k: v.to(d.device) for k, v in batch.items()}
+    state = score.init_state(cfg, net, tok, d.device)
+    opt = train.make_optimizer(cfg, net)
+    train.optimizer_step(cfg, net, opt, batch, train.TrainState(micro_batch=4), state, d, 0)
+    assert set(seen) == {torch.bfloat16 if device == "cuda" else torch.float32}
+    assert {(p.dtype, p.grad.dtype) for p in net.parameters()} == {(torch.float32, torch.float32)}
+
+
 def test_nan_steps_are_skipped_then_recovered_with_lower_lr(tiny_dir, tmp_path):
     kv = {
         "train.run_name": "nan",
@@ -271,9 +338,53 @@ def test_dry_run_prints_the_plan_and_refuses_what_does_not_fit(tiny_dir, tmp_pat
     assert (
         "parameters  1.63M" in p.stdout and "memory plan per device" in p.stdout and "plan fits" in p.stdout
     )
+    assert "budget      6 steps x 4 rows = 0.1 epochs of the 374 train rows (93 steps per epoch)" in p.stdout
+    assert (
+        "dtypes      fp32 master weights, gradients and AdamW states" in p.stdout
+        and "WARNING" not in p.stdout
+    )
     assert not (tmp_path / "tiny-mtp").exists()  # no run directory, no step
-    p = run_train(tiny_dir, tmp_path, "--dry-run", check=False, **{"train.memory_gb": 0.001})
+    kv = {"train.memory_gb": 0.001, "train.steps": 2000}
+    p = run_train(tiny_dir, tmp_path, "--dry-run", check=False, **kv)
     assert p.returncode == 2 and "REFUSED" in p.stdout
+    assert (
+        "WARNING: 22 epochs (> 20) over 374 rows" in p.stdout and "(3 epochs = train.steps 279)" in p.stdout
+    )
+
+
+def test_epochs_follow_the_loader_over_ranks_and_accumulation():
+    def epochs(steps: int, mb: int, accum: int, world: int, rows: int = 374) -> float:
+        kv = [f"--train.steps={steps}", f"--train.micro_batch_size={mb}", f"--train.grad_accum={accum}"]
+        return train.epochs(C.load_config(None, kv), rows, world)
+
+    # the issue's figure: 2000 steps x 64 sequences. 374 // 4 ranks = 93 rows per rank, // 16 = 5 steps an epoch
+    assert epochs(2000, 4, 4, 4) == 400.0
+    assert epochs(69, 4, 1, 4) == 3.0  # the shipped 7B configs: 93 // 4 = 23 steps an epoch
+    assert epochs(93, 4, 1, 1) == 1.0 and epochs(93, 2, 2, 1) == 1.0  # accumulation = a larger micro-batch
+    assert epochs(10, 4, 1, 3) == 10 / 31  # 374 // 3 = 124 rows per rank, // 4
+    assert epochs(10, 200, 1, 2) == math.inf  # 187 rows per rank do not fill one step
+    lines = train.budget_lines(C.load_config(None, ["--train.steps=2000", "--train.grad_accum=4"]), 374, 4)
+    assert (
+        lines[0]
+        == "budget      2000 steps x 64 rows = 400.0 epochs of the 374 train rows (5 steps per epoch)"
+    )
+    assert lines[1].startswith("WARNING: 400 epochs (> 20) over 374 rows")
+
+
+def test_constant_test_rewards_stop_before_training(tiny_dir, tmp_path):
+    """critic.reward = 'tests' judges the reference solutions, which all pass: every reward is 1 and the critic's
+    weights would be noise. On MBPP's 10-problem prompt split (train's 374 are the same story, 37x the sandbox
+    runs) the run stops before its first step and says why and what to use instead."""
+    kv = {"train.run_name": "const", "critic.reward": "tests", "data.train_split": "prompt"}
+    kv["data.max_length"] = 512  # no reference is cut (a cut one would fail its tests)
+    p = run_train(tiny_dir, tmp_path, config="configs/tiny_critic_mbpp.toml", check=False, **kv)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert (
+        "critic.reward = 'tests': the 10 training rewards have (near) zero variance (mean 1, std 0)"
+        in p.stderr
+    )
+    assert "Use critic.reward = 'model'" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "const" / "metrics.jsonl").exists() and "step 0: val/loss" not in p.stdout
 
 
 def test_config_error_exits_before_any_work(tiny_dir, tmp_path):

@@ -179,7 +179,8 @@ def test_an_oom_retry_leaves_no_trace_for_any_scorer(scorer, tiny_dir, tmp_path)
     for (n, a), b in zip(net_a.named_parameters(), net_b.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5, msg=n)  # AdamW magnifies rounding noise
     assert (state_a.calls, state_b.calls) == (3, 1 + 2 + 2)  # a call per micro-batch; the failed one undone
-    assert torch.equal(state_b.hist_counts, state_a.hist_counts)
+    assert torch.equal(state_b.hist_counts, state_a.hist_counts)  # [H, bins]
+    torch.testing.assert_close(state_b.head_sums, state_a.head_sums, rtol=1e-6, atol=0)
     if scorer == "critic_delta_v1":
         for a, b in zip(state_a.value_head.parameters(), state_b.value_head.parameters(), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

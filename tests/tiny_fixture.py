@@ -2,7 +2,7 @@
 
 `tiny_dir` reuses `<repo>/.cache/tiny` when `make tiny` already built it completely, else builds everything once
 per session into a temp dir. `tiny_tokenizer_dir` is the tokenizer alone (cheap; needs no model.py), for tests of
-data handling.
+data handling; `tiny_llama_tokenizer_dir` the Llama-2 style one.
 """
 
 from __future__ import annotations
@@ -37,3 +37,12 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_tok")
     tiny.build_tokenizer(out, default_data_root())
     return out / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tokenizer_dir(tmp_path_factory) -> Path:
+    if (REPO_TINY / "tokenizer_llama").is_dir():
+        return REPO_TINY / "tokenizer_llama"
+    out = tmp_path_factory.mktemp("tiny_tok_llama")
+    tiny.build_llama_tokenizer(out, default_data_root())
+    return out / "tokenizer_llama"
