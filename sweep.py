@@ -557,7 +557,10 @@ def _load_state(sw: Sweep) -> dict:
     state.update({"name": sw.name, "file": str(sw.path), "text": sw.text, "commit": git_commit()})
     state.update({"description": sw.description, "notes": sw.notes, "report_dir": str(sw.report_dir)})
     state.setdefault("runs", {})
-    state["grids"] = []
+    names = [
+        g["name"] for g in sw.grids
+    ]  # a rerun keeps the earlier expansion of the grids it has not reached
+    state["grids"] = [g for g in state.get("grids", []) if g["name"] in names]
     return state
 
 
@@ -569,10 +572,12 @@ def run_sweep(sw: Sweep, launcher: str, parallel: int) -> int:
     runs: dict[str, Run] = {}
     picks: dict[str, str] = {}
     failed: list[str] = []
+    order = {g["name"]: i for i, g in enumerate(sw.grids)}
     for grid in sw.grids:
         picks.update(pick(sw, grid, state, runs))
         rows = expand(sw, grid, picks, runs)
-        state["grids"].append(_grid_state(sw, grid, rows, picks))
+        others = [g for g in state["grids"] if g["name"] != grid["name"]]
+        state["grids"] = sorted([*others, _grid_state(sw, grid, rows, picks)], key=lambda g: order[g["name"]])
         for r in runs.values():
             state["runs"].setdefault(r.name, {}).update(
                 {"overrides": r.overrides, "base": r.base, "steps": r.steps}
