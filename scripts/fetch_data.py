@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
 import s3cache  # noqa: E402
-from config import StorageConfig, atomic_dir_swap  # noqa: E402
+from config import StorageConfig  # noqa: E402
+from files import atomic_dir_swap  # noqa: E402
 
 # (repo id, the only files to download)
 MBPP_HUB = ("google-research-datasets/mbpp", ["full/*.parquet"])
