@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv tiny smoke test test-slow lint format bench gpu-check clean
+.PHONY: venv tiny smoke test test-slow lint format bench gpu-check research clean
 
 # torch first and pinned: on the CI machines pip takes the 2.13.0 CPU wheel lying on disk; elsewhere PyPI's Linux
 # wheel is the CUDA build (set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for a CPU-only install).
@@ -47,6 +47,11 @@ bench: tiny
 	$(BIN)/python bench/mtp_step.py
 	$(BIN)/python bench/judge.py
 	$(BIN)/python bench/speculative.py
+
+# The study on the synthetic benchmark (README "Research"): 95 runs, ~3.5 CPU-hours (~2 h on 2 idle cores);
+# resumes when rerun; the report lands in docs/results/synthetic/. From scratch: rm -rf runs/research/synthetic.
+research: tiny
+	$(BIN)/python sweep.py configs/sweeps/synthetic.toml
 
 gpu-check:
 	PYTHON=$(abspath $(BIN)/python) bash scripts/gpu_check.sh

@@ -53,8 +53,31 @@ class ModelConfig(Section):
     compile: bool = False
 
 
+SYNTHETIC_TASKS = ("copy", "nest", "chain")  # data.py's synthetic segment kinds
+
+
+class SyntheticConfig(Section):
+    """The synthetic benchmark with known token classes (data.py; `data.dataset = "synthetic"`)."""
+
+    n_train: int = Field(4096, ge=1)  # rows of the train split
+    n_val: int = Field(256, ge=1)  # rows of the validation split (noisy like train)
+    n_test: int = Field(
+        256, ge=1
+    )  # clean held-out rows (CE per token class) and as many greedy-completion prompts
+    tasks: list[Literal["copy", "nest", "chain"]] = Field(["copy", "nest", "chain"], min_length=1)
+    min_span: int = Field(2, ge=1)  # length of the random span of a copy / nest segment, and of a junk run
+    max_span: int = Field(8, ge=1)
+    max_segments: int = Field(
+        5, ge=1
+    )  # segments per row: uniform in [1, max_segments] (fewer if max_length cuts)
+    corrupt: float = Field(0.15, ge=0.0, le=1.0)  # q: each learnable token is replaced by a random one
+    junk: float = Field(0.3, ge=0.0, le=1.0)  # probability of a run of random tokens before each segment
+    rule_seed: int = 0  # the chain task's fixed function (a permutation of the symbols)
+    test_seed: int = 1234  # the clean held-out rows and prompts (the same for every data.seed)
+
+
 class DataConfig(Section):
-    dataset: Literal["mbpp"] = "mbpp"
+    dataset: Literal["mbpp", "synthetic"] = "mbpp"
     path: str = ""  # local dataset directory; empty: <data_root>/mbpp
     resource: str = "datasets/mbpp"  # logical S3 resource
     hub_id: str = "google-research-datasets/mbpp"  # last resort for users with internet
@@ -64,6 +87,7 @@ class DataConfig(Section):
     seed: int = 42
     train_split: Literal["train", "validation", "test", "prompt"] = "train"
     val_split: Literal["train", "validation", "test", "prompt"] = "validation"
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
 
 class LoraConfig(Section):
@@ -136,7 +160,7 @@ class LossConfig(Section):
 
 
 class CriticConfig(Section):
-    reward: Literal["model", "tests"] = "model"
+    reward: Literal["model", "tests", "dataset"] = "model"  # dataset: the reward stored with each example
     reward_model: str = ""  # HF sequence-classification checkpoint directory (one label)
     reward_resource: str = ""  # logical S3 resource for it
     gamma: float = Field(0.99, ge=0.0, le=1.0)
@@ -199,6 +223,8 @@ class TrackingConfig(Section):
     uri: str = ""  # empty: embedded sqlite store sqlite:///<repo>/mlruns/mlflow.db; or http(s)://server
     experiment: str = ""  # empty: mtp/{algo}/{dataset}
     run_name: str = ""  # empty: train.run_name
+    parent_run: str = ""  # MLflow run id this run is nested under (sweep.py sets it: one parent per sweep)
+    tags: list[str] = []  # extra run tags "key=value" (sweep.py: one per axis)
 
 
 ALGOS = {"uniform": "baseline", "critic_delta_v1": "critic-wmtp", "rho1_excess_v1": "rho1-wmtp"}
@@ -387,6 +413,31 @@ def _check_rules(cfg: Config, where: Origins) -> None:
             f"{where('data.packing')}: 'data.packing' = true cannot be used with loss.scorer = 'critic_delta_v1' "
             "(the reward is per example): set data.packing = false"
         )
+    sc = cfg.data.synthetic
+    if sc.max_span < sc.min_span:
+        raise ConfigError(
+            f"{where('data.synthetic.max_span')}: 'data.synthetic.max_span' = {sc.max_span} < "
+            f"data.synthetic.min_span = {sc.min_span}"
+        )
+    worst = (
+        3 * sc.max_span + 4
+    )  # BOS, a junk run, the longest segment, EOS: a row's first segment always fits
+    if cfg.data.dataset == "synthetic" and cfg.data.max_length < worst:
+        raise ConfigError(
+            f"{where('data.max_length')}: 'data.max_length' = {cfg.data.max_length} is too short for the synthetic "
+            f"rows: expected >= {worst} (3 * data.synthetic.max_span + 4)"
+        )
+    critic = cfg.loss.scorer == "critic_delta_v1"
+    if critic and cfg.critic.reward == "dataset" and cfg.data.dataset != "synthetic":
+        raise ConfigError(
+            f"{where('critic.reward')}: 'critic.reward' = 'dataset' needs a dataset that stores a reward with each "
+            f"example (data.dataset = 'synthetic'), got data.dataset = {cfg.data.dataset!r}"
+        )
+    for text in cfg.tracking.tags:
+        if "=" not in text or not text.split("=", 1)[0]:
+            raise ConfigError(
+                f"{where('tracking.tags')}: 'tracking.tags' entry {text!r}: expected 'key=value'"
+            )
     if cfg.tracking.uri.startswith("s3://"):
         raise ConfigError(
             f"{where('tracking.uri')}: 'tracking.uri' = {cfg.tracking.uri!r} is not a tracking URI: s3:// holds "

@@ -514,6 +514,8 @@ def build_dataset(cfg: Any, tokenizer: Any, split: str) -> Any:
     """
     import datasets
 
+    if cfg.data.dataset == "synthetic":
+        return synthetic_dataset(cfg, tokenizer, split)
     root = resolve_dataset_dir(cfg)
     key = dataset_cache_key(cfg, tokenizer, split, root)
     path = Path(cfg.storage.cache_dir) / "datasets" / f"{cfg.data.dataset}-{split}-{key}"
@@ -556,10 +558,24 @@ def _columns(ds: Any) -> tuple[list[list[int]], list[list[bool]], list[int], lis
     return list(cols["input_ids"]), list(cols["loss_mask"]), list(cols["task_id"]), list(cols["index"])
 
 
+EXTRA_COLUMNS = ("token_class", "reward")  # optional: the synthetic benchmark's per-token class and reward
+
+
+def _extra_columns(ds: Any) -> dict[str, list]:
+    names = ds.keys() if isinstance(ds, dict) else ds.column_names
+    return {k: list(ds[k]) for k in EXTRA_COLUMNS if k in names}
+
+
 def collate(
-    ids: list[list[int]], masks: list[list[bool]], index: list[int], task_id: list[int], pad_id: int
+    ids: list[list[int]],
+    masks: list[list[bool]],
+    index: list[int],
+    task_id: list[int],
+    pad_id: int,
+    extra: dict[str, list] | None = None,
 ) -> dict[str, Any]:
-    """The batch dict of docs/DESIGN.md, right-padded to the longest row."""
+    """The batch dict of docs/DESIGN.md, right-padded to the longest row; `extra` rows of EXTRA_COLUMNS become
+    "token_class" [B, S] (-1 on padding) and "reward" [B]."""
     import torch
 
     width = max(len(r) for r in ids)
@@ -568,12 +584,21 @@ def collate(
     for b, (row, m) in enumerate(zip(ids, masks, strict=True)):
         input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
         loss_mask[b, : len(m)] = torch.tensor(m, dtype=torch.bool)
-    return {
+    out = {
         "input_ids": input_ids,
         "loss_mask": loss_mask,
         "index": torch.tensor(index, dtype=torch.long),
         "task_id": torch.tensor(task_id, dtype=torch.long),
     }
+    extra = extra or {}
+    if "token_class" in extra:
+        cls = torch.full((len(ids), width), -1, dtype=torch.long)
+        for b, row in enumerate(extra["token_class"]):
+            cls[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        out["token_class"] = cls
+    if "reward" in extra:
+        out["reward"] = torch.tensor(extra["reward"], dtype=torch.float64)
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int) -> list[int]:
@@ -614,6 +639,7 @@ def make_loader(
     if not 0 <= rank < world_size:
         raise DataError(f"make_loader: rank {rank} is not in [0, world_size={world_size})")
     ids, masks, task_id, index = _columns(ds)
+    extra = _extra_columns(ds)
     per_epoch = batches_per_epoch(len(ids), batch_size, world_size)
     if per_epoch == 0:
         raise DataError(
@@ -631,6 +657,7 @@ def make_loader(
                 [index[i] for i in rows],
                 [task_id[i] for i in rows],
                 pad_id,
+                {k: [col[i] for i in rows] for k, col in extra.items()},
             )
         epoch, skip = epoch + 1, 0
 
@@ -638,6 +665,156 @@ def make_loader(
 def eval_batches(ds: Any, batch_size: int, pad_id: int) -> Iterator[dict]:
     """Every row once, in order, no shuffle; the last batch may be smaller."""
     ids, masks, task_id, index = _columns(ds)
+    extra = _extra_columns(ds)
     for s in range(0, len(ids), batch_size):
         sl = slice(s, s + batch_size)
-        yield collate(ids[sl], masks[sl], index[sl], task_id[sl], pad_id)
+        yield collate(
+            ids[sl], masks[sl], index[sl], task_id[sl], pad_id, {k: c[sl] for k, c in extra.items()}
+        )
+
+
+# --------------------------------------------------------------------------- synthetic benchmark (known token classes)
+#
+# A row is BOS, then 1..max_segments task segments, then EOS. Every target token has a class fixed by how it was
+# drawn, so the right weighting is known in advance (keep LEARNABLE and RANDOM, drop JUNK and CORRUPT):
+#   copy  s1 .. sL = s1 .. sL      the copy after "=" is LEARNABLE (an induction rule)
+#   nest  b1 .. bL = cL .. c1      the closing brackets, in order, are LEARNABLE
+#   chain x f(x) f(f(x)) ..        CHAIN_LEN values of a fixed permutation f of the symbols: LEARNABLE after x
+# Markers, spans, "=" (the span length is random) and EOS (so is the segment count) are RANDOM: clean but
+# unpredictable. Noise: a JUNK run of random tokens before a segment (probability `junk`), and each LEARNABLE token
+# replaced by another random token with probability `corrupt` (CORRUPT; the next tokens still follow the true
+# value). The clean variant is corrupt = junk = 0. The split "test" is always clean and seeded by test_seed.
+
+LEARNABLE, RANDOM, JUNK, CORRUPT = 0, 1, 2, 3
+TOKEN_CLASSES = ("learnable", "random", "junk", "corrupt")
+SYN_SYMBOLS = tuple(f"w{i}" for i in range(48))
+SYN_OPEN, SYN_CLOSE = ("(", "[", "{", "<"), (")", "]", "}", ">")
+SYN_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+SYN_VOCAB = (*SYN_SPECIALS.values(), "copy", "nest", "chain", "=", *SYN_OPEN, *SYN_CLOSE, *SYN_SYMBOLS)
+SYN_NOISE = (*SYN_SYMBOLS, *SYN_OPEN, *SYN_CLOSE)  # what junk and corruption draw from
+CHAIN_LEN = 4
+SYNTHETIC_VERSION = 1  # bump when the generator changes: it is part of the data hash
+
+
+def chain_rule(rule_seed: int) -> dict[str, str]:
+    """The chain task's fixed function: a random permutation of the symbols (the same for every row)."""
+    image = list(SYN_SYMBOLS)
+    random.Random(f"synthetic-rule:{rule_seed}").shuffle(image)
+    return dict(zip(SYN_SYMBOLS, image, strict=True))
+
+
+def _segment(task: str, rng: random.Random, rule: dict[str, str], sc: Any) -> tuple[list[str], list[int]]:
+    if task == "chain":
+        values = [rng.choice(SYN_SYMBOLS)]
+        for _ in range(CHAIN_LEN):
+            values.append(rule[values[-1]])
+        return ["chain", *values], [RANDOM, RANDOM] + [LEARNABLE] * CHAIN_LEN
+    n = rng.randint(sc.min_span, sc.max_span)
+    if task == "copy":
+        span = [rng.choice(SYN_SYMBOLS) for _ in range(n)]
+        answer = span
+    else:  # nest
+        span = [rng.choice(SYN_OPEN) for _ in range(n)]
+        answer = [SYN_CLOSE[SYN_OPEN.index(b)] for b in reversed(span)]
+    return [task, *span, "=", *answer], [RANDOM] * (n + 2) + [LEARNABLE] * n
+
+
+def synthetic_example(
+    rng: random.Random, rule: dict[str, str], sc: Any, budget: int, corrupt: float, junk: float
+) -> tuple[list[str], list[int]]:
+    """One row's words after BOS (EOS last) and the class of each; at most `budget` words."""
+    words: list[str] = []
+    classes: list[int] = []
+    for i in range(rng.randint(1, sc.max_segments)):
+        run: list[str] = []
+        if rng.random() < junk:
+            run = [rng.choice(SYN_NOISE) for _ in range(rng.randint(sc.min_span, sc.max_span))]
+        seg, seg_cls = _segment(rng.choice(sc.tasks), rng, rule, sc)
+        if i > 0 and len(words) + len(run) + len(seg) + 1 > budget:
+            break
+        words += run + seg
+        classes += [JUNK] * len(run) + seg_cls
+    for j, c in enumerate(classes):
+        if c == LEARNABLE and rng.random() < corrupt:
+            words[j] = rng.choice([w for w in SYN_NOISE if w != words[j]])
+            classes[j] = CORRUPT
+    return words + [SYN_SPECIALS["eos_token"]], classes + [RANDOM]
+
+
+def _synthetic_ids(tokenizer: Any) -> dict[str, int]:
+    vocab = tokenizer.get_vocab()
+    missing = [w for w in SYN_VOCAB if w not in vocab]
+    if missing:
+        raise DataError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} lacks the synthetic words {missing[:5]}: "
+            "use the word-level tokenizer built by tiny.py (.cache/tiny/synthetic_tokenizer)"
+        )
+    return vocab
+
+
+def synthetic_rows(cfg: Any, tokenizer: Any, split: str) -> dict[str, list]:
+    """The columns of one split: input_ids, loss_mask (all but BOS), token_class (-1 on BOS), task_id (-1),
+    index, and reward (the fraction of target tokens that are not noise: the critic's `dataset` reward)."""
+    sc = cfg.data.synthetic
+    if split == "test":  # the clean held-out set: the same rows for every data.seed
+        n, seed, corrupt, junk = sc.n_test, f"test:{sc.test_seed}", 0.0, 0.0
+    elif split in ("train", "validation"):
+        n, seed, corrupt, junk = (
+            getattr(sc, "n_train" if split == "train" else "n_val"),
+            split,
+            sc.corrupt,
+            sc.junk,
+        )
+        seed = f"{seed}:{cfg.data.seed}"
+    else:
+        raise DataError(f"synthetic data has the splits train, validation and test, not {split!r}")
+    rng, rule, vocab = random.Random(f"synthetic:{seed}"), chain_rule(sc.rule_seed), _synthetic_ids(tokenizer)
+    cols: dict[str, list] = {
+        k: [] for k in ("input_ids", "loss_mask", "token_class", "task_id", "index", "reward")
+    }
+    for i in range(n):
+        words, classes = synthetic_example(rng, rule, sc, cfg.data.max_length - 1, corrupt, junk)
+        cols["input_ids"].append([tokenizer.bos_token_id] + [vocab[w] for w in words])
+        cols["loss_mask"].append([False] + [True] * len(words))
+        cols["token_class"].append([-1] + classes)
+        cols["task_id"].append(-1)
+        cols["index"].append(i)
+        cols["reward"].append(1.0 - sum(c in (JUNK, CORRUPT) for c in classes) / len(classes))
+    return cols
+
+
+def synthetic_dataset(cfg: Any, tokenizer: Any, split: str) -> Any:
+    """synthetic_rows as a `datasets.Dataset` (built in memory: generating is faster than reading a cache)."""
+    import datasets
+
+    return datasets.Dataset.from_dict(synthetic_rows(cfg, tokenizer, split))
+
+
+def synthetic_prompts(cfg: Any, tokenizer: Any) -> list[tuple[str, list[int], list[int]]]:
+    """n_test clean held-out (task, prompt ids, answer ids), the tasks in turn: `copy s.. =`, `nest b.. =`,
+    `chain x`; the answer is what the rule determines (the analogue of a unit-tested completion)."""
+    sc = cfg.data.synthetic
+    rng, rule, vocab = (
+        random.Random(f"prompts:{sc.test_seed}"),
+        chain_rule(sc.rule_seed),
+        _synthetic_ids(tokenizer),
+    )
+    out = []
+    for i in range(sc.n_test):
+        task = sc.tasks[i % len(sc.tasks)]
+        words, classes = _segment(task, rng, rule, sc)
+        cut = classes.index(LEARNABLE)
+        ids = [vocab[w] for w in words]
+        out.append((task, [tokenizer.bos_token_id] + ids[:cut], ids[cut:]))
+    return out
+
+
+def synthetic_fingerprint(cfg: Any) -> str:
+    """What decides the synthetic rows (the data hash of a run): generator version, its keys, seed, length."""
+    spec = {
+        "version": SYNTHETIC_VERSION,
+        "synthetic": vars(cfg.data.synthetic),
+        "seed": cfg.data.seed,
+        "max_length": cfg.data.max_length,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()

@@ -459,6 +459,124 @@ def evaluate_model(
     return flat
 
 
+# --------------------------------------------------------------------------- synthetic benchmark (data.py)
+#
+# Known token classes make the weighting measurable: the scorer's weights per class of the pair's target token
+# (accumulated by train.py over the run from the [B, S, H] weights of every step, before mixing with lambda), the
+# AUROC of those weights for clean (learnable, random) vs noise (junk, corrupt) targets, the CE of each head per
+# class on the clean held-out rows, and the exact-match rate of greedy completions of held-out prompts.
+
+WEIGHT_BINS = 500  # histogram bins over [0, loss.w_max]: weights in one bin count as ties in the AUROC
+
+
+def class_weight_counts(
+    weights: Any, valid: Any, pair_class: Any, w_max: float, bins: int = WEIGHT_BINS
+) -> Any:
+    """[C, H, bins + 1] float64 for one batch of weights [B, S, H]: per token class of the pair's target
+    (`pair_class` [B, S, H], < 0 for none) and per head, the counts of the valid weights in `bins` equal bins over
+    [0, w_max] (the last bin also takes w_max and above), then the sum of those weights in the last slot."""
+    import torch
+
+    C, H = len(data.TOKEN_CLASSES), weights.shape[-1]
+    keep = valid.bool() & (pair_class >= 0)
+    w = weights.detach().to(torch.float64)[keep]
+    head = torch.arange(H, device=weights.device).expand_as(keep)[keep]
+    row = pair_class[keep].long() * H + head
+    b = (w / w_max * bins).floor().long().clamp(0, bins - 1)
+    out = torch.zeros(C * H * (bins + 1), dtype=torch.float64, device=weights.device)
+    out.index_add_(0, row * (bins + 1) + b, torch.ones_like(w))
+    out.index_add_(0, row * (bins + 1) + bins, w)
+    return out.view(C, H, bins + 1)
+
+
+def auroc(pos: Any, neg: Any) -> float:
+    """P(w_pos > w_neg) + P(w_pos = w_neg) / 2 from two histograms on the same bins (one bin = one value: ties
+    counted half); nan when a side is empty."""
+    import torch
+
+    pos, neg = pos.double(), neg.double()
+    n = float(pos.sum()) * float(neg.sum())
+    if n == 0:
+        return float("nan")
+    below = torch.cumsum(neg, 0) - neg
+    return float((pos * (below + neg / 2)).sum()) / n
+
+
+def class_weight_metrics(counts: Any) -> dict[str, float]:
+    """Mean weight per token class (all heads, and per head), noise / clean mean ratio, AUROC clean vs noise."""
+    hist, sums = counts[..., :-1], counts[..., -1]
+    n = hist.sum(-1)
+    H = hist.shape[1]
+    out: dict[str, float] = {}
+    for c, name in enumerate(data.TOKEN_CLASSES):
+        out[f"synth/weight_{name}"] = float(sums[c].sum() / n[c].sum()) if n[c].sum() > 0 else float("nan")
+        for k in range(H):
+            out[f"synth/weight_{name}_head{k + 1}"] = (
+                float(sums[c, k] / n[c, k]) if n[c, k] > 0 else float("nan")
+            )
+    clean, noise = [data.LEARNABLE, data.RANDOM], [data.JUNK, data.CORRUPT]
+    w_clean = float(sums[clean].sum() / n[clean].sum()) if n[clean].sum() > 0 else float("nan")
+    w_noise = float(sums[noise].sum() / n[noise].sum()) if n[noise].sum() > 0 else float("nan")
+    out["synth/weight_noise_over_clean"] = w_noise / w_clean
+    out["synth/auroc_clean_vs_noise"] = auroc(hist[clean].sum((0, 1)), hist[noise].sum((0, 1)))
+    for k in range(H):
+        out[f"synth/auroc_clean_vs_noise_head{k + 1}"] = auroc(hist[clean, k].sum(0), hist[noise, k].sum(0))
+    return out
+
+
+def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 32) -> dict[str, float]:
+    """On the clean held-out rows: mean CE of each head per token class of the target ("synth/ce_learnable_head1",
+    and the mean over heads "synth/ce_learnable"); exact-match rate of greedy completions of the held-out prompts
+    (the analogue of pass@1), per task and overall ("synth/exact_match")."""
+    import torch
+    import torch.nn.functional as F
+
+    import model as M
+    from score import pair_scores
+
+    H = model.args.n_future_tokens
+    dev = model.output.weight.device
+    sums = torch.zeros(len(data.TOKEN_CLASSES), H, dtype=torch.float64)
+    counts = torch.zeros_like(sums)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        rows = data.synthetic_rows(cfg, tokenizer, "test")
+        for b in data.eval_batches(rows, batch_size, data.pad_token_id(tokenizer)):
+            ids, mask = b["input_ids"].to(dev), b["loss_mask"].to(dev)
+            targets, valid = M.mtp_targets(ids, mask, H)
+            cls = pair_scores(b["token_class"].to(dev), H)
+            h = model(ids, stage="trunk")
+            for k in range(H):
+                ce = F.cross_entropy(
+                    model(h, stage=k).float().transpose(1, 2), targets[..., k], reduction="none"
+                )
+                for c in range(len(data.TOKEN_CLASSES)):
+                    sel = valid[..., k] & (cls[..., k] == c)
+                    sums[c, k] += ce[sel].double().sum().cpu()
+                    counts[c, k] += sel.sum().cpu()
+        prompts = data.synthetic_prompts(cfg, tokenizer)
+        width = max(len(a) for _, _, a in prompts)
+        hits: dict[str, list[bool]] = {}
+        for s in range(0, len(prompts), batch_size):
+            part = prompts[s : s + batch_size]
+            outs = model.generate(
+                [p for _, p, _ in part], width, temperature=0.0, pad_id=data.pad_token_id(tokenizer)
+            )
+            for (task, _, answer), got in zip(part, outs, strict=True):
+                hits.setdefault(task, []).append(got[: len(answer)] == answer)
+    model.train(was)
+    out: dict[str, float] = {}
+    for c, name in enumerate(data.TOKEN_CLASSES[:2]):  # the held-out rows are clean: no junk, no corrupt
+        for k in range(H):
+            out[f"synth/ce_{name}_head{k + 1}"] = float(sums[c, k] / counts[c, k])
+        out[f"synth/ce_{name}"] = float(sums[c].sum() / counts[c].sum())
+    for task, h in hits.items():
+        out[f"synth/exact_match_{task}"] = sum(h) / len(h)
+    out["synth/exact_match"] = sum(sum(h) for h in hits.values()) / len(prompts)
+    return out
+
+
 # --------------------------------------------------------------------------- CLI
 
 

@@ -553,8 +553,10 @@ def _init_critic(state: ScorerState) -> None:
                 f"{cfg.source}: 'critic.reward_model' = {str(state.reward_dir)!r} has no config.json "
                 "(expected an HF AutoModelForSequenceClassification checkpoint)"
             )
-    elif cc.reward != "tests":
-        raise ScoreError(f"{cfg.source}: 'critic.reward' = {cc.reward!r}; expected 'model' or 'tests'")
+    elif cc.reward not in ("tests", "dataset"):
+        raise ScoreError(
+            f"{cfg.source}: 'critic.reward' = {cc.reward!r}; expected 'model', 'tests' or 'dataset'"
+        )
 
 
 def _aux_dtype(state: ScorerState) -> torch.dtype:
@@ -720,6 +722,8 @@ def _dataset_rows(ds: Any) -> list[tuple[int, list[int], list[bool], int]]:
 
 def _all_rewards(state: ScorerState) -> None:
     """Every training example's reward up front, z-scored over the whole train set; then free the model."""
+    if state.cfg.critic.reward == "dataset":  # stored with each example (the synthetic benchmark's)
+        state.rewards.update(_stored_rewards(state.dataset))
     rows = [r for r in _dataset_rows(state.dataset) if r[0] not in state.rewards]
     if rows:
         _log(f"rewards ({state.cfg.critic.reward}) for {len(rows)} training examples")
@@ -762,6 +766,16 @@ def check_reward_spread(rewards: Tensor, reward: str) -> None:
     )
 
 
+def _stored_rewards(ds: Any) -> dict[int, float]:
+    """critic.reward = "dataset": {index: reward} from the dataset's `reward` column."""
+    cols = ds if isinstance(ds, dict) else ds[:]
+    if "reward" not in cols:
+        raise ScoreError(
+            "critic.reward = 'dataset': the training set has no 'reward' column (data.dataset = 'synthetic' has)"
+        )
+    return {int(i): float(r) for i, r in zip(cols["index"], cols["reward"], strict=True)}
+
+
 def _batch_rewards(state: ScorerState, batch: dict) -> tuple[Tensor, Tensor]:
     """(raw, z-scored) rewards [B] for the batch's examples (cached by batch["index"]).
 
@@ -771,6 +785,12 @@ def _batch_rewards(state: ScorerState, batch: dict) -> tuple[Tensor, Tensor]:
     if state.dataset is not None and state.reward_norm is None:
         _all_rewards(state)
     index = [int(i) for i in batch["index"].tolist()]
+    if state.cfg.critic.reward == "dataset":
+        if "reward" not in batch:
+            raise ScoreError(
+                "critic.reward = 'dataset': the batch has no 'reward' (data.dataset = 'synthetic')"
+            )
+        state.rewards.update(zip(index, batch["reward"].tolist(), strict=True))
     missing = [b for b, i in enumerate(index) if i not in state.rewards]
     need = bool(missing)
     if state.aux_sharded and state.cfg.critic.reward == "model":

@@ -5,8 +5,9 @@
 Everything is built offline and deterministically (fixed seeds): a byte-level BPE tokenizer trained on MBPP
 train+validation, a Llama-2 style one (SentencePiece-like, byte fallback) on the same text, a Meta-format MTP
 base (params.json + consolidated.pth), an HF Llama reference model and an HF reward model, each with the byte-level
-tokenizer saved alongside (the models' vocabulary fits both tokenizers). Each artefact is written to a temp directory and renamed
-into place, so an existing directory is always complete and a rerun skips it.
+tokenizer saved alongside (the models' vocabulary fits both tokenizers); and for the synthetic benchmark
+(data.py) its word-level tokenizer and a ~1M-parameter Meta-format H=4 base. Each artefact is written to a temp
+directory and renamed into place, so an existing directory is always complete and a rerun skips it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ import files
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 LLAMA_SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}  # no pad, as Llama-2
-ARTEFACTS = ("tokenizer", "tokenizer_llama", "base_meta", "ref_hf", "rm_hf")
+ARTEFACTS = (
+    "tokenizer",
+    "tokenizer_llama",
+    "base_meta",
+    "ref_hf",
+    "rm_hf",
+    "synthetic_tokenizer",
+    "synthetic_base",
+)
 SEED = 0
 
 
@@ -209,6 +218,55 @@ def build_rm_hf(out: Path, force: bool = False) -> bool:
     return _save_hf(out, "rm_hf", make, force)
 
 
+def synthetic_tokenizer():
+    """Word-level tokenizer over data.SYN_VOCAB (one word, one token), BOS prepended like Llama."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(data.SYN_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=data.SYN_SPECIALS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bos = data.SYN_SPECIALS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1024, **data.SYN_SPECIALS)
+
+
+def build_synthetic_tokenizer(out: Path, force: bool = False) -> bool:
+    return _atomic_dir(
+        out / "synthetic_tokenizer", lambda tmp: synthetic_tokenizer().save_pretrained(str(tmp)), force
+    )
+
+
+def build_synthetic_base(out: Path, force: bool = False) -> bool:
+    """The synthetic benchmark's random-init H=4 MTP base (Meta layout, 2 trunk blocks + 4 head blocks, dim 128:
+    1.2M parameters; at H=1 the same trunk and head 1, 0.6M)."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        import model as M
+
+        tokenizer = AutoTokenizer.from_pretrained(str(out / "synthetic_tokenizer"))
+        args = M.ModelArgs(
+            dim=128,
+            n_layers=6,
+            n_heads=4,
+            n_kv_heads=4,
+            vocab_size=len(tokenizer),
+            multiple_of=32,
+            n_future_tokens=4,
+            max_seq_len=256,
+        )
+        torch.manual_seed(SEED)
+        M.save_meta(M.Transformer(args), tmp)
+        tokenizer.save_pretrained(str(tmp))
+
+    return _atomic_dir(out / "synthetic_base", build, force)
+
+
 def is_complete(out: str | os.PathLike) -> bool:
     return all((Path(out) / name).is_dir() for name in ARTEFACTS)
 
@@ -225,6 +283,8 @@ def build_all(
         "base_meta": lambda: build_base_meta(out, force),
         "ref_hf": lambda: build_ref_hf(out, force),
         "rm_hf": lambda: build_rm_hf(out, force),
+        "synthetic_tokenizer": lambda: build_synthetic_tokenizer(out, force),
+        "synthetic_base": lambda: build_synthetic_base(out, force),
     }
     for name, step in steps.items():
         t0 = time.perf_counter()

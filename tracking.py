@@ -271,6 +271,9 @@ class Tracker:
         if cfg.loss.scorer == "rho1_excess_v1":
             tags["rho1.score"] = cfg.rho1.score
             tags["rho1.mode"] = cfg.rho1.mode
+        tags.update(dict(t.split("=", 1) for t in cfg.tracking.tags))  # e.g. one per sweep axis (sweep.py)
+        if cfg.tracking.parent_run:  # nested under a sweep's parent run: MLflow's tree and compare views
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run
         params = C.flatten(C.to_dict(cfg))
         params.update({"world_size": world_size, **(extra or {})})
         name = run_name or cfg.tracking.run_name or cfg.train.run_name or None

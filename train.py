@@ -176,6 +176,8 @@ class TrainState:
     rolled_back_steps: int = 0  # steps undone by NaN rollbacks, in all
     rollbacks: list = field(default_factory=list)  # {"at": step, "to": step, "from": snapshot | step_N}
     mlflow_run_id: str = ""  # a resumed run continues the same MLflow run
+    step_seconds: float = 0.0  # wall time inside optimizer steps (cost per step)
+    class_weights: torch.Tensor | None = None  # synthetic data: weights per token class (evaluate.py)
 
 
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -720,6 +722,8 @@ def train_step(cfg, net, opt, batch, st: TrainState, scorer_state, d: P.Dist, st
         m.update(score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max))  # the whole step's weights
         m.update(score.head_means(w, valid))  # weights/mean_head{k}: weight moved between heads
         st.last_weights = {k: v for k, v in m.items() if k.startswith("weights/")}
+        if "token_class" in batch:
+            add_class_weights(cfg, st, stats, batch["token_class"])
     else:  # skip: no weight is touched
         opt.zero_grad(set_to_none=True)
         score.rollback_step(scorer_state)
@@ -1028,7 +1032,10 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
     import tracking
 
     tracker = tracking.Tracker(cfg, rank=d.rank)
-    data_hash = data.data_fingerprint(data.resolve_dataset_dir(cfg))
+    if cfg.data.dataset == "synthetic":
+        data_hash = data.synthetic_fingerprint(cfg)
+    else:
+        data_hash = data.data_fingerprint(data.resolve_dataset_dir(cfg))
     extra = {"model.dir": str(model_dir), "data.hash": data_hash}
     tracker.start(run_name=run_dir.name, world_size=d.world_size, extra=extra, resume_run_id=st.mlflow_run_id)
 
@@ -1069,7 +1076,9 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
             return preempted(d, st, saved, save, tracker)
         step = st.step
         batch = {k: v.to(d.device) for k, v in next(loader).items()}
+        t_step = time.perf_counter()
         m = train_step(cfg, net, opt, batch, st, scorer_state, d, step)
+        st.step_seconds += time.perf_counter() - t_step
         if st.bad_steps >= cfg.train.max_bad_steps:
             st = recover(cfg, run_dir, net, opt, st, scorer_state, d, snapshot)
         st.step += 1
@@ -1116,11 +1125,48 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
         tracker.finish("KILLED")
         return 0
     final = export_model(net, run_dir / "checkpoints" / "final", tokenizer, d)
+    cost = cost_metrics(d, st, net, final)
     # the end-of-run evaluation loads the export whole on every rank: first free the training state
     scorer_state.model = scorer_state.ref_model = scorer_state.reward_model = scorer_state.hidden = None
     net = base = opt = None  # (save() is not called after this point)
     free_memory(d)
-    return finish(cfg, d, run_dir, final, st, scorer_state, tracker, tokenizer)
+    return finish(cfg, d, run_dir, final, st, scorer_state, tracker, tokenizer, cost)
+
+
+def add_class_weights(cfg: C.Config, st: TrainState, stats: list[dict], token_class: torch.Tensor) -> None:
+    """Synthetic benchmark: add this step's weights [B, S, H] per class of their target token to the run's
+    histograms, summed over ranks (so every rank holds the same totals and any rank's resume state is right)."""
+    import evaluate
+
+    w = torch.cat([s["weights"] for s in stats])
+    valid = torch.cat([s["valid"] for s in stats])
+    inc = evaluate.class_weight_counts(w, valid, score.pair_scores(token_class, w.shape[-1]), cfg.loss.w_max)
+    inc = P.all_reduce(inc).cpu()
+    st.class_weights = inc if st.class_weights is None else st.class_weights + inc
+
+
+def cost_metrics(d: P.Dist, st: TrainState, net, final: Path | None) -> dict:
+    """What a run costs: seconds per optimizer step, the process's CPU seconds (all threads, from its start: on a
+    shared CPU machine the load-independent cost), peak memory (CUDA allocator; on CPU the process's peak RSS),
+    trainable parameters, size of the final checkpoint (ours, fp32) and of the LoRA adapter alone."""
+    import resource
+
+    def size_mb(name: str) -> float:
+        p = None if final is None else final / name
+        return p.stat().st_size / 2**20 if p is not None and p.is_file() else 0.0
+
+    if d.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(d.device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return {
+        "cost/step_seconds": st.step_seconds / max(st.step, 1),
+        "cost/process_cpu_s": time.process_time(),
+        "cost/peak_mem_mb": peak,
+        "cost/trainable_params": float(sum(p.numel() for p in net.parameters() if p.requires_grad)),
+        "cost/checkpoint_mb": size_mb("model.safetensors"),
+        "cost/adapter_mb": size_mb("adapter.safetensors"),
+    }
 
 
 def free_memory(d: P.Dist) -> None:
@@ -1262,7 +1308,7 @@ def preempted(d: P.Dist, st: TrainState, saved: int, save, tracker) -> int:
 
 
 def finish(
-    cfg, d, run_dir: Path, final: Path | None, st: TrainState, scorer_state, tracker, tokenizer
+    cfg, d, run_dir: Path, final: Path | None, st: TrainState, scorer_state, tracker, tokenizer, cost=None
 ) -> int:
     summary = {
         "run_dir": str(run_dir),
@@ -1284,10 +1330,21 @@ def finish(
             scorer_state
         ),  # the whole run's (the histogram's) mean per head
         "scorer_metrics": dict(scorer_state.metrics),
+        "cost": cost or {},
         "host": socket.gethostname(),
     }
     plots = run_dir / "plots"
     if d.main:
+        tracker.log_metrics(summary["cost"], step=st.step)
+        if cfg.data.dataset == "synthetic" and final is not None:
+            import evaluate
+
+            synth = evaluate.evaluate_synthetic(cfg, M.load_checkpoint(final), tokenizer)
+            if st.class_weights is not None:
+                synth.update(evaluate.class_weight_metrics(st.class_weights))
+            summary["synthetic"] = synth
+            tracker.log_metrics(synth, step=st.step)
+            print("synthetic: " + " ".join(f"{k[6:]} {v:.4g}" for k, v in synth.items() if "head" not in k))
         plots.mkdir(exist_ok=True)
         score.save_weight_histogram(scorer_state, plots / "weight_histogram.png")
     if cfg.eval.enabled:

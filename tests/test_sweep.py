@@ -1,0 +1,297 @@
+"""sweep.py: a 2-arm x 2-seed sweep end to end (runs, skip on rerun, resume / restart, MLflow parent run, report
+with intervals), the grid expansion, the statistics and the computed conclusion, and --dry-run of the shipped
+sweep files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sweep
+from config import REPO
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV.pop("OMP_NUM_THREADS", None)  # the sweep sets 1 thread per run when it runs two at once
+
+
+def write_sweep(tmp: Path, tiny: Path, body: str, name: str = "t") -> Path:
+    text = f"""
+name = "{name}"
+base = "{REPO / "configs" / "synthetic.toml"}"
+out_dir = "{tmp / "runs"}"
+seeds = [0, 1]
+seed_keys = ["train.seed", "data.seed"]
+parallel = 2
+primary = "synth/ce_learnable_head1"
+baseline = "uniform"
+metrics = ["synth/exact_match", "synth/auroc_clean_vs_noise"]
+
+[set]
+"model.path" = "{tiny / "synthetic_base"}"
+"storage.cache_dir" = "{tmp / "cache"}"
+"tracking.uri" = "sqlite:///{tmp / "mlflow.db"}"
+"train.steps" = 3
+"train.micro_batch_size" = 8
+"train.val_batches" = 1
+"train.log_every" = 1
+"data.max_length" = 48
+"data.synthetic.n_train" = 32
+"data.synthetic.n_val" = 8
+"data.synthetic.n_test" = 12
+"critic.pretrain_steps" = 1
+
+[arm.uniform]
+"loss.scorer" = "uniform"
+
+[arm.critic]
+"loss.scorer" = "critic_delta_v1"
+"critic.reward" = "dataset"
+{body}
+"""
+    path = tmp / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def run_sweep(*args: str) -> subprocess.CompletedProcess:
+    p = subprocess.run(
+        [sys.executable, "sweep.py", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900
+    )
+    return p
+
+
+ARMS = '[[grid]]\nname = "arms"\ntitle = "Arms"\narm = ["uniform", "critic"]'
+NAMES = ["uniform--s0", "uniform--s1", "critic--s0", "critic--s1"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_dir):
+    """A 2-arm x 2-seed sweep of 3-step runs, run once (4 at once) through the CLI."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = write_sweep(tmp, tiny_dir, ARMS)
+    p = run_sweep(str(path), "--parallel", "4")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return tmp, path
+
+
+def test_sweep_end_to_end(finished, capsys):
+    tmp, path = finished
+    out = tmp / "runs"
+    for n in NAMES:
+        s = json.loads((out / n / "summary.json").read_text())
+        assert s["steps"] == 3 and s["scorer"] == ("uniform" if n.startswith("u") else "critic_delta_v1")
+        assert 0 <= s["synthetic"]["synth/exact_match"] <= 1 and s["cost"]["cost/trainable_params"] == 1222272
+    state = json.loads((out / "sweep.json").read_text())
+    assert [r["runs"] for r in state["grids"][0]["rows"]] == [NAMES[:2], NAMES[2:]]
+
+    # MLflow: one parent run, the four runs nested under it with their axis tags
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sweep/t")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.run_id == state["parent_run"]
+    assert parent[0].info.status == "FINISHED"
+    assert "reports/report.md" in [a.path for a in client.list_artifacts(state["parent_run"], "reports")]
+    children = {
+        r.data.tags["sweep.run"]: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == state["parent_run"]
+    }
+    assert sorted(children) == sorted(NAMES)
+    assert {n: r.data.tags["arm"] for n, r in children.items()} == {n: n.split("--")[0] for n in NAMES}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+
+    # the report: a row per arm with mean ± t-interval half-width over the 2 seeds, and a computed conclusion
+    report = (out / "report.md").read_text()
+    metrics = sweep.load_metrics(out)
+    for arm in ("uniform", "critic"):
+        vals = [metrics[f"{arm}--s{s}"]["synth/ce_learnable_head1"] for s in (0, 1)]
+        m, hw, n = sweep.mean_ci(vals)
+        assert n == 2 and f"| {arm} | 2 | {m:.4g} ± {hw:.4g} |" in report
+    assert "**Conclusion (computed).** Best on `synth/ce_learnable_head1` (lower is better)" in report
+    assert (out / "plots" / "arms.png").stat().st_size > 1000
+
+    # rerun: everything is finished, nothing is launched
+    before = {n: (out / n / "summary.json").stat().st_mtime_ns for n in NAMES}
+    assert sweep.main([str(path)]) == 0
+    assert "sweep: start" not in capsys.readouterr().out
+    assert before == {n: (out / n / "summary.json").stat().st_mtime_ns for n in NAMES}
+
+    # --report rebuilds the same tables from the run directories alone
+    assert sweep.main(["--report", str(out), "--out", str(tmp / "rebuilt")]) == 0
+    rebuilt = (tmp / "rebuilt" / "report.md").read_text()
+    table = lambda t: [line for line in t.splitlines() if line.startswith("| uniform |")]  # noqa: E731
+    assert table(rebuilt) == table(report) and table(rebuilt)
+
+
+def test_sweep_run_states(finished, tmp_path):
+    """done / resume (a checkpoint) / new (none); a directory holding another config is refused (exit 2)."""
+    src, path = finished
+    sw = sweep.load_sweep(path)
+    sw.out_dir = tmp_path / "runs"
+    shutil.copytree(src / "runs", sw.out_dir)
+    runs: dict = {}
+    sweep.expand(sw, sw.grids[0], {}, runs)
+    assert {n: sweep.status(sw, r) for n, r in runs.items()} == dict.fromkeys(NAMES, "done")
+    (sw.out_dir / "uniform--s0" / "summary.json").unlink()
+    (sw.out_dir / "critic--s1" / "summary.json").unlink()
+    shutil.rmtree(sw.out_dir / "critic--s1" / "checkpoints")
+    assert sweep.status(sw, runs["uniform--s0"]) == "resume" and sweep.status(sw, runs["critic--s1"]) == "new"
+    assert sweep.command(sw, runs["uniform--s0"], "python", None, resume=True)[-1] == "--resume"
+    cmd = sweep.command(sw, runs["critic--s1"], "torchrun --standalone --nproc_per_node=4", "P", resume=False)
+    assert cmd[:4] == ["torchrun", "--standalone", "--nproc_per_node=4", str(REPO / "train.py")]
+    assert cmd[4] == str(REPO / "configs" / "synthetic.toml") and "--resume" not in cmd
+    assert '--tracking.parent_run="P"' in cmd and f'--train.out_dir="{sw.out_dir}"' in cmd
+    # before a relaunch, the run's earlier MLflow runs still RUNNING (killed with the sweep) are marked KILLED
+    from mlflow import MlflowClient
+
+    shutil.copy(src / "mlflow.db", tmp_path / "mlflow.db")
+    sw.set["tracking.uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(sw.set["tracking.uri"])
+    exp = client.get_experiment_by_name("sweep/t").experiment_id
+    stale, other = (
+        client.create_run(exp, tags={"sweep.run": n}).info.run_id for n in ("uniform--s0", "critic--s1")
+    )
+    sweep._close_stale(sw, runs["uniform--s0"], parent="P")
+    assert client.get_run(stale).info.status == "KILLED" and client.get_run(other).info.status == "RUNNING"
+    cfg_file = sw.out_dir / "critic--s0" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["loss"]["lam"] = 0.9
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(
+        sweep.SweepError, match=r"holds a run with another config than the sweep's \(differs in loss.lam\)"
+    ):
+        sweep.status(sw, runs["critic--s0"])
+
+
+@pytest.mark.slow
+def test_sweep_resumes_and_restarts(finished, tmp_path):
+    """An interrupted run resumes from its checkpoint, one that never saved restarts; the rest is skipped."""
+    src, _ = finished
+    out = tmp_path / "runs"
+    shutil.copytree(src / "runs", out)
+    text = (src / "t.toml").read_text().replace(f'out_dir = "{src / "runs"}"', f'out_dir = "{out}"')
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    (out / "uniform--s0" / "summary.json").unlink()
+    (out / "critic--s1" / "summary.json").unlink()
+    shutil.rmtree(out / "critic--s1" / "checkpoints")
+    p = run_sweep(str(path))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "start uniform--s0 (resume)" in p.stdout and "start critic--s1 (new)" in p.stdout
+    assert p.stdout.count("sweep: start") == 2
+    assert "resumed from" in (out / "logs" / "uniform--s0.log").read_text()
+    assert all((out / n / "summary.json").is_file() for n in NAMES)
+
+
+def test_expand_shares_equal_configs_and_picks(tmp_path, tiny_dir):
+    body = """
+[arm.best]
+pick_best = ["uniform", "critic"]
+from_grid = "arms"
+"loss.temperature" = 1.5
+
+[[grid]]
+name = "arms"
+arm = ["uniform", "critic"]
+
+[[grid]]
+name = "lambda"
+arm = ["critic"]
+"loss.lam" = [0.3, 0.6]
+
+[[grid]]
+name = "picked"
+arm = ["best"]
+"""
+    sw = sweep.load_sweep(write_sweep(tmp_path, tiny_dir, body))
+    runs: dict = {}
+    sweep.expand(sw, sw.grids[0], {}, runs)
+    rows = sweep.expand(sw, sw.grids[1], {}, runs)
+    # lam = 0.3 is critic's default: the lambda grid's first row is the arms grid's critic runs
+    assert [r.runs for r in rows] == [
+        ["critic--s0", "critic--s1"],
+        ["critic--loss.lam=0.6--s0", "critic--loss.lam=0.6--s1"],
+    ]
+    assert rows[1].values == {"arm": "critic", "loss.lam": "0.6"}
+    assert sorted(runs) == sorted(["uniform--s0", "uniform--s1", "critic--s0", "critic--s1", *rows[1].runs])
+    picked = sweep.expand(sw, sw.grids[2], {"arm.best": "critic"}, runs)
+    r = runs[picked[0].runs[0]]
+    assert r.overrides["loss.scorer"] == "critic_delta_v1" and r.overrides["loss.temperature"] == 1.5
+    state = {"grids": [{"name": "arms", "rows": [{"values": {"arm": "uniform"}, "runs": ["a"]}]}]}
+    with pytest.raises(sweep.SweepError, match="uniform has unfinished runs in grid 'arms'"):
+        sweep.pick(sw, sw.grids[2], state, runs)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[[grid]]\nname = "g"\narm = ["nope"]', r"arm = 'nope' has no table \[arm.nope\]"),
+        ('[[grid]]\nname = "g"\nlam = [1]', r"axis 'lam' is neither a dotted config key nor a bundle"),
+        (
+            '[[grid]]\nname = "g"\n"loss.lam" = [2.0]',
+            r"run loss.lam=2.0--s0: .*'loss.lam' = 2.0 is out of range",
+        ),
+        ('[[grid]]\nname = "g"\n"loss.nope" = [1]', r"unknown key 'loss.nope'"),
+        (
+            '[arm.b]\npick_best = ["uniform"]\nfrom_grid = "later"\n[[grid]]\nname = "g"\narm = ["b"]',
+            "'from_grid' = 'later'",
+        ),
+    ],
+)
+def test_bad_sweep_files_name_the_problem(tmp_path, tiny_dir, body, message):
+    path = write_sweep(tmp_path, tiny_dir, body)
+    with pytest.raises(sweep.SweepError, match=message):
+        sw = sweep.load_sweep(path)
+        sweep.expand(sw, sw.grids[0], {}, {})
+
+
+def test_statistics_and_conclusion():
+    for df, t in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (10, 2.2281), (30, 2.0423)):
+        assert sweep.t_quantile(df) == pytest.approx(t, abs=1e-4)
+    m, hw, n = sweep.mean_ci([1.0, 2.0, 3.0])
+    assert (m, n) == (2.0, 3) and hw == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert math.isnan(sweep.mean_ci([5.0])[1]) and sweep.mean_ci([])[2] == 0
+    metrics = {
+        f"{a}{s}": {"loss": v}
+        for a, vals in (("u", (1.0, 1.2, 1.1)), ("w", (0.5, 0.6, 0.7)), ("z", (1.0, 1.3, 1.2)))
+        for s, v in enumerate(vals)
+    }
+    grid = {
+        "primary": "loss",
+        "goal": "min",
+        "baseline": "uniform",
+        "rows": [{"values": {"arm": a}, "runs": [f"{a}{s}" for s in range(3)]} for a in ("u", "w", "z")],
+    }
+    text = sweep.conclusion(grid, metrics, ["u0", "u1", "u2"])
+    hw = 4.302653 * 0.1 / math.sqrt(3)
+    assert text.startswith(f"Best on `loss` (lower is better): **arm=w**, 0.6 ± {hw:.4g} (n=3).")
+    assert "Baseline uniform: 1.1 ± " in text and "difference -0.5 (-45.5%)" in text
+    assert text.endswith("The 95% intervals do not overlap: the best row is better than the baseline.")
+    grid["goal"] = "max"
+    assert "That is the baseline itself" in sweep.conclusion(
+        {**grid, "rows": grid["rows"][:1]}, metrics, ["u0", "u1", "u2"]
+    )
+    assert "intervals overlap" in sweep.conclusion(grid, metrics, ["u0", "u1", "u2"])  # z (1.17) vs u (1.1)
+    assert sweep.run_metrics(
+        {"steps": 3, "cost": {"cost/x": 2}, "synthetic": {"synth/y": 0.5}, "algo": "a"}
+    ) == {
+        "steps": 3.0,
+        "cost/x": 2.0,
+        "synth/y": 0.5,
+    }
+
+
+@pytest.mark.parametrize("name", ["synthetic.toml", "mbpp_7b.toml"])
+def test_shipped_sweep_files_dry_run(name, capsys):
+    assert sweep.main([str(REPO / "configs" / "sweeps" / name), "--dry-run"]) == 0
+    assert "every config is valid" in capsys.readouterr().out
