@@ -359,7 +359,7 @@ def status(sw: Sweep, run: Run) -> str:
     summary = d / "summary.json"
     if summary.is_file() and json.loads(summary.read_text()).get("steps") == run.steps:
         return "done"
-    from train import find_resume  # what `train.py --resume` would continue from
+    from checkpoint import find_resume  # what `train.py --resume` would continue from
 
     return "resume" if find_resume(d / "checkpoints") is not None else "new"
 

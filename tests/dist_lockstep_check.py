@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import checkpoint
 import config as C
 import data
 import evaluate
@@ -46,7 +47,7 @@ for scorer in scorers:
         ],
     )
     base = Path(cfg.model.path)
-    tok = train.load_tokenizer(cfg, base)
+    tok = data.load_tokenizer(cfg, base)
     net = train.build_model(cfg, d, base)
     train_ds = data.build_dataset(cfg, tok, "train")
     val_ds = data.build_dataset(cfg, tok, "validation")
@@ -55,12 +56,12 @@ for scorer in scorers:
     state = score.init_state(cfg, net, tok, d.device, dataset=train_ds)
     shard = {"rank": d.rank, "world_size": d.world_size}
     score.prepare(state, data.make_loader(train_ds, 4, pad, seed=1, **shard))
-    st = train.TrainState(micro_batch=4)
+    st = checkpoint.TrainState(micro_batch=4)
     batch = next(data.make_loader(train_ds, 4, pad, **shard))
     train.optimizer_step(cfg, net, opt, batch, st, state, d, 0)
     opt.step()
     val = train.validate(cfg, net, val_ds, pad, d)
-    train.export_model(net, out / scorer, tok, d)
+    checkpoint.export_model(net, out / scorer, tok, d)
     if d.main:
         print(json.dumps({"scorer": scorer, "val": val, "seconds": time.perf_counter() - t0}), flush=True)
     del net, opt, state

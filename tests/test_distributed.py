@@ -248,7 +248,7 @@ def single_process_validation(tiny: Path, export: Path) -> dict:
         f"--storage.cache_dir={json.dumps(str(REPO / '.cache'))}",
     ]
     cfg = C.load_config(REPO / "configs" / "tiny_mbpp.toml", kv)
-    tok = train.load_tokenizer(cfg, export)
+    tok = data.load_tokenizer(cfg, export)
     val_ds = data.build_dataset(cfg, tok, "validation")
     assert len(val_ds) == 90
     return train.validate(cfg, M.load_checkpoint(export), val_ds, tok.pad_token_id, P.Dist())

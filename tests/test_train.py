@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import config as C
+import errors
 import files
 import train
 from config import REPO
@@ -265,12 +267,12 @@ def test_one_process_step_computes_in_bf16_on_a_gpu_only(device, tiny_dir, tmp_p
     net = train.build_model(cfg, d, tiny_dir / "base_meta")
     seen = []
     net.layers[0].attention.wq.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    tok = train.load_tokenizer(cfg, tiny_dir / "base_meta")
+    tok = data.load_tokenizer(cfg, tiny_dir / "base_meta")
     batch = next(data.make_loader(data.build_dataset(cfg, tok, "train"), 4, tok.pad_token_id))
     batch = {k: v.to(d.device) for k, v in batch.items()}
     state = score.init_state(cfg, net, tok, d.device)
     opt = train.make_optimizer(cfg, net)
-    train.optimizer_step(cfg, net, opt, batch, train.TrainState(micro_batch=4), state, d, 0)
+    train.optimizer_step(cfg, net, opt, batch, checkpoint.TrainState(micro_batch=4), state, d, 0)
     assert set(seen) == {torch.bfloat16 if device == "cuda" else torch.float32}
     assert {(p.dtype, p.grad.dtype) for p in net.parameters()} == {(torch.float32, torch.float32)}
 
@@ -403,13 +405,13 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     kv = {"train.lora.enabled": True, "train.lora.dropout": 0.0, "train.lora.r": 4, "optim.lr": 1e-2}
     cfg = C.load_config(REPO / "configs/tiny_mbpp.toml", tiny_overrides(tiny_dir, tmp_path, **kv))
     d = P.Dist()
-    tok = train.load_tokenizer(cfg, tiny_dir / "base_meta")
+    tok = data.load_tokenizer(cfg, tiny_dir / "base_meta")
     net = train.build_model(cfg, d, tiny_dir / "base_meta")
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     opt = train.make_optimizer(cfg, net)
     state = score.init_state(cfg, net, tok, d.device)
     loader = data.make_loader(data.build_dataset(cfg, tok, "train"), 4, tok.pad_token_id)
-    st = train.TrainState(micro_batch=4)
+    st = checkpoint.TrainState(micro_batch=4)
     for step in range(3):
         train.optimizer_step(cfg, net, opt, next(loader), st, state, d, step)
         opt.step()
@@ -418,7 +420,7 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     assert any("extra_heads" in n and "lora_B" in n for n in changed)  # the extra heads get adapters too
     assert any(n.startswith("base_model.model.layers.") and "lora_B" in n for n in changed)
 
-    out = train.export_model(net, tmp_path / "export", tok, d)
+    out = checkpoint.export_model(net, tmp_path / "export", tok, d)
     from safetensors.torch import load_file
 
     assert all("lora_" in k for k in load_file(out / "adapter.safetensors"))
@@ -432,7 +434,7 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(
-        train.write_export(merged, tmp_path / "hf", "hf", tok, None)
+        checkpoint.write_export(merged, tmp_path / "hf", "hf", tok, None)
     ).eval()
     base = M.load_meta(tiny_dir / "base_meta").eval()
     with torch.no_grad():
@@ -442,8 +444,8 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     # a resume checkpoint of the LoRA run (adapters and base weights under peft's names) exports merged too
     (tmp_path / "run").mkdir()
     files.atomic_write_text(tmp_path / "run" / "config.json", json.dumps(C.to_dict(cfg)))
-    resume = train.save_resume(cfg, tmp_path / "run", net, opt, st, state, d)
-    again, _, _ = train.load_resume_model(resume)
+    resume = checkpoint.save_resume(cfg, tmp_path / "run", net, opt, st, state, d)
+    again, _, _ = checkpoint.load_resume_model(resume)
     assert all(torch.allclose(v, merged.state_dict()[k], atol=1e-6) for k, v in again.state_dict().items())
 
 
@@ -545,11 +547,10 @@ def test_export_cli_from_a_resume_checkpoint_and_a_final_dir(reference_run, tmp_
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].bfloat16()) for k in a)
     capsys.readouterr()
-    assert train.main([*argv, "--out", str(tmp_path / "m")]) == 2  # never overwrites a directory
+    cli = lambda argv: errors.main(train.main, argv)  # noqa: E731  (what `python train.py ...` runs)
+    assert cli([*argv, "--out", str(tmp_path / "m")]) == 2  # never overwrites a directory
     assert "--out" in capsys.readouterr().err
-    assert (
-        train.main(["export", "--checkpoint", str(ck), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
-    )
+    assert cli(["export", "--checkpoint", str(ck), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
 
 
