@@ -1,10 +1,15 @@
-"""train.py end to end on the tiny models: resume equivalence, OOM and NaN fallbacks, LoRA, dry run, schedule.
+"""train.py end to end on the tiny models: resume equivalence, OOM and NaN fallbacks, LoRA, dry run, exports.
 
-Each run is a real `python train.py ...` process, as a user launches it. Runs are short (a few steps, 128 tokens).
+Each run goes through the command line's own code path (`errors.main(train.main, argv)`, what `python train.py
+...` runs), in this process: a new interpreter would spend ~5 s per run importing torch and transformers. What needs
+a process of its own (a signal, a kill, fault injection through the environment) starts `python train.py`. Runs are
+short (a few steps, 128 tokens).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -13,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +57,24 @@ def tiny_overrides(tiny: Path, out: Path, **extra) -> list[str]:
     return [f"--{k}={json.dumps(v) if not isinstance(v, str) else json.dumps(v)}" for k, v in kv.items()]
 
 
-def run_train(tiny: Path, out: Path, *args: str, config: str = "configs/tiny_mbpp.toml", check=True, **kv):
-    cmd = [sys.executable, "train.py", config, *tiny_overrides(tiny, out, **kv), *args]
-    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+def run_train(
+    tiny: Path, out: Path, *args: str, config: str = "configs/tiny_mbpp.toml", check=True, **kv
+) -> subprocess.CompletedProcess:
+    """`python train.py CONFIG [overrides] ARGS` in this process: stdout / stderr captured, the exit code the
+    interpreter would give (errors.main's for expected failures, 1 and the traceback on stderr for a bug)."""
+    argv = [config, *tiny_overrides(tiny, out, **kv), *args]
+    out_io, err_io = io.StringIO(), io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out_io), contextlib.redirect_stderr(err_io):
+        try:
+            code = errors.main(train.main, argv)
+        except SystemExit as e:  # usage errors
+            code = e.code if isinstance(e.code, int) else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    p = subprocess.CompletedProcess(["train.py", *argv], code, out_io.getvalue(), err_io.getvalue())
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
