@@ -87,7 +87,13 @@ def test_sweep_end_to_end(finished, capsys):
     for n in NAMES:
         s = json.loads((out / n / "summary.json").read_text())
         assert s["steps"] == 3 and s["scorer"] == ("uniform" if n.startswith("u") else "critic_delta_v1")
-        assert 0 <= s["synthetic"]["synth/exact_match"] <= 1 and s["cost"]["cost/trainable_params"] == 1222272
+        syn, sc = s["synthetic"], json.loads((out / n / "config.json").read_text())["data"]["synthetic"]
+        share = [
+            len(range(i, sc["n_test"], len(sc["tasks"]))) for i in range(len(sc["tasks"]))
+        ]  # tasks in turn
+        hits = sum(syn[f"synth/exact_match_{t}"] * k for t, k in zip(sc["tasks"], share, strict=True))
+        assert syn["synth/exact_match"] == pytest.approx(hits / sc["n_test"])  # overall = pooled per task
+        assert s["cost"]["cost/trainable_params"] == 1222272
     state = json.loads((out / "sweep.json").read_text())
     assert [r["runs"] for r in state["grids"][0]["rows"]] == [NAMES[:2], NAMES[2:]]
 
