@@ -315,7 +315,7 @@ def test_model_cli_defaults_options_and_a_report_that_agrees_with_itself(tiny_ch
     ],
 )
 def test_model_cli_errors_are_one_line_and_exit_2(args, message, tiny_checkpoint, capsys):
-    argv = ["configs/tiny_mbpp.toml", "--checkpoint", str(tiny_checkpoint), *args]
+    argv = ["configs/tiny_mbpp.toml", "--checkpoint", str(tiny_checkpoint), "--model.tokenizer=", *args]
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and len(err.splitlines()) == 1 and "Traceback" not in err, err
