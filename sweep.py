@@ -62,7 +62,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,13 +127,7 @@ class Sweep:
 def load_sweep(path: str | os.PathLike) -> Sweep:
     """Parse and check a sweep file (types, names, axes); configs are checked by `expand`."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"{path}: sweep file not found")
-    text = path.read_text()
-    try:
-        spec = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise SweepError(f"{path}: invalid TOML: {e}") from None
+    text, spec = C.read_toml(path, "sweep file")
     bundles = {k: v for k, v in spec.items() if k not in TOP_KEYS}
     for key, tp in TOP_KEYS.items():
         if key in spec and not isinstance(spec[key], tp):

@@ -28,16 +28,17 @@ def torchrun(tiny: Path, out: Path, *args: str, config: str = "configs/tiny_rho1
     return p
 
 
+def dist_script(script: str, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """A tests/dist_*.py script under torchrun; a rank left waiting in a collective fails within 2 minutes."""
+    cmd = [*TORCHRUN[:-1], f"--nproc_per_node={nproc}", script, *args]
+    env = {**DENV, "WMTP_DIST_TIMEOUT_MIN": "2"}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p
+
+
 def test_fsdp2_gradients_equal_single_process():
-    p = subprocess.run(
-        [*TORCHRUN, "tests/dist_grad_check.py"],
-        cwd=REPO,
-        env=DENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    p = dist_script("tests/dist_grad_check.py")
     assert p.stdout.count("max gradient error") == 2
 
 
@@ -170,15 +171,7 @@ def test_sharded_reference_trains_exactly_like_a_replicated_one(rho1_2proc, tiny
 def test_sharded_aux_models_stay_in_lockstep_where_the_ranks_work_differs(tiny_dir, tmp_path):
     """tests/dist_aux_check.py: precompute split with an idle rank, lazy fills on one rank only, reward model with
     texts on one rank, our Transformer sharded; each against the replicated model (see its docstring)."""
-    p = subprocess.run(
-        [*TORCHRUN, "tests/dist_aux_check.py", str(tiny_dir), str(tmp_path / "cache")],
-        cwd=REPO,
-        env={**DENV, "WMTP_DIST_TIMEOUT_MIN": "2"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    p = dist_script("tests/dist_aux_check.py", str(tiny_dir), str(tmp_path / "cache"))
     assert p.stdout.count("aux sharding ok") == 2
 
 
@@ -288,22 +281,7 @@ def test_ranks_stay_in_lockstep_through_full_validation_and_evaluation(nproc, ar
     import evaluate
     import tiny
 
-    script = [
-        f"--nproc_per_node={nproc}",
-        "tests/dist_lockstep_check.py",
-        str(tiny_dir),
-        str(tmp_path),
-        *args,
-    ]
-    p = subprocess.run(
-        [*TORCHRUN[:-1], *script],
-        cwd=REPO,
-        env={**DENV, "WMTP_DIST_TIMEOUT_MIN": "2"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    p = dist_script("tests/dist_lockstep_check.py", str(tiny_dir), str(tmp_path), *args, nproc=nproc)
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     got = {r["scorer"]: r["val"] for r in rows if "scorer" in r}
     scorers = [a for a in args if a != "--eval"]
