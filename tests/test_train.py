@@ -233,6 +233,31 @@ def test_a_run_killed_while_committing_a_checkpoint_resumes(reference_run, tiny_
     assert sorted(p.name for p in ck.iterdir()) == ["best", "final", "latest", "step_000004", "step_000006"]
 
 
+def test_best_is_the_checkpoint_of_the_lowest_validation_loss(tiny_dir, tmp_path):
+    """A learning rate so high that validation goes down, up, down: checkpoints/best holds the weights of the
+    lowest validation loss (step 2), not the last ones; its loss, recomputed, is the summary's best_val_loss."""
+    import data
+    import model as M
+    import parallel as P
+
+    kv = {"train.run_name": "best", "train.steps": 4, "train.eval_every": 1, "optim.lr": 0.05}
+    run_train(tiny_dir, tmp_path, **kv, **{"optim.warmup_frac": 0.0})
+    run = tmp_path / "best"
+    hist = torch.load(run / "checkpoints" / "latest" / "trainer.pt", weights_only=False)["state"]["history"]
+    val = {h["step"]: h["val/loss"] for h in hist}
+    assert sorted(val) == [0, 1, 2, 3, 4] and min(val, key=val.get) == 2 and val[4] > val[2]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_val_loss"] == val[2] and summary["final_val_loss"] == val[4]
+    cfg = C.load_config(REPO / "configs/tiny_mbpp.toml", tiny_overrides(tiny_dir, tmp_path, **kv))
+    tok = data.load_tokenizer(cfg, tiny_dir / "base_meta")
+    val_ds = data.build_dataset(cfg, tok, "validation")
+    for name, want in (("best", val[2]), ("final", val[4])):
+        got = train.validate(
+            cfg, M.load_checkpoint(run / "checkpoints" / name), val_ds, tok.pad_token_id, P.Dist()
+        )
+        assert got["val/loss"] == pytest.approx(want, rel=1e-6), name
+
+
 def test_oom_at_micro_batch_one_gives_up_clearly(tiny_dir, tmp_path):
     kv = {"train.run_name": "oom1", "train.micro_batch_size": 1, "train.inject_oom_steps": [0]}
     p = run_train(tiny_dir, tmp_path, check=False, **kv)
