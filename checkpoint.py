@@ -391,7 +391,7 @@ def run_card_inputs(run_dir: Path) -> tuple[str, dict, dict, dict]:
     cfg = C.from_dict(raw)
     params = tracking.clean_params(C.flatten(raw))
     with suppress(data.DataError):  # else the card says "not recorded"
-        params["data.hash"] = data.data_fingerprint(data.resolve_dataset_dir(cfg))
+        params["data.hash"] = data.run_data_hash(cfg)
     rows = read("metrics.jsonl", "").splitlines()
     metrics = {k: v for k, v in json.loads(rows[-1]).items() if k != "step"} if rows else {}
     summary = json.loads(read("summary.json", "{}"))

@@ -448,6 +448,14 @@ def data_fingerprint(root: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def run_data_hash(cfg: Any) -> str:
+    """The data identity a run records (MLflow's data.hash, the model card): the MBPP files' content, or what
+    decides the synthetic rows."""
+    if cfg.data.dataset == "synthetic":
+        return synthetic_fingerprint(cfg)
+    return data_fingerprint(resolve_dataset_dir(cfg))
+
+
 # --------------------------------------------------------------------------- tokenised dataset + cache
 
 PREPROCESS_VERSION = 2  # bump when prompt format or tokenisation rules change: invalidates every cache

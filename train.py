@@ -549,11 +549,7 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
     import tracking
 
     tracker = tracking.Tracker(cfg, rank=d.rank)
-    if cfg.data.dataset == "synthetic":
-        data_hash = data.synthetic_fingerprint(cfg)
-    else:
-        data_hash = data.data_fingerprint(data.resolve_dataset_dir(cfg))
-    extra = {"model.dir": str(model_dir), "data.hash": data_hash}
+    extra = {"model.dir": str(model_dir), "data.hash": data.run_data_hash(cfg)}
     tracker.start(run_name=run_dir.name, world_size=d.world_size, extra=extra, resume_run_id=st.mlflow_run_id)
 
     def save() -> None:
