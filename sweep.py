@@ -970,10 +970,22 @@ def run(argv: list[str]) -> int:
             raise SweepError(f"--seeds {a.seeds!r}: expected comma-separated integers") from None
     if a.dry_run:
         return dry_run(sw)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return run_sweep(sw, a.launcher or sw.launcher, a.parallel or sw.parallel)
+    except Terminated:
+        return 75  # as train.py: preempted, resumable
     except KeyboardInterrupt:
         return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the sweep is, so that `launch_all` stops its runs as on Ctrl-C: a run left alone
+    would go on writing into a directory that the next sweep resumes."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def main(argv: list[str]) -> int:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -301,3 +303,35 @@ def test_statistics_and_conclusion():
 def test_shipped_sweep_files_dry_run(name, capsys):
     assert sweep.main([str(REPO / "configs" / "sweeps" / name), "--dry-run"]) == 0
     assert "every config is valid" in capsys.readouterr().out
+
+
+def test_sigterm_stops_the_runs_and_leaves_them_resumable(tmp_path, tiny_dir):
+    """`kill <sweep>` (a session ending, a scheduler) stops each run at a checkpoint and then the sweep, exit 75:
+    no run goes on alone, writing into a directory that the next sweep would resume."""
+    body = '[[grid]]\nname = "arms"\narm = ["uniform"]\n"train.steps" = [100000]'
+    path = write_sweep(tmp_path, tiny_dir, body)
+    log = tmp_path / "runs" / "logs" / "uniform--train.steps=100000--s0.log"
+    p = subprocess.Popen(
+        [sys.executable, "sweep.py", str(path), "--seeds", "0", "--parallel", "1"],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(600):  # the run is training: it has logged a step
+            if log.is_file() and re.search(r"step +2/", log.read_text()):
+                break
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.2)
+        lock = json.loads((tmp_path / "runs" / "uniform--train.steps=100000--s0" / ".lock").read_text())
+        p.terminate()
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 75, out[-2000:] + err[-2000:]
+    assert "rerun the same command to resume" in err
+    assert "checkpoint committed" in log.read_text()
+    with pytest.raises(ProcessLookupError):
+        os.kill(lock["pid"], 0)
