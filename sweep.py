@@ -970,13 +970,15 @@ def run(argv: list[str]) -> int:
             raise SweepError(f"--seeds {a.seeds!r}: expected comma-separated integers") from None
     if a.dry_run:
         return dry_run(sw)
-    signal.signal(signal.SIGTERM, _terminated)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return run_sweep(sw, a.launcher or sw.launcher, a.parallel or sw.parallel)
     except Terminated:
         return 75  # as train.py: preempted, resumable
     except KeyboardInterrupt:
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Terminated(KeyboardInterrupt):
