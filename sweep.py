@@ -715,6 +715,25 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, int
     return m, t_quantile(n - 1, level) * sd / math.sqrt(n), n
 
 
+def diff_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, int]:
+    """(mean(a) - mean(b), half-width of its Welch t-interval, df) over the finite values. The df is Welch-
+    Satterthwaite's rounded down (the interval is if anything too wide); half-width nan with fewer than 2 a side.
+    Sharper than asking whether two intervals overlap, which they can while the difference is resolved."""
+    xs = [v for v in a if v is not None and math.isfinite(v)]
+    ys = [v for v in b if v is not None and math.isfinite(v)]
+    if not xs or not ys:
+        return float("nan"), float("nan"), 0
+    (ma, _, na), (mb, _, nb) = mean_ci(xs, level), mean_ci(ys, level)
+    if na < 2 or nb < 2:
+        return ma - mb, float("nan"), 0
+    va = sum((x - ma) ** 2 for x in xs) / (na - 1) / na
+    vb = sum((y - mb) ** 2 for y in ys) / (nb - 1) / nb
+    if va + vb == 0:
+        return ma - mb, 0.0, na + nb - 2
+    df = max(1, math.floor((va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))))
+    return ma - mb, t_quantile(df, level) * math.sqrt(va + vb), df
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -779,6 +798,16 @@ def conclusion(grid: dict, metrics: dict, baseline_runs: list[str] | None) -> st
             " The 95% intervals overlap: the difference is not resolved by these seeds."
             if overlap
             else f" The 95% intervals do not overlap: the best row is {'better' if wins else 'worse'} than the baseline."
+        )
+        d, dhw, df = diff_ci(
+            [metrics.get(r, {}).get(key) for r in best["runs"]],
+            [metrics.get(r, {}).get(key) for r in baseline_runs],
+        )
+        resolved = d - dhw > 0 or d + dhw < 0
+        text += f" 95% interval of the difference (Welch, df {df}): [{d - dhw:+.4g}, {d + dhw:+.4g}], " + (
+            f"excluding 0: the best row is {'better' if wins else 'worse'} than the baseline."
+            if resolved
+            else "including 0: not resolved."
         )
     else:
         text += " (No interval: fewer than 2 seeds.)"

@@ -284,12 +284,26 @@ def test_statistics_and_conclusion():
     hw = 4.302653 * 0.1 / math.sqrt(3)
     assert text.startswith(f"Best on `loss` (lower is better): **arm=w**, 0.6 ± {hw:.4g} (n=3).")
     assert "Baseline uniform: 1.1 ± " in text and "difference -0.5 (-45.5%)" in text
-    assert text.endswith("The 95% intervals do not overlap: the best row is better than the baseline.")
+    assert "The 95% intervals do not overlap: the best row is better than the baseline." in text
+    hw = 2.776445 * math.sqrt(0.02 / 3)  # equal variances and n: Welch's df is 4
+    assert text.endswith(
+        f"95% interval of the difference (Welch, df 4): [{-0.5 - hw:+.4g}, {-0.5 + hw:+.4g}], excluding 0: the best "
+        "row is better than the baseline."
+    )
+    # Welch by hand: var 1/3 and 5/2 over n 3 and 5, df 5.88 -> 5, t 2.570582
+    d, dhw, df = sweep.diff_ci([1.0, 2.0, 3.0, float("nan")], [4.0, 5.0, 6.0, 7.0, 8.0])
+    assert (d, df) == (-4.0, 5) and dhw == pytest.approx(2.570582 * math.sqrt(1 / 3 + 1 / 2), rel=1e-6)
+    assert math.isnan(sweep.diff_ci([1.0], [2.0, 3.0])[1]) and sweep.diff_ci([1.0, 1.0], [2.0, 2.0]) == (
+        -1.0,
+        0.0,
+        2,
+    )
     grid["goal"] = "max"
     assert "That is the baseline itself" in sweep.conclusion(
         {**grid, "rows": grid["rows"][:1]}, metrics, ["u0", "u1", "u2"]
     )
-    assert "intervals overlap" in sweep.conclusion(grid, metrics, ["u0", "u1", "u2"])  # z (1.17) vs u (1.1)
+    text = sweep.conclusion(grid, metrics, ["u0", "u1", "u2"])  # z (1.17) vs u (1.1)
+    assert "intervals overlap" in text and text.endswith("including 0: not resolved.")
     assert sweep.run_metrics(
         {"steps": 3, "cost": {"cost/x": 2}, "synthetic": {"synth/y": 0.5}, "algo": "a"}
     ) == {
