@@ -940,6 +940,8 @@ def write_report(out_dir: str | os.PathLike, report_dir: str | os.PathLike | Non
         lines += ["", f"## {g['title']}", ""]
         for axis_value, cand in g.get("picked", {}).items():
             lines.append(f"- `{axis_value}` is **{cand}**: the best of its candidates on `{g['primary']}`.")
+        if g.get("picked"):
+            lines.append("")  # a table right under a list item renders as part of the list
         head = [*g["axes"], "n", *g["metrics"]]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in g["rows"]:
