@@ -790,7 +790,12 @@ def conclusion(grid: dict, metrics: dict, baseline_runs: list[str] | None) -> st
         return text + " That is the baseline itself: no row beats it."
     diff = m - bm
     rel = f" ({diff / abs(bm) * 100:+.1f}%)" if bm else ""
-    text += f" Baseline {grid['baseline']}: {_cell(bm, bhw, bn)} (n={bn}); difference {diff:+.4g}{rel}."
+    label = (
+        _row_label({k: _fmt(v) for k, v in want.items()}) if (want := grid.get("baseline_values")) else None
+    )
+    text += (
+        f" Baseline {label or grid['baseline']}: {_cell(bm, bhw, bn)} (n={bn}); difference {diff:+.4g}{rel}."
+    )
     if math.isfinite(hw) and math.isfinite(bhw):
         overlap = (m - hw) <= (bm + bhw) and (bm - bhw) <= (m + hw)
         wins = (diff < 0) == (goal == "min") and diff != 0

@@ -284,6 +284,8 @@ def test_statistics_and_conclusion():
     hw = 4.302653 * 0.1 / math.sqrt(3)
     assert text.startswith(f"Best on `loss` (lower is better): **arm=w**, 0.6 ± {hw:.4g} (n=3).")
     assert "Baseline uniform: 1.1 ± " in text and "difference -0.5 (-45.5%)" in text
+    named = sweep.conclusion({**grid, "baseline_values": {"arm": "u"}}, metrics, ["u0", "u1", "u2"])
+    assert "Baseline arm=u: 1.1 ± " in named  # a grid's own baseline row is named by its axis values
     assert "The 95% intervals do not overlap: the best row is better than the baseline." in text
     hw = 2.776445 * math.sqrt(0.02 / 3)  # equal variances and n: Welch's df is 4
     assert text.endswith(
