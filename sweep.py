@@ -826,11 +826,14 @@ def _plot(grid: dict, metrics: dict, baseline_runs: list[str] | None, path: Path
     import matplotlib.pyplot as plt
 
     keys = grid["metrics"]
-    fig, axes = plt.subplots(
-        1, len(keys), figsize=(max(4.5, 0.45 * len(grid["rows"]) + 2) * len(keys), 4), squeeze=False
-    )
+    cols = min(4, len(keys))  # panels wrap after four, so that a report page stays readable
+    rows = -(-len(keys) // cols)
+    width = max(4.5, 0.45 * len(grid["rows"]) + 2)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(keys) :]:
+        ax.axis("off")
     numeric = [a for a in grid["axes"] if "." in a]
-    for ax, key in zip(axes[0], keys, strict=True):
+    for ax, key in zip(axes.flat, keys, strict=False):
         stats = [_stats(metrics, r["runs"], key) for r in grid["rows"]]
         if len(numeric) == 1 and all(_is_number(r["values"][numeric[0]]) for r in grid["rows"]):
             x_axis = numeric[0]
