@@ -34,7 +34,7 @@ lint: venv
 	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/ci.yml
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow

@@ -479,19 +479,25 @@ def _nest(dotted: str, value: Any) -> dict:
     return out
 
 
+def read_toml(path: str | os.PathLike, what: str = "config file") -> tuple[str, dict]:
+    """(text, table) of a TOML file; a missing file or a syntax error is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    text = path.read_text()
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Read a TOML file (or defaults when `path` is None) and apply `--section.key=value` overrides."""
     table: dict = {}
     origins = Origins("<defaults>")
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        text = path.read_text()
-        try:
-            table = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        text, table = read_toml(path)
         origins.default = str(path)
         origins.by_key = {k: f"{path}:{n}" for k, n in _key_lines(text).items()}
     for arg in overrides or []:

@@ -317,6 +317,25 @@ def codecontests_prompt(problem: dict) -> str:
 # --------------------------------------------------------------------------- tokenisation
 
 
+def load_tokenizer(cfg: Any, model_dir: Path | None):
+    """The run's tokenizer: model.tokenizer, else the model directory's; a pad token (EOS) when it has none."""
+    from transformers import AutoTokenizer
+
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
+    path = Path(cfg.model.tokenizer) if cfg.model.tokenizer else model_dir
+    if path is None or not path.exists():
+        raise DataError(f"{cfg.source}: '{key}' = {str(path)!r} does not exist (the tokenizer directory)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise DataError(
+            f"{cfg.source}: '{key}' = {str(path)!r}: no tokenizer could be loaded ({str(e).splitlines()[0]})"
+        ) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     """BOS (when the tokenizer has one) + prompt tokens: what training puts before the completion.
 
@@ -427,6 +446,14 @@ def data_fingerprint(root: str | os.PathLike) -> str:
     for path in mbpp_files(root):
         h.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
+
+
+def run_data_hash(cfg: Any) -> str:
+    """The data identity a run records (MLflow's data.hash, the model card): the MBPP files' content, or what
+    decides the synthetic rows."""
+    if cfg.data.dataset == "synthetic":
+        return synthetic_fingerprint(cfg)
+    return data_fingerprint(resolve_dataset_dir(cfg))
 
 
 # --------------------------------------------------------------------------- tokenised dataset + cache

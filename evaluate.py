@@ -624,6 +624,10 @@ def _model_cli(argv: list[str]) -> int:
     cfg = config.load_config(a.config, overrides)
     cfg.eval.speculative = cfg.eval.speculative or a.speculative
     ckpt = Path(a.checkpoint)
+    if not ckpt.is_dir():
+        raise EvalError(
+            f"--checkpoint: {ckpt} is not a directory (a checkpoint: ours, an HF Llama or Meta's)"
+        )
     datasets = [d for d in (a.datasets or ",".join(cfg.eval.datasets)).split(",") if d]
     bad = [d for d in datasets if d not in DATASETS]
     if bad:

@@ -108,7 +108,7 @@ def commit_dir(tmp: str | os.PathLike, final: str | os.PathLike, pointer: str | 
 
     Until the pointer moves it names the previous complete directory; a `final` that already exists is replaced
     by `atomic_dir_swap`, during which the pointer names `tmp` if it named `final`. Readers must not delete
-    what the pointer names (train.clean_partial)."""
+    what the pointer names (checkpoint.clean_partial)."""
     tmp, final = Path(tmp), Path(final)
     fault_point("commit:written")
     if final.exists() and Path(pointer).resolve() == final.resolve():

@@ -1514,6 +1514,11 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
+def unwrap(net: nn.Module) -> Transformer:
+    """The Transformer inside a peft (LoRA) wrapper, or the model itself."""
+    return net.get_base_model() if hasattr(net, "get_base_model") else net
+
+
 def load_model(path: str | os.PathLike, fmt: str, n_future_tokens: int | None = None) -> Transformer:
     """Dispatch on fmt: "meta" (params.json + consolidated.pth), "hf" (LlamaForCausalLM), "wmtp" (ours).
 

@@ -62,7 +62,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,13 +127,7 @@ class Sweep:
 def load_sweep(path: str | os.PathLike) -> Sweep:
     """Parse and check a sweep file (types, names, axes); configs are checked by `expand`."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"{path}: sweep file not found")
-    text = path.read_text()
-    try:
-        spec = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise SweepError(f"{path}: invalid TOML: {e}") from None
+    text, spec = C.read_toml(path, "sweep file")
     bundles = {k: v for k, v in spec.items() if k not in TOP_KEYS}
     for key, tp in TOP_KEYS.items():
         if key in spec and not isinstance(spec[key], tp):
@@ -359,7 +352,7 @@ def status(sw: Sweep, run: Run) -> str:
     summary = d / "summary.json"
     if summary.is_file() and json.loads(summary.read_text()).get("steps") == run.steps:
         return "done"
-    from train import find_resume  # what `train.py --resume` would continue from
+    from checkpoint import find_resume  # what `train.py --resume` would continue from
 
     return "resume" if find_resume(d / "checkpoints") is not None else "new"
 
@@ -722,6 +715,25 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, int
     return m, t_quantile(n - 1, level) * sd / math.sqrt(n), n
 
 
+def diff_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, int]:
+    """(mean(a) - mean(b), half-width of its Welch t-interval, df) over the finite values. The df is Welch-
+    Satterthwaite's rounded down (the interval is if anything too wide); half-width nan with fewer than 2 a side.
+    Sharper than asking whether two intervals overlap, which they can while the difference is resolved."""
+    xs = [v for v in a if v is not None and math.isfinite(v)]
+    ys = [v for v in b if v is not None and math.isfinite(v)]
+    if not xs or not ys:
+        return float("nan"), float("nan"), 0
+    (ma, _, na), (mb, _, nb) = mean_ci(xs, level), mean_ci(ys, level)
+    if na < 2 or nb < 2:
+        return ma - mb, float("nan"), 0
+    va = sum((x - ma) ** 2 for x in xs) / (na - 1) / na
+    vb = sum((y - mb) ** 2 for y in ys) / (nb - 1) / nb
+    if va + vb == 0:
+        return ma - mb, 0.0, na + nb - 2
+    df = max(1, math.floor((va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))))
+    return ma - mb, t_quantile(df, level) * math.sqrt(va + vb), df
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -778,7 +790,12 @@ def conclusion(grid: dict, metrics: dict, baseline_runs: list[str] | None) -> st
         return text + " That is the baseline itself: no row beats it."
     diff = m - bm
     rel = f" ({diff / abs(bm) * 100:+.1f}%)" if bm else ""
-    text += f" Baseline {grid['baseline']}: {_cell(bm, bhw, bn)} (n={bn}); difference {diff:+.4g}{rel}."
+    label = (
+        _row_label({k: _fmt(v) for k, v in want.items()}) if (want := grid.get("baseline_values")) else None
+    )
+    text += (
+        f" Baseline {label or grid['baseline']}: {_cell(bm, bhw, bn)} (n={bn}); difference {diff:+.4g}{rel}."
+    )
     if math.isfinite(hw) and math.isfinite(bhw):
         overlap = (m - hw) <= (bm + bhw) and (bm - bhw) <= (m + hw)
         wins = (diff < 0) == (goal == "min") and diff != 0
@@ -786,6 +803,16 @@ def conclusion(grid: dict, metrics: dict, baseline_runs: list[str] | None) -> st
             " The 95% intervals overlap: the difference is not resolved by these seeds."
             if overlap
             else f" The 95% intervals do not overlap: the best row is {'better' if wins else 'worse'} than the baseline."
+        )
+        d, dhw, df = diff_ci(
+            [metrics.get(r, {}).get(key) for r in best["runs"]],
+            [metrics.get(r, {}).get(key) for r in baseline_runs],
+        )
+        resolved = d - dhw > 0 or d + dhw < 0
+        text += f" 95% interval of the difference (Welch, df {df}): [{d - dhw:+.4g}, {d + dhw:+.4g}], " + (
+            f"excluding 0: the best row is {'better' if wins else 'worse'} than the baseline."
+            if resolved
+            else "including 0: not resolved."
         )
     else:
         text += " (No interval: fewer than 2 seeds.)"
@@ -799,11 +826,14 @@ def _plot(grid: dict, metrics: dict, baseline_runs: list[str] | None, path: Path
     import matplotlib.pyplot as plt
 
     keys = grid["metrics"]
-    fig, axes = plt.subplots(
-        1, len(keys), figsize=(max(4.5, 0.45 * len(grid["rows"]) + 2) * len(keys), 4), squeeze=False
-    )
+    cols = min(4, len(keys))  # panels wrap after four, so that a report page stays readable
+    rows = -(-len(keys) // cols)
+    width = max(4.5, 0.45 * len(grid["rows"]) + 2)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(keys) :]:
+        ax.axis("off")
     numeric = [a for a in grid["axes"] if "." in a]
-    for ax, key in zip(axes[0], keys, strict=True):
+    for ax, key in zip(axes.flat, keys, strict=False):
         stats = [_stats(metrics, r["runs"], key) for r in grid["rows"]]
         if len(numeric) == 1 and all(_is_number(r["values"][numeric[0]]) for r in grid["rows"]):
             x_axis = numeric[0]
@@ -918,6 +948,8 @@ def write_report(out_dir: str | os.PathLike, report_dir: str | os.PathLike | Non
         lines += ["", f"## {g['title']}", ""]
         for axis_value, cand in g.get("picked", {}).items():
             lines.append(f"- `{axis_value}` is **{cand}**: the best of its candidates on `{g['primary']}`.")
+        if g.get("picked"):
+            lines.append("")  # a table right under a list item renders as part of the list
         head = [*g["axes"], "n", *g["metrics"]]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in g["rows"]:
@@ -977,10 +1009,24 @@ def run(argv: list[str]) -> int:
             raise SweepError(f"--seeds {a.seeds!r}: expected comma-separated integers") from None
     if a.dry_run:
         return dry_run(sw)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return run_sweep(sw, a.launcher or sw.launcher, a.parallel or sw.parallel)
+    except Terminated:
+        return 75  # as train.py: preempted, resumable
     except KeyboardInterrupt:
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the sweep is, so that `launch_all` stops its runs as on Ctrl-C: a run left alone
+    would go on writing into a directory that the next sweep resumes."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def main(argv: list[str]) -> int:

@@ -142,27 +142,24 @@ def build_base_meta(out: Path, force: bool = False) -> bool:
     """Tiny H=4 MTP base in Meta's layout: 3 trunk blocks (the last is head 1) + 3 extra heads."""
 
     def build(tmp: Path) -> None:
-        import torch
-
-        import model as M
-
-        tokenizer = load_tokenizer(out)
-        args = M.ModelArgs(
-            dim=128,
-            n_layers=6,
-            n_heads=4,
-            n_kv_heads=2,
-            vocab_size=len(tokenizer),
-            multiple_of=32,
-            n_future_tokens=4,
-            max_seq_len=1024,
-        )
-        torch.manual_seed(SEED)
-        M.save_meta(M.Transformer(args), tmp)
-        tokenizer.save_pretrained(str(tmp))  # so model.tokenizer may point at the checkpoint directory
-        M.write_checklist(tmp)  # MD5s of every file, as Meta ships them (checked at load)
+        _random_meta(tmp, load_tokenizer(out), n_kv_heads=2, max_seq_len=1024)
 
     return _atomic_dir(out / "base_meta", build, force)
+
+
+def _random_meta(tmp: Path, tokenizer, **shape) -> None:
+    """A seeded random-init H=4 MTP model (dim 128, 6 blocks) in Meta's layout, its tokenizer beside it (so
+    model.tokenizer may point at the checkpoint directory) and Meta's checklist.chk (MD5s, checked at load)."""
+    import torch
+
+    import model as M
+
+    args = M.ModelArgs(dim=128, n_layers=6, n_heads=4, vocab_size=len(tokenizer), multiple_of=32,
+                       n_future_tokens=4, **shape)  # fmt: skip
+    torch.manual_seed(SEED)
+    M.save_meta(M.Transformer(args), tmp)
+    tokenizer.save_pretrained(str(tmp))
+    M.write_checklist(tmp)
 
 
 def _llama_config(tokenizer, **extra):
@@ -244,25 +241,9 @@ def build_synthetic_base(out: Path, force: bool = False) -> bool:
     1.2M parameters; at H=1 the same trunk and head 1, 0.6M)."""
 
     def build(tmp: Path) -> None:
-        import torch
         from transformers import AutoTokenizer
 
-        import model as M
-
-        tokenizer = AutoTokenizer.from_pretrained(str(out / "synthetic_tokenizer"))
-        args = M.ModelArgs(
-            dim=128,
-            n_layers=6,
-            n_heads=4,
-            n_kv_heads=4,
-            vocab_size=len(tokenizer),
-            multiple_of=32,
-            n_future_tokens=4,
-            max_seq_len=256,
-        )
-        torch.manual_seed(SEED)
-        M.save_meta(M.Transformer(args), tmp)
-        tokenizer.save_pretrained(str(tmp))
+        _random_meta(tmp, AutoTokenizer.from_pretrained(str(out / "synthetic_tokenizer")), max_seq_len=256)
 
     return _atomic_dir(out / "synthetic_base", build, force)
 

@@ -13,24 +13,21 @@ all ranks, so the gradient does not depend on how the step was split (which is w
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
-import re
-import shutil
 import signal
 import socket
 import sys
 import threading
 import time
 import warnings
-from contextlib import nullcontext, suppress
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+import checkpoint
 import config as C
 import data
 import errors
@@ -39,32 +36,13 @@ import model as M
 import parallel as P
 import s3cache
 import score
+from checkpoint import TrainState
 from errors import UserError
 
 # single-process runs save with torch.distributed.checkpoint too; its "assuming a single process" note is noise
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 # --------------------------------------------------------------------------- setup helpers
-
-
-def load_tokenizer(cfg: C.Config, model_dir: Path | None):
-    from transformers import AutoTokenizer
-
-    key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
-    path = Path(cfg.model.tokenizer) if cfg.model.tokenizer else model_dir
-    if path is None or not path.exists():
-        raise M.CheckpointError(
-            f"{cfg.source}: '{key}' = {str(path)!r} does not exist (the tokenizer directory)"
-        )
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise M.CheckpointError(
-            f"{cfg.source}: '{key}' = {str(path)!r}: no tokenizer could be loaded ({str(e).splitlines()[0]})"
-        ) from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def check_tokenizer(cfg: C.Config, model_dir: Path, tokenizer) -> M.ModelArgs:
@@ -115,10 +93,6 @@ def use_bf16(cfg: C.Config, d: P.Dist) -> bool:
     return P.compute_dtype(d.device, cfg.model.dtype) == torch.bfloat16
 
 
-def unwrap(net: torch.nn.Module) -> M.Transformer:
-    return net.get_base_model() if hasattr(net, "get_base_model") else net
-
-
 def make_optimizer(cfg: C.Config, net: torch.nn.Module) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (embeddings and projections), not on norms."""
     params = [p for p in net.parameters() if p.requires_grad]
@@ -148,465 +122,6 @@ class TrainError(UserError, RuntimeError):
 EXIT_PREEMPTED = (
     75  # SIGTERM/SIGINT: a resumable checkpoint was committed; continue with --resume (EX_TEMPFAIL)
 )
-
-
-# --------------------------------------------------------------------------- checkpoints
-#
-# runs/<run>/checkpoints/step_NNNNNN/ are resumable checkpoints, each written as step_N.tmp/ and renamed into place
-# when complete; `latest` is a symlink switched to the newest in one rename (files.commit_dir), so at every moment
-# some complete checkpoint is there to resume from. --resume follows `latest`, else takes the newest complete
-# step_N. The newest train.keep_checkpoints periodic ones (multiples of save_every) are kept, others pruned.
-# A checkpoint is only written after a good step: every one is a state a NaN rollback may return to.
-
-
-@dataclass
-class TrainState:
-    """Everything besides model/optimizer tensors that a resumed run needs to continue identically."""
-
-    step: int = 0
-    micro_batch: int = 0  # current micro-batch size (the OOM fallback halves it)
-    best_val: float = float("inf")
-    lr_scale: float = 1.0
-    bad_steps: int = 0  # consecutive non-finite steps
-    skipped_steps: int = 0
-    recoveries: int = 0
-    oom_events: int = 0
-    history: list = field(default_factory=list)  # validation results
-    last_weights: dict = field(default_factory=dict)  # weight statistics of the last good step
-    rolled_back_steps: int = 0  # steps undone by NaN rollbacks, in all
-    rollbacks: list = field(default_factory=list)  # {"at": step, "to": step, "from": snapshot | step_N}
-    mlflow_run_id: str = ""  # a resumed run continues the same MLflow run
-    step_seconds: float = 0.0  # wall time inside optimizer steps (cost per step)
-    class_weights: torch.Tensor | None = None  # synthetic data: weights per token class (evaluate.py)
-
-
-STEP_DIR = re.compile(r"step_(\d+)")
-
-
-def checkpoints(ckdir: Path) -> dict[int, Path]:
-    """Complete resumable checkpoints by step (a step_N directory exists only once it is complete)."""
-    if not ckdir.is_dir():
-        return {}
-    found = ((STEP_DIR.fullmatch(p.name), p) for p in ckdir.iterdir())
-    return {int(m[1]): p for m, p in found if m and (p / "trainer.pt").is_file() and not p.is_symlink()}
-
-
-def find_resume(ckdir: Path) -> Path | None:
-    """`latest` when it names a complete checkpoint, else the newest complete step_N, else None."""
-    latest = ckdir / "latest"
-    if (latest / "trainer.pt").is_file():
-        return latest.resolve()
-    found = checkpoints(ckdir)
-    return found[max(found)] if found else None
-
-
-def prune_checkpoints(ckdir: Path, current: int, save_every: int, keep: int) -> None:
-    """Keep `current` and the newest `keep` periodic checkpoints (0: all); a checkpoint leaves by a rename first, so
-    a step_N name never holds a half-deleted directory."""
-    periodic = sorted(
-        s for s in checkpoints(ckdir) if save_every and s and s % save_every == 0 and s <= current
-    )
-    kept = {current, *(periodic if keep == 0 else periodic[-keep:])}
-    for s, path in checkpoints(ckdir).items():
-        if s not in kept:
-            gone = path.with_name(f".{path.name}.del")
-            os.replace(path, gone)
-            files.fault_point("prune:renamed")
-            shutil.rmtree(gone)
-
-
-def clean_partial(ckdir: Path) -> None:
-    """Remove what a killed writer left (step_N.tmp, .step_N.old/.del, pointer temps) except what `latest` names;
-    run with the lock held."""
-    keep = (ckdir / "latest").resolve()
-    for p in ckdir.iterdir() if ckdir.is_dir() else []:
-        if p == keep:
-            continue
-        if p.name.endswith(".tmp") or (p.name.startswith(".") and p.name.endswith((".old", ".del"))):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-
-
-def save_resume(cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P.Dist) -> Path:
-    """Sharded torch.distributed.checkpoint of model + optimizer (any world size can load it), trainer state and
-    RNG, committed as checkpoints/step_<st.step> (see the section comment)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    final = run_dir / "checkpoints" / f"step_{st.step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    P.barrier()
-    msd, osd = get_state_dict(net, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
-    rng = {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
-    if d.main:
-        torch.save({"state": st.__dict__, "scorer": scorer_state.state_dict()}, tmp / "trainer.pt")
-    P.barrier()
-    if d.main:
-        files.commit_dir(tmp, final, final.parent / "latest")
-        prune_checkpoints(final.parent, st.step, cfg.train.save_every, cfg.train.keep_checkpoints)
-        clean_partial(final.parent)  # what an earlier, killed commit left
-    P.barrier()
-    return final
-
-
-def load_resume(ckpt: Path, net, opt, scorer_state, d: P.Dist) -> TrainState:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    msd, osd = get_state_dict(net, opt)
-    sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(ckpt / "dcp"))
-    set_state_dict(net, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    blob = torch.load(ckpt / "trainer.pt", weights_only=False)
-    scorer_state.load_state_dict(blob["scorer"])
-    rng_file = ckpt / f"rng_rank{d.rank}.pt"
-    if rng_file.exists():  # absent when resuming on more ranks than saved
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return TrainState(**blob["state"])
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP2 DTensor (the storage itself under no_grad), or the tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-class Snapshot:
-    """A CPU copy of this rank's trainable parameters and their optimizer state (its FSDP shards) and of the scorer
-    state, taken every train.nan_snapshot_every good steps: the known-good state a NaN rollback returns to without
-    reading the disk, so a rollback loses at most that many steps even when checkpoints are rare. The host buffers
-    are allocated once and reused."""
-
-    def __init__(self):
-        self.step = -1
-        self.params: list[torch.Tensor] = []
-        self.optim: list[dict | None] = []
-        self.scorer: dict = {}
-
-    @torch.no_grad()
-    def take(self, net, opt, st: TrainState, scorer_state) -> Snapshot:
-        params = [p for p in net.parameters() if p.requires_grad]
-        old = self.optim or [None] * len(params)
-        self.params = [_to_host(self.params[i] if self.params else None, p) for i, p in enumerate(params)]
-        self.optim = [
-            {
-                k: _to_host((old[i] or {}).get(k), v) if torch.is_tensor(v) else v
-                for k, v in opt.state[p].items()
-            }
-            if p in opt.state
-            else None
-            for i, p in enumerate(params)
-        ]
-        self.scorer = copy.deepcopy(scorer_state.state_dict())
-        self.step = st.step
-        return self
-
-    @torch.no_grad()
-    def restore(self, net, opt, scorer_state) -> None:
-        params = [p for p in net.parameters() if p.requires_grad]
-        for p, saved, state in zip(params, self.params, self.optim, strict=True):
-            _local(p).copy_(saved)
-            if state is None:
-                opt.state.pop(p, None)  # not stepped yet at the snapshot: AdamW starts this one afresh
-                continue
-            for k, v in state.items():
-                if torch.is_tensor(v) and k in opt.state[p]:
-                    _local(opt.state[p][k]).copy_(v)
-                else:
-                    opt.state[p][k] = v.clone() if torch.is_tensor(v) else v
-        scorer_state.load_state_dict(copy.deepcopy(self.scorer))
-
-
-def _to_host(buf: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
-    """Copy this rank's part of `t` to the CPU, into `buf` when it fits."""
-    t = _local(t).detach()
-    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-        return t.to("cpu", copy=True)
-    return buf.copy_(t)
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the lines of steps <= `step` in metrics.jsonl: a resumed run writes the later ones again (a line
-    torn by a kill goes too)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line + "\n")
-        except ValueError:
-            continue
-    files.atomic_write_text(path, "".join(keep))
-
-
-def open_run_dir(cfg, d: P.Dist, run_dir: Path, resume: bool) -> files.RunLock:
-    """Take the run directory: its lock (rank 0; every rank stops if another run holds it), then refuse to start
-    over an unfinished run, clear what a killed writer left and write config.json (credentials scrubbed)."""
-    lock, problem = files.RunLock(run_dir), None
-    if d.main:
-        try:
-            lock.acquire()
-            problem = _check_start(run_dir, resume)
-        except UserError as e:
-            problem = str(e)
-            lock.release()
-    problem = P.broadcast_object(problem)
-    if problem:
-        raise UserError(problem)
-    if d.main:
-        if lock.previous.get("pid"):
-            was = lock.previous
-            print(
-                f"{run_dir}: taking over the lock of a run that is gone (host {was.get('host')}, pid {was.get('pid')})"
-            )
-        clean_partial(run_dir / "checkpoints")
-        text = s3cache.scrub(json.dumps(C.to_dict(cfg), indent=2))
-        files.atomic_write_text(run_dir / "config.json", text)
-    P.barrier()
-    return lock
-
-
-def _check_start(run_dir: Path, resume: bool) -> None:
-    ck = find_resume(run_dir / "checkpoints")
-    if resume and ck is None:
-        raise UserError(
-            f"--resume: no checkpoint in {run_dir / 'checkpoints'} (train.run_name = {run_dir.name!r})"
-        )
-    if resume or ck is None:
-        return
-    if not (run_dir / "summary.json").exists():
-        raise UserError(
-            f"{run_dir} holds an unfinished run (checkpoint {ck.name}): continue it with --resume, or choose "
-            "another train.run_name (or delete the directory)"
-        )
-    print(f"{run_dir}: starting over; the files of the finished run there are removed")
-    for p in run_dir.iterdir():
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.name != ".lock":
-            p.unlink()
-
-
-def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
-    """Consolidated safetensors of the full model (LoRA merged) on rank 0; every rank must call it under FSDP."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not d.main:
-        return None
-    base = unwrap(net)
-    clean = M.Transformer(base.args)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if hasattr(net, "get_base_model"):  # peft: the adapters alone, then merged into a plain copy
-        from safetensors.torch import save_file
-
-        lc = net.peft_config["default"]
-        save_file(
-            {k: v.contiguous() for k, v in full.items() if "lora_" in k}, str(tmp / "adapter.safetensors")
-        )
-        meta = {"r": lc.r, "lora_alpha": lc.lora_alpha, "target_modules": sorted(lc.target_modules)}
-        (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2))
-        full = merge_lora_state(full, lc.lora_alpha / lc.r)
-    clean.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
-    M.save_checkpoint(clean, tmp)
-    tokenizer.save_pretrained(str(tmp))
-    files.atomic_dir_swap(tmp, out)
-    return out
-
-
-def merge_lora_state(full: dict, scaling: float) -> dict:
-    """W + scaling * B @ A (scaling = alpha / r) for every LoRA pair, with peft's key prefixes stripped."""
-    out = {}
-    for k, v in full.items():
-        if "lora_" in k:
-            continue
-        k2 = k.replace("base_model.model.", "").replace(".base_layer", "")
-        out[k2] = v
-    for k, v in full.items():
-        if k.endswith("lora_A.default.weight"):
-            stem = k[: -len(".lora_A.default.weight")]
-            b = full[stem + ".lora_B.default.weight"]
-            tgt = stem.replace("base_model.model.", "") + ".weight"
-            out[tgt] = out[tgt].float() + scaling * (b.float() @ v.float())
-    return out
-
-
-# --------------------------------------------------------------------------- exports (HF Llama, Meta)
-
-EXPORT_FORMATS = ("hf", "meta")
-
-
-def export_dtype(cfg: C.Config) -> torch.dtype:
-    """Exports are written in model.dtype (bf16 by default: what the model computed in on GPUs and what Llama
-    checkpoints ship as, half of the fp32 masters' size); our own format keeps the fp32 masters."""
-    return torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-
-
-def write_export(
-    net: M.Transformer, out: Path, fmt: str, tokenizer, dtype: torch.dtype | None, readme: str | None = None
-) -> Path:
-    """One export directory with the tokenizer, written to a temp directory then renamed into place.
-
-    hf: LlamaForCausalLM of trunk + head 1 (+ README.md model card); meta: params.json + consolidated.pth, every
-    head, params.json readable by Meta's reference code."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if fmt == "hf":
-        ids = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-        M.save_hf(net, tmp, dtype, *ids)
-        if readme is not None:
-            files.atomic_write_text(tmp / "README.md", readme)
-    elif fmt == "meta":
-        M.save_meta(net, tmp, dtype, reference=True)
-    else:
-        raise ValueError(f"export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
-    tokenizer.save_pretrained(str(tmp))
-    files.atomic_dir_swap(tmp, out)
-    return out
-
-
-def export_formats(cfg: C.Config, run_dir: Path, ckpt: Path, tokenizer) -> None:
-    """hf/ and meta/ inside a finished checkpoint directory of ours (checkpoints/final, checkpoints/best).
-
-    Run once at the end of the run, from the files: `best` is rewritten at every improvement during training,
-    so writing three formats each time would triple that I/O for copies that are overwritten anyway."""
-    import tracking
-
-    net = M.load_checkpoint(ckpt)
-    name, params, metrics, tags = run_card_inputs(run_dir)
-    where = f"{run_dir.name}/{ckpt.relative_to(run_dir).as_posix()}/hf"
-    readme = tracking.hf_readme(name, params, metrics, tags, where)
-    for fmt in EXPORT_FORMATS:
-        write_export(net, ckpt / fmt, fmt, tokenizer, export_dtype(cfg), readme)
-        print(f"exported {ckpt / fmt} ({fmt}, {export_dtype(cfg)})")
-
-
-def run_card_inputs(run_dir: Path) -> tuple[str, dict, dict, dict]:
-    """(name, params, metrics, tags) for the model card, read from a run directory: config.json, metrics.jsonl
-    (the last step) and summary.json (validation and evaluation results); the keys MLflow holds for the run."""
-    import tracking
-
-    def read(name: str, default):
-        path = run_dir / name
-        return path.read_text() if path.exists() else default
-
-    raw = json.loads(read("config.json", "{}"))
-    cfg = C.from_dict(raw)
-    params = tracking.clean_params(C.flatten(raw))
-    with suppress(data.DataError):  # else the card says "not recorded"
-        params["data.hash"] = data.data_fingerprint(data.resolve_dataset_dir(cfg))
-    rows = read("metrics.jsonl", "").splitlines()
-    metrics = {k: v for k, v in json.loads(rows[-1]).items() if k != "step"} if rows else {}
-    summary = json.loads(read("summary.json", "{}"))
-    if summary.get("final_val_loss") is not None:
-        metrics["val/loss"] = summary["final_val_loss"]
-    metrics.update(summary.get("eval") or {})
-    metrics = {
-        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
-    tags = {"algo": cfg.algo, "git_commit": tracking._git_commit()}
-    return tracking.registered_name(tracking.experiment_name(cfg)), params, metrics, tags
-
-
-def load_resume_model(ckpt: Path) -> tuple[M.Transformer, C.Config, Path]:
-    """The model of a resume checkpoint (checkpoints/latest, step_N: dcp/), LoRA merged, in fp32.
-
-    The architecture comes from the run's config.json (runs/<run>/config.json) and its base model's metadata;
-    only the model entries of the sharded checkpoint are read (not the optimizer state)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    run_dir = ckpt.resolve().parent.parent
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{ckpt} is a resume checkpoint but {run_dir / 'config.json'} (its run's config) is missing: "
-            "export it from inside its run directory (runs/<run>/checkpoints/<name>)"
-        )
-    cfg = C.from_dict(json.loads((run_dir / "config.json").read_text()))
-    model_dir = s3cache.resolve_model(cfg, cfg.model.path, cfg.model.resource, cfg.model.format, "model.path")
-    args = M.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
-    reader = dcp.FileSystemReader(str(ckpt / "dcp"))
-    entries = reader.read_metadata().state_dict_metadata
-    sd = {k[len("model.") :]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
-          if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}  # fmt: skip
-    dcp.load({"model": sd}, storage_reader=reader)
-    if cfg.train.lora.enabled:
-        sd = merge_lora_state(sd, cfg.train.lora.alpha / cfg.train.lora.r)
-    with torch.device("meta"):
-        net = M.Transformer(args)
-    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
-    return net, cfg, model_dir
-
-
-def export_cli(argv: list[str]) -> int:
-    """`train.py export --checkpoint DIR --format hf|meta --out OUT [--dtype D] [--tokenizer DIR]`."""
-    import argparse
-
-    from transformers import AutoTokenizer
-
-    import tracking
-
-    ap = argparse.ArgumentParser(
-        prog="train.py export", description="Export a checkpoint to HF Llama or Meta."
-    )
-    ap.add_argument(
-        "--checkpoint", required=True, help="ours (final, best), a resume one (last, step_N), HF, Meta"
-    )
-    ap.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    ap.add_argument("--out", required=True, help="a new (or empty) directory")
-    ap.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: as the checkpoint stores them")
-    ap.add_argument(
-        "--tokenizer", default="", help="default: the checkpoint's, else its run's model.tokenizer"
-    )
-    a = ap.parse_args(argv)
-    src, out = Path(a.checkpoint), Path(a.out)
-    parent = src.resolve().parent  # runs/<run>/checkpoints/<name>: the run directory gives the model card
-    run_dir = (
-        parent.parent if parent.name == "checkpoints" and (parent.parent / "config.json").is_file() else None
-    )
-    try:
-        if out.exists() and any(out.iterdir()):
-            raise FileExistsError(f"--out {out} exists and is not empty: choose a new directory")
-        cfg = model_dir = None
-        if (src / "dcp").is_dir():
-            net, cfg, model_dir = load_resume_model(src)
-        else:
-            net = M.load_model(src, M.detect_format(src))
-        if a.tokenizer or (src / "tokenizer_config.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(a.tokenizer or str(src))
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token = tokenizer.eos_token
-        elif cfg is not None:
-            tokenizer = load_tokenizer(cfg, model_dir)
-        else:
-            raise FileNotFoundError(f"{src} holds no tokenizer (tokenizer_config.json): pass --tokenizer DIR")
-        readme = None  # the model card: from the run directory, else the one an HF source carries
-        if a.format == "hf" and run_dir is not None:
-            readme = tracking.hf_readme(*run_card_inputs(run_dir), f"{run_dir.name}/checkpoints/{src.name}")
-        elif a.format == "hf" and (src / "README.md").is_file():
-            readme = (src / "README.md").read_text()
-        write_export(net, out, a.format, tokenizer, getattr(torch, a.dtype) if a.dtype else None, readme)
-    except (OSError, ValueError, s3cache.StorageError) as e:  # CheckpointError, ConfigError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"export: {out} ({a.format}, {a.dtype or 'stored dtype'}) from {src}")
-    return 0
 
 
 # --------------------------------------------------------------------------- one optimizer step
@@ -844,7 +359,9 @@ def resolve_inputs(cfg: C.Config) -> tuple[Path, object]:
 
     mc = cfg.model
     model_dir = attempt(lambda: s3cache.resolve_model(cfg, mc.path, mc.resource, mc.format, "model.path"))
-    tokenizer = attempt(lambda: load_tokenizer(cfg, model_dir)) if model_dir or cfg.model.tokenizer else None
+    tokenizer = (
+        attempt(lambda: data.load_tokenizer(cfg, model_dir)) if model_dir or cfg.model.tokenizer else None
+    )
     if model_dir is not None and tokenizer is not None:
         attempt(lambda: check_tokenizer(cfg, model_dir, tokenizer))
     rc, cc = cfg.rho1, cfg.critic
@@ -966,7 +483,7 @@ def main(argv: list[str]) -> int:
 
         return tracking.main(argv[1:])
     if argv and argv[0] == "export":
-        return export_cli(argv[1:])
+        return checkpoint.export_cli(argv[1:])
     path, overrides, resume, dry = parse_cli(argv)
     cfg = C.load_config(path, overrides)
     d = P.init_distributed(cfg.train.device)
@@ -981,11 +498,11 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     if dry:
         return dry_run(cfg, d, *resolve_inputs(cfg))
     model_dir = s3cache.resolve_model(cfg, cfg.model.path, cfg.model.resource, cfg.model.format, "model.path")
-    tokenizer = load_tokenizer(cfg, model_dir)
+    tokenizer = data.load_tokenizer(cfg, model_dir)
     check_tokenizer(cfg, model_dir, tokenizer)
     run_name = cfg.train.run_name or f"{cfg.algo}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.train.out_dir) / P.broadcast_object(run_name)
-    lock = open_run_dir(cfg, d, run_dir, resume)  # one run per directory, held until the run ends
+    lock = checkpoint.open_run_dir(cfg, d, run_dir, resume)  # one run per directory, held until the run ends
     try:
         with Preemption() as preempt:
             return run(cfg, d, run_dir, resume, model_dir, tokenizer, preempt)
@@ -998,9 +515,9 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
     """Model, data, optimizer and scorer, then the loop, then export and evaluation."""
     log = print if d.main else (lambda *a, **k: None)
     net = build_model(cfg, d, model_dir)
-    base = unwrap(net)
+    base = M.unwrap(net)
     try:  # the run ends with an HF export: refuse a model HF Llama cannot express before training it
-        M.hf_config(base.args, export_dtype(cfg))
+        M.hf_config(base.args, checkpoint.export_dtype(cfg))
     except M.CheckpointError as e:
         raise TrainError(str(e)) from None
     n_params, n_train = M.count_params(base), sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -1021,27 +538,23 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
     st = TrainState(micro_batch=cfg.train.micro_batch_size)
     ckdir = run_dir / "checkpoints"
     if resume:
-        ck = find_resume(ckdir)
+        ck = checkpoint.find_resume(ckdir)
         if ck != (ckdir / "latest").resolve():
             log(f"{ckdir / 'latest'} is missing or broken: resuming from the newest complete checkpoint")
-        st = load_resume(ck, net, opt, scorer_state, d)
+        st = checkpoint.load_resume(ck, net, opt, scorer_state, d)
         log(f"resumed from {ck} at step {st.step}")
     if d.main:  # a resumed run writes the later steps again; a fresh one starts an empty file
-        truncate_metrics(run_dir / "metrics.jsonl", st.step)
+        checkpoint.truncate_metrics(run_dir / "metrics.jsonl", st.step)
 
     import tracking
 
     tracker = tracking.Tracker(cfg, rank=d.rank)
-    if cfg.data.dataset == "synthetic":
-        data_hash = data.synthetic_fingerprint(cfg)
-    else:
-        data_hash = data.data_fingerprint(data.resolve_dataset_dir(cfg))
-    extra = {"model.dir": str(model_dir), "data.hash": data_hash}
+    extra = {"model.dir": str(model_dir), "data.hash": data.run_data_hash(cfg)}
     tracker.start(run_name=run_dir.name, world_size=d.world_size, extra=extra, resume_run_id=st.mlflow_run_id)
 
     def save() -> None:
         st.mlflow_run_id = tracker.run_id or st.mlflow_run_id
-        save_resume(cfg, run_dir, net, opt, st, scorer_state, d)
+        checkpoint.save_resume(cfg, run_dir, net, opt, st, scorer_state, d)
 
     shard = {"rank": d.rank, "world_size": d.world_size}
     loader = data.make_loader(train_ds, per_rank, pad, seed=cfg.data.seed, skip_batches=st.step, **shard)
@@ -1065,7 +578,9 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
         tracker.log_metrics(v0, step=0)
         st.history.append({"step": 0, **v0})
         save()
-    snapshot = Snapshot().take(net, opt, st, scorer_state) if cfg.train.nan_snapshot_every else None
+    snapshot = (
+        checkpoint.Snapshot().take(net, opt, st, scorer_state) if cfg.train.nan_snapshot_every else None
+    )
 
     # ---- the loop
     meter = Meter(d, M.flops_per_token(base.args, cfg.data.max_length))
@@ -1112,7 +627,7 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
             log(f"step {st.step:>6d} val/loss {v['val/loss']:.4f}" + (" (best)" if best else ""))
             if best:
                 st.best_val = v["val/loss"]
-                export_model(net, run_dir / "checkpoints" / "best", tokenizer, d)
+                checkpoint.export_model(net, run_dir / "checkpoints" / "best", tokenizer, d)
         periodic = cfg.train.save_every and st.step % cfg.train.save_every == 0
         if (periodic or st.step == stop) and not st.bad_steps:  # a checkpoint is only ever a good state
             save()
@@ -1124,7 +639,7 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
         log(f"stopped at step {st.step} of {cfg.train.steps} (train.stop_after); continue with --resume")
         tracker.finish("KILLED")
         return 0
-    final = export_model(net, run_dir / "checkpoints" / "final", tokenizer, d)
+    final = checkpoint.export_model(net, run_dir / "checkpoints" / "final", tokenizer, d)
     cost = cost_metrics(d, st, net, final)
     # the end-of-run evaluation loads the export whole on every rank: first free the training state
     scorer_state.model = scorer_state.ref_model = scorer_state.reward_model = scorer_state.hidden = None
@@ -1238,13 +753,13 @@ def recover(cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P.Dis
             f"(train.max_recoveries = {cfg.train.max_recoveries}); stopping. Lower optim.lr or check the data."
         )
     keep = TrainState(**st.__dict__)
-    ck = find_resume(run_dir / "checkpoints")
-    ck_step = int(STEP_DIR.fullmatch(ck.name)[1]) if ck is not None else -1
+    ck = checkpoint.find_resume(run_dir / "checkpoints")
+    ck_step = int(checkpoint.STEP_DIR.fullmatch(ck.name)[1]) if ck is not None else -1
     if snapshot is not None and snapshot.step >= ck_step:
         snapshot.restore(net, opt, scorer_state)
         to, source = snapshot.step, "the in-memory snapshot"
     else:
-        to, source = load_resume(ck, net, opt, scorer_state, d).step, f"checkpoint {ck.name}"
+        to, source = checkpoint.load_resume(ck, net, opt, scorer_state, d).step, f"checkpoint {ck.name}"
     now = st.step + 1  # this step's number in the logs
     keep.recoveries += 1
     keep.lr_scale = st.lr_scale * cfg.train.lr_backoff
@@ -1356,7 +871,7 @@ def finish(
             run_dir / "summary.json", s3cache.scrub(json.dumps(summary, indent=2, default=str))
         )
         for ck in (c for c in (final, best) if c is not None and c.exists()):  # hf/ and meta/ beside ours
-            export_formats(cfg, run_dir, ck, tokenizer)
+            checkpoint.export_formats(cfg, run_dir, ck, tokenizer)
         tracker.log_artifacts(plots, "plots")
         if final is not None:
             tracker.log_artifacts(final, "checkpoints/final")

@@ -21,22 +21,24 @@ after reset_peak_memory_stats. Large tensors are mmap'd by glibc and returned on
 
     .venv/bin/python bench/mtp_step.py [--device cuda] [--dim 256 --blocks 8 --seq 256 --batch 4 --vocab 32000]
 
-Sample output 1: defaults on CPU (2 cores shared with other jobs, load average ~7 during the run: the times
-are noisy, the memory figures are not):
+Sample output 1: defaults on CPU, `--repeats 5`, the idle 2-core machine (2026-11-29):
 
-    device=cpu dtype=float32 dim=256 blocks=8 seq=256 batch=4 vocab=32000 repeats=3; peak memory: VmHWM (reset via clear_refs)
+    device=cpu dtype=float32 dim=256 blocks=8 seq=256 batch=4 vocab=32000 repeats=5; peak memory: VmHWM (reset via clear_refs)
     config      H trunk     params  step median      min  peak above baseline
-    h1          1     7 22,810,880      0.907 s  0.856 s            545.6 MiB
-    h4          4     4 22,810,880      4.880 s  2.903 s            502.3 MiB
-    h4_naive    4     4 22,810,880      8.412 s  8.073 s           1649.3 MiB
-    (a) H=4 / H=1 (efficient): time x5.38, peak x0.92 (goal <= 1.10)
-    (b) naive / efficient at H=4: time x1.72, peak x3.28; naive extra peak 1147.0 MiB
-        = 4.59 x one head's logits+grad (250.0 MiB)
-        = 3.06 x one head's CE footprint (375.0 MiB: logits, fp32 log-softmax, fp32 grad); expected ~ H-1 = 3
-    rho1 extra no-grad head pass: 2.793 s = 57.2% of an H=4 step here (small dim: logits dominate); FLOP estimate for Meta 7B_1T_4 at seq 2048: 6.2%
-    total wall time 98 s
+    h1          1     7 22,810,880      0.718 s  0.663 s            554.5 MiB
+    h4          4     4 22,810,880      2.055 s  1.938 s            496.5 MiB
+    h4_naive    4     4 22,810,880      2.054 s  1.964 s           1604.2 MiB
+    rho1_head   4     4 22,810,880      2.015 s  2.003 s            511.2 MiB
+    rho1_seq    4     4 22,810,880      2.789 s  2.473 s            497.5 MiB
+    (a) H=4 / H=1 (efficient): time x2.86, peak x0.90 (goal <= 1.10)
+    (b) naive / efficient at H=4: time x1.00, peak x3.23; naive extra peak 1107.7 MiB
+        = 4.43 x one head's logits+grad (250.0 MiB)
+        = 2.95 x one head's CE footprint (375.0 MiB: logits, fp32 log-softmax, fp32 grad); expected ~ H-1 = 3
+    rho1 extra no-grad head pass: 0.709 s = 34.5% of an H=4 step here (small dim: logits dominate); FLOP estimate for Meta 7B_1T_4 at seq 2048: 6.2%
+    (c) rho1 step, scope head / sequence: time x0.72 (2.015 s vs 2.789 s: the per-head scope saves 28%), peak x1.03
+    total wall time 78 s
 
-Sample output 2: one NVIDIA H200, torch 2.11 (`--device cuda --dtype bfloat16 --dim 2048 --n-heads 16 --seq 2048
+Sample output 2 (before the rho1 rows existed): one NVIDIA H200, torch 2.11 (`--device cuda --dtype bfloat16 --dim 2048 --n-heads 16 --seq 2048
 --repeats 5`). The H=4/H=1 time ratio is the FLOP ratio (4 output projections of 32000 x 2048 instead of 1):
 
     device=cuda dtype=bfloat16 dim=2048 blocks=8 seq=2048 batch=4 vocab=32000 repeats=5; peak memory: cuda.max_memory_allocated

@@ -2,12 +2,12 @@
 
 The ranks of a FSDP2 run must make the same collective forwards whatever the sizes: for each scorer, with the
 reference / reward model sharded too (`train.aux_models = "shard"`), this runs the scorer's preparation over the
-whole train split (rho1 reference CE, critic rewards: chunk counts that do not divide by the world size), one
-optimizer step, a FULL validation (90 MBPP rows at micro-batch 4: 23 batches) and the export. Rank 0 prints one
-JSON line per scorer with the validation metrics; the test compares them with a single process on the exported
-weights. A rank that skipped a forward would leave the others inside a collective: gloo errors or the timeout.
-With --eval every rank then loads the first export whole and evaluates 5 MBPP problems split over the ranks
-(`EVAL`); rank 0 writes the report, which the test compares with a single process.
+first 53 rows of the train split (rho1 reference CE, critic rewards: chunk counts that divide by neither 3 nor 4
+ranks), one optimizer step, a FULL validation (90 MBPP rows at micro-batch 4: 23 batches) and the export. Rank 0
+prints one JSON line per scorer with the validation metrics; the test compares them with a single process on the
+exported weights. A rank that skipped a forward would leave the others inside a collective: gloo errors or the
+timeout. With --eval every rank then loads the first export whole and evaluates 5 MBPP problems split over the
+ranks (`EVAL`); rank 0 writes the report, which the test compares with a single process.
 """
 
 import json
@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import checkpoint
 import config as C
 import data
 import evaluate
@@ -22,6 +23,8 @@ import parallel as P
 import score
 import train
 
+# chunk counts that divide by neither 3 nor 4 ranks: 14 reference chunks of 4 rows, 7 reward chunks of 8
+TRAIN_ROWS = 53
 EVAL = ["--eval.temperature=0", "--eval.max_new_tokens=24", "--eval.batch_size=2", "--eval.workers=2"]
 tiny, out, scorers = Path(sys.argv[1]), Path(sys.argv[2]), [a for a in sys.argv[3:] if a != "--eval"]
 d = P.init_distributed("cpu")
@@ -39,28 +42,28 @@ for scorer in scorers:
             "--data.max_length=128",
             f"--storage.cache_dir={json.dumps(str(out / 'cache'))}",
             f"--rho1.ref_model={json.dumps(str(tiny / 'ref_hf'))}",
-            "--rho1.precompute=true",  # 374 rows / 4 = 94 chunks of reference forwards
+            "--rho1.precompute=true",  # 53 train rows / 4 = 14 chunks of reference forwards
             f"--critic.reward_model={json.dumps(str(tiny / 'rm_hf'))}",
-            "--critic.reward_batch_size=10",  # 38 chunks of reward forwards
+            "--critic.reward_batch_size=8",  # 7 chunks of reward forwards
             "--critic.pretrain_steps=1",
         ],
     )
     base = Path(cfg.model.path)
-    tok = train.load_tokenizer(cfg, base)
+    tok = data.load_tokenizer(cfg, base)
     net = train.build_model(cfg, d, base)
-    train_ds = data.build_dataset(cfg, tok, "train")
+    train_ds = data.build_dataset(cfg, tok, "train").select(range(TRAIN_ROWS))
     val_ds = data.build_dataset(cfg, tok, "validation")
     pad = tok.pad_token_id
     opt = train.make_optimizer(cfg, net)
     state = score.init_state(cfg, net, tok, d.device, dataset=train_ds)
     shard = {"rank": d.rank, "world_size": d.world_size}
     score.prepare(state, data.make_loader(train_ds, 4, pad, seed=1, **shard))
-    st = train.TrainState(micro_batch=4)
+    st = checkpoint.TrainState(micro_batch=4)
     batch = next(data.make_loader(train_ds, 4, pad, **shard))
     train.optimizer_step(cfg, net, opt, batch, st, state, d, 0)
     opt.step()
     val = train.validate(cfg, net, val_ds, pad, d)
-    train.export_model(net, out / scorer, tok, d)
+    checkpoint.export_model(net, out / scorer, tok, d)
     if d.main:
         print(json.dumps({"scorer": scorer, "val": val, "seconds": time.perf_counter() - t0}), flush=True)
     del net, opt, state

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +14,7 @@ import torch
 
 import model as M
 from config import REPO
-from tests.test_train import ENV, dcp_model, losses, metrics, tiny_overrides
+from tests.test_train import ENV, dcp_model, losses, metrics, run_train, tiny_overrides
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 DENV = {**ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -28,16 +28,17 @@ def torchrun(tiny: Path, out: Path, *args: str, config: str = "configs/tiny_rho1
     return p
 
 
+def dist_script(script: str, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """A tests/dist_*.py script under torchrun; a rank left waiting in a collective fails within 2 minutes."""
+    cmd = [*TORCHRUN[:-1], f"--nproc_per_node={nproc}", script, *args]
+    env = {**DENV, "WMTP_DIST_TIMEOUT_MIN": "2"}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p
+
+
 def test_fsdp2_gradients_equal_single_process():
-    p = subprocess.run(
-        [*TORCHRUN, "tests/dist_grad_check.py"],
-        cwd=REPO,
-        env=DENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    p = dist_script("tests/dist_grad_check.py")
     assert p.stdout.count("max gradient error") == 2
 
 
@@ -48,9 +49,26 @@ EVAL_KV |= {"eval.batch_size": 2, "eval.workers": 2}
 
 @pytest.fixture(scope="module")
 def rho1_2proc(tiny_dir, tmp_path_factory):
+    """The module's reference 2-rank run (4 steps, a checkpoint at step 2 that the resume tests rewind to)."""
     out = tmp_path_factory.mktemp("dist")
-    torchrun(tiny_dir, out, **{"train.run_name": "full", **EVAL_KV})
+    torchrun(tiny_dir, out, **{"train.run_name": "full", "train.save_every": 2, **EVAL_KV})
     return out
+
+
+def rewound_copy(run: Path, name: str, step: int) -> Path:
+    """A copy of a finished run under another name, as if it had been stopped after `step`: the later
+    checkpoints, exports and reports removed, `latest` pointing at step_N. What `--resume` then continues."""
+    dst = run.with_name(name)
+    shutil.copytree(run, dst, symlinks=True)
+    ck = dst / "checkpoints"
+    for p in ck.iterdir():
+        if p.name != f"step_{step:06d}":
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    (ck / "latest").symlink_to(f"step_{step:06d}")
+    for name in ("summary.json", "eval", "plots", "reports"):
+        p = dst / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return dst
 
 
 def test_end_of_run_evaluation_is_split_over_the_ranks_like_one_process(rho1_2proc, tiny_dir):
@@ -78,9 +96,8 @@ def test_end_of_run_evaluation_is_split_over_the_ranks_like_one_process(rho1_2pr
 
 def test_sharded_resume_equals_uninterrupted_run(rho1_2proc, tiny_dir):
     out = rho1_2proc
-    torchrun(tiny_dir, out, **{"train.run_name": "part", "train.stop_after": 2})
-    assert (out / "part" / "checkpoints" / "latest" / "dcp" / ".metadata").is_file()
-    torchrun(tiny_dir, out, "--resume", **{"train.run_name": "part"})
+    rewound_copy(out / "full", "part", 2)
+    torchrun(tiny_dir, out, "--resume", **{"train.run_name": "part", "train.save_every": 2})
     full, part = losses(metrics(out, "full")), losses(metrics(out, "part"))
     assert sorted(part) == [1, 2, 3, 4]
     for step, loss in full.items():
@@ -112,22 +129,25 @@ def test_oom_on_one_rank_is_agreed_by_all(rho1_2proc, tiny_dir):
 
 
 def test_resume_on_one_process_from_two(rho1_2proc, tiny_dir):
-    """Weights saved by 2 ranks resume in a single process (DCP reshards on load)."""
+    """Weights saved by 2 ranks resume in a single process (DCP reshards on load). The steps after it differ from
+    the 2-rank run's by design: one rank takes one rank's share of each step's rows."""
     out = rho1_2proc
-    torchrun(tiny_dir, out, **{"train.run_name": "w21", "train.stop_after": 2})
-    cmd = [
-        sys.executable,
-        "train.py",
-        "configs/tiny_rho1_mbpp.toml",
-        "--resume",
-        *tiny_overrides(tiny_dir, out, **{"train.run_name": "w21", "train.steps": 4}),
-    ]
-    p = subprocess.run(
-        cmd, cwd=REPO, env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
+    rewound_copy(out / "full", "w21", 2)
+    kv = {"train.run_name": "w21", "train.steps": 4}
+    p = run_train(tiny_dir, out, "--resume", config="configs/tiny_rho1_mbpp.toml", **kv)
     assert "resumed from" in p.stdout and "at step 2" in p.stdout
-    assert os.path.isdir(out / "w21" / "checkpoints" / "final")
+    assert sorted(losses(metrics(out, "w21"))) == [1, 2, 3, 4]
+    assert (out / "w21" / "checkpoints" / "final" / "model.safetensors").is_file()
+
+
+def test_replicated_data_parallel_equals_fsdp(rho1_2proc, tiny_dir):
+    """train.fsdp = false under torchrun (every rank holds the whole model, gradients all-reduced): the same run."""
+    out = rho1_2proc
+    torchrun(tiny_dir, out, **{"train.run_name": "ddp", "train.fsdp": False})
+    full, ddp = losses(metrics(out, "full")), losses(metrics(out, "ddp"))
+    assert sorted(ddp) == sorted(full) == [1, 2, 3, 4]
+    for step, loss in full.items():
+        assert ddp[step] == pytest.approx(loss, rel=1e-5), step
 
 
 def test_sharded_reference_trains_exactly_like_a_replicated_one(rho1_2proc, tiny_dir):
@@ -151,23 +171,19 @@ def test_sharded_reference_trains_exactly_like_a_replicated_one(rho1_2proc, tiny
 def test_sharded_aux_models_stay_in_lockstep_where_the_ranks_work_differs(tiny_dir, tmp_path):
     """tests/dist_aux_check.py: precompute split with an idle rank, lazy fills on one rank only, reward model with
     texts on one rank, our Transformer sharded; each against the replicated model (see its docstring)."""
-    p = subprocess.run(
-        [*TORCHRUN, "tests/dist_aux_check.py", str(tiny_dir), str(tmp_path / "cache")],
-        cwd=REPO,
-        env={**DENV, "WMTP_DIST_TIMEOUT_MIN": "2"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    p = dist_script("tests/dist_aux_check.py", str(tiny_dir), str(tmp_path / "cache"))
     assert p.stdout.count("aux sharding ok") == 2
 
 
-@pytest.mark.parametrize("config", ["configs/tiny_mbpp.toml", "configs/tiny_critic_mbpp.toml"])
-def test_sharded_resume_equals_uninterrupted_run_other_scorers(config, tiny_dir, tmp_path):
-    torchrun(tiny_dir, tmp_path, config=config, **{"train.run_name": "full"})
-    torchrun(tiny_dir, tmp_path, config=config, **{"train.run_name": "part", "train.stop_after": 2})
-    torchrun(tiny_dir, tmp_path, "--resume", config=config, **{"train.run_name": "part"})
+def test_sharded_critic_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
+    """The critic's value head is trained on every rank (gradients averaged): a resumed 2-rank run continues it.
+    (Uniform weights have no scorer state: the rho1 resume above and the one-process resume cover them.)"""
+    config = "configs/tiny_critic_mbpp.toml"
+    torchrun(tiny_dir, tmp_path, config=config, **{"train.run_name": "full", "train.save_every": 2})
+    rewound_copy(tmp_path / "full", "part", 2)
+    torchrun(
+        tiny_dir, tmp_path, "--resume", config=config, **{"train.run_name": "part", "train.save_every": 2}
+    )
     full, part = losses(metrics(tmp_path, "full")), losses(metrics(tmp_path, "part"))
     assert sorted(part) == [1, 2, 3, 4]
     for step, loss in full.items():
@@ -209,16 +225,15 @@ def test_sigterm_to_torchrun_then_resume_equals_an_uninterrupted_run(rho1_2proc,
 @pytest.mark.slow
 def test_nan_rollback_restores_the_sharded_snapshot(rho1_2proc, tiny_dir):
     """Under FSDP2 the in-memory snapshot holds each rank's shards: a rollback to step 2 ends with exactly the
-    weights a run stopped at step 2 checkpointed."""
+    weights the uninterrupted run checkpointed at step 2."""
     out = rho1_2proc
-    torchrun(tiny_dir, out, **{"train.run_name": "two", "train.stop_after": 2})
     kv = {"train.run_name": "rb", "train.nan_snapshot_every": 2, "train.inject_nan_steps": [2, 3]}
     p = torchrun(tiny_dir, out, **kv, **{"train.max_bad_steps": 2})
     assert (
         "step 4: 2 non-finite steps in a row: rolled back 2 steps to step 2 (the in-memory snapshot)"
         in p.stdout
     )
-    two = dcp_model(out / "two" / "checkpoints" / "latest", out)
+    two = dcp_model(out / "full" / "checkpoints" / "step_000002", out)
     rolled = M.load_checkpoint(out / "rb" / "checkpoints" / "final").state_dict()
     assert two.keys() == rolled.keys() and all(torch.equal(two[k], rolled[k]) for k in two)
 
@@ -248,7 +263,7 @@ def single_process_validation(tiny: Path, export: Path) -> dict:
         f"--storage.cache_dir={json.dumps(str(REPO / '.cache'))}",
     ]
     cfg = C.load_config(REPO / "configs" / "tiny_mbpp.toml", kv)
-    tok = train.load_tokenizer(cfg, export)
+    tok = data.load_tokenizer(cfg, export)
     val_ds = data.build_dataset(cfg, tok, "validation")
     assert len(val_ds) == 90
     return train.validate(cfg, M.load_checkpoint(export), val_ds, tok.pad_token_id, P.Dist())
@@ -258,7 +273,7 @@ def single_process_validation(tiny: Path, export: Path) -> dict:
 # with a sharded aux model (the uniform one adds nothing to validation)
 @pytest.mark.parametrize("nproc, args", [(4, [*SCORERS, "--eval"]), (3, SCORERS[1:])])
 def test_ranks_stay_in_lockstep_through_full_validation_and_evaluation(nproc, args, tiny_dir, tmp_path):
-    """tests/dist_lockstep_check.py under torchrun with 4 and 3 ranks (23 validation batches, 94 reference and 38
+    """tests/dist_lockstep_check.py under torchrun with 4 and 3 ranks (23 validation batches, 14 reference and 7
     reward chunks: none divides by the world size): each scorer prepares, steps, validates all 90 rows and exports
     without a hang; the validation loss equals one process's on the exported weights, and the evaluation split over
     the ranks equals one process's (greedy)."""
@@ -266,22 +281,7 @@ def test_ranks_stay_in_lockstep_through_full_validation_and_evaluation(nproc, ar
     import evaluate
     import tiny
 
-    script = [
-        f"--nproc_per_node={nproc}",
-        "tests/dist_lockstep_check.py",
-        str(tiny_dir),
-        str(tmp_path),
-        *args,
-    ]
-    p = subprocess.run(
-        [*TORCHRUN[:-1], *script],
-        cwd=REPO,
-        env={**DENV, "WMTP_DIST_TIMEOUT_MIN": "2"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    p = dist_script("tests/dist_lockstep_check.py", str(tiny_dir), str(tmp_path), *args, nproc=nproc)
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     got = {r["scorer"]: r["val"] for r in rows if "scorer" in r}
     scorers = [a for a in args if a != "--eval"]

@@ -242,8 +242,14 @@ def test_evaluate_model_on_tiny_model_writes_the_report(tok_name, tiny_dir, tmp_
     flat = evaluate.evaluate_model(
         cfg, net, tok, ["mbpp", "humaneval", "codecontests"], 2, 2, out, weight_histogram=hist
     )
-    for ds in ("mbpp", "humaneval", "codecontests"):
-        assert 0.0 <= flat[f"{ds}/pass_at_1"] <= 1.0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for ds in (
+        "mbpp",
+        "humaneval",
+        "codecontests",
+    ):  # pass@1 with n = 2: the mean fraction of passing samples
+        per = metrics[ds]["problems"].values()
+        assert flat[f"{ds}/pass_at_1"] == pytest.approx(sum(q["passed"] / q["n"] for q in per) / len(per))
     for k in range(1, 5):
         assert math.isfinite(flat[f"mbpp/head{k}_ce"]) and flat[f"mbpp/head{k}_ce"] > 0
     assert "codecontests/head1_ce" not in flat  # no references to score
@@ -255,10 +261,80 @@ def test_evaluate_model_on_tiny_model_writes_the_report(tok_name, tiny_dir, tmp_
         "head_ce_mbpp.png",
         "weight_histogram.png",
     } <= names
-    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mbpp"]["n_problems"] == 2 and metrics["mbpp"]["n_samples"] == 4
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["dataset"] for s in samples} == {"mbpp", "humaneval", "codecontests"}
     for s in samples:
         if s["dataset"] == "mbpp":
             assert not any(stop in s["completion"] for stop in data.MBPP_STOP)
+
+
+# --------------------------------------------------------------------------- evaluate.py CONFIG --checkpoint DIR
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_dir, tmp_path_factory):
+    """The tiny base in our format with its tokenizer beside it (what checkpoints/final holds)."""
+    import shutil
+
+    import model as M
+
+    ck = tmp_path_factory.mktemp("ck") / "final"
+    M.save_checkpoint(M.load_model(tiny_dir / "base_meta", "meta"), ck)
+    for f in (tiny_dir / "tokenizer").iterdir():
+        shutil.copy(f, ck / f.name)
+    return ck
+
+
+def test_model_cli_defaults_options_and_a_report_that_agrees_with_itself(tiny_checkpoint, capsys):
+    """The tokenizer comes from the checkpoint (model.tokenizer empty), the report goes to <checkpoint>/eval,
+    --limit and --n set the problems and samples; every sample's pass flag is its problem's verdict in
+    metrics.json, and pass@1 is the mean fraction of passing samples."""
+    argv = ["configs/tiny_mbpp.toml", "--checkpoint", str(tiny_checkpoint), "--limit", "3", "--n", "2"]
+    argv += ["--model.tokenizer=", "--eval.max_new_tokens=12", "--eval.temperature=0.8", "--eval.workers=2"]
+    assert evaluate.main(argv) == 0
+    flat = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = tiny_checkpoint / "eval"
+    m = json.loads((report / "metrics.json").read_text())["mbpp"]
+    assert (m["n_problems"], m["n_samples"]) == (3, 6) and list(m["problems"]) == ["11", "12", "13"]
+    assert flat["mbpp/pass_at_1"] == pytest.approx(
+        sum(q["passed"] / q["n"] for q in m["problems"].values()) / 3
+    )
+    samples = [json.loads(line) for line in (report / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6
+    for i, smp in enumerate(samples):
+        failed = {f["sample"]: f["kind"] for f in m["problems"][str(smp["task_id"])]["failures"]}
+        assert smp["passed"] == (i % 2 not in failed) and smp["kind"] == failed.get(i % 2, "ok")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--datasets", "mbpp,mpbb"], "error: --datasets: unknown ['mpbb']"),
+        (["--checkpoint", "/nonexistent/ck"], "error: --checkpoint: "),
+    ],
+)
+def test_model_cli_errors_are_one_line_and_exit_2(args, message, tiny_checkpoint, capsys):
+    argv = ["configs/tiny_mbpp.toml", "--checkpoint", str(tiny_checkpoint), "--model.tokenizer=", *args]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_greedy_completions_do_not_depend_on_the_batch_size(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    import config
+    import model as M
+
+    net = M.load_checkpoint(tiny_checkpoint).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    problems = data.mbpp_split(data.load_mbpp(ROOT / "mbpp"), "test")[:4]
+    prompts = [data.mbpp_prompt(p) for p in problems]
+    got = []
+    for bs in (1, 4):
+        cfg = config.load_config(
+            None, ["--eval.temperature=0", "--eval.max_new_tokens=16", f"--eval.batch_size={bs}"]
+        )
+        got.append(evaluate.generate(cfg, net, tok, prompts, 1, data.MBPP_STOP))
+    assert got[0] == got[1] and all(len(c) == 1 for c in got[0])

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import config as C
+import data
 import errors
 import files
 import model as M
@@ -42,7 +44,7 @@ def trainer(tiny_dir, tmp_path_factory):
     kv = {"train.save_every": 2, "train.keep_checkpoints": 1}
     cfg = C.load_config(CONFIG, tiny_overrides(tiny_dir, out, **kv))
     d = P.Dist()
-    tok = train.load_tokenizer(cfg, tiny_dir / "base_meta")
+    tok = data.load_tokenizer(cfg, tiny_dir / "base_meta")
     pairs = []
     for _ in range(2):
         net = train.build_model(cfg, d, tiny_dir / "base_meta")
@@ -75,34 +77,34 @@ def test_a_kill_between_any_two_renames_leaves_a_resumable_checkpoint(
 ):
     cfg, d, [(net, opt, state), (net2, opt2, state2)] = trainer
     run_dir, ckdir = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    st = train.TrainState(step=2, micro_batch=4)
+    st = checkpoint.TrainState(step=2, micro_batch=4)
     expected = {2: update(net, opt)}
-    train.save_resume(cfg, run_dir, net, opt, st, state, d)
+    checkpoint.save_resume(cfg, run_dir, net, opt, st, state, d)
     st.step = 4
     expected[4] = update(net, opt)
     if point == "swap:moved-aside":
-        train.save_resume(cfg, run_dir, net, opt, st, state, d)
+        checkpoint.save_resume(cfg, run_dir, net, opt, st, state, d)
         expected[4] = update(net, opt)
     monkeypatch.setenv(files.FAULT_ENV, point)
     monkeypatch.setattr(files, "_fault_hits", type(files._fault_hits)())
     with pytest.raises(files.FaultInjected):
-        train.save_resume(cfg, run_dir, net, opt, st, state, d)
+        checkpoint.save_resume(cfg, run_dir, net, opt, st, state, d)
     monkeypatch.delenv(files.FAULT_ENV)
 
-    train.clean_partial(ckdir)  # what the next run does first, holding the lock
-    ck = train.find_resume(ckdir)
-    assert train.load_resume(ck, net2, opt2, state2, d).step == resumed
+    checkpoint.clean_partial(ckdir)  # what the next run does first, holding the lock
+    ck = checkpoint.find_resume(ckdir)
+    assert checkpoint.load_resume(ck, net2, opt2, state2, d).step == resumed
     assert all(torch.equal(p, expected[resumed][n]) for n, p in net2.named_parameters())
     assert not [p.name for p in ckdir.iterdir() if p.name.endswith((".old", ".del"))]
     st.step = 6  # and the run goes on: the next commit cleans up after the killed one
-    train.save_resume(cfg, run_dir, net, opt, st, state, d)
+    checkpoint.save_resume(cfg, run_dir, net, opt, st, state, d)
     assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step_000006"]  # keep_checkpoints = 1
 
 
 def test_snapshot_restores_model_optimizer_and_scorer_exactly(trainer):
     cfg, d, [(net, opt, state), _] = trainer
     update(net, opt)
-    snap = train.Snapshot().take(net, opt, train.TrainState(step=7), state)
+    snap = checkpoint.Snapshot().take(net, opt, checkpoint.TrainState(step=7), state)
     weights = {n: p.detach().clone() for n, p in net.named_parameters()}
     moments = {i: {k: v.clone() for k, v in s.items()} for i, s in opt.state_dict()["state"].items()}
     update(net, opt)
@@ -114,7 +116,7 @@ def test_snapshot_restores_model_optimizer_and_scorer_exactly(trainer):
     fresh = train.make_optimizer(
         cfg, net
     )  # a snapshot taken before the first step: AdamW starts afresh again
-    snap.take(net, fresh, train.TrainState(), state)  # the same host buffers again
+    snap.take(net, fresh, checkpoint.TrainState(), state)  # the same host buffers again
     update(net, fresh)
     snap.restore(net, fresh, state)
     assert not fresh.state and all(torch.equal(p, weights[n]) for n, p in net.named_parameters())

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,7 +89,13 @@ def test_sweep_end_to_end(finished, capsys):
     for n in NAMES:
         s = json.loads((out / n / "summary.json").read_text())
         assert s["steps"] == 3 and s["scorer"] == ("uniform" if n.startswith("u") else "critic_delta_v1")
-        assert 0 <= s["synthetic"]["synth/exact_match"] <= 1 and s["cost"]["cost/trainable_params"] == 1222272
+        syn, sc = s["synthetic"], json.loads((out / n / "config.json").read_text())["data"]["synthetic"]
+        share = [
+            len(range(i, sc["n_test"], len(sc["tasks"]))) for i in range(len(sc["tasks"]))
+        ]  # tasks in turn
+        hits = sum(syn[f"synth/exact_match_{t}"] * k for t, k in zip(sc["tasks"], share, strict=True))
+        assert syn["synth/exact_match"] == pytest.approx(hits / sc["n_test"])  # overall = pooled per task
+        assert s["cost"]["cost/trainable_params"] == 1222272
     state = json.loads((out / "sweep.json").read_text())
     assert [r["runs"] for r in state["grids"][0]["rows"]] == [NAMES[:2], NAMES[2:]]
 
@@ -276,12 +284,28 @@ def test_statistics_and_conclusion():
     hw = 4.302653 * 0.1 / math.sqrt(3)
     assert text.startswith(f"Best on `loss` (lower is better): **arm=w**, 0.6 ± {hw:.4g} (n=3).")
     assert "Baseline uniform: 1.1 ± " in text and "difference -0.5 (-45.5%)" in text
-    assert text.endswith("The 95% intervals do not overlap: the best row is better than the baseline.")
+    named = sweep.conclusion({**grid, "baseline_values": {"arm": "u"}}, metrics, ["u0", "u1", "u2"])
+    assert "Baseline arm=u: 1.1 ± " in named  # a grid's own baseline row is named by its axis values
+    assert "The 95% intervals do not overlap: the best row is better than the baseline." in text
+    hw = 2.776445 * math.sqrt(0.02 / 3)  # equal variances and n: Welch's df is 4
+    assert text.endswith(
+        f"95% interval of the difference (Welch, df 4): [{-0.5 - hw:+.4g}, {-0.5 + hw:+.4g}], excluding 0: the best "
+        "row is better than the baseline."
+    )
+    # Welch by hand: var 1/3 and 5/2 over n 3 and 5, df 5.88 -> 5, t 2.570582
+    d, dhw, df = sweep.diff_ci([1.0, 2.0, 3.0, float("nan")], [4.0, 5.0, 6.0, 7.0, 8.0])
+    assert (d, df) == (-4.0, 5) and dhw == pytest.approx(2.570582 * math.sqrt(1 / 3 + 1 / 2), rel=1e-6)
+    assert math.isnan(sweep.diff_ci([1.0], [2.0, 3.0])[1]) and sweep.diff_ci([1.0, 1.0], [2.0, 2.0]) == (
+        -1.0,
+        0.0,
+        2,
+    )
     grid["goal"] = "max"
     assert "That is the baseline itself" in sweep.conclusion(
         {**grid, "rows": grid["rows"][:1]}, metrics, ["u0", "u1", "u2"]
     )
-    assert "intervals overlap" in sweep.conclusion(grid, metrics, ["u0", "u1", "u2"])  # z (1.17) vs u (1.1)
+    text = sweep.conclusion(grid, metrics, ["u0", "u1", "u2"])  # z (1.17) vs u (1.1)
+    assert "intervals overlap" in text and text.endswith("including 0: not resolved.")
     assert sweep.run_metrics(
         {"steps": 3, "cost": {"cost/x": 2}, "synthetic": {"synth/y": 0.5}, "algo": "a"}
     ) == {
@@ -295,3 +319,35 @@ def test_statistics_and_conclusion():
 def test_shipped_sweep_files_dry_run(name, capsys):
     assert sweep.main([str(REPO / "configs" / "sweeps" / name), "--dry-run"]) == 0
     assert "every config is valid" in capsys.readouterr().out
+
+
+def test_sigterm_stops_the_runs_and_leaves_them_resumable(tmp_path, tiny_dir):
+    """`kill <sweep>` (a session ending, a scheduler) stops each run at a checkpoint and then the sweep, exit 75:
+    no run goes on alone, writing into a directory that the next sweep would resume."""
+    body = '[[grid]]\nname = "arms"\narm = ["uniform"]\n"train.steps" = [100000]'
+    path = write_sweep(tmp_path, tiny_dir, body)
+    log = tmp_path / "runs" / "logs" / "uniform--train.steps=100000--s0.log"
+    p = subprocess.Popen(
+        [sys.executable, "sweep.py", str(path), "--seeds", "0", "--parallel", "1"],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(600):  # the run is training: it has logged a step
+            if log.is_file() and re.search(r"step +2/", log.read_text()):
+                break
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.2)
+        lock = json.loads((tmp_path / "runs" / "uniform--train.steps=100000--s0" / ".lock").read_text())
+        p.terminate()
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 75, out[-2000:] + err[-2000:]
+    assert "rerun the same command to resume" in err
+    assert "checkpoint committed" in log.read_text()
+    with pytest.raises(ProcessLookupError):
+        os.kill(lock["pid"], 0)

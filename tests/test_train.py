@@ -1,10 +1,15 @@
-"""train.py end to end on the tiny models: resume equivalence, OOM and NaN fallbacks, LoRA, dry run, schedule.
+"""train.py end to end on the tiny models: resume equivalence, OOM and NaN fallbacks, LoRA, dry run, exports.
 
-Each run is a real `python train.py ...` process, as a user launches it. Runs are short (a few steps, 128 tokens).
+Each run goes through the command line's own code path (`errors.main(train.main, argv)`, what `python train.py
+...` runs), in this process: a new interpreter would spend ~5 s per run importing torch and transformers. What needs
+a process of its own (a signal, a kill, fault injection through the environment) starts `python train.py`. Runs are
+short (a few steps, 128 tokens).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -13,13 +18,16 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+import checkpoint
 import config as C
+import errors
 import files
 import train
 from config import REPO
@@ -49,9 +57,24 @@ def tiny_overrides(tiny: Path, out: Path, **extra) -> list[str]:
     return [f"--{k}={json.dumps(v) if not isinstance(v, str) else json.dumps(v)}" for k, v in kv.items()]
 
 
-def run_train(tiny: Path, out: Path, *args: str, config: str = "configs/tiny_mbpp.toml", check=True, **kv):
-    cmd = [sys.executable, "train.py", config, *tiny_overrides(tiny, out, **kv), *args]
-    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+def run_train(
+    tiny: Path, out: Path, *args: str, config: str = "configs/tiny_mbpp.toml", check=True, **kv
+) -> subprocess.CompletedProcess:
+    """`python train.py CONFIG [overrides] ARGS` in this process: stdout / stderr captured, the exit code the
+    interpreter would give (errors.main's for expected failures, 1 and the traceback on stderr for a bug)."""
+    argv = [config, *tiny_overrides(tiny, out, **kv), *args]
+    out_io, err_io = io.StringIO(), io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out_io), contextlib.redirect_stderr(err_io):
+        try:
+            code = errors.main(train.main, argv)
+        except SystemExit as e:  # usage errors
+            code = e.code if isinstance(e.code, int) else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    p = subprocess.CompletedProcess(["train.py", *argv], code, out_io.getvalue(), err_io.getvalue())
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
@@ -210,6 +233,31 @@ def test_a_run_killed_while_committing_a_checkpoint_resumes(reference_run, tiny_
     assert sorted(p.name for p in ck.iterdir()) == ["best", "final", "latest", "step_000004", "step_000006"]
 
 
+def test_best_is_the_checkpoint_of_the_lowest_validation_loss(tiny_dir, tmp_path):
+    """A learning rate so high that validation goes down, up, down: checkpoints/best holds the weights of the
+    lowest validation loss (step 2), not the last ones; its loss, recomputed, is the summary's best_val_loss."""
+    import data
+    import model as M
+    import parallel as P
+
+    kv = {"train.run_name": "best", "train.steps": 4, "train.eval_every": 1, "optim.lr": 0.05}
+    run_train(tiny_dir, tmp_path, **kv, **{"optim.warmup_frac": 0.0})
+    run = tmp_path / "best"
+    hist = torch.load(run / "checkpoints" / "latest" / "trainer.pt", weights_only=False)["state"]["history"]
+    val = {h["step"]: h["val/loss"] for h in hist}
+    assert sorted(val) == [0, 1, 2, 3, 4] and min(val, key=val.get) == 2 and val[4] > val[2]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_val_loss"] == val[2] and summary["final_val_loss"] == val[4]
+    cfg = C.load_config(REPO / "configs/tiny_mbpp.toml", tiny_overrides(tiny_dir, tmp_path, **kv))
+    tok = data.load_tokenizer(cfg, tiny_dir / "base_meta")
+    val_ds = data.build_dataset(cfg, tok, "validation")
+    for name, want in (("best", val[2]), ("final", val[4])):
+        got = train.validate(
+            cfg, M.load_checkpoint(run / "checkpoints" / name), val_ds, tok.pad_token_id, P.Dist()
+        )
+        assert got["val/loss"] == pytest.approx(want, rel=1e-6), name
+
+
 def test_oom_at_micro_batch_one_gives_up_clearly(tiny_dir, tmp_path):
     kv = {"train.run_name": "oom1", "train.micro_batch_size": 1, "train.inject_oom_steps": [0]}
     p = run_train(tiny_dir, tmp_path, check=False, **kv)
@@ -265,12 +313,12 @@ def test_one_process_step_computes_in_bf16_on_a_gpu_only(device, tiny_dir, tmp_p
     net = train.build_model(cfg, d, tiny_dir / "base_meta")
     seen = []
     net.layers[0].attention.wq.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    tok = train.load_tokenizer(cfg, tiny_dir / "base_meta")
+    tok = data.load_tokenizer(cfg, tiny_dir / "base_meta")
     batch = next(data.make_loader(data.build_dataset(cfg, tok, "train"), 4, tok.pad_token_id))
     batch = {k: v.to(d.device) for k, v in batch.items()}
     state = score.init_state(cfg, net, tok, d.device)
     opt = train.make_optimizer(cfg, net)
-    train.optimizer_step(cfg, net, opt, batch, train.TrainState(micro_batch=4), state, d, 0)
+    train.optimizer_step(cfg, net, opt, batch, checkpoint.TrainState(micro_batch=4), state, d, 0)
     assert set(seen) == {torch.bfloat16 if device == "cuda" else torch.float32}
     assert {(p.dtype, p.grad.dtype) for p in net.parameters()} == {(torch.float32, torch.float32)}
 
@@ -403,13 +451,13 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     kv = {"train.lora.enabled": True, "train.lora.dropout": 0.0, "train.lora.r": 4, "optim.lr": 1e-2}
     cfg = C.load_config(REPO / "configs/tiny_mbpp.toml", tiny_overrides(tiny_dir, tmp_path, **kv))
     d = P.Dist()
-    tok = train.load_tokenizer(cfg, tiny_dir / "base_meta")
+    tok = data.load_tokenizer(cfg, tiny_dir / "base_meta")
     net = train.build_model(cfg, d, tiny_dir / "base_meta")
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     opt = train.make_optimizer(cfg, net)
     state = score.init_state(cfg, net, tok, d.device)
     loader = data.make_loader(data.build_dataset(cfg, tok, "train"), 4, tok.pad_token_id)
-    st = train.TrainState(micro_batch=4)
+    st = checkpoint.TrainState(micro_batch=4)
     for step in range(3):
         train.optimizer_step(cfg, net, opt, next(loader), st, state, d, step)
         opt.step()
@@ -418,7 +466,7 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     assert any("extra_heads" in n and "lora_B" in n for n in changed)  # the extra heads get adapters too
     assert any(n.startswith("base_model.model.layers.") and "lora_B" in n for n in changed)
 
-    out = train.export_model(net, tmp_path / "export", tok, d)
+    out = checkpoint.export_model(net, tmp_path / "export", tok, d)
     from safetensors.torch import load_file
 
     assert all("lora_" in k for k in load_file(out / "adapter.safetensors"))
@@ -432,7 +480,7 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(
-        train.write_export(merged, tmp_path / "hf", "hf", tok, None)
+        checkpoint.write_export(merged, tmp_path / "hf", "hf", tok, None)
     ).eval()
     base = M.load_meta(tiny_dir / "base_meta").eval()
     with torch.no_grad():
@@ -442,8 +490,8 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     # a resume checkpoint of the LoRA run (adapters and base weights under peft's names) exports merged too
     (tmp_path / "run").mkdir()
     files.atomic_write_text(tmp_path / "run" / "config.json", json.dumps(C.to_dict(cfg)))
-    resume = train.save_resume(cfg, tmp_path / "run", net, opt, st, state, d)
-    again, _, _ = train.load_resume_model(resume)
+    resume = checkpoint.save_resume(cfg, tmp_path / "run", net, opt, st, state, d)
+    again, _, _ = checkpoint.load_resume_model(resume)
     assert all(torch.allclose(v, merged.state_dict()[k], atol=1e-6) for k, v in again.state_dict().items())
 
 
@@ -545,11 +593,10 @@ def test_export_cli_from_a_resume_checkpoint_and_a_final_dir(reference_run, tmp_
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].bfloat16()) for k in a)
     capsys.readouterr()
-    assert train.main([*argv, "--out", str(tmp_path / "m")]) == 2  # never overwrites a directory
+    cli = lambda argv: errors.main(train.main, argv)  # noqa: E731  (what `python train.py ...` runs)
+    assert cli([*argv, "--out", str(tmp_path / "m")]) == 2  # never overwrites a directory
     assert "--out" in capsys.readouterr().err
-    assert (
-        train.main(["export", "--checkpoint", str(ck), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
-    )
+    assert cli(["export", "--checkpoint", str(ck), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
 
 

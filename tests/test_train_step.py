@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import config as C
 import data
 import parallel as P
@@ -30,7 +31,7 @@ def build(cfg: C.Config, tiny: Path):
     """What train() builds before its loop: model, optimizer, scorer (prepared), loader, trainer state."""
     torch.manual_seed(cfg.train.seed)
     d = P.Dist()
-    tok = train.load_tokenizer(cfg, tiny / "base_meta")
+    tok = data.load_tokenizer(cfg, tiny / "base_meta")
     net = train.build_model(cfg, d, tiny / "base_meta")
     opt = train.make_optimizer(cfg, net)
     ds = data.build_dataset(cfg, tok, "train")
@@ -38,7 +39,7 @@ def build(cfg: C.Config, tiny: Path):
     mb, pad = cfg.train.micro_batch_size, tok.pad_token_id
     score.prepare(state, data.make_loader(ds, mb, pad, seed=cfg.data.seed + 1))
     loader = data.make_loader(ds, mb * cfg.train.grad_accum, pad, seed=cfg.data.seed)
-    return d, tok, net, opt, state, loader, train.TrainState(micro_batch=mb)
+    return d, tok, net, opt, state, loader, checkpoint.TrainState(micro_batch=mb)
 
 
 def grad_norm(net: torch.nn.Module) -> float:
@@ -126,7 +127,7 @@ def test_validation_equals_per_head_ce_computed_by_hand(val_batches, tiny_dir, t
     one row at a time (no batching, no padding), in float64; val/loss is the mean over heads."""
     cfg = tiny_cfg(tiny_dir, tmp_path, **{"train.val_batches": val_batches, "train.micro_batch_size": 4})
     d = P.Dist()
-    tok = train.load_tokenizer(cfg, tiny_dir / "base_meta")
+    tok = data.load_tokenizer(cfg, tiny_dir / "base_meta")
     net = train.build_model(cfg, d, tiny_dir / "base_meta")
     val = data.build_dataset(cfg, tok, "validation")
     got = train.validate(cfg, net, val, tok.pad_token_id, d)

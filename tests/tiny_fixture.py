@@ -30,19 +30,20 @@ def tiny_dir(tmp_path_factory) -> Path:
     return out
 
 
+def _tokenizer(name: str, build, tmp_path_factory) -> Path:
+    """REPO/.cache/tiny/<name> when `make tiny` built it, else built once into a temp dir (cheap: no models)."""
+    if (REPO_TINY / name).is_dir():
+        return REPO_TINY / name
+    out = tmp_path_factory.mktemp(name)
+    build(out, default_data_root())
+    return out / name
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
-    if (REPO_TINY / "tokenizer").is_dir():
-        return REPO_TINY / "tokenizer"
-    out = tmp_path_factory.mktemp("tiny_tok")
-    tiny.build_tokenizer(out, default_data_root())
-    return out / "tokenizer"
+    return _tokenizer("tokenizer", tiny.build_tokenizer, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_tokenizer_dir(tmp_path_factory) -> Path:
-    if (REPO_TINY / "tokenizer_llama").is_dir():
-        return REPO_TINY / "tokenizer_llama"
-    out = tmp_path_factory.mktemp("tiny_tok_llama")
-    tiny.build_llama_tokenizer(out, default_data_root())
-    return out / "tokenizer_llama"
+    return _tokenizer("tokenizer_llama", tiny.build_llama_tokenizer, tmp_path_factory)
