@@ -625,7 +625,7 @@ def pick(sw: Sweep, grid: dict, state: dict, runs: dict[str, Run]) -> dict[str, 
             for row in src["rows"]:
                 cand = row["values"].get(axis)
                 if cand in table["pick_best"]:
-                    vals = [metrics.get(n, {}).get(sw.primary) for n in row["runs"]]
+                    vals = _values(metrics, row["runs"], sw.primary)
                     if any(x is None for x in vals):
                         raise SweepError(
                             f"{sw.path}: [{axis}.{v}]: {cand} has unfinished runs in grid {src['name']!r}"
@@ -702,32 +702,39 @@ def t_quantile(df: int, level: float = 0.95) -> float:
     return (lo + hi) / 2
 
 
+def _finite(values: list[float | None]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _var(xs: list[float], m: float) -> float:
+    """The sample variance (n - 1) of at least two values with mean m."""
+    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, int]:
     """(mean, half-width of the t-interval, n) of the finite values; half-width nan with fewer than 2."""
-    xs = [v for v in values if v is not None and math.isfinite(v)]
+    xs = _finite(values)
     n = len(xs)
     if n == 0:
         return float("nan"), float("nan"), 0
     m = sum(xs) / n
     if n < 2:
         return m, float("nan"), n
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, t_quantile(n - 1, level) * sd / math.sqrt(n), n
+    return m, t_quantile(n - 1, level) * math.sqrt(_var(xs, m) / n), n
 
 
 def diff_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, int]:
     """(mean(a) - mean(b), half-width of its Welch t-interval, df) over the finite values. The df is Welch-
     Satterthwaite's rounded down (the interval is if anything too wide); half-width nan with fewer than 2 a side.
     Sharper than asking whether two intervals overlap, which they can while the difference is resolved."""
-    xs = [v for v in a if v is not None and math.isfinite(v)]
-    ys = [v for v in b if v is not None and math.isfinite(v)]
+    xs, ys = _finite(a), _finite(b)
     if not xs or not ys:
         return float("nan"), float("nan"), 0
-    (ma, _, na), (mb, _, nb) = mean_ci(xs, level), mean_ci(ys, level)
+    na, nb = len(xs), len(ys)
+    ma, mb = sum(xs) / na, sum(ys) / nb
     if na < 2 or nb < 2:
         return ma - mb, float("nan"), 0
-    va = sum((x - ma) ** 2 for x in xs) / (na - 1) / na
-    vb = sum((y - mb) ** 2 for y in ys) / (nb - 1) / nb
+    va, vb = _var(xs, ma) / na, _var(ys, mb) / nb
     if va + vb == 0:
         return ma - mb, 0.0, na + nb - 2
     df = max(1, math.floor((va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))))
@@ -767,8 +774,12 @@ def _row_label(values: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
+def _values(metrics: dict, runs: list[str], key: str) -> list[float | None]:
+    return [metrics.get(n, {}).get(key) for n in runs]
+
+
 def _stats(metrics: dict, runs: list[str], key: str) -> tuple[float, float, int]:
-    return mean_ci([metrics.get(n, {}).get(key) for n in runs])
+    return mean_ci(_values(metrics, runs, key))
 
 
 def conclusion(grid: dict, metrics: dict, baseline_runs: list[str] | None) -> str:
@@ -785,7 +796,7 @@ def conclusion(grid: dict, metrics: dict, baseline_runs: list[str] | None) -> st
     )
     if not baseline_runs:
         return text + f" The baseline ({grid['baseline'] or 'none'}) has no finished runs in this sweep."
-    bm, bhw, bn = mean_ci([metrics.get(r, {}).get(key) for r in baseline_runs])
+    bm, bhw, bn = _stats(metrics, baseline_runs, key)
     if set(best["runs"]) == set(baseline_runs):
         return text + " That is the baseline itself: no row beats it."
     diff = m - bm
@@ -804,10 +815,7 @@ def conclusion(grid: dict, metrics: dict, baseline_runs: list[str] | None) -> st
             if overlap
             else f" The 95% intervals do not overlap: the best row is {'better' if wins else 'worse'} than the baseline."
         )
-        d, dhw, df = diff_ci(
-            [metrics.get(r, {}).get(key) for r in best["runs"]],
-            [metrics.get(r, {}).get(key) for r in baseline_runs],
-        )
+        d, dhw, df = diff_ci(_values(metrics, best["runs"], key), _values(metrics, baseline_runs, key))
         resolved = d - dhw > 0 or d + dhw < 0
         text += f" 95% interval of the difference (Welch, df {df}): [{d - dhw:+.4g}, {d + dhw:+.4g}], " + (
             f"excluding 0: the best row is {'better' if wins else 'worse'} than the baseline."
@@ -867,7 +875,7 @@ def _plot(grid: dict, metrics: dict, baseline_runs: list[str] | None, path: Path
             )
             ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
         if baseline_runs:
-            bm, bhw, _ = mean_ci([metrics.get(r, {}).get(key) for r in baseline_runs])
+            bm, bhw, _ = _stats(metrics, baseline_runs, key)
             if math.isfinite(bm):
                 ax.axhline(bm, color="gray", ls="--", lw=1, label="baseline")
                 if math.isfinite(bhw):
@@ -986,6 +994,15 @@ def write_report(out_dir: str | os.PathLike, report_dir: str | os.PathLike | Non
 # --------------------------------------------------------------------------- CLI
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the sweep is, so that `launch_all` stops its runs as on Ctrl-C: a run left alone
+    would go on writing into a directory that the next sweep resumes."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def run(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n")[0])
     ap.add_argument("sweep", nargs="?", help="sweep file (TOML)")
@@ -1018,15 +1035,6 @@ def run(argv: list[str]) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the sweep is, so that `launch_all` stops its runs as on Ctrl-C: a run left alone
-    would go on writing into a directory that the next sweep resumes."""
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    raise Terminated
 
 
 def main(argv: list[str]) -> int:
