@@ -845,7 +845,8 @@ def finish(
             scorer_state
         ),  # the whole run's (the histogram's) mean per head
         "scorer_metrics": dict(scorer_state.metrics),
-        "cost": cost or {},
+        "critic": score.critic_summary(scorer_state),  # the value head's fit: stage 1 and the run's mean
+        "cost": {**(cost or {}), "cost/prepare_seconds": scorer_state.prepare_seconds},
         "host": socket.gethostname(),
     }
     plots = run_dir / "plots"
