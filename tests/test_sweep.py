@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import grids
+import report
 import sweep
 from config import REPO
 
@@ -119,13 +121,13 @@ def test_sweep_end_to_end(finished, capsys):
     assert all(r.info.status == "FINISHED" for r in children.values())
 
     # the report: a row per arm with mean ± t-interval half-width over the 2 seeds, and a computed conclusion
-    report = (out / "report.md").read_text()
-    metrics = sweep.load_metrics(out)
+    md = (out / "report.md").read_text()
+    metrics = {n: report.run_metrics(json.loads((out / n / "summary.json").read_text())) for n in NAMES}
     for arm in ("uniform", "critic"):
         vals = [metrics[f"{arm}--s{s}"]["synth/ce_learnable_head1"] for s in (0, 1)]
-        m, hw, n = sweep.mean_ci(vals)
-        assert n == 2 and f"| {arm} | 2 | {m:.4g} ± {hw:.4g} |" in report
-    assert "**Conclusion (computed).** Best on `synth/ce_learnable_head1` (lower is better)" in report
+        m, hw, n = report.mean_ci(vals)
+        assert n == 2 and f"| {arm} | 2 | {m:.4g} ± {hw:.4g} |" in md
+    assert "**Conclusion (computed).** Best on `synth/ce_learnable_head1` (lower is better)" in md
     assert (out / "plots" / "arms.png").stat().st_size > 1000
 
     # rerun: everything is finished, nothing is launched
@@ -138,17 +140,17 @@ def test_sweep_end_to_end(finished, capsys):
     assert sweep.main(["--report", str(out), "--out", str(tmp / "rebuilt")]) == 0
     rebuilt = (tmp / "rebuilt" / "report.md").read_text()
     table = lambda t: [line for line in t.splitlines() if line.startswith("| uniform |")]  # noqa: E731
-    assert table(rebuilt) == table(report) and table(rebuilt)
+    assert table(rebuilt) == table(md) and table(rebuilt)
 
 
 def test_sweep_run_states(finished, tmp_path):
     """done / resume (a checkpoint) / new (none); a directory holding another config is refused (exit 2)."""
     src, path = finished
-    sw = sweep.load_sweep(path)
+    sw = grids.load_sweep(path)
     sw.out_dir = tmp_path / "runs"
     shutil.copytree(src / "runs", sw.out_dir)
     runs: dict = {}
-    sweep.expand(sw, sw.grids[0], {}, runs)
+    grids.expand(sw, sw.grids[0], {}, runs)
     assert {n: sweep.status(sw, r) for n, r in runs.items()} == dict.fromkeys(NAMES, "done")
     (sw.out_dir / "uniform--s0" / "summary.json").unlink()
     (sw.out_dir / "critic--s1" / "summary.json").unlink()
@@ -221,10 +223,10 @@ arm = ["critic"]
 name = "picked"
 arm = ["best"]
 """
-    sw = sweep.load_sweep(write_sweep(tmp_path, tiny_dir, body))
+    sw = grids.load_sweep(write_sweep(tmp_path, tiny_dir, body))
     runs: dict = {}
-    sweep.expand(sw, sw.grids[0], {}, runs)
-    rows = sweep.expand(sw, sw.grids[1], {}, runs)
+    grids.expand(sw, sw.grids[0], {}, runs)
+    rows = grids.expand(sw, sw.grids[1], {}, runs)
     # lam = 0.3 is critic's default: the lambda grid's first row is the arms grid's critic runs
     assert [r.runs for r in rows] == [
         ["critic--s0", "critic--s1"],
@@ -232,7 +234,7 @@ arm = ["best"]
     ]
     assert rows[1].values == {"arm": "critic", "loss.lam": "0.6"}
     assert sorted(runs) == sorted(["uniform--s0", "uniform--s1", "critic--s0", "critic--s1", *rows[1].runs])
-    picked = sweep.expand(sw, sw.grids[2], {"arm.best": "critic"}, runs)
+    picked = grids.expand(sw, sw.grids[2], {"arm.best": "critic"}, runs)
     r = runs[picked[0].runs[0]]
     assert r.overrides["loss.scorer"] == "critic_delta_v1" and r.overrides["loss.temperature"] == 1.5
     state = {"grids": [{"name": "arms", "rows": [{"values": {"arm": "uniform"}, "runs": ["a"]}]}]}
@@ -259,16 +261,16 @@ arm = ["best"]
 def test_bad_sweep_files_name_the_problem(tmp_path, tiny_dir, body, message):
     path = write_sweep(tmp_path, tiny_dir, body)
     with pytest.raises(sweep.SweepError, match=message):
-        sw = sweep.load_sweep(path)
-        sweep.expand(sw, sw.grids[0], {}, {})
+        sw = grids.load_sweep(path)
+        grids.expand(sw, sw.grids[0], {}, {})
 
 
 def test_statistics_and_conclusion():
     for df, t in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (10, 2.2281), (30, 2.0423)):
-        assert sweep.t_quantile(df) == pytest.approx(t, abs=1e-4)
-    m, hw, n = sweep.mean_ci([1.0, 2.0, 3.0])
+        assert report.t_quantile(df) == pytest.approx(t, abs=1e-4)
+    m, hw, n = report.mean_ci([1.0, 2.0, 3.0])
     assert (m, n) == (2.0, 3) and hw == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
-    assert math.isnan(sweep.mean_ci([5.0])[1]) and sweep.mean_ci([])[2] == 0
+    assert math.isnan(report.mean_ci([5.0])[1]) and report.mean_ci([])[2] == 0
     metrics = {
         f"{a}{s}": {"loss": v}
         for a, vals in (("u", (1.0, 1.2, 1.1)), ("w", (0.5, 0.6, 0.7)), ("z", (1.0, 1.3, 1.2)))
@@ -280,11 +282,11 @@ def test_statistics_and_conclusion():
         "baseline": "uniform",
         "rows": [{"values": {"arm": a}, "runs": [f"{a}{s}" for s in range(3)]} for a in ("u", "w", "z")],
     }
-    text = sweep.conclusion(grid, metrics, ["u0", "u1", "u2"])
+    text = report.conclusion(grid, metrics, ["u0", "u1", "u2"])
     hw = 4.302653 * 0.1 / math.sqrt(3)
     assert text.startswith(f"Best on `loss` (lower is better): **arm=w**, 0.6 ± {hw:.4g} (n=3).")
     assert "Baseline uniform: 1.1 ± " in text and "difference -0.5 (-45.5%)" in text
-    named = sweep.conclusion({**grid, "baseline_values": {"arm": "u"}}, metrics, ["u0", "u1", "u2"])
+    named = report.conclusion({**grid, "baseline_values": {"arm": "u"}}, metrics, ["u0", "u1", "u2"])
     assert "Baseline arm=u: 1.1 ± " in named  # a grid's own baseline row is named by its axis values
     assert "The 95% intervals do not overlap: the best row is better than the baseline." in text
     hw = 2.776445 * math.sqrt(0.02 / 3)  # equal variances and n: Welch's df is 4
@@ -293,20 +295,20 @@ def test_statistics_and_conclusion():
         "row is better than the baseline."
     )
     # Welch by hand: var 1/3 and 5/2 over n 3 and 5, df 5.88 -> 5, t 2.570582
-    d, dhw, df = sweep.diff_ci([1.0, 2.0, 3.0, float("nan")], [4.0, 5.0, 6.0, 7.0, 8.0])
+    d, dhw, df = report.diff_ci([1.0, 2.0, 3.0, float("nan")], [4.0, 5.0, 6.0, 7.0, 8.0])
     assert (d, df) == (-4.0, 5) and dhw == pytest.approx(2.570582 * math.sqrt(1 / 3 + 1 / 2), rel=1e-6)
-    assert math.isnan(sweep.diff_ci([1.0], [2.0, 3.0])[1]) and sweep.diff_ci([1.0, 1.0], [2.0, 2.0]) == (
+    assert math.isnan(report.diff_ci([1.0], [2.0, 3.0])[1]) and report.diff_ci([1.0, 1.0], [2.0, 2.0]) == (
         -1.0,
         0.0,
         2,
     )
     grid["goal"] = "max"
-    assert "That is the baseline itself" in sweep.conclusion(
+    assert "That is the baseline itself" in report.conclusion(
         {**grid, "rows": grid["rows"][:1]}, metrics, ["u0", "u1", "u2"]
     )
-    text = sweep.conclusion(grid, metrics, ["u0", "u1", "u2"])  # z (1.17) vs u (1.1)
+    text = report.conclusion(grid, metrics, ["u0", "u1", "u2"])  # z (1.17) vs u (1.1)
     assert "intervals overlap" in text and text.endswith("including 0: not resolved.")
-    assert sweep.run_metrics(
+    assert report.run_metrics(
         {"steps": 3, "cost": {"cost/x": 2}, "synthetic": {"synth/y": 0.5}, "algo": "a"}
     ) == {
         "steps": 3.0,
