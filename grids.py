@@ -40,8 +40,8 @@ Runs whose resolved configs are equal are one run (the name of its first occurre
 grid around the defaults reuses the arms grid's runs. Two seeds of a row that resolve to one run are refused:
 their seed_keys change nothing, so they would replicate nothing. A run's identity (`Run.key`, the ledger's key)
 is a digest of its resolved config as train.py writes it to config.json: credentials scrubbed, the keys that only
-name it (RUN_KEYS) and the machine-local paths (LOCAL_KEYS) left out, paths inside the repository relative, so
-that it holds in any clone. Credentials in overrides (`storage.endpoint_url`, the user:password of
+name it (RUN_KEYS) and the tracking / storage sections left out, paths inside the repository relative, so that it
+holds in any clone. Credentials in overrides (`storage.endpoint_url`, the user:password of
 `tracking.uri`) go to the run's environment (`Run.env`), never to its command line; any other is refused.
 """
 
@@ -89,10 +89,10 @@ GRID_KEYS = {
     "baseline": (str, dict),
 }
 BUNDLE_META = {"base", "pick_best", "from_grid"}
-# keys that name a run rather than describe it: equal configs up to these are the same run
-RUN_KEYS = ("train.out_dir", "train.run_name", "tracking.experiment", "tracking.parent_run", "tracking.tags")
-# where files live on this machine: not part of what a run is (the ledger's digests hold across clones)
-LOCAL_KEYS = ("storage.data_root", "storage.cache_dir")
+# keys that name a run, and sections that say where it is logged and where its files live: not what it
+# computes, so not part of its identity (equal configs up to these are one run, in any clone, on any machine)
+RUN_KEYS = ("train.out_dir", "train.run_name")
+NOT_IDENTITY = ("tracking.", "storage.")
 
 
 # --------------------------------------------------------------------------- the sweep file
@@ -216,8 +216,10 @@ def _check_grids(sw: Sweep) -> None:
         where = f"{where} ({g['name']})"
         for axis, values in g.items():
             if axis in GRID_KEYS:
-                if not isinstance(values, GRID_KEYS[axis]):
-                    raise SweepError(f"{where}: '{axis}' has the wrong type: {values!r}")
+                tp = GRID_KEYS[axis]
+                if axis not in ("seeds", "seed_keys") and not isinstance(values, tp):
+                    want = " or ".join(t.__name__ for t in tp) if isinstance(tp, tuple) else tp.__name__
+                    raise SweepError(f"{where}: '{axis}' must be {want}, got {values!r}")
                 continue
             if not isinstance(values, list) or not values:
                 raise SweepError(f"{where}: axis '{axis}' must be a non-empty list of values")
@@ -265,7 +267,7 @@ class Run:
     name: str
     base: str
     overrides: dict[str, Any]  # as on the command line: credentials are in `env`
-    key: str  # digest of the resolved config without RUN_KEYS / LOCAL_KEYS (the ledger's key)
+    key: str  # digest of the resolved config without RUN_KEYS / NOT_IDENTITY (the ledger's key)
     tags: dict[str, str]
     steps: int
     config: dict = field(repr=False, default_factory=dict)
@@ -288,14 +290,14 @@ def subst(v: Any, out_dir: Path) -> Any:
 
 
 def canonical(d: dict) -> dict:
-    """A config as train.py writes it to config.json (credentials scrubbed), flat, without RUN_KEYS and
-    LOCAL_KEYS, paths inside the repository relative: what makes two runs one run, in any clone."""
+    """A config as train.py writes it to config.json (credentials scrubbed), flat, without RUN_KEYS and the
+    NOT_IDENTITY sections, paths inside the repository relative: what makes two runs one run."""
     flat = C.flatten(json.loads(scrub(json.dumps(d))))
     root = f"{C.REPO}/"
     return {
         k: v.replace(root, "") if isinstance(v, str) else v
         for k, v in flat.items()
-        if k not in RUN_KEYS + LOCAL_KEYS and k != "source"
+        if k not in RUN_KEYS and not k.startswith(NOT_IDENTITY) and k != "source"
     }
 
 

@@ -180,7 +180,8 @@ def git_commit() -> str:
 
 @dataclass
 class Job:
-    """A trainer of one run: started by this sweep (`proc`), or adopted (`pid`: left by an earlier sweep)."""
+    """A trainer of one run: started by this sweep (`proc`), or adopted (`pid`: the holder of the run's lock, left
+    training by an earlier sweep; it has ended when its lock is free)."""
 
     run: Run
     t0: float
@@ -191,7 +192,9 @@ class Job:
     def ended(self, sw: Sweep) -> bool:
         if self.proc is not None:
             return self.proc.poll() is not None
-        return files.lock_holder(run_dir(sw, self.run.name)) is None and not _alive(self.pid)
+        return (
+            files.lock_holder(run_dir(sw, self.run.name)) is None
+        )  # the kernel frees it when the holder dies
 
     def signal(self, sig: int) -> None:
         """Signal the trainer's process group (torchrun and its workers), never this sweep's own group."""
@@ -204,18 +207,6 @@ class Job:
                 os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _needs(sw: Sweep, run: Run, runs: dict[str, Run]) -> dict[str, list[Path]]:
