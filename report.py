@@ -258,26 +258,27 @@ def row_label(values: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
+def _rows_named(grid: dict, idx: list[int], what: str, detail=lambda i: "") -> str:
+    names = "; ".join(f"**{row_label(grid['rows'][i]['values'])}**{detail(i)}" for i in idx)
+    return f" {what}: {names}." if idx else ""
+
+
 def _caveats(grid: dict, stats: dict[int, Stats], best: int) -> str:
     """What the ranking must say: rows with a non-finite seed, rows whose seeds replicated nothing."""
-    rows, text = grid["rows"], ""
     bad = [i for i, s in stats.items() if s.bad]
-    if bad:
-        text += (
-            " Rows with a non-finite seed, ranked behind every row whose seeds are all finite (their numbers are over their finite seeds): "
-            + "; ".join(f"**{row_label(rows[i]['values'])}** ({', '.join(stats[i].bad)})" for i in bad)
-            + "."
-        )
+    text = _rows_named(
+        grid,
+        bad,
+        "Rows with a non-finite seed, ranked behind every row whose seeds are all finite (their numbers are over "
+        "their finite seeds)",
+        lambda i: f" ({', '.join(stats[i].bad)})",
+    )
     if stats[best].bad:
         text += f" Every row has one: the best is ranked on its {stats[best].n} finite seeds only."
     same = [i for i, s in stats.items() if s.identical]
-    if same:
-        text += (
-            " Rows whose seeds gave identical results (they replicate nothing; no interval): "
-            + "; ".join(f"**{row_label(rows[i]['values'])}**" for i in same)
-            + "."
-        )
-    return text
+    return text + _rows_named(
+        grid, same, "Rows whose seeds gave identical results (they replicate nothing; no interval)"
+    )
 
 
 def _intervals(

@@ -20,7 +20,7 @@ import grids
 import sweep
 import tracking
 from config import REPO
-from tests.test_sweep import ENV, write_sweep
+from tests.test_sweep import ENV, run_sweep, write_sweep
 
 SECRET = "hunter2-PW-9f3"  # a password in the sweep file's URLs: it must never reach a file, a log or stdout
 LONG = '[[grid]]\nname = "arms"\narm = ["uniform"]\n"train.steps" = [100000]'
@@ -61,14 +61,7 @@ def test_one_sweep_per_out_dir_and_a_live_trainer_is_adopted(tmp_path, tiny_dir)
     third = None
     try:
         _wait(lambda: log.is_file() and re.search(r"step +2/", log.read_text()), "training", first)
-        second = subprocess.run(
-            [sys.executable, "sweep.py", str(path), "--seeds", "0"],
-            cwd=REPO,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        second = run_sweep(str(path), "--seeds", "0")
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
         assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
         assert f"is in use by another sweep (host {os.uname().nodename}, pid {first.pid}," in second.stderr
@@ -114,14 +107,7 @@ def secret_sweep(tmp_path_factory, tiny_dir, mlflow_server):
     )
     assert SECRET in text
     path.write_text(text)
-    p = subprocess.run(
-        [sys.executable, "sweep.py", str(path)],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    p = run_sweep(str(path))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return tmp, path, p
 
