@@ -160,16 +160,15 @@ def command(sw: Sweep, run: Run, launcher: str, parent: str | None, resume: bool
     )
 
 
-def git_commit() -> str:
+def git_commit(ignore: Path | None = None) -> str:
+    """HEAD, with "+dirty" when tracked files differ from it; `ignore` (the sweep's report_dir, where it writes the
+    report and the ledger as it goes) does not count."""
     commit = tracking._git_commit()
+    here = Path(ignore or ".").resolve()
+    spec = ["--", ".", f":(exclude){here}"] if ignore and here.is_relative_to(C.REPO) else []
     try:
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=C.REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        cmd = ["git", "status", "--porcelain", "--untracked-files=no", *spec]
+        dirty = subprocess.run(cmd, cwd=C.REPO, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         dirty = ""
     return commit + ("+dirty" if dirty else "")
@@ -306,6 +305,9 @@ def _stop(sw: Sweep, active: list[Job]) -> None:
 def launch_all(sw: Sweep, runs: list[Run], state: dict, how: dict, everything: dict[str, Run]) -> list[str]:
     """Run what is not done, `how["parallel"]` at a time, a run after the runs whose files it needs; returns the
     names of runs that failed. Ctrl-C stops every trainer and leaves resumable checkpoints behind."""
+    results(
+        sw, {r.name: r for r in runs}, state, save=True
+    )  # finished before this sweep: into the ledger now
     todo = _todo(sw, runs, everything)
     needs = {r.name: set(_needs(sw, r, everything)) for r, _ in todo}
     (sw.out_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -449,7 +451,9 @@ def _load_state(sw: Sweep) -> dict:
     state = report.read_json(path, "sweep state", hint) if path.is_file() else {}
     if not isinstance(state, dict) or not isinstance(state.get("runs", {}), dict):
         raise SweepError(f"{path}: corrupt sweep state (not the table a sweep writes): {hint}")
-    state.update({"name": sw.name, "file": str(sw.path), "text": sw.text, "commit": git_commit()})
+    state.update(
+        {"name": sw.name, "file": str(sw.path), "text": sw.text, "commit": git_commit(sw.report_dir)}
+    )
     state.update({"description": sw.description, "notes": sw.notes, "report_dir": str(sw.report_dir)})
     state.setdefault("runs", {})
     names = [g["name"] for g in sw.grids]  # a rerun keeps the earlier expansion of grids it has not reached
