@@ -694,6 +694,8 @@ def run(argv: list[str]) -> int:
     ap.add_argument("--seeds", help="comma-separated seeds for the grids without their own (e.g. more seeds)")
     a = ap.parse_args(argv)
     if a.report is not None:
+        if a.sweep and a.report:
+            ap.error("--report: give the sweep file or a sweep's out_dir, not both")
         if not (a.sweep or a.report):
             ap.error("--report: give the sweep file (python sweep.py FILE --report) or a sweep's out_dir")
         print(f"sweep: report {rebuild_report(_sweep_of(a.sweep or a.report), a.out)}")
