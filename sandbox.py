@@ -3,54 +3,43 @@ program, and a pass verdict the program cannot forge.
 
 Process tree of one run (Linux; each layer degrades cleanly when the OS refuses it, and the result says which held):
 
-    harness (run_program) --Popen, new session, environment built from nothing--> launcher (root)
-      launcher: unshare(mount, net, pid namespaces) -> fork -> waits, reports what happened to the supervisor
-      supervisor (pid 1 of the new pid namespace, root): builds the jail, listens on the completion channel, forks
+    harness (run_program) --Popen, new session, empty environment--> launcher (root): unshare(mount, net, pid)
+      supervisor (pid 1 of the new pid namespace): builds the jail, listens on the completion channel, forks
         the program, reaps, writes the verdict on the status fd (which the program never holds)
       program: joins the run's cgroup, chroot into the jail, rlimits, setgroups([]) + setgid + setuid to a random
-        unprivileged uid, no_new_privs, parent-death SIGKILL, then execve of a FRESH interpreter
-        (`python -I -S -c <runner>`): nothing of the harness (the nonce included) is in its address space.
+        uid, no_new_privs, parent-death SIGKILL, execve of a FRESH `python -I -S -c <runner>`: nothing of the
+        harness (the nonce included) is in its address space.
 
-Layers, as root (the dev machines, CI's privileged container):
-- mount: the program's root is a fresh tmpfs holding read-only binds of /usr (with the /bin /lib /lib64 /sbin
-  links into it), of the interpreter's prefix, of /etc/ld.so.cache and /etc/localtime, the device nodes null,
-  zero, full, random and urandom, and one size- and inode-limited tmpfs on /tmp (/dev/shm points into it): the
-  only writable place, private to the run and gone with it. There is no /proc, /sys, /run, /var, /home, /root
-  or /work: no host file, secret or filesystem socket is reachable, and nothing the program writes outlives it.
+Layers, as root (the dev machines, CI's privileged container); README's sandbox section has the full account:
+- mount: the program's root is a fresh tmpfs with read-only binds of /usr (+ the /bin /lib /lib64 /sbin links),
+  the interpreter's prefix, /etc/ld.so.cache and /etc/localtime, the devices null zero full random urandom, and
+  one size- and inode-limited tmpfs on /tmp (/dev/shm -> /tmp), the only writable place, gone with the run. No
+  /proc, /sys, /run, /var, /home, /root or /work: no host file, secret or socket is reachable, nothing stays.
 - pid: the program sees only its own processes; when the supervisor exits the kernel kills every one of them.
-- net: a namespace with only a down loopback: connect() fails, and the host's abstract sockets are elsewhere.
-- user: a random uid per run: RLIMIT_NPROC counts only this run's tasks, and runs cannot signal each other.
-- memory: a per-run cgroup v2 (memory.max = memory_mb for all its processes together, memory.swap.max 0,
-  pids.max, memory.oom.group) when the harness finds a cgroup v2 directory that gives its children the memory
-  controller; otherwise RLIMIT_AS (memory_mb per process) x RLIMIT_NPROC (FALLBACK_TASKS tasks) bounds it.
-  `RunResult.memory_bound` says which; so does evaluate.py's metrics.json.
-- everywhere: rlimits on CPU time, address space, file size, open files and tasks, no core files, a wall
-  timeout that kills the process group, an environment built from nothing (no credentials).
+- net: only a down loopback: connect() fails; user: a random uid per run (RLIMIT_NPROC counts only this run).
+- memory: a per-run cgroup v2 (memory.max = memory_mb for all its processes together, swap 0, pids.max,
+  oom.group) under cgroup_parent() when there is one; otherwise RLIMIT_AS (memory_mb per process) x
+  RLIMIT_NPROC (FALLBACK_TASKS). `RunResult.memory_bound` and evaluate.py's metrics.json say which.
+- always: rlimits (CPU, address space, file size, open files, tasks, no core), a wall timeout that kills the
+  process group, an environment built from nothing (no credentials).
 
-Without root (the Docker image runs as uid 1000): no namespaces, no jail, no uid switch, no cgroup: the program
-runs as the harness's user with rlimits only, sees the host's filesystem as that user, may use the network, and
-can signal that user's processes. The launcher and supervisor are made non-dumpable so the program cannot read
-their memory. The result reports every layer as missing (metrics.json: `network_isolated: false`).
+Without root (the Docker image runs as uid 1000): rlimits only, no namespaces, jail, uid switch or cgroup: the
+program runs as the harness's user, sees the host's files as that user, may use the network and signal that
+user's processes; launcher and supervisor are non-dumpable. Every layer is reported missing.
 
-Why a pass cannot be forged (assert mode: MBPP / HumanEval). The verdict comes from the supervisor, a process
-the program cannot reach (root, another uid, it holds the status fd). It counts a pass only when the program
-exited with status 0 AND the runner, in the program's own process, connected to the supervisor's abstract UNIX
-socket after `exec(program)` returned normally, i.e. after the last assert ran. The runner installs an audit hook
-(PEP 578) before any untrusted code exists; the hook refuses every socket connect/send/bind whose calling frame
-is not the runner's own frame (compared by identity), so code of the program cannot make that connection, and
-there is no secret in the program's process to steal (the harness's nonce, which authenticates the
-supervisor's report, stays in the harness and the supervisor). The hook also refuses what would get around it:
-tracing (a trace function can jump over the asserts), exec of another image or spawning one (no hook there),
-ctypes / _testcapi / subinterpreters (raw memory, a hook-free interpreter), gc.get_objects/get_referrers (the
-hook's closure), building code objects, and opening /proc (/proc/self/mem). So:
-- os._exit(0), killing itself, sys.exit(0), SystemExit in a finally, exit() from atexit: no connection -> fail.
-- reading frames (sys._getframe, tracebacks, signal handlers' frames): allowed, and useless: no secret there.
-- writing "proof"/"nonce" lines to any fd, printing PASSED: success is not read from the program's output.
-- killing its parent: the supervisor runs as root; without it there is no verdict -> failure.
-What this does not stop: code that corrupts the interpreter itself (crafted bytecode via marshal, a CPython
-memory-safety bug) to impersonate the runner's frame, or objects whose __eq__ is always True. Both attack the
-benchmark from inside the process that runs the tests, which no in-process check can rule out; they are not
-escapes from the sandbox.
+Why a pass cannot be forged (assert mode: MBPP / HumanEval). The verdict comes from the supervisor, which the
+program cannot reach (root, another uid; it alone holds the status fd). It counts a pass only when the program
+exited 0 AND the runner connected to the supervisor's abstract UNIX socket after `exec(program)` returned
+normally, i.e. after the last assert ran. Before any untrusted code exists the runner installs an audit hook
+(PEP 578) that refuses every socket connect/send/bind whose calling frame is not the runner's own (by identity),
+and what would get around that: tracing (a trace function can jump over the asserts), exec or spawn of another
+image (no hook there), ctypes / _testcapi / subinterpreters, gc.get_objects/get_referrers (the hook's closure),
+building code objects, and opening /proc. There is no secret in the program's process to steal: the nonce that
+authenticates the supervisor's report stays in the harness and the supervisor. So os._exit(0), sys.exit(0),
+SystemExit in a finally, killing itself or its parent, reading frames, or writing fake "proof" lines on any fd
+all fail. Not stopped: code that corrupts the interpreter itself (crafted bytecode via marshal, a CPython memory
+bug) to impersonate the runner's frame, or objects whose __eq__ is always True: attacks on the benchmark from
+inside the process that runs the tests, which no in-process check rules out; not escapes from the sandbox.
 
 In io mode (CodeContests) the program's stdout is the proof: a run is "ok" when it exits with status 0 (also via
 sys.exit(0)), and the caller compares the output with the expected one.
@@ -140,12 +129,27 @@ def _closed_ancestor(path: str) -> str:
 
 @functools.cache
 def cgroup_parent() -> str:
-    """A cgroup v2 directory whose children get the memory controller ('' when there is none we may use).
+    """The cgroup v2 directory in which per-run cgroups are made ('' when there is none: rlimits bound memory).
 
-    Tried: this process's own cgroup, then its parent (a per-run cgroup is then a sibling of ours). A cgroup can
-    hand controllers to children only when it has no processes of its own, so a container whose processes all
-    sit in its root cgroup, or a host whose memory controller is on cgroup v1, has none: rlimits then bound memory.
+    $WMTP_SANDBOX_CGROUP names one explicitly (a cgroup delegated to the harness: systemd's Delegate=, or an admin's
+    mkdir under a cgroup that lists memory in its cgroup.subtree_control); a bad one is an error. Otherwise our own
+    cgroup, so that the programs stay within whatever bounds and accounts for the harness (a container, a unit, a
+    job). Either way the memory controller is enabled for its children if it is not yet; the kernel refuses that
+    while the cgroup holds processes of its own (the usual case for our own: then '').
     """
+    explicit = os.environ.get("WMTP_SANDBOX_CGROUP", "")
+    here = explicit or _own_cgroup()
+    if here and _delegates_memory(here):
+        return here
+    if explicit:
+        raise SandboxError(
+            f"WMTP_SANDBOX_CGROUP={explicit}: not a cgroup v2 directory that can give its children the memory "
+            "controller (it must exist, hold no processes, and its parent must list memory in cgroup.subtree_control)"
+        )
+    return ""
+
+
+def _own_cgroup() -> str:
     try:
         with open("/proc/self/mountinfo", encoding="utf-8") as f:
             mounts = [line.split() for line in f]
@@ -154,23 +158,25 @@ def cgroup_parent() -> str:
             own = next(line[3:].strip() for line in f if line.startswith("0::"))
     except (OSError, StopIteration, IndexError):
         return ""
-    here = os.path.normpath(os.path.join(mnt, own.lstrip("/")))
-    for d in (here, os.path.dirname(here)):
-        if os.path.commonpath([d, mnt]) != mnt:
-            continue
-        try:
-            with open(os.path.join(d, "cgroup.subtree_control"), encoding="utf-8") as f:
-                if "memory" not in f.read().split():
-                    continue
-            probe = os.path.join(d, f"wmtp-sbx-probe-{os.getpid()}-{secrets.token_hex(4)}")
-            os.mkdir(probe)
-            ok = os.path.exists(os.path.join(probe, "memory.max"))
-            os.rmdir(probe)
-        except OSError:
-            continue
-        if ok:
-            return d
-    return ""
+    return os.path.normpath(os.path.join(mnt, own.lstrip("/")))
+
+
+def _delegates_memory(cgroup: str) -> bool:
+    """Whether children of `cgroup` get the memory controller, enabling it (and pids) for them when it can."""
+
+    def listed(name: str) -> list[str]:
+        with open(os.path.join(cgroup, name), encoding="utf-8") as f:
+            return f.read().split()
+
+    try:
+        for c in ("memory", "pids"):
+            if c in listed("cgroup.controllers") and c not in listed("cgroup.subtree_control"):
+                path = os.path.join(cgroup, "cgroup.subtree_control")
+                with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as f:
+                    f.write(f"+{c}")
+        return "memory" in listed("cgroup.subtree_control")
+    except OSError:
+        return False
 
 
 def _new_cgroup(memory_mb: int, nproc: int) -> str:
@@ -443,11 +449,9 @@ def _guard(main):
     """The audit hook of an assert-mode program: only the frame `main` may use sockets (the completion channel);
     what would get around that is refused (see the module docstring)."""
     getframe, realpath = sys._getframe, os.path.realpath
-    denied = frozenset(
-        "sys.settrace sys.setprofile sys._settraceallthreads sys._setprofileallthreads sys.addaudithook "
-        "sys.monitoring.register_callback gc.get_objects gc.get_referrers gc.get_referents code.__new__ "
-        "os.exec os.posix_spawn os.system subprocess.Popen".split()
-    )
+    denied = {"sys.settrace", "sys.setprofile", "sys._settraceallthreads", "sys._setprofileallthreads"}
+    denied |= {"sys.addaudithook", "sys.monitoring.register_callback", "code.__new__", "os.exec", "os.system"}
+    denied |= {"gc.get_objects", "gc.get_referrers", "gc.get_referents", "os.posix_spawn", "subprocess.Popen"}
     sockets = frozenset(("socket.connect", "socket.sendto", "socket.sendmsg", "socket.bind"))
     modules = frozenset(("ctypes", "_ctypes", "_posixsubprocess"))
     prefixes = ("_test", "_xxsub", "_xxinterp", "_interp")
@@ -755,10 +759,10 @@ def _sweep_uid(uid: int) -> None:
 def _launch(argv: list[str]) -> None:
     """The launcher: namespaces, fork the supervisor, wait, report if the supervisor itself died."""
     cfg: dict = dict(a.split("=", 1) for a in argv)
-    for k in "cpu_s mem_mb fsize_mb tasks nofile tmpfs_mb nonce_fd status_fd result_fd".split():
+    for k in ("cpu_s", "mem_mb", "fsize_mb", "tasks", "nofile", "tmpfs_mb"):
         cfg[k] = int(cfg[k])
     for k in ("nonce_fd", "status_fd", "result_fd"):
-        cfg[k] = _high(cfg[k])
+        cfg[k] = _high(int(cfg[k]))
     cfg["uid"] = int(cfg["uid"]) if cfg["uid"] else None
     libc = _libc()
     nonce = os.read(cfg["nonce_fd"], 64).decode()

@@ -641,3 +641,26 @@ def test_success_cannot_be_forged(hostile):
         forged, True
     )
     assert 0 not in failed  # the reference, judged in the same run, passes
+
+
+def test_a_bad_explicit_cgroup_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("WMTP_SANDBOX_CGROUP", str(tmp_path))  # a directory, but no cgroup
+    with pytest.raises(
+        sandbox.SandboxError, match=f"WMTP_SANDBOX_CGROUP={tmp_path}: not a cgroup v2 directory"
+    ):
+        sandbox.cgroup_parent.__wrapped__()
+
+
+@needs_root
+def test_a_cgroup_bounds_the_program_as_a_whole():
+    """Where cgroup v2 gives us the memory controller (checked on a cgroup v2 host with WMTP_SANDBOX_CGROUP), 8
+    processes of 300 MB each are OOM-killed together at memory.max, and 4 of 200 MB fit under it."""
+    if not sandbox.cgroup_parent():
+        pytest.skip(
+            "no cgroup v2 memory controller for us here: rlimits bound memory (see test_the_whole_program...)"
+        )
+    hog = HOG.replace("time.sleep(2)", "time.sleep(0.5)")
+    r = run(hog, timeout=20)
+    assert (r.status, r.detail) == ("memory", "the cgroup's memory.max was reached (OOM kill)")
+    r = run(hog.replace("range(7)", "range(3)").replace(f"{HOG_MB} <<", "200 <<"), timeout=20)
+    assert r.status == "ok" and r.memory_bound == bound_here(), (r.status, r.detail, r.stderr[-300:])
