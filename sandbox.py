@@ -227,7 +227,7 @@ def memory_bound(cgroup: bool, memory_mb: int, tasks: int) -> str:
         return f"cgroup v2: memory.max {memory_mb} MB and pids.max {tasks} for the whole program"
     return (
         f"rlimits: {memory_mb} MB address space per process x {tasks} tasks (RLIMIT_NPROC) = "
-        f"{memory_mb * tasks} MB for the whole program at most (no cgroup v2 memory controller here)"
+        f"{memory_mb * tasks} MB for the whole program at most"
     )
 
 
@@ -256,11 +256,10 @@ def run_program(
     """
     if mode not in ("assert", "io"):
         raise ValueError(f"run_program: mode must be 'assert' or 'io', got {mode!r}")
-    is_root = os.geteuid() == 0
-    cgroup = _new_cgroup(memory_mb, nproc) if is_root else ""
-    tasks = nproc if cgroup else min(nproc, FALLBACK_TASKS)
-    run_dir = tempfile.mkdtemp(prefix="wmtp-sbx-")
+    is_root, cgroup, run_dir = os.geteuid() == 0, "", tempfile.mkdtemp(prefix="wmtp-sbx-")
     try:
+        cgroup = _new_cgroup(memory_mb, nproc) if is_root else ""
+        tasks = nproc if cgroup else min(nproc, FALLBACK_TASKS)
         uid = 100_000 + secrets.randbelow(1 << 30) if is_root else None
         nonce = secrets.token_hex(16)
         fds = _run_files(run_dir, source, stdin, uid)
