@@ -19,13 +19,13 @@ Layers, as root (the dev machines, CI's privileged container); README's sandbox 
 - net: only a down loopback: connect() fails; user: a random uid per run (RLIMIT_NPROC counts only this run).
 - memory: a per-run cgroup v2 (memory.max = memory_mb for all its processes together, swap 0, pids.max,
   oom.group) under cgroup_parent() when there is one; otherwise RLIMIT_AS (memory_mb per process) x
-  RLIMIT_NPROC (FALLBACK_TASKS). `RunResult.memory_bound` and evaluate.py's metrics.json say which.
+  RLIMIT_NPROC (FALLBACK_TASKS; without root: nproc). `RunResult.memory_bound` and evaluate.py's metrics.json say which.
 - always: rlimits (CPU, address space, file size, open files, tasks, no core), a wall timeout that kills the
   process group, an environment built from nothing (no credentials).
 
-Without root (the Docker image runs as uid 1000): rlimits only, no namespaces, jail, uid switch or cgroup: the
-program runs as the harness's user, sees the host's files as that user, may use the network and signal that
-user's processes; launcher and supervisor are non-dumpable. Every layer is reported missing.
+Without root (the Docker image runs as uid 1000): rlimits only (no namespaces, jail, uid switch or cgroup): the
+program runs as the harness's user, sees its files, may use the network and signal its processes; launcher and
+supervisor are non-dumpable. Every layer is reported missing.
 
 Why a pass cannot be forged (assert mode: MBPP / HumanEval). The verdict comes from the supervisor, which the
 program cannot reach (root, another uid; it alone holds the status fd). It counts a pass only when the program
@@ -41,8 +41,7 @@ all fail. Not stopped: code that corrupts the interpreter itself (crafted byteco
 bug) to impersonate the runner's frame, or objects whose __eq__ is always True: attacks on the benchmark from
 inside the process that runs the tests, which no in-process check rules out; not escapes from the sandbox.
 
-In io mode (CodeContests) the program's stdout is the proof: a run is "ok" when it exits with status 0 (also via
-sys.exit(0)), and the caller compares the output with the expected one.
+In io mode (CodeContests) a run is "ok" when it exits 0 (sys.exit(0) too); the caller compares its stdout.
 """
 
 from __future__ import annotations
@@ -221,14 +220,14 @@ def _remove_cgroup(path: str) -> None:
             time.sleep(0.01)  # the last tasks are still being torn down
 
 
-def memory_bound(cgroup: bool, memory_mb: int, tasks: int) -> str:
+def memory_bound(cgroup: bool, memory_mb: int, tasks: int, root: bool = True) -> str:
     """The sentence that says what bounds a program's memory (RunResult.memory_bound, metrics.json)."""
     if cgroup:
         return f"cgroup v2: memory.max {memory_mb} MB and pids.max {tasks} for the whole program"
-    return (
-        f"rlimits: {memory_mb} MB address space per process x {tasks} tasks (RLIMIT_NPROC) = "
-        f"{memory_mb * tasks} MB for the whole program at most"
-    )
+    per = f"rlimits: {memory_mb} MB address space per process x {tasks} tasks"
+    if root:
+        return f"{per} (RLIMIT_NPROC) = {memory_mb * tasks} MB for the whole program at most"
+    return f"{per} of the harness's user, its own included (RLIMIT_NPROC) = {memory_mb * tasks} MB at most"
 
 
 # --------------------------------------------------------------------------- the harness
@@ -251,15 +250,15 @@ def run_program(
 
     mode "assert": passes only when the whole source ran to its end (the supervisor's proof).
     mode "io": stdin is fed from `stdin`; status "ok" when it exits 0; the caller compares `stdout`.
-    `memory_mb` bounds the whole program under a cgroup, each process otherwise; `nproc` bounds its tasks under a
-    cgroup, FALLBACK_TASKS otherwise (so that tasks x memory stays bounded).
+    `memory_mb` bounds the whole program under a cgroup, each process otherwise; `nproc` its tasks under a cgroup
+    or without root (where RLIMIT_NPROC counts the harness's tasks too), FALLBACK_TASKS otherwise (see memory_bound).
     """
     if mode not in ("assert", "io"):
         raise ValueError(f"run_program: mode must be 'assert' or 'io', got {mode!r}")
     is_root, cgroup, run_dir = os.geteuid() == 0, "", tempfile.mkdtemp(prefix="wmtp-sbx-")
     try:
         cgroup = _new_cgroup(memory_mb, nproc) if is_root else ""
-        tasks = nproc if cgroup else min(nproc, FALLBACK_TASKS)
+        tasks = nproc if cgroup or not is_root else min(nproc, FALLBACK_TASKS)  # see memory_bound
         uid = 100_000 + secrets.randbelow(1 << 30) if is_root else None
         nonce = secrets.token_hex(16)
         fds = _run_files(run_dir, source, stdin, uid)
@@ -285,7 +284,7 @@ def run_program(
         read = lambda n: _read(os.path.join(run_dir, n), max_output_bytes)  # noqa: E731
         outputs = (read("stdout"), read("stderr"), read("status"), read("result"))
         r = _classify(mode, nonce, rc, timed_out, wall, *outputs, oom=bool(cgroup) and _cgroup_oom(cgroup))
-        r.memory_bound = memory_bound(bool(cgroup), memory_mb, tasks)
+        r.memory_bound = memory_bound(bool(cgroup), memory_mb, tasks, is_root)
         return r
     finally:
         if cgroup:
@@ -295,24 +294,19 @@ def run_program(
 
 def _run_files(run_dir: str, source: str, stdin: str, uid: int | None) -> dict[str, int]:
     """The run's files, root-only when we are root; returns the fds the launcher gets."""
-    with open(
-        os.open(os.path.join(run_dir, "program.py"), os.O_WRONLY | os.O_CREAT, 0o600), "w", encoding="utf-8"
-    ) as f:
-        f.write(source)
-    in_path = os.path.join(run_dir, "stdin")
-    with open(os.open(in_path, os.O_WRONLY | os.O_CREAT, 0o600), "w", encoding="utf-8") as f:
-        f.write(stdin)
+    for name, text in (("program.py", source), ("stdin", stdin)):
+        fd = os.open(os.path.join(run_dir, name), os.O_WRONLY | os.O_CREAT, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
     os.mkdir(os.path.join(run_dir, "root"), 0o700)  # the jail's mount point
     workdir = os.path.join(run_dir, "work")  # the cwd only where no jail could be built
     os.mkdir(workdir, 0o700)
     if uid is not None:
         os.chown(workdir, uid, uid)
         os.chmod(run_dir, 0o711)  # the user may enter (to reach work/), not list or read
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-    fds = {
-        n: os.open(os.path.join(run_dir, n), flags, 0o600) for n in ("status", "result", "stdout", "stderr")
-    }
-    fds["stdin"] = os.open(in_path, os.O_RDONLY)
+    flags, names = os.O_WRONLY | os.O_CREAT | os.O_APPEND, ("status", "result", "stdout", "stderr")
+    fds = {n: os.open(os.path.join(run_dir, n), flags, 0o600) for n in names}
+    fds["stdin"] = os.open(os.path.join(run_dir, "stdin"), os.O_RDONLY)
     return fds
 
 
