@@ -18,8 +18,8 @@ Layers, as root (the dev machines, CI's privileged container); README's sandbox 
 - pid: the program sees only its own processes; when the supervisor exits the kernel kills every one of them.
 - net: only a down loopback: connect() fails; user: a random uid per run (RLIMIT_NPROC counts only this run).
 - memory: a per-run cgroup v2 (memory.max = memory_mb for all its processes together, swap 0, pids.max,
-  oom.group) under cgroup_parent() when there is one; otherwise RLIMIT_AS (memory_mb per process) x
-  RLIMIT_NPROC (FALLBACK_TASKS; without root: nproc). `RunResult.memory_bound` and evaluate.py's metrics.json say which.
+  oom.group) under cgroup_parent() when there is one; otherwise RLIMIT_AS (memory_mb per process) x RLIMIT_NPROC
+  (FALLBACK_TASKS; without root: nproc). `RunResult.memory_bound` and evaluate.py's metrics.json say which.
 - always: rlimits (CPU, address space, file size, open files, tasks, no core), a wall timeout that kills the
   process group, an environment built from nothing (no credentials).
 
