@@ -103,26 +103,28 @@ def tokens_equal(out: str, expected: str) -> bool:
 def judge_io(code: str, problem: dict, time_scale: float = 3.0, memory_mb: int = 1024) -> dict:
     """Run one CodeContests program on every test until the first failure."""
     timeout = problem["time_limit_s"] * time_scale + 1.0
+    held: dict = {"isolation": {}, "memory_bound": ""}
     for i, (inp, expected) in enumerate(problem["tests"]):
         r = sandbox.run_program(code, inp, timeout, memory_mb, mode="io")
-        iso = r.isolation
+        held = {"isolation": r.isolation, "memory_bound": r.memory_bound}
         if r.status != "ok":
-            return {"passed": False, "kind": r.status, "detail": f"test {i}: {r.detail}", "isolation": iso}
+            return {"passed": False, "kind": r.status, "detail": f"test {i}: {r.detail}", **held}
         if not tokens_equal(r.stdout, expected):
-            return {
-                "passed": False,
-                "kind": "wrong_answer",
-                "detail": f"test {i}: output differs",
-                "isolation": iso,
-            }
-    return {"passed": True, "kind": "ok", "detail": "", "isolation": iso}
+            return {"passed": False, "kind": "wrong_answer", "detail": f"test {i}: output differs", **held}
+    return {"passed": True, "kind": "ok", "detail": "", **held}
 
 
 def _judge_one(dataset: str, problem: dict, completion: str, timeout: float, time_scale: float) -> dict:
     if dataset == "codecontests":
         return judge_io(completion, problem, time_scale)
     r = sandbox.run_program(program(dataset, problem, completion), "", timeout)
-    return {"passed": r.passed, "kind": r.status, "detail": r.detail, "isolation": r.isolation}
+    return {
+        "passed": r.passed,
+        "kind": r.status,
+        "detail": r.detail,
+        "isolation": r.isolation,
+        "memory_bound": r.memory_bound,
+    }
 
 
 def judge_completion(
@@ -184,6 +186,7 @@ def _metrics(dataset: str, per: dict[str, dict], verdicts: list[dict]) -> dict:
     out["isolation"] = {
         layer: bool(iso) and all(i.get(layer) for i in iso) for layer in ("net", "pid", "mount", "user")
     }
+    out["memory_bound"] = "; ".join(sorted({v["memory_bound"] for v in verdicts}))  # sandbox.memory_bound
     out["failure_kinds"] = dict(Counter(f["kind"] for p in per.values() for f in p["failures"]))
     if dataset == "codecontests":
         out["note"] = CHECKER_NOTE
