@@ -251,10 +251,10 @@ def trim(text: str, stops: list[str]) -> str:
 
 def load_for_eval(cfg: Any, path: str | os.PathLike, fmt: str, device: Any) -> Any:
     """A checkpoint ready to generate on `device`: bf16 on a GPU (model.dtype = "bfloat16"), else fp32; eval mode."""
-    import model as M
+    import formats
     import parallel as P
 
-    net = M.load_model(path, fmt)  # the checkpoint's own heads (an HF export has head 1 only)
+    net = formats.load_model(path, fmt)  # the checkpoint's own heads (an HF export has head 1 only)
     return net.to(device=device, dtype=P.compute_dtype(device, cfg.model.dtype)).eval()
 
 
@@ -606,7 +606,7 @@ def _model_cli(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     import config
-    import model as M
+    import formats
     import parallel as P
 
     overrides, rest = config.split_args(argv)
@@ -640,8 +640,8 @@ def _model_cli(argv: list[str]) -> int:
     d = P.init_distributed(cfg.train.device)  # the GPU when there is one; torchrun splits the generation
     try:
         try:  # the format from the files (ours, an HF export or any HF Llama, Meta), judged with its own heads
-            net = load_for_eval(cfg, ckpt, M.detect_format(ckpt), d.device)
-        except (M.CheckpointError, FileNotFoundError) as e:
+            net = load_for_eval(cfg, ckpt, formats.detect_format(ckpt), d.device)
+        except (formats.CheckpointError, FileNotFoundError) as e:
             raise EvalError(f"--checkpoint: {e}") from None
         out = a.out or cfg.eval.report_dir or str(ckpt / "eval")
         n, limit = a.n or cfg.eval.n_samples, cfg.eval.limit if a.limit < 0 else a.limit

@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
+import formats
 import model as M
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -250,12 +251,12 @@ def test_evaluate_speculative_same_pass_at_1_and_stats(tiny_dir, tmp_path, capsy
     import evaluate
     from config import REPO, default_data_root
 
-    net = M.load_model(tiny_dir / "base_meta", "meta", 4)
+    net = formats.load_model(tiny_dir / "base_meta", "meta", 4)
     with torch.no_grad():  # as sticky_model: drafts are accepted while the random model repeats itself
         for block in net.extra_heads:
             block.load_state_dict(net.layers[-1].state_dict())
         net.output.weight.mul_(0.85).add_(0.15 * net.tok_embeddings.weight)
-    M.save_checkpoint(net, tmp_path / "ckpt")
+    formats.save_checkpoint(net, tmp_path / "ckpt")
     argv = [str(REPO / "configs" / "tiny_mbpp.toml"), "--checkpoint", str(tmp_path / "ckpt"), "--datasets", "mbpp",
             "--limit", "3", f"--model.tokenizer={tiny_dir / 'tokenizer'}", f"--storage.data_root={default_data_root()}",
             "--eval.temperature=0", "--eval.max_new_tokens=32", "--eval.batch_size=2", "--eval.workers=2"]  # fmt: skip
