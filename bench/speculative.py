@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import formats  # noqa: E402
+import generate as G  # noqa: E402
 import model as M  # noqa: E402
 
 VOCAB, H = 128, 4
@@ -166,16 +167,17 @@ def bench_speculative(
             def run(speculative: bool, batches=batches, temperature=temperature, top_p=top_p, stats=stats):
                 outs = []
                 for batch in batches:
-                    kw = dict(temperature=temperature, top_p=top_p, seed=0, speculative=speculative)
-                    outs += model.generate(batch, a.new_tokens, **kw)
+                    sampling = G.Sampling(a.new_tokens, temperature, top_p, seed=0)
+                    rows, s = G.decode(model, batch, sampling, speculative=speculative)
+                    outs += rows
                     if speculative:
-                        stats.append(model.speculative_stats)
+                        stats.append(s)
                 return outs
 
             t_plain, t_spec, ratio, out_plain, out_spec = side_by_side(
                 partial(run, False), partial(run, True), a.repeats
             )
-            s = M.speculative_summary(*stats)
+            s = G.speculative_summary(*stats)
             acc = " ".join("-" if r is None else f"{r:.2f}" for r in s["acceptance"])
             same = ("yes" if out_plain == out_spec else "NO") if temperature == 0 else "n/a"
             print(f"{name:<8} {label:<17} {bs:>5} {s['tokens_per_forward']:>10.2f}   {acc:<15} "

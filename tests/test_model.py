@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import formats
+import generate as G
 import model as M
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -451,14 +452,15 @@ def test_no_valid_pairs_gives_zero_loss_and_grads():
 def test_kv_cache_generation_equals_full_recomputation():
     m = tiny_model(n_future_tokens=2)
     prompts = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7]]  # different lengths: left padding
-    new, step_logits = m._generate(prompts, 10, 0.0, 1.0, None, None, None, pad_id=0, keep_logits=True)
+    trace: dict = {}
+    new = G.generate(m, prompts, 10, temperature=0.0, top_p=1.0, trace=trace)
     assert [len(x) for x in new] == [10, 10, 10]
     with torch.no_grad():
         for b, p in enumerate(prompts):
             seq = list(p)
             for step in range(10):
                 full = m(torch.tensor([seq]))[0, -1, 0]
-                assert (step_logits[step][b] - full).abs().max().item() < 1e-5
+                assert (trace["p"][b][step] - full).abs().max().item() < 1e-5
                 assert int(full.argmax()) == new[b][step]
                 seq.append(new[b][step])
     assert m.generate(prompts, 10, temperature=0) == new
@@ -570,7 +572,7 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     "temperature,top_p,kept", [(1.0, 0.79, 2), (1.0, 0.81, 3), (0.5, 0.9, 2), (2.0, 1.0, 6)]
 )
 def test_nucleus_sampling_frequencies(temperature, top_p, kept):
-    """model.sample keeps exactly the smallest set of tokens whose tempered mass is >= top_p and samples them in
+    """generate.sample keeps exactly the smallest set of tokens whose tempered mass is >= top_p and samples them in
     proportion to their tempered probabilities: no token outside the set is ever drawn, and a chi-square test at
     a fixed false-alarm rate (p < 0.001, seeded: deterministic) accepts the frequencies."""
     base = torch.tensor([0.5, 0.3, 0.12, 0.05, 0.02, 0.01], dtype=torch.float64)
@@ -587,7 +589,7 @@ def test_nucleus_sampling_frequencies(temperature, top_p, kept):
 
     n = 40_000
     gen = torch.Generator().manual_seed(11)
-    draws = M.sample(logits.float().expand(n, 6), temperature, top_p, gen)
+    draws = G.sample(logits.float().expand(n, 6), temperature, top_p, gen)
     counts = torch.bincount(draws, minlength=6).double()
     assert (counts[want == 0] == 0).all(), counts
     assert chi_square_p(counts, want) > 1e-3, (counts / n, want)
@@ -618,13 +620,14 @@ def test_cuda_contracts_and_bf16_step():
 
     m.eval()
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
-    new, step_logits = m._generate(prompts, 6, 0.0, 1.0, None, None, None, pad_id=0, keep_logits=True)
+    trace: dict = {}
+    new = G.generate(m, prompts, 6, temperature=0.0, top_p=1.0, trace=trace)
     with torch.no_grad():
         for b, p in enumerate(prompts):
             seq = list(p)
             for step in range(6):
                 full = m(torch.tensor([seq], device="cuda"))[0, -1, 0]
-                assert (step_logits[step][b] - full).abs().max().item() < 1e-4
+                assert (trace["p"][b][step] - full).abs().max().item() < 1e-4
                 seq.append(new[b][step])
     s1 = m.generate(prompts, 8, temperature=0.8, top_p=0.95, seed=1)
     assert s1 == m.generate(prompts, 8, temperature=0.8, top_p=0.95, seed=1)
