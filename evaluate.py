@@ -321,7 +321,6 @@ def head_ce(model: Any, tokenizer: Any, prompts: list[str], refs: list[str], max
     Under torchrun every rank calls it with the same inputs; the batches are split over the ranks as in `generate`.
     """
     import torch
-    import torch.nn.functional as F
 
     import model as M
     import parallel as P
@@ -334,12 +333,8 @@ def head_ce(model: Any, tokenizer: Any, prompts: list[str], refs: list[str], max
         b = data.collate([r[0] for r in part], [r[1] for r in part], [0] * len(part), [0] * len(part), 0)
         ids, mask = b["input_ids"].to(dev), b["loss_mask"].to(dev)
         targets, valid = M.mtp_targets(ids, mask, H)
-        h = model(ids, stage="trunk")
-        per_head = []
-        for k in range(H):
-            logits = model(h, stage=k).float()
-            per_head.append(F.cross_entropy(logits.transpose(1, 2), targets[..., k], reduction="none"))
-        return [[per_head[k][r][valid[r, :, k]].tolist() for k in range(H)] for r in range(len(part))]
+        ce = M.mtp_head_ce(model, model(ids, stage="trunk"), targets, valid)
+        return [[ce[r, :, k][valid[r, :, k]].tolist() for k in range(H)] for r in range(len(part))]
 
     was = model.training
     model.eval()
@@ -520,10 +515,8 @@ def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 3
     and the mean over heads "synth/ce_learnable"); exact-match rate of greedy completions of the held-out prompts
     (the analogue of pass@1), per task and overall ("synth/exact_match")."""
     import torch
-    import torch.nn.functional as F
 
     import model as M
-    from score import pair_scores
 
     H = model.args.n_future_tokens
     dev = model.output.weight.device
@@ -536,16 +529,12 @@ def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 3
         for b in data.eval_batches(rows, batch_size, data.pad_token_id(tokenizer)):
             ids, mask = b["input_ids"].to(dev), b["loss_mask"].to(dev)
             targets, valid = M.mtp_targets(ids, mask, H)
-            cls = pair_scores(b["token_class"].to(dev), H)
-            h = model(ids, stage="trunk")
-            for k in range(H):
-                ce = F.cross_entropy(
-                    model(h, stage=k).float().transpose(1, 2), targets[..., k], reduction="none"
-                )
-                for c in range(len(data.TOKEN_CLASSES)):
-                    sel = valid[..., k] & (cls[..., k] == c)
-                    sums[c, k] += ce[sel].double().sum().cpu()
-                    counts[c, k] += sel.sum().cpu()
+            cls = M.pair_scores(b["token_class"].to(dev), H)
+            ce = M.mtp_head_ce(model, model(ids, stage="trunk"), targets, valid)
+            for c in range(len(data.TOKEN_CLASSES)):
+                sel = valid & (cls == c)
+                sums[c] += torch.where(sel, ce, 0.0).double().sum((0, 1)).cpu()
+                counts[c] += sel.sum((0, 1)).cpu()
         prompts = data.synthetic_prompts(cfg, tokenizer)
         width = max(len(a) for _, _, a in prompts)
         hits: dict[str, list[bool]] = {}

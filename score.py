@@ -36,6 +36,7 @@ import parallel as P
 import s3cache
 from errors import UserError
 from files import atomic_write
+from model import pair_scores
 
 
 class ScoreError(UserError, ValueError):
@@ -328,16 +329,6 @@ def score_histogram(weights: Tensor, valid: Tensor, edges: Tensor) -> Tensor:
     w = w[torch.isfinite(w)]
     idx = (torch.bucketize(w, edges, right=True) - 1).clamp(0, edges.numel() - 2)
     return torch.bincount(idx, minlength=edges.numel() - 1).to(torch.float64)
-
-
-def pair_scores(token_scores: Tensor, H: int) -> Tensor:
-    """[B, S] per-position scores -> [B, S, H]: pair (t, k) gets the score of its target position t + k + 1."""
-    B, S = token_scores.shape
-    out = token_scores.new_zeros(B, S, H)
-    for k in range(H):
-        if S - k - 1 > 0:
-            out[:, : S - k - 1, k] = token_scores[:, k + 1 :]
-    return out
 
 
 # --------------------------------------------------------------------------- state

@@ -293,14 +293,9 @@ def validate(cfg, net, val_ds, pad_id: int, d: P.Dist) -> dict:
         ids, mask = batch["input_ids"].to(d.device), batch["loss_mask"].to(d.device)
         targets, valid = M.mtp_targets(ids, mask, H)
         with autocast(cfg, d):
-            h = net(ids, stage="trunk")
-            for k in range(H):
-                logits = net(h, stage=k).float()
-                ce = torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1), targets[..., k].flatten(), reduction="none"
-                ).view_as(valid[..., k])
-                sums[k] += (ce * valid[..., k]).sum().double()
-                sums[H + k] += valid[..., k].sum().double()
+            ce = M.mtp_head_ce(net, net(ids, stage="trunk"), targets, valid)
+        sums[:H] += ce.sum((0, 1)).double()
+        sums[H:] += valid.sum((0, 1)).double()
     P.all_reduce(sums)
     per_head = [(sums[k] / sums[H + k].clamp(min=1)).item() for k in range(H)]
     out = {f"val/ce_head{k + 1}": v for k, v in enumerate(per_head)}
@@ -656,7 +651,7 @@ def add_class_weights(cfg: C.Config, st: TrainState, stats: list[dict], token_cl
 
     w = torch.cat([s["weights"] for s in stats])
     valid = torch.cat([s["valid"] for s in stats])
-    inc = evaluate.class_weight_counts(w, valid, score.pair_scores(token_class, w.shape[-1]), cfg.loss.w_max)
+    inc = evaluate.class_weight_counts(w, valid, M.pair_scores(token_class, w.shape[-1]), cfg.loss.w_max)
     inc = P.all_reduce(inc).cpu()
     st.class_weights = inc if st.class_weights is None else st.class_weights + inc
 
