@@ -392,8 +392,21 @@ def resolve(
 MODEL_FILES = {"meta": ["params.json"], "hf": ["config.json"], "wmtp": ["model.safetensors", "config.json"]}
 
 
-def resolve_model(cfg: Any, path: str, resource: str, fmt: str, key: str) -> Path:
-    """The model directory behind config key `key` (local, else S3 mirror); errors name the config file and key."""
+# where each model role lives in the config: (section, path key, S3 resource key, format key; None: always HF)
+MODEL_ROLES = {
+    "policy": ("model", "path", "resource", "format"),  # the model being fine-tuned
+    "reference": ("rho1", "ref_model", "ref_resource", "ref_format"),  # rho1's reference causal LM
+    "reward": ("critic", "reward_model", "reward_resource", None),  # the critic's HF sequence classifier
+}
+
+
+def resolve_model(cfg: Any, role: Literal["policy", "reference", "reward"]) -> Path:
+    """The model directory of `role`, from its config keys (MODEL_ROLES): the local path, else the S3 mirror of
+    its resource; errors name the config file and key."""
+    section, path_key, resource_key, format_key = MODEL_ROLES[role]
+    sec = getattr(cfg, section)
+    path, resource = getattr(sec, path_key), getattr(sec, resource_key)
+    fmt, key = getattr(sec, format_key) if format_key else "hf", f"{section}.{path_key}"
     if not path and not resource:
         raise StorageError(f"{cfg.source}: '{key}' is empty and no S3 resource is configured for it")
     try:

@@ -536,9 +536,7 @@ def _init_critic(state: ScorerState) -> None:
                 f"{cfg.source}: critic.reward = 'model' needs 'critic.reward_model' (an HF sequence-classification "
                 "checkpoint directory with one label) or 'critic.reward_resource'"
             )
-        state.reward_dir = s3cache.resolve_model(
-            cfg, cc.reward_model, cc.reward_resource, "hf", "critic.reward_model"
-        )
+        state.reward_dir = s3cache.resolve_model(cfg, "reward")
         if not (state.reward_dir / "config.json").is_file():
             raise ScoreError(
                 f"{cfg.source}: 'critic.reward_model' = {str(state.reward_dir)!r} has no config.json "
@@ -929,7 +927,7 @@ def _init_rho1(state: ScorerState) -> None:
             f"{cfg.source}: loss.scorer = 'rho1_excess_v1' needs 'rho1.ref_model' (a reference causal LM "
             "directory with the base tokenizer) or 'rho1.ref_resource'"
         )
-    d = s3cache.resolve_model(cfg, rc.ref_model, rc.ref_resource, rc.ref_format, "rho1.ref_model")
+    d = s3cache.resolve_model(cfg, "reference")
     check_same_tokenizer(state.tokenizer, d)
     if rc.ref_format == "hf":
         from transformers import AutoModelForCausalLM
