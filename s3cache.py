@@ -27,18 +27,22 @@ Errors name the endpoint, bucket and resource, never credentials (messages are s
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import config
+import errors
 import files
 from errors import UserError
 
@@ -459,10 +463,6 @@ def main(argv: list[str]) -> int:
     """`python s3cache.py upload LOCAL RESOURCE` puts a model or dataset directory into S3 (what a run's `resource`
     keys then mirror); `python s3cache.py mirror RESOURCE` mirrors one into the cache and prints where. Storage
     settings come from `--config CONFIG` and `--storage.key=value` overrides; credentials from the AWS chain."""
-    import argparse
-
-    import config
-
     overrides, rest = config.split_args(argv)
     ap = argparse.ArgumentParser(prog="s3cache.py", description=main.__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -488,8 +488,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    import errors
-
     sys.exit(errors.main(main, sys.argv[1:]))
