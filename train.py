@@ -32,6 +32,7 @@ import config as C
 import data
 import errors
 import files
+import formats
 import model as M
 import parallel as P
 import s3cache
@@ -48,9 +49,9 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 def check_tokenizer(cfg: C.Config, model_dir: Path, tokenizer) -> M.ModelArgs:
     """Every token id must have a row in the model's embedding: checked before any work (ids past the vocabulary
     would otherwise fail mid-step)."""
-    args = M.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    args = formats.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     if len(tokenizer) > args.vocab_size:
-        raise M.CheckpointError(
+        raise formats.CheckpointError(
             f"{cfg.source}: the tokenizer ({cfg.model.tokenizer or model_dir}) has {len(tokenizer)} tokens but the "
             f"model's vocab_size is {args.vocab_size} ({model_dir}): use the tokenizer the model was trained with"
         )
@@ -65,8 +66,8 @@ def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
     dtype only (FSDP2's MixedPrecisionPolicy under torchrun, autocast in one process). Under LoRA the frozen base
     weights are never updated: on a bf16 GPU they stay in bf16, half the memory.
     """
-    # H comes from the config: a checkpoint with other H gets heads dropped or copied from head 1 (model.py)
-    net = M.load_model(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    # H comes from the config: a checkpoint with other H gets heads dropped or copied from head 1 (formats.py)
+    net = formats.load_model(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     net.activation_checkpointing = cfg.model.activation_checkpointing
     if cfg.train.lora.enabled:
         from peft import LoraConfig, get_peft_model
@@ -292,14 +293,9 @@ def validate(cfg, net, val_ds, pad_id: int, d: P.Dist) -> dict:
         ids, mask = batch["input_ids"].to(d.device), batch["loss_mask"].to(d.device)
         targets, valid = M.mtp_targets(ids, mask, H)
         with autocast(cfg, d):
-            h = net(ids, stage="trunk")
-            for k in range(H):
-                logits = net(h, stage=k).float()
-                ce = torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1), targets[..., k].flatten(), reduction="none"
-                ).view_as(valid[..., k])
-                sums[k] += (ce * valid[..., k]).sum().double()
-                sums[H + k] += valid[..., k].sum().double()
+            ce = M.mtp_head_ce(net, net(ids, stage="trunk"), targets, valid)
+        sums[:H] += ce.sum((0, 1)).double()
+        sums[H:] += valid.sum((0, 1)).double()
     P.all_reduce(sums)
     per_head = [(sums[k] / sums[H + k].clamp(min=1)).item() for k in range(H)]
     out = {f"val/ce_head{k + 1}": v for k, v in enumerate(per_head)}
@@ -357,24 +353,16 @@ def resolve_inputs(cfg: C.Config) -> tuple[Path, object]:
             missing.append(errors.one_line(str(e)))
             return None
 
-    mc = cfg.model
-    model_dir = attempt(lambda: s3cache.resolve_model(cfg, mc.path, mc.resource, mc.format, "model.path"))
+    model_dir = attempt(lambda: s3cache.resolve_model(cfg, "policy"))
     tokenizer = (
         attempt(lambda: data.load_tokenizer(cfg, model_dir)) if model_dir or cfg.model.tokenizer else None
     )
     if model_dir is not None and tokenizer is not None:
         attempt(lambda: check_tokenizer(cfg, model_dir, tokenizer))
-    rc, cc = cfg.rho1, cfg.critic
     if cfg.loss.scorer == "rho1_excess_v1":
-        attempt(
-            lambda: s3cache.resolve_model(cfg, rc.ref_model, rc.ref_resource, rc.ref_format, "rho1.ref_model")
-        )
-    if cfg.loss.scorer == "critic_delta_v1" and cc.reward == "model":
-        attempt(
-            lambda: s3cache.resolve_model(
-                cfg, cc.reward_model, cc.reward_resource, "hf", "critic.reward_model"
-            )
-        )
+        attempt(lambda: s3cache.resolve_model(cfg, "reference"))
+    if cfg.loss.scorer == "critic_delta_v1" and cfg.critic.reward == "model":
+        attempt(lambda: s3cache.resolve_model(cfg, "reward"))
     attempt(lambda: data.resolve_dataset_dir(cfg))
     if missing:
         for m in missing:
@@ -388,16 +376,14 @@ def resolve_inputs(cfg: C.Config) -> tuple[Path, object]:
 
 def dry_run(cfg: C.Config, d: P.Dist, model_dir: Path, tokenizer) -> int:
     """Validate config, tokenizer and model shapes; print parameter count and the per-device memory plan."""
-    args = M.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    args = formats.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     n_params = M.count_params_from_args(args)
     blocks = args.n_layers if cfg.model.format != "hf" else args.n_layers  # Meta layout counts every block
     world = int(os.environ.get("WORLD_SIZE", d.world_size))
     aux = 0
     if cfg.loss.scorer == "rho1_excess_v1" and cfg.rho1.ref_model:
-        ref_dir = s3cache.resolve_model(
-            cfg, cfg.rho1.ref_model, cfg.rho1.ref_resource, cfg.rho1.ref_format, "rho1.ref_model"
-        )
-        aux = M.count_params_from_args(M.read_model_args(ref_dir, cfg.rho1.ref_format, 1))
+        ref_dir = s3cache.resolve_model(cfg, "reference")
+        aux = M.count_params_from_args(formats.read_model_args(ref_dir, cfg.rho1.ref_format, 1))
     budget = cfg.train.memory_gb or (
         torch.cuda.get_device_properties(d.device).total_memory / 1024**3 if d.device.type == "cuda" else 80.0
     )
@@ -497,7 +483,7 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     torch.manual_seed(cfg.train.seed)
     if dry:
         return dry_run(cfg, d, *resolve_inputs(cfg))
-    model_dir = s3cache.resolve_model(cfg, cfg.model.path, cfg.model.resource, cfg.model.format, "model.path")
+    model_dir = s3cache.resolve_model(cfg, "policy")
     tokenizer = data.load_tokenizer(cfg, model_dir)
     check_tokenizer(cfg, model_dir, tokenizer)
     run_name = cfg.train.run_name or f"{cfg.algo}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -517,8 +503,8 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
     net = build_model(cfg, d, model_dir)
     base = M.unwrap(net)
     try:  # the run ends with an HF export: refuse a model HF Llama cannot express before training it
-        M.hf_config(base.args, checkpoint.export_dtype(cfg))
-    except M.CheckpointError as e:
+        formats.hf_config(base.args, checkpoint.export_dtype(cfg))
+    except formats.CheckpointError as e:
         raise TrainError(str(e)) from None
     n_params, n_train = M.count_params(base), sum(p.numel() for p in net.parameters() if p.requires_grad)
     log(
@@ -570,7 +556,7 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
             raise TrainError(str(e)) from None
         v0 = validate(cfg, net, val_ds, pad, d)
         if not math.isfinite(v0["val/loss"]):
-            raise M.CheckpointError(
+            raise formats.CheckpointError(
                 f"validation loss at step 0 is {v0['val/loss']} before any update: the checkpoint ({model_dir}) or "
                 "the data is broken (a learning rate cannot cause this); check both"
             )
@@ -655,7 +641,7 @@ def add_class_weights(cfg: C.Config, st: TrainState, stats: list[dict], token_cl
 
     w = torch.cat([s["weights"] for s in stats])
     valid = torch.cat([s["valid"] for s in stats])
-    inc = evaluate.class_weight_counts(w, valid, score.pair_scores(token_class, w.shape[-1]), cfg.loss.w_max)
+    inc = evaluate.class_weight_counts(w, valid, M.pair_scores(token_class, w.shape[-1]), cfg.loss.w_max)
     inc = P.all_reduce(inc).cpu()
     st.class_weights = inc if st.class_weights is None else st.class_weights + inc
 
@@ -855,7 +841,7 @@ def finish(
         if cfg.data.dataset == "synthetic" and final is not None:
             import evaluate
 
-            synth = evaluate.evaluate_synthetic(cfg, M.load_checkpoint(final), tokenizer)
+            synth = evaluate.evaluate_synthetic(cfg, formats.load_checkpoint(final), tokenizer)
             if st.class_weights is not None:
                 synth.update(evaluate.class_weight_metrics(st.class_weights))
             summary["synthetic"] = synth
