@@ -573,7 +573,7 @@ def synthetic_speculation(model: Any, tokenizer: Any, prompts: list, batch_size:
     tokens the rule determines: "synth/spec_accept_head{k}" = drafts of head k accepted / verified (a draft is
     verified when every earlier draft of its block was accepted; absent when none of head k's was), and
     "synth/spec_tokens_per_forward" (generated tokens per trunk + head-1 pass; 1.0 for H = 1)."""
-    import model as M
+    import generate as G
 
     if model.args.n_future_tokens == 1:
         return {"synth/spec_tokens_per_forward": 1.0}
@@ -581,9 +581,9 @@ def synthetic_speculation(model: Any, tokenizer: Any, prompts: list, batch_size:
     for s in range(0, len(by_length), batch_size):
         part = by_length[s : s + batch_size]
         width = max(len(a) for _, _, a in part)
-        model.generate([p for _, p, _ in part], width, temperature=0.0, pad_id=pad, speculative=True)
-        stats.append(model.speculative_stats)
-    total = M.speculative_summary(*stats)
+        greedy = G.Sampling(max_new_tokens=width, temperature=0.0)
+        stats.append(G.decode(model, [p for _, p, _ in part], greedy, pad_id=pad, speculative=True)[1])
+    total = G.speculative_summary(*stats)
     out = {"synth/spec_tokens_per_forward": float(total["tokens_per_forward"])}
     for k, rate in enumerate(total["acceptance"]):
         if rate is not None:
