@@ -30,7 +30,8 @@ import files
 import model as M
 import parallel as P
 import s3cache
-from errors import UserError
+import tracking
+from errors import UserError, scrub
 
 # --------------------------------------------------------------------------- checkpoints
 #
@@ -255,7 +256,7 @@ def open_run_dir(cfg, d: P.Dist, run_dir: Path, resume: bool) -> files.RunLock:
                 f"{run_dir}: taking over the lock of a run that is gone (host {was.get('host')}, pid {was.get('pid')})"
             )
         clean_partial(run_dir / "checkpoints")
-        text = s3cache.scrub(json.dumps(C.to_dict(cfg), indent=2))
+        text = scrub(json.dumps(C.to_dict(cfg), indent=2))
         files.atomic_write_text(run_dir / "config.json", text)
     P.barrier()
     return lock
@@ -367,8 +368,6 @@ def export_formats(cfg: C.Config, run_dir: Path, ckpt: Path, tokenizer) -> None:
 
     Run once at the end of the run, from the files: `best` is rewritten at every improvement during training,
     so writing three formats each time would triple that I/O for copies that are overwritten anyway."""
-    import tracking
-
     net = M.load_checkpoint(ckpt)
     name, params, metrics, tags = run_card_inputs(run_dir)
     where = f"{run_dir.name}/{ckpt.relative_to(run_dir).as_posix()}/hf"
@@ -381,7 +380,6 @@ def export_formats(cfg: C.Config, run_dir: Path, ckpt: Path, tokenizer) -> None:
 def run_card_inputs(run_dir: Path) -> tuple[str, dict, dict, dict]:
     """(name, params, metrics, tags) for the model card, read from a run directory: config.json, metrics.jsonl
     (the last step) and summary.json (validation and evaluation results); the keys MLflow holds for the run."""
-    import tracking
 
     def read(name: str, default):
         path = run_dir / name
@@ -440,8 +438,6 @@ def export_cli(argv: list[str]) -> int:
     import argparse
 
     from transformers import AutoTokenizer
-
-    import tracking
 
     ap = argparse.ArgumentParser(
         prog="train.py export", description="Export a checkpoint to HF Llama or Meta."

@@ -868,7 +868,7 @@ def finish(
     best = run_dir / "checkpoints" / "best"
     if d.main:
         files.atomic_write_text(
-            run_dir / "summary.json", s3cache.scrub(json.dumps(summary, indent=2, default=str))
+            run_dir / "summary.json", errors.scrub(json.dumps(summary, indent=2, default=str))
         )
         for ck in (c for c in (final, best) if c is not None and c.exists()):  # hf/ and meta/ beside ours
             checkpoint.export_formats(cfg, run_dir, ck, tokenizer)
