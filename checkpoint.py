@@ -8,7 +8,8 @@
   metrics.jsonl cut back to the resumed step.
 - Exports: our consolidated safetensors (checkpoints/final, best; LoRA merged), and the formats the ecosystem runs:
   an HF LlamaForCausalLM of trunk + head 1 (hf/) and Meta's MTP layout with every head (meta/);
-  `python train.py export` does the same for checkpoints that already exist.
+  `python train.py export` does the same for checkpoints that already exist. `publish` is the end of a run:
+  exports, the tracker's artifacts, uploads.
 """
 
 from __future__ import annotations
@@ -375,6 +376,20 @@ def export_formats(cfg: C.Config, run_dir: Path, ckpt: Path, tokenizer) -> None:
     for fmt in EXPORT_FORMATS:
         write_export(net, ckpt / fmt, fmt, tokenizer, export_dtype(cfg), readme)
         print(f"exported {ckpt / fmt} ({fmt}, {export_dtype(cfg)})")
+
+
+def publish(cfg: C.Config, run_dir: Path, final: Path | None, tokenizer, tracker: tracking.Tracker) -> None:
+    """The end of a run, on rank 0: hf/ and meta/ beside ours in checkpoints/final and best, both logged to the
+    tracker, and uploaded to s3://<bucket>/<prefix>/runs/<run>/checkpoints/ when `storage.upload_checkpoints`."""
+    best = run_dir / "checkpoints" / "best"
+    done = [c for c in (final, best) if c is not None and c.exists()]
+    for ck in done:
+        export_formats(cfg, run_dir, ck, tokenizer)
+    for ck in done:
+        tracker.log_artifacts(ck, f"checkpoints/{ck.name}")
+    for ck in done if cfg.storage.upload_checkpoints else []:
+        s3cache.upload(ck, f"runs/{run_dir.name}/checkpoints/{ck.name}", cfg.storage)
+        print(f"uploaded {ck} to S3 resource runs/{run_dir.name}/checkpoints/{ck.name}")
 
 
 def run_card_inputs(run_dir: Path) -> tuple[str, dict, dict, dict]:
