@@ -148,12 +148,12 @@ class OptimConfig(Section):
 
 
 class LossConfig(Section):
-    scorer: Literal["uniform", "critic_delta_v1", "rho1_excess_v1"] = "uniform"
+    scorer: Literal["uniform", "critic_delta_v1", "rho1_excess_v1", "dft_v1"] = "uniform"
     # which pairs one normalisation covers (spec §3.1): "head" = each head of a sequence on its own (mean weight 1
     # per head: weights move between tokens, never between heads); "sequence" = all heads jointly (ablation)
     normalize: Literal["head", "sequence"] = "head"
     lam: float = Field(0.3, ge=0.0, le=1.0)  # w~ = 1 + lam * (w - 1)
-    temperature: float = Field(0.7, gt=0.0)
+    temperature: float = Field(0.7, gt=0.0)  # softmax(z / T) of §3.1 (critic, rho1); dft_v1 ignores it (§3.4)
     eps: float = Field(0.05, gt=0.0, le=1.0)
     w_max: float = Field(3.0, ge=1.0)
     head_weights: list[Annotated[float, Field(ge=0.0)]] = []  # alpha_k; empty: all 1
@@ -227,7 +227,12 @@ class TrackingConfig(Section):
     tags: list[str] = []  # extra run tags "key=value" (sweep.py: one per axis)
 
 
-ALGOS = {"uniform": "baseline", "critic_delta_v1": "critic-wmtp", "rho1_excess_v1": "rho1-wmtp"}
+ALGOS = {
+    "uniform": "baseline",
+    "critic_delta_v1": "critic-wmtp",
+    "rho1_excess_v1": "rho1-wmtp",
+    "dft_v1": "dft-wmtp",
+}
 
 
 class Config(Section):

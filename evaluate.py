@@ -527,7 +527,8 @@ def class_weight_metrics(counts: Any) -> dict[str, float]:
 def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 32) -> dict[str, float]:
     """On the clean held-out rows: mean CE of each head per token class of the target ("synth/ce_learnable_head1",
     and the mean over heads "synth/ce_learnable"); exact-match rate of greedy completions of the held-out prompts
-    (the analogue of pass@1), per task and overall ("synth/exact_match")."""
+    (the analogue of pass@1), per task and overall ("synth/exact_match"); the MTP heads' other use, drafting for
+    self-speculative decoding of the same prompts (`synthetic_speculation`)."""
     import torch
     import torch.nn.functional as F
 
@@ -565,6 +566,7 @@ def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 3
             )
             for (task, _, answer), got in zip(part, outs, strict=True):
                 hits.setdefault(task, []).append(got[: len(answer)] == answer)
+        spec = synthetic_speculation(model, tokenizer, prompts, batch_size)
     model.train(was)
     out: dict[str, float] = {}
     for c, name in enumerate(data.TOKEN_CLASSES[:2]):  # the held-out rows are clean: no junk, no corrupt
@@ -574,6 +576,30 @@ def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 3
     for task, h in hits.items():
         out[f"synth/exact_match_{task}"] = sum(h) / len(h)
     out["synth/exact_match"] = sum(sum(h) for h in hits.values()) / len(prompts)
+    return out | spec
+
+
+def synthetic_speculation(model: Any, tokenizer: Any, prompts: list, batch_size: int) -> dict[str, float]:
+    """Greedy self-speculative decoding of the held-out prompts over their answers (deterministic). Prompts go in
+    batches of similar answer length, each decoded to its longest answer, so the drafts are judged on the
+    tokens the rule determines: "synth/spec_accept_head{k}" = drafts of head k accepted / verified (a draft is
+    verified when every earlier draft of its block was accepted; absent when none of head k's was), and
+    "synth/spec_tokens_per_forward" (generated tokens per trunk + head-1 pass; 1.0 for H = 1)."""
+    import model as M
+
+    if model.args.n_future_tokens == 1:
+        return {"synth/spec_tokens_per_forward": 1.0}
+    by_length, pad, stats = sorted(prompts, key=lambda p: len(p[2])), data.pad_token_id(tokenizer), []
+    for s in range(0, len(by_length), batch_size):
+        part = by_length[s : s + batch_size]
+        width = max(len(a) for _, _, a in part)
+        model.generate([p for _, p, _ in part], width, temperature=0.0, pad_id=pad, speculative=True)
+        stats.append(model.speculative_stats)
+    total = M.speculative_summary(*stats)
+    out = {"synth/spec_tokens_per_forward": float(total["tokens_per_forward"])}
+    for k, rate in enumerate(total["acceptance"]):
+        if rate is not None:
+            out[f"synth/spec_accept_head{k + 2}"] = float(rate)
     return out
 
 

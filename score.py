@@ -7,15 +7,18 @@ default) or of each sequence, all heads together (`"sequence"`, the ablation).
 
 - `uniform`: 1 on every valid pair (plain MTP).
 - `critic_delta_v1` (§3.2): reward model (or sandbox tests) -> value head on the detached trunk output, fitted with
-  GAE targets -> delta_j = V_j - V_{j-1} -> `normalize_weights`.
+  GAE targets on the completion and the last prompt position (`value_positions`) -> delta_j = V_j - V_{j-1} ->
+  `normalize_weights`; the fit's explained variance is logged (`critic/explained_variance`).
 - `rho1_excess_v1` (§3.3): excess loss CE_k(t) - CE_ref(t + k + 1) against a frozen reference -> weighted or
   select mode. With the per-head scope, head k's weights need only head k's CE, so the trainer computes them
   inside its head-by-head step (`head_by_head`) instead of paying an extra pass over the heads.
+- `dft_v1` (§3.4): the reference-free baseline, w proportional to the model's own q = exp(-CE_k(t)) ->
+  clip-normalise; per head inside the head-by-head step like rho1 (`dft_weights`).
 
-The pure functions (`normalize_weights`, `clip_normalize`, `gae_returns`, `mix`, `weight_stats`, `rho1_weights`)
-need no model; the trainer uses `init_state`, `prepare`, `SCORERS`, `head_by_head`, `mix`,
-`save_weight_histogram`, and `begin_step` / `rollback_step` / `end_step` around each optimizer step (so an OOM
-retry or a skipped step leaves no trace in the scorer's state).
+The pure functions (`normalize_weights`, `clip_normalize`, `dft_weights`, `gae_returns`, `mix`, `weight_stats`,
+`rho1_weights`) need no model; the trainer uses `init_state`, `prepare`, `SCORERS`, `head_by_head`, `mix`,
+`save_weight_histogram`, `critic_summary`, and `begin_step` / `rollback_step` / `end_step` around each optimizer
+step (so an OOM retry or a skipped step leaves no trace in the scorer's state).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +95,13 @@ def _unrows(w: Tensor, shape: torch.Size, scope: str) -> Tensor:
     return w.reshape(shape)
 
 
+def _fill_nonfinite(s: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+    """Step 1 on rows [R, N]: every entry outside `finite` (non-finite or invalid) -> the row mean of the finite
+    ones (0 for a row with none). Returns (filled rows, row means)."""
+    mean = torch.where(finite, s, 0.0).sum(1) / finite.sum(1).clamp(min=1)
+    return torch.where(finite, s, mean[:, None]), mean
+
+
 def _standardize(s: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, int]:
     """Steps 1-2 on rows [B, N] (float64). Returns (z, flat, nonfinite): `flat` rows get weight 1.
 
@@ -103,9 +114,7 @@ def _standardize(s: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, int]:
     n_fin = finite.sum(1)
     scale = torch.where(finite, s.abs(), 0.0).amax(1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    s = torch.where(finite, s / scale[:, None], 0.0)
-    mean = s.sum(1) / n_fin.clamp(min=1)
-    s = torch.where(finite, s, mean[:, None])  # non-finite (and invalid) -> the row mean of the finite scores
+    s, mean = _fill_nonfinite(s / scale[:, None], finite)
     hi = torch.where(finite, s, -math.inf).amax(1)
     lo = torch.where(finite, s, math.inf).amin(1)
     flat = (n_fin == 0) | (n <= 1) | (hi <= lo)
@@ -252,6 +261,32 @@ def rho1_weights(
     return _finish(w, v, eps, w_max, scores.shape, scope)
 
 
+DFT_LOG_RANGE = 700.0  # log q below the group's top - 700 is raised to it: float64 keeps c <= e^709 finite
+
+
+def dft_weights(
+    ce: Tensor, valid: Tensor, eps: float, w_max: float, stats: dict | None = None, *, scope: str = "head"
+) -> Tensor:
+    """Spec §3.4 on each normalisation group (`scope` as in `normalize_weights`) of the model's own CE [B, S, H]:
+    q = exp(-CE), w = q * n / sum(q), then clip-normalise (§3.1 step 4). No z-score, no softmax temperature.
+
+    Non-finite CE takes the group mean of the finite ones (counted in `stats["nonfinite"]`); a group with no finite
+    CE gets 1. log q is floored at the group's largest log q - DFT_LOG_RANGE, which changes only pairs whose q is
+    below e^-700 of the top one's (any float32 softmax underflows far earlier) and keeps the bisection bracket
+    finite, so the invariants hold for any input."""
+    _check_norm_args(1.0, eps, w_max)
+    c, v = _rows(ce, valid, scope)
+    finite = v & torch.isfinite(c)
+    log_q, _ = _fill_nonfinite(-c, finite)
+    top = torch.where(v, log_q, -math.inf).amax(1, keepdim=True)
+    log_q = torch.maximum(log_q, torch.where(torch.isfinite(top), top, 0.0) - DFT_LOG_RANGE)
+    w = clip_normalize(_log_weights(log_q, v, 1.0), v, eps, w_max)  # log(q n / sum q) at T = 1
+    w = torch.where((finite.sum(1) == 0)[:, None] & v, 1.0, w)
+    if stats is not None:
+        stats["nonfinite"] = stats.get("nonfinite", 0) + int((v & ~finite).sum())
+    return _finish(w, v, eps, w_max, ce.shape, scope)
+
+
 # --------------------------------------------------------------------------- GAE, mixing, statistics
 
 
@@ -388,7 +423,13 @@ class ScorerState:
     hist_counts: Tensor | None = None
     head_sums: Tensor | None = None
     calls: int = 0
-    value_count: float = 0.0  # completion positions whose value loss is accumulated in the value head's grads
+    value_count: float = 0.0  # positions whose value loss is accumulated in the value head's grads
+    # critic explained variance (spec §3.2): this step's sums over the regressed positions (n, sum V^, sum V^^2,
+    # sum e, sum e^2 with e = V^ - V), then the run's: [sum of the steps' values, steps], and stage 1's last value
+    ev_step: Tensor | None = None
+    ev_run: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    stage1: dict[str, float] = field(default_factory=dict)
+    prepare_seconds: float = 0.0  # score.prepare: critic stage 1, rho1's reference-CE precompute
     step_start: tuple | None = (
         None  # (histogram, head sums, calls) when the optimizer step began (begin_step)
     )
@@ -404,6 +445,9 @@ class ScorerState:
             "hist_counts": None if self.hist_counts is None else self.hist_counts.cpu(),
             "head_sums": None if self.head_sums is None else self.head_sums.cpu(),
             "calls": self.calls,
+            "ev_run": list(self.ev_run),
+            "stage1": dict(self.stage1),
+            "prepare_seconds": self.prepare_seconds,
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -425,6 +469,9 @@ class ScorerState:
                     raise ValueError(f"scorer state: {name} {tuple(saved.shape)} != {tuple(mine.shape)} here")
                 setattr(self, name, saved.to(mine.device, torch.float64))
         self.calls = int(sd.get("calls", 0))
+        self.ev_run = [float(x) for x in sd.get("ev_run", [0.0, 0.0])]
+        self.stage1 = dict(sd.get("stage1", {}))
+        self.prepare_seconds = float(sd.get("prepare_seconds", 0.0))
 
 
 def _log(msg: str) -> None:
@@ -463,17 +510,23 @@ def init_state(cfg: Any, model: nn.Module, tokenizer: Any, device: Any, dataset:
         _init_critic(state)
     elif name == "rho1_excess_v1":
         _init_rho1(state)
+    elif name == "dft_v1":
+        _log(
+            f"loss.temperature = {cfg.loss.temperature} is ignored: dft_v1 weights are proportional to the model's "
+            "own probability of the target (spec §3.4), with no softmax temperature"
+        )
     return state
 
 
 def prepare(state: ScorerState, loader: Iterator[dict] | None) -> None:
     """Before training: critic rewards up front (when the train set is known) and stage 1 value-head fitting;
     rho1 reference-CE precompute (`rho1.precompute`); nothing for uniform."""
-    name = state.cfg.loss.scorer
+    name, t0 = state.cfg.loss.scorer, time.perf_counter()
     if name == "critic_delta_v1":
         _prepare_critic(state, loader)
     elif name == "rho1_excess_v1" and state.cfg.rho1.precompute:
         _ensure_ref_cache(state)
+    state.prepare_seconds += time.perf_counter() - t0
 
 
 def _record(state: ScorerState, weights: Tensor, valid: Tensor, extra: dict[str, float]) -> Tensor:
@@ -496,6 +549,7 @@ def begin_step(state: ScorerState) -> None:
     state.step_start = tuple(None if t is None else t.clone() for t in (state.hist_counts, state.head_sums))
     state.step_start += (state.calls,)
     _clear_value_grads(state)
+    state.ev_step = None
 
 
 def rollback_step(state: ScorerState) -> None:
@@ -507,12 +561,24 @@ def rollback_step(state: ScorerState) -> None:
         state.hist_counts = None if hist is None else hist.clone()
         state.head_sums = None if sums is None else sums.clone()
     _clear_value_grads(state)
+    state.ev_step = None
 
 
 def end_step(state: ScorerState) -> None:
-    """The optimizer step was taken: the critic's value head takes its one step of this optimizer step."""
-    if state.value_head is not None and state.cfg.critic.update_value_head:
+    """The optimizer step was taken: the critic's value head takes its one step of this optimizer step, and the
+    step's explained variance (over every micro-batch and rank) goes to the metrics and the run's mean."""
+    if state.value_head is None:
+        return
+    if state.cfg.critic.update_value_head:
         _value_step(state)
+    sums = (
+        torch.zeros(5, dtype=torch.float64, device=state.device) if state.ev_step is None else state.ev_step
+    )
+    state.ev_step = None
+    ev = explained_variance(P.all_reduce(sums))  # every rank takes part, with or without positions
+    state.metrics["critic/explained_variance"] = ev
+    if math.isfinite(ev):
+        state.ev_run = [state.ev_run[0] + ev, state.ev_run[1] + 1]
 
 
 def _valid(batch: dict) -> Tensor:
@@ -810,18 +876,45 @@ def _batch_rewards(state: ScorerState, batch: dict) -> tuple[Tensor, Tensor]:
     return raw, (raw - mean) / (std + STD_EPS)
 
 
-def _critic_values(state: ScorerState, batch: dict, update: bool) -> tuple[Tensor, float, Tensor]:
-    """V [B, S] (detached, as it is before this optimizer step's value-head update), the value loss, raw rewards.
+def value_positions(loss_mask: Tensor) -> Tensor:
+    """The positions the value head is regressed on [B, S] (spec §3.2): every completion token, and the position
+    just before each completion span (the last prompt position: the state before the first action), whose V the
+    first completion token's delta subtracts. A span that starts at position 0 has none (V_{-1} = 0)."""
+    m = loss_mask.bool()
+    start = m & ~F.pad(m[:, :-1], (1, 0))  # the first token of each span
+    return m | F.pad(start[:, 1:], (0, 1))
+
+
+def explained_variance(sums: Tensor) -> float:
+    """1 - Var(V^ - V) / Var(V^) from [n, sum V^, sum V^^2, sum e, sum e^2] (e = V^ - V; population variances);
+    nan without positions or when the targets do not vary."""
+    n, t1, t2, e1, e2 = (float(x) for x in sums)
+    var_t = t2 / n - (t1 / n) ** 2 if n > 0 else 0.0
+    if not var_t > 1e-12:
+        return float("nan")
+    return 1.0 - (e2 / n - (e1 / n) ** 2) / var_t
+
+
+def _ev_sums(target: Tensor, v: Tensor, m: Tensor) -> Tensor:
+    t, e = target.double()[m], (target.double() - v.double())[m]
+    return torch.stack([t.new_tensor(float(t.numel())), t.sum(), t.square().sum(), e.sum(), e.square().sum()])
+
+
+def _critic_values(state: ScorerState, batch: dict, update: bool) -> tuple[Tensor, float, Tensor, Tensor]:
+    """V [B, S] (detached, as it is before this optimizer step's value-head update), the value loss, raw rewards,
+    and the explained-variance sums of the regressed positions (`explained_variance`).
 
     Token rewards are 0 except the z-scored sequence reward on the last completion token; targets are the GAE
-    returns over the completion positions (loss_mask), regressed with MSE over those positions. With `update`,
-    the loss's gradient is only accumulated (summed over positions): `end_step` takes the one value-head step of
-    the optimizer step, so how a step is split into micro-batches (the OOM fallback) changes nothing.
+    returns over the regressed positions (`value_positions`: the completion and the last prompt position), fitted
+    with MSE over those positions. With `update`, the loss's gradient is only accumulated (summed over positions):
+    `end_step` takes the one value-head step of the optimizer step, so how a step is split into micro-batches
+    (the OOM fallback) changes nothing.
     """
     if state.hidden is None:
         raise ValueError("critic_delta_v1: state.hidden is None; set it to the detached trunk output first")
     h = state.hidden.detach()
     mask = batch["loss_mask"].to(h.device).bool()
+    fit = value_positions(mask)
     raw, z = _batch_rewards(state, batch)
     B, S = mask.shape
     pos = torch.arange(S, device=h.device)
@@ -830,13 +923,14 @@ def _critic_values(state: ScorerState, batch: dict, update: bool) -> tuple[Tenso
     cc = state.cfg.critic
     with torch.enable_grad(), torch.autocast(device_type=h.device.type, enabled=False):
         v = state.value_head(h)
-        _, ret = gae_returns(r, v.detach(), mask, cc.gamma, cc.gae_lambda)
-        m = mask.to(v.dtype)
+        _, ret = gae_returns(r, v.detach(), fit, cc.gamma, cc.gae_lambda)
+        m = fit.to(v.dtype)
         sq = ((v - ret.to(v.dtype)).square() * m).sum()
         if update:
             sq.backward()
             state.value_count += float(m.sum())
-    return v.detach(), float(sq.detach()) / max(float(m.sum()), 1.0), raw
+    ev = _ev_sums(ret, v.detach(), fit)
+    return v.detach(), float(sq.detach()) / max(float(m.sum()), 1.0), raw, ev
 
 
 def _value_step(state: ScorerState) -> None:
@@ -863,7 +957,8 @@ def critic_delta_v1(batch: dict, state: ScorerState) -> Tensor:
     """delta_j = V_j - V_{j-1} (V_{-1} = 0); pair (t, k) scores its target j = t + k + 1; then §3.1."""
     valid = _valid(batch)
     c = state.cfg
-    v, value_loss, raw = _critic_values(state, batch, update=c.critic.update_value_head)
+    v, value_loss, raw, ev = _critic_values(state, batch, update=c.critic.update_value_head)
+    state.ev_step = ev if state.ev_step is None else state.ev_step + ev  # the step's, over its micro-batches
     delta = v - torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], 1)
     stats: dict = {}
     scores = pair_scores(delta, valid.shape[-1])
@@ -872,6 +967,7 @@ def critic_delta_v1(batch: dict, state: ScorerState) -> Tensor:
     )
     extra = {
         "critic/value_loss": value_loss,
+        "critic/explained_variance": explained_variance(ev),  # this call's; end_step: the whole step's
         "critic/reward_mean": float(raw.mean()),
         "scorer/nonfinite": float(stats["nonfinite"]),
     }
@@ -888,17 +984,32 @@ def _prepare_critic(state: ScorerState, loader: Iterator[dict] | None) -> None:
         return
     if loader is None:
         raise ValueError(f"critic.pretrain_steps = {steps} needs a loader of training batches in prepare()")
-    first = last = float("nan")
+    first = last = (float("nan"), float("nan"))
     for step in range(steps):
         batch = {k: v.to(state.device) for k, v in next(loader).items()}
         with torch.no_grad():
             state.hidden = state.model(batch["input_ids"], stage="trunk").detach()
-        _, last, _ = _critic_values(state, batch, update=True)
+        _, loss, _, ev = _critic_values(state, batch, update=True)
         _value_step(state)
+        last = (loss, explained_variance(P.all_reduce(ev)))
         first = last if step == 0 else first
     state.hidden = None
-    state.metrics["critic/pretrain_value_loss"] = last
-    _log(f"critic stage 1: {steps} value-head steps, value loss {first:.4f} -> {last:.4f}")
+    state.metrics["critic/pretrain_value_loss"] = last[0]
+    state.stage1 = {"critic/stage1_value_loss": last[0], "critic/stage1_explained_variance": last[1]}
+    _log(
+        f"critic stage 1: {steps} value-head steps, value loss {first[0]:.4f} -> {last[0]:.4f}, explained "
+        f"variance {first[1]:.3f} -> {last[1]:.3f}"
+    )
+
+
+def critic_summary(state: ScorerState) -> dict[str, float]:
+    """The run's value-fit numbers for summary.json: stage 1's last value loss and explained variance, and the
+    mean over the training steps of each step's explained variance (`critic/explained_variance_mean`); {} for
+    the other scorers."""
+    if state.value_head is None:
+        return {}
+    total, steps = state.ev_run
+    return {**state.stage1, "critic/explained_variance_mean": total / steps if steps else float("nan")}
 
 
 # --------------------------------------------------------------------------- rho1_excess_v1 (spec §3.3)
@@ -1079,11 +1190,13 @@ def excess_scores(batch: dict, state: ScorerState) -> tuple[Tensor, Tensor, Tens
 
 
 def _model_ce(batch: dict, state: ScorerState) -> Tensor:
-    """CE_k(t) [B, S, H] of the model being trained, from one extra no-grad pass over every head."""
+    """CE_k(t) [B, S, H] of the model being trained, from one extra no-grad pass over every head (rho1, dft_v1)."""
     import model as M
 
     if state.hidden is None:
-        raise ValueError("rho1_excess_v1: state.hidden is None; set it to the detached trunk output first")
+        raise ValueError(
+            f"{state.cfg.loss.scorer}: state.hidden is None; set it to the detached trunk output first"
+        )
     return M.mtp_head_ce(state.model, state.hidden.detach(), batch["targets"], _valid(batch))
 
 
@@ -1130,23 +1243,27 @@ class Rho1Heads:
         v = self.valid[..., k]
         ce_k = torch.where(v, ce_k.detach().to(self.ce), 0.0)
         self.ce[..., k] = ce_k
-        excess = torch.where(v, ce_k - self.ref[..., k], 0.0)
-        w = _rho1_from_excess(excess, v, self.state.cfg, self.stats, scope="sequence")  # [B, S]: one head
+        w = self._weigh(k, ce_k, v)  # [B, S]: one head, so the "sequence" scope of a 2-D input is that head
         self.weights[..., k] = w
         return w
+
+    def _weigh(self, k: int, ce_k: Tensor, v: Tensor) -> Tensor:
+        excess = torch.where(v, ce_k - self.ref[..., k], 0.0)
+        return _rho1_from_excess(excess, v, self.state.cfg, self.stats, scope="sequence")
 
     def finish(self) -> Tensor:
         return _rho1_record(self.state, self.weights, self.valid, self.ce, self.ref, self.stats["nonfinite"])
 
 
 def head_by_head(batch: dict, state: ScorerState) -> Rho1Heads | None:
-    """The per-head form of the configured scorer when its weights need the heads' own CE (rho1 with the "head"
-    scope), for the trainer's head-by-head step; None when the weights are known before the heads run (then
-    call `SCORERS[...]`). Both give the same weights: `rho1_excess_v1` itself runs this path on the CE of its
-    extra pass."""
+    """The per-head form of the configured scorer when its weights need the heads' own CE (rho1 and dft_v1 with
+    the "head" scope), for the trainer's head-by-head step; None when the weights are known before the heads run
+    (then call `SCORERS[...]`). Both give the same weights: the scorers themselves run this path on the CE of
+    their extra pass."""
     c = state.cfg
-    if c.loss.scorer == "rho1_excess_v1" and c.loss.normalize == "head":
-        return Rho1Heads(batch, state)
+    if c.loss.normalize == "head":
+        heads = {"rho1_excess_v1": Rho1Heads, "dft_v1": DftHeads}.get(c.loss.scorer)
+        return None if heads is None else heads(batch, state)
     return None
 
 
@@ -1162,6 +1279,51 @@ def rho1_excess_v1(batch: dict, state: ScorerState) -> Tensor:
     stats: dict = {"nonfinite": 0}
     w = _rho1_from_excess(excess, valid, state.cfg, stats, scope="sequence")
     return _rho1_record(state, w, valid, ce, ref, stats["nonfinite"])
+
+
+# --------------------------------------------------------------------------- dft_v1 (spec §3.4)
+
+
+def _dft_record(state: ScorerState, w: Tensor, valid: Tensor, ce: Tensor, nonfinite: int) -> Tensor:
+    n = max(int(valid.sum()), 1)
+    extra = {
+        "dft/prob_mean": float(torch.where(valid, (-ce).exp(), 0.0).sum()) / n,  # the model's own p(target)
+        "dft/ce_mean": float(torch.where(valid, ce, 0.0).sum()) / n,
+        "scorer/nonfinite": float(nonfinite),
+    }
+    return _record(state, w, valid, extra)
+
+
+class DftHeads(Rho1Heads):
+    """dft_v1 weights head by head (`loss.normalize = "head"`): head k's weights need only head k's CE, computed
+    inside the trainer's head-by-head step like rho1's (no extra pass, no reference)."""
+
+    def __init__(self, batch: dict, state: ScorerState):
+        self.state, self.valid = state, _valid(batch)
+        self.ce = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)
+        self.weights = torch.zeros_like(self.ce)
+        self.stats: dict = {"nonfinite": 0}
+
+    def _weigh(self, k: int, ce_k: Tensor, v: Tensor) -> Tensor:
+        lc = self.state.cfg.loss
+        return dft_weights(ce_k, v, lc.eps, lc.w_max, self.stats, scope="sequence")
+
+    def finish(self) -> Tensor:
+        return _dft_record(self.state, self.weights, self.valid, self.ce, self.stats["nonfinite"])
+
+
+def dft_v1(batch: dict, state: ScorerState) -> Tensor:
+    """q = exp(-CE_k(t)) of the model being trained, w = q * n / sum(q) per group, clip-normalised (§3.4)."""
+    valid = _valid(batch)
+    ce = _model_ce(batch, state)
+    if state.cfg.loss.normalize == "head":
+        heads = DftHeads(batch, state)
+        for k in range(valid.shape[-1]):
+            heads(k, ce[..., k])
+        return heads.finish()
+    lc, stats = state.cfg.loss, {"nonfinite": 0}
+    w = dft_weights(ce, valid, lc.eps, lc.w_max, stats, scope="sequence")
+    return _dft_record(state, w, valid, torch.where(valid, ce, 0.0), stats["nonfinite"])
 
 
 # --------------------------------------------------------------------------- run-level histogram
@@ -1217,4 +1379,5 @@ SCORERS: dict[str, Callable[[dict, ScorerState], Tensor]] = {
     "uniform": uniform,
     "critic_delta_v1": critic_delta_v1,
     "rho1_excess_v1": rho1_excess_v1,
+    "dft_v1": dft_v1,
 }

@@ -679,7 +679,7 @@ def finish(r: Run, final: Path | None, cost: dict) -> int:
     summary = run_summary(r, cost)
     plots = r.run_dir / "plots"
     if d.main:
-        tracker.log_metrics(cost, step=st.step)
+        tracker.log_metrics(summary["cost"], step=st.step)
         if cfg.data.dataset == "synthetic" and final is not None:
             summary["synthetic"] = synthetic_metrics(r, final)
         plots.mkdir(exist_ok=True)
@@ -728,7 +728,8 @@ def run_summary(r: Run, cost: dict) -> dict:
         "weights": st.last_weights,
         "weights_per_head": score.head_summary(r.scorer),  # the whole run's (the histogram's) mean per head
         "scorer_metrics": dict(r.scorer.metrics),
-        "cost": cost,
+        "critic": score.critic_summary(r.scorer),  # the value head's fit: stage 1 and the run's mean
+        "cost": {**cost, "cost/prepare_seconds": r.scorer.prepare_seconds},
         "host": socket.gethostname(),
     }
 

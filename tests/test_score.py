@@ -146,6 +146,55 @@ def test_head_scope_stops_a_far_head_taking_the_weight():
         score.normalize_weights(scores, valid, 0.7, 0.05, 3.0, scope="batch")
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pair_case(), st.sampled_from(["head", "sequence"]))
+def test_dft_weights_keep_the_invariants_on_any_ce(case, scope):
+    """Spec §3.4: the raw scores are the CE itself (any value, NaN and inf included): every weight finite in
+    [eps, w_max], mean 1 per (sequence, head) or per sequence, 0 on invalid pairs; per head, each head alone."""
+    ce, valid, _, eps, w_max = case
+    stats: dict = {}
+    w = score.dft_weights(ce, valid, eps, w_max, stats, scope=scope)
+    assert w.shape == ce.shape
+    check_invariants(w, valid, eps, w_max, scope)
+    assert stats["nonfinite"] == int((valid & ~torch.isfinite(ce)).sum())
+    if scope == "head":
+        for k in range(ce.shape[-1]):
+            want = score.dft_weights(ce[..., k], valid[..., k], eps, w_max)
+            torch.testing.assert_close(w[..., k], want, rtol=0, atol=0)
+
+
+def test_dft_weights_by_hand():
+    """q = exp(-CE), w = q n / sum(q) per (sequence, head) group; then the clip-normalise of §3.1 step 4."""
+    ce = torch.tensor([[[0.1, 2.0], [0.5, 0.3], [3.0, 9.0], [1.0, 0.0]]])  # [B=1, S=4, H=2]
+    valid = torch.ones_like(ce, dtype=torch.bool)
+    valid[0, 3, 1] = False  # head 2 has 3 valid pairs, head 1 has 4
+    for k, n in ((0, 4), (1, 3)):
+        q = [math.exp(-x) for x in ce[0, :n, k].tolist()]
+        unclipped = [x * n / sum(q) for x in q]
+        w = score.dft_weights(ce, valid, 1e-6, 100.0)  # loose bounds: no clipping
+        torch.testing.assert_close(
+            w[0, :n, k].double(), torch.tensor(unclipped, dtype=torch.float64), atol=1e-6, rtol=0
+        )
+        w = score.dft_weights(ce, valid, 0.3, 1.5)  # clipped at both ends
+        want = torch.tensor(reference_clip(unclipped, 0.3, 1.5), dtype=torch.float64)
+        torch.testing.assert_close(w[0, :n, k].double(), want, atol=1e-6, rtol=0)
+    assert w[0, 3, 1] == 0
+    # the sequence scope: one group over the sequence's 7 valid pairs, both heads together
+    q = [math.exp(-x) for x in ce[valid].tolist()]
+    want = reference_clip([x * 7 / sum(q) for x in q], 0.3, 1.5)
+    w = score.dft_weights(ce, valid, 0.3, 1.5, scope="sequence")
+    torch.testing.assert_close(w[valid].double(), torch.tensor(want, dtype=torch.float64), atol=1e-6, rtol=0)
+    # no temperature: the weights depend on q alone, and a NaN CE takes its group's mean CE
+    nan = ce.clone()
+    nan[0, 2, 0] = math.nan
+    stats: dict = {}
+    got = score.dft_weights(nan, valid, 1e-3, 100.0, stats)
+    filled = ce.clone()
+    filled[0, 2, 0] = (0.1 + 0.5 + 1.0) / 3
+    torch.testing.assert_close(got, score.dft_weights(filled, valid, 1e-3, 100.0), atol=1e-6, rtol=0)
+    assert stats["nonfinite"] == 1
+
+
 # --------------------------------------------------------------------------- normaliser: examples
 
 
@@ -159,8 +208,12 @@ def reference_row(s: list[float], T: float, eps: float, w_max: float) -> list[fl
     std = math.sqrt(sum((x - mean) ** 2 for x in s) / n)
     z = [(x - mean) / (std + 1e-6) for x in s]
     e = [math.exp(x / T) for x in z]
-    w = [x / sum(e) * n for x in e]
-    lo, hi = 1e-9, 1e9
+    return reference_clip([x / sum(e) * n for x in e], eps, w_max)
+
+
+def reference_clip(w: list[float], eps: float, w_max: float) -> list[float]:
+    """Spec §3.1 step 4 written out plainly: clip(c * w, eps, w_max) with mean 1, c by bisection."""
+    n, lo, hi = len(w), 1e-9, 1e9
     for _ in range(200):
         c = math.sqrt(lo * hi)
         m = sum(min(max(c * x, eps), w_max) for x in w) / n
@@ -563,10 +616,92 @@ def test_critic_stage1_learns_value_of_the_rewarded_token(tok, tmp_path):
         assert all(w[b, jb - k - 1, k] == best for k in range(H)), (b, w[b])
 
 
+def test_value_positions_add_the_state_before_each_completion_span():
+    m = torch.tensor([[0, 0, 1, 1, 0], [1, 1, 0, 0, 0], [0, 1, 0, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    want = [[0, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]  # a span at 0: V_{-1} is 0
+    assert score.value_positions(m).int().tolist() == want
+
+
+def test_critic_first_delta_uses_a_fitted_prompt_value(tok, tmp_path):
+    """Spec §3.2: with gamma = gae_lambda = 1 every regressed position's target is the row's (z-scored) reward R,
+    and here the prompt decides R, so a value head fitted to its targets has V = R at the last prompt position
+    and at every completion token: delta_j = V_j - V_{j-1} ~ 0 at every completion token, the first included.
+    (Regressing the completion alone left V at the last prompt position unfitted: the first delta was off by it.)"""
+    V, X, Y, j0 = len(tok), 77, 78, 5
+    policy = tiny_policy(V, H, seed=1)
+    ids = torch.full((16, 20), 50)  # the same first prompt tokens in every row
+    ids[:8, j0 - 1], ids[8:, j0 - 1] = X, Y  # the last prompt token decides the reward
+    ids[:8, j0:], ids[8:, j0:] = 60, 61  # and each kind of row has its own completion
+    batch = manual_batch(ids.tolist(), j0)
+    cfg = make_cfg(
+        tmp_path, "critic_delta_v1", critic=dict(reward="tests", pretrain_steps=300, value_lr=1e-2)
+    )
+    cfg.critic.gamma = cfg.critic.gae_lambda = 1.0
+    state = score.init_state(cfg, policy, tok, "cpu")
+    state.rewards = {b: (1.0 if b < 8 else -1.0) for b in range(16)}
+
+    def forever():
+        while True:
+            yield batch
+
+    score.prepare(state, forever())
+    assert state.stage1["critic/stage1_explained_variance"] > 0.99
+    with torch.no_grad():
+        v = state.value_head(policy(batch["input_ids"], stage="trunk"))
+    R = torch.tensor([1.0] * 8 + [-1.0] * 8)
+    assert (v[:, j0 - 1] - R).abs().max() < 0.05, v[:, j0 - 1]  # the state before the first action
+    delta = v[:, j0:] - v[:, j0 - 1 : -1]  # every completion token's delta, the first one in column 0
+    assert delta.abs().max() < 0.05, delta.abs().max(0).values
+
+
+def test_critic_explained_variance_per_step_and_run(tok, tmp_path):
+    """critic/explained_variance: 1 - Var(V^ - V) / Var(V^) over the regressed positions of the step (every
+    micro-batch), in the metrics after end_step, and its run mean in critic_summary (kept across a resume)."""
+    torch.manual_seed(0)
+    sums = torch.zeros(5, dtype=torch.float64)
+    t, v = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    m = torch.ones(40, dtype=torch.bool)
+    for part in (slice(0, 25), slice(25, 40)):  # two micro-batches add up to the whole
+        sums += score._ev_sums(t[part], v[part], m[part])
+    want = 1 - torch.var(t - v, unbiased=False) / torch.var(t, unbiased=False)
+    assert score.explained_variance(sums) == pytest.approx(float(want), rel=1e-9)
+    assert math.isnan(score.explained_variance(torch.zeros(5, dtype=torch.float64)))
+
+    V = len(tok)
+    policy = tiny_policy(V, H)
+    cfg = make_cfg(
+        tmp_path, "critic_delta_v1", critic=dict(reward="tests", pretrain_steps=2, value_hidden=16)
+    )
+    state = score.init_state(cfg, policy, tok, "cpu")
+    state.rewards = {b: float(b % 3) for b in range(6)}
+    batch = add_targets(manual_batch(torch.randint(50, 90, (6, 16)).tolist(), 4))
+    score.prepare(state, iter([batch] * 2))
+    assert set(state.stage1) == {"critic/stage1_value_loss", "critic/stage1_explained_variance"}
+    evs = []
+    for _ in range(3):
+        score.begin_step(state)
+        for half in (slice(0, 3), slice(3, 6)):
+            part = {k: x[half] for k, x in batch.items()}
+            state.hidden = policy(part["input_ids"], stage="trunk").detach()
+            score.SCORERS["critic_delta_v1"](part, state)
+        state.hidden = policy(batch["input_ids"], stage="trunk").detach()
+        whole = score.explained_variance(score._critic_values(state, batch, update=False)[3])
+        score.end_step(state)  # the value head steps after the step's weights: the halves saw the same head
+        evs.append(state.metrics["critic/explained_variance"])
+        assert evs[-1] == pytest.approx(whole, rel=1e-9)
+    summary = score.critic_summary(state)
+    assert summary["critic/explained_variance_mean"] == pytest.approx(sum(evs) / 3)
+    resumed = score.init_state(cfg, tiny_policy(V, H), tok, "cpu")
+    resumed.load_state_dict(state.state_dict())
+    assert score.critic_summary(resumed) == summary
+    cfg.loss.scorer = "uniform"
+    assert score.critic_summary(score.init_state(cfg, policy, tok, "cpu")) == {}
+
+
 # --------------------------------------------------------------------------- no gradient through weights
 
 
-@pytest.mark.parametrize("name", ["uniform", "critic_delta_v1", "rho1_excess_v1"])
+@pytest.mark.parametrize("name", ["uniform", "critic_delta_v1", "rho1_excess_v1", "dft_v1"])
 def test_loss_gradient_ignores_the_weights(name, tok, tmp_path, aux_dirs, train_rows):
     policy = tiny_policy(len(tok))
     cfg = make_cfg(
@@ -634,6 +769,46 @@ def test_rho1_per_head_weights_inside_the_head_step_equal_the_scorer(
     assert not torch.allclose(joint, want)
 
 
+@pytest.mark.parametrize("normalize", ["head", "sequence"])
+def test_dft_weights_inside_the_head_step_equal_the_scorer(normalize, tok, tmp_path, train_rows, capsys):
+    """dft_v1, per-head scope: the head-by-head step weights head k from the CE it has just computed (no extra
+    pass, no reference); weights, statistics, loss and gradients equal the scorer's own (extra-pass) weights,
+    which are q * n / sum(q) of the model's own CE per (sequence, head). The sequence scope uses the extra pass."""
+    policy = tiny_policy(len(tok))
+    cfg = make_cfg(tmp_path, "dft_v1", loss=dict(normalize=normalize))
+    state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
+    batch = add_targets(next(data.make_loader(train_rows, 4, tok.pad_token_id, seed=3)))
+    ids, targets, valid, lam = batch["input_ids"], batch["targets"], batch["valid"], 0.5
+    h = policy(ids, stage="trunk")
+    state.hidden = h.detach()
+    want = score.SCORERS["dft_v1"](batch, state)
+    want_metrics = dict(state.metrics)
+    assert "loss.temperature = 0.7 is ignored" in capsys.readouterr().out  # the run's log says so
+    cfg.loss.temperature = 5.0
+    torch.testing.assert_close(score.SCORERS["dft_v1"](batch, state), want, rtol=0, atol=0)
+    check_invariants(want, valid, cfg.loss.eps, cfg.loss.w_max, normalize)
+    ce = M.mtp_head_ce(policy, h, targets, valid)
+    torch.testing.assert_close(
+        want, score.dft_weights(ce, valid, cfg.loss.eps, cfg.loss.w_max, scope=normalize)
+    )
+    assert state.metrics["dft/prob_mean"] == pytest.approx(float((-ce[valid]).exp().mean()), rel=1e-5)
+    per_head = score.head_by_head(batch, state)
+    if normalize == "sequence":
+        assert per_head is None
+        return
+    weights = lambda k, ce: score.mix(per_head(k, ce), lam, valid[..., k])  # noqa: E731
+    out = M.mtp_loss_backward(policy, h, targets, valid, weights)
+    torch.testing.assert_close(per_head.finish(), want, rtol=0, atol=1e-6)
+    assert state.metrics == pytest.approx(want_metrics, rel=1e-6)
+    grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad(set_to_none=True)
+    ref_loss = M.naive_mtp_loss(policy, ids, targets, valid, score.mix(want, lam, valid))
+    ref_loss.backward()
+    assert float(out["loss"]) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    for a, b in zip(grads, [p.grad for p in policy.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -644,6 +819,8 @@ def test_rho1_per_head_weights_inside_the_head_step_equal_the_scorer(
         ("critic_delta_v1", {"critic": dict(pretrain_steps=3)}),
         ("rho1_excess_v1", {"rho1": dict(mode="weighted")}),
         ("rho1_excess_v1", {"rho1": dict(mode="select", top_p=0.6, precompute=True)}),
+        ("dft_v1", {}),
+        ("dft_v1", {"loss": dict(normalize="sequence")}),
     ],
 )
 def test_scorer_end_to_end(name, extra, tok, tmp_path, aux_dirs, train_rows):
@@ -651,6 +828,7 @@ def test_scorer_end_to_end(name, extra, tok, tmp_path, aux_dirs, train_rows):
     sections = {
         "critic": dict(reward_model=str(aux_dirs / "rm"), value_hidden=16, **extra.get("critic", {})),
         "rho1": dict(ref_model=str(aux_dirs / "ref"), **extra.get("rho1", {})),
+        "loss": extra.get("loss", {}),
     }
     cfg = make_cfg(tmp_path, name, **sections)
     state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
@@ -685,6 +863,8 @@ def test_scorer_end_to_end(name, extra, tok, tmp_path, aux_dirs, train_rows):
         torch.testing.assert_close(score.SCORERS[name](batch, resumed), score.SCORERS[name](batch, state))
     if name == "rho1_excess_v1":
         assert math.isfinite(state.metrics["rho1/excess_mean"])
+    if name == "dft_v1":
+        assert 0 < state.metrics["dft/prob_mean"] < 1 and state.ref_model is None
     if cfg.rho1.precompute:
         path = score.ref_cache_path(state)
         assert path.is_file() and len(state.ref_ce) == len(train_rows)

@@ -197,3 +197,57 @@ def test_synthetic_base(tiny_dir, tok):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(tiny_dir / "synthetic_base")).get_vocab() == tok.get_vocab()
+
+
+def test_next_token_base_grows_heads_as_copies_of_its_last_block(tiny_dir, tmp_path):
+    """The next-token-base start of the study: an H=1 model saved in our format (train.py's export) loads with
+    n_future_tokens = 4 as load_meta / load_hf do: the same trunk and head 1, heads 2..4 copies of its last
+    block (own tensors), so at step 0 every head gives head 1's logits; the architecture is the H=4 base's."""
+    h1 = M.load_meta(tiny_dir / "synthetic_base", 1)
+    M.save_checkpoint(h1, tmp_path / "nt")
+    net = M.load_model(tmp_path / "nt", "wmtp", 4)
+    assert net.args.n_future_tokens == 4 and M.count_params(net) == 1222272
+    assert M.read_model_args(tmp_path / "nt", "wmtp", 4) == net.args
+    last = h1.layers[-1].state_dict()
+    for k in range(4):
+        block = net.head_block(k).state_dict()
+        assert block.keys() == last.keys() and all(torch.equal(block[n], last[n]) for n in last)
+    assert net.extra_heads[0].attention.wq.weight.data_ptr() != net.layers[-1].attention.wq.weight.data_ptr()
+    ids = torch.randint(0, len(data.SYN_VOCAB), (2, 12))
+    with torch.no_grad():
+        h = net(ids, stage="trunk")
+        want = h1(ids)[:, :, 0]  # [B, S, H=1, V]: head 1
+        for k in range(4):
+            torch.testing.assert_close(net(h, stage=k), want, rtol=1e-5, atol=1e-5)
+
+
+def context_free(net: M.Transformer, favourite: int) -> M.Transformer:
+    """Blocks add nothing and every embedding is the same: every head of every position predicts `favourite`."""
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                p.zero_()
+        net.tok_embeddings.weight.fill_(1.0)
+        net.output.weight.zero_()
+        net.output.weight[favourite] = 8.0 / net.args.dim
+    return net
+
+
+def test_speculative_acceptance_of_the_heads(tiny_dir, tok):
+    """synth/spec_accept_head{k}: greedy self-speculative decoding of the held-out prompts, deterministic. Heads
+    that always agree with head 1 are always accepted (tokens per forward near H); an H=1 model decodes plainly
+    (1.0, no acceptance); a random model's rates are rates. Exact match is plain greedy's either way."""
+    cfg = cfg_for("--data.synthetic.n_test=24")
+    agree = context_free(M.load_meta(tiny_dir / "synthetic_base"), tok.convert_tokens_to_ids("a"))
+    out = evaluate.evaluate_synthetic(cfg, agree, tok, batch_size=8)
+    assert [out[f"synth/spec_accept_head{k}"] for k in (2, 3, 4)] == [1.0, 1.0, 1.0]
+    assert 2.0 < out["synth/spec_tokens_per_forward"] <= 4.0
+    net = M.load_meta(tiny_dir / "synthetic_base")
+    out = evaluate.evaluate_synthetic(cfg, net, tok, batch_size=8)
+    assert out == evaluate.evaluate_synthetic(cfg, net, tok, batch_size=8)  # greedy: the same every time
+    rates = [v for k, v in out.items() if k.startswith("synth/spec_accept_head")]
+    assert rates and all(0.0 <= r <= 1.0 for r in rates)
+    assert 1.0 <= out["synth/spec_tokens_per_forward"] <= 4.0
+    plain = evaluate.evaluate_synthetic(cfg, M.load_meta(tiny_dir / "synthetic_base", 1), tok, batch_size=8)
+    assert plain["synth/spec_tokens_per_forward"] == 1.0
+    assert not any(k.startswith("synth/spec_accept") for k in plain)
