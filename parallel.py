@@ -164,6 +164,12 @@ def shard_frozen(
     return model
 
 
+def print0(text: str) -> None:
+    """Print on rank 0 only (torchrun's RANK; any process without it is rank 0), flushed."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text, flush=True)
+
+
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of the process group; (0, 1) without one."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+import aux_models
 import checkpoint
 import config as C
 import data
@@ -207,9 +208,10 @@ def train_step(r: Run, batch: dict, step: int) -> dict:
         score.end_step(r.scorer)
         st.bad_steps = 0
         w, valid = (torch.cat([s[k] for s in stats]) for k in ("weights", "valid"))  # [B, S, H]
-        m.update(r.scorer.metrics)  # value loss, mean excess, ... (and the last micro-batch's weights/*)
-        m.update(score.weight_stats(w, valid, cfg.loss.eps, cfg.loss.w_max))  # the whole step's weights
-        m.update(score.head_means(w, valid))  # weights/mean_head{k}: weight moved between heads
+        score.record_step(r.scorer, w, valid, calls=len(stats))  # the run's histogram, the step's weights/*
+        m.update(
+            r.scorer.metrics
+        )  # value loss, mean excess, ..., and weights/* (mean_head{k}: between heads)
         st.last_weights = {k: v for k, v in m.items() if k.startswith("weights/")}
         if "token_class" in batch:
             add_class_weights(r, w, valid, batch["token_class"])
@@ -288,26 +290,22 @@ def halve_micro_batch(r: Run, step: int) -> None:
 
 
 def micro_step(r: Run, batch: dict, count_total: float, step: int) -> dict:
-    """Trunk once, scorer weights, then heads one at a time. Returns detached per-head stats.
+    """Trunk once, the scorer's weigher, then heads one at a time (forward + backward each), head k's weights
+    asked for with head k's CE inside that loop. Returns detached per-head stats and the weights.
 
     `batch` carries `targets` and `valid` [B, S, H] (model.mtp_targets) next to the loader's fields."""
     cfg, targets, valid = r.cfg, batch["targets"], batch["valid"]
     h = r.net(batch["input_ids"], stage="trunk")
-    r.scorer.hidden = h.detach()
-    per_head = score.head_by_head(batch, r.scorer)  # rho1 per head: weights from each head's own CE
-    weights = score.SCORERS[cfg.loss.scorer](batch, r.scorer) if per_head is None else None
+    weigher = score.SCORERS[cfg.loss.scorer]({**batch, "hidden": h.detach()}, r.scorer)
 
-    def w(k: int, ce: torch.Tensor) -> torch.Tensor:  # head k's mixed weights, asked for inside the head loop
-        w_k = weights[..., k] if per_head is None else per_head(k, ce)
-        return r.faults.weights(score.mix(w_k, cfg.loss.lam, valid[..., k]), step)
+    def w(k: int, ce: torch.Tensor) -> torch.Tensor:  # head k's mixed weights
+        return r.faults.weights(score.mix(weigher(k, ce), cfg.loss.lam, valid[..., k]), step)
 
     count = valid.sum().item()
     alpha, scale = cfg.loss.head_weights or None, count / max(count_total, 1.0)
     out = M.mtp_loss_backward(r.net, h, targets, valid, w, alpha=alpha, scale=scale)
-    if per_head is not None:
-        weights = per_head.finish()
     out["count"] = count
-    out["weights"] = weights.detach()  # the scorer's weights before mixing (what weight statistics describe)
+    out["weights"] = weigher.finish()  # the scorer's weights before mixing (what weight statistics describe)
     out["valid"] = valid
     return out
 
@@ -500,7 +498,9 @@ def run(r: Run, preempt: Preemption) -> int:
     final = checkpoint.export_model(r.net, r.run_dir / "checkpoints" / "final", r.tokenizer, d)
     cost = cost_metrics(d, r.st, r.net, final)
     # the end-of-run evaluation loads the export whole on every rank: first free the training state
-    r.scorer.model = r.scorer.ref_model = r.scorer.reward_model = r.scorer.hidden = None
+    r.scorer.model = r.scorer.reference = None
+    if r.scorer.rewards is not None:
+        r.scorer.rewards.free_model()
     r.net = r.opt = snapshot = None  # (r.save() is not called after this point)
     free_memory(d)
     return finish(r, final, cost)
@@ -517,7 +517,7 @@ def step_zero(r: Run) -> None:
     try:
         with autocast(cfg, d):
             score.prepare(r.scorer, loader)
-    except score.RewardError as e:  # every rank has the same rewards: all of them stop here
+    except aux_models.RewardError as e:  # every rank has the same rewards: all of them stop here
         r.tracker.finish("FAILED")
         raise TrainError(str(e)) from None
     v0 = validate(cfg, r.net, r.val_ds, r.tokenizer.pad_token_id, d)
