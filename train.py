@@ -209,9 +209,7 @@ def train_step(r: Run, batch: dict, step: int) -> dict:
         st.bad_steps = 0
         w, valid = (torch.cat([s[k] for s in stats]) for k in ("weights", "valid"))  # [B, S, H]
         score.record_step(r.scorer, w, valid, calls=len(stats))  # the run's histogram, the step's weights/*
-        m.update(
-            r.scorer.metrics
-        )  # value loss, mean excess, ..., and weights/* (mean_head{k}: between heads)
+        m.update(r.scorer.metrics)  # value loss, mean excess, ..., weights/* (mean_head{k}: between heads)
         st.last_weights = {k: v for k, v in m.items() if k.startswith("weights/")}
         if "token_class" in batch:
             add_class_weights(r, w, valid, batch["token_class"])
@@ -243,7 +241,7 @@ def optimizer_step(r: Run, batch: dict, step: int) -> list[dict]:
     score.begin_step(r.scorer)
     stats = accumulate(r, batch, count_total, step)
     while stats is None:  # some rank ran out of memory: retry the same examples in smaller micro-batches
-        halve_micro_batch(r, step)
+        halve_micro_batch(r, step, rows=batch["input_ids"].shape[0])
         stats = accumulate(r, batch, count_total, step)
     if r.d.enabled and not r.cfg.train.fsdp:
         P.average_gradients(r.net)
@@ -273,8 +271,9 @@ def accumulate(r: Run, batch: dict, count_total: float, step: int) -> list[dict]
     return stats
 
 
-def halve_micro_batch(r: Run, step: int) -> None:
-    """The OOM fallback: forget what the failed attempt recorded and halve the micro-batch (at 1: give up)."""
+def halve_micro_batch(r: Run, step: int, rows: int) -> None:
+    """The OOM fallback: forget what the failed attempt recorded and halve the micro-batch of the step's `rows`
+    (at 1: give up)."""
     score.rollback_step(r.scorer)  # the retry recomputes what the failed attempt recorded
     if r.d.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -285,7 +284,7 @@ def halve_micro_batch(r: Run, step: int) -> None:
         )
     r.st.micro_batch //= 2
     r.st.oom_events += 1
-    accum = math.ceil(r.cfg.train.micro_batch_size * r.cfg.train.grad_accum / r.st.micro_batch)
+    accum = math.ceil(rows / r.st.micro_batch)
     r.log(f"step {step}: OOM fallback -> micro_batch {r.st.micro_batch} x grad_accum {accum} (same batch)")
 
 
@@ -424,20 +423,21 @@ def start(cfg: C.Config, d: P.Dist, run_dir: Path, model_dir: Path, tokenizer, r
         M.hf_config(base.args, checkpoint.export_dtype(cfg))
     except M.CheckpointError as e:
         raise TrainError(str(e)) from None
-    train_ds = data.build_dataset(cfg, tokenizer, cfg.data.train_split)
-    scorer = score.init_state(cfg, net, tokenizer, d.device, dataset=train_ds)
-    st = TrainState(micro_batch=cfg.train.micro_batch_size)
-    r = Run(cfg, d, net, make_optimizer(cfg, net), scorer, st, run_dir, model_dir, tokenizer, train_ds)
-    r.val_ds = data.build_dataset(cfg, tokenizer, cfg.data.val_split)
+    log = print if d.main else (lambda *a: None)
     n_params, n_train = M.count_params(base), sum(p.numel() for p in params_to_train(net))
-    r.log(
+    log(
         f"model: {plan.format_count(n_params)} parameters ({plan.format_count(n_train)} trainable), "
         f"H={base.args.n_future_tokens}, device {d.device} x {d.world_size}"
     )
+    train_ds = data.build_dataset(cfg, tokenizer, cfg.data.train_split)
+    val_ds = data.build_dataset(cfg, tokenizer, cfg.data.val_split)
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * d.world_size
-    r.log(f"data: {len(train_ds)} train rows, {len(r.val_ds)} validation rows, {per_step} per step")
+    log(f"data: {len(train_ds)} train rows, {len(val_ds)} validation rows, {per_step} per step")
     for line in plan.budget_lines(cfg, len(train_ds), d.world_size):
-        r.log(line)
+        log(line)
+    opt, st = make_optimizer(cfg, net), TrainState(micro_batch=cfg.train.micro_batch_size)
+    scorer = score.init_state(cfg, net, tokenizer, d.device, dataset=train_ds)
+    r = Run(cfg, d, net, opt, scorer, st, run_dir, model_dir, tokenizer, train_ds, val_ds)
     ckdir = run_dir / "checkpoints"
     if resume:
         ck = checkpoint.find_resume(ckdir)
