@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 import data
 import evaluate
-import model as M
+import formats
 import parallel as P
 import s3cache
 import sandbox
@@ -148,9 +148,7 @@ class Rewards:
                     f"{cfg.source}: critic.reward = 'model' needs 'critic.reward_model' (an HF sequence-"
                     "classification checkpoint directory with one label) or 'critic.reward_resource'"
                 )
-            self.dir = s3cache.resolve_model(
-                cfg, cc.reward_model, cc.reward_resource, "hf", "critic.reward_model"
-            )
+            self.dir = s3cache.resolve_model(cfg, "reward")
             if not (self.dir / "config.json").is_file():
                 raise ScoreError(
                     f"{cfg.source}: 'critic.reward_model' = {str(self.dir)!r} has no config.json "
@@ -371,7 +369,7 @@ class Reference:
             dataset,
             sharded,
         )
-        self.dir = s3cache.resolve_model(cfg, rc.ref_model, rc.ref_resource, rc.ref_format, "rho1.ref_model")
+        self.dir = s3cache.resolve_model(cfg, "reference")
         check_same_tokenizer(tokenizer, self.dir)
         self.is_hf = rc.ref_format == "hf"
         if self.is_hf:
@@ -380,7 +378,7 @@ class Reference:
             ref = AutoModelForCausalLM.from_pretrained(str(self.dir), dtype=aux_dtype(cfg, device))
             n_out = ref.get_output_embeddings().weight.shape[0]
         else:
-            ref = M.load_model(self.dir, rc.ref_format, 1).to(aux_dtype(cfg, device))
+            ref = formats.load_model(self.dir, rc.ref_format, 1).to(aux_dtype(cfg, device))
             n_out = ref.args.vocab_size
         if n_out < len(tokenizer):
             raise ScoreError(

@@ -21,6 +21,7 @@ Every program runs in sandbox.py. Judging rules:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -28,12 +29,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import config
 import data
 import errors
 import sandbox
-from config import default_data_root
+import synthetic
 from errors import UserError
 from files import atomic_write_text
+
+# torch, and the modules that import it (model, formats, generate, parallel), are imported inside the functions
+# that use them: `evaluate.py judge` and `judge_completion` (the critic's tests reward) run without torch.
 
 DATASETS = ("mbpp", "humaneval", "codecontests")
 PASS_KS = (1, 5, 10, 100)
@@ -251,10 +256,10 @@ def trim(text: str, stops: list[str]) -> str:
 
 def load_for_eval(cfg: Any, path: str | os.PathLike, fmt: str, device: Any) -> Any:
     """A checkpoint ready to generate on `device`: bf16 on a GPU (model.dtype = "bfloat16"), else fp32; eval mode."""
-    import model as M
+    import formats
     import parallel as P
 
-    net = M.load_model(path, fmt)  # the checkpoint's own heads (an HF export has head 1 only)
+    net = formats.load_model(path, fmt)  # the checkpoint's own heads (an HF export has head 1 only)
     return net.to(device=device, dtype=P.compute_dtype(device, cfg.model.dtype)).eval()
 
 
@@ -283,11 +288,10 @@ def generate(
     out over the ranks (`P.split_map`) and the completions gathered on every rank. Each batch, its rows and its
     sampling seed are the ones a single process would use, so the results do not depend on the world size.
     With `eval.speculative` the MTP heads draft and head 1 verifies (same outputs at temperature 0, same
-    distribution otherwise); each batch's decoding statistics (`model.speculative_stats`) are appended to
-    `spec_stats` when given.
+    distribution otherwise); each batch's decoding statistics (`generate.decode`'s) are appended to `spec_stats`
+    when given.
     """
-    import torch
-
+    import generate as G
     import parallel as P
 
     e = cfg.eval
@@ -299,21 +303,13 @@ def generate(
     stop = lambda row: any(s in tokenizer.decode(row[-tail:]) for s in stops)  # noqa: E731
 
     def run(chunk: list[tuple[int, tuple[int, list[int]]]]) -> list[tuple[str, dict | None]]:
-        with torch.no_grad():
-            rows = model.generate(
-                [ids for _, (_, ids) in chunk],
-                e.max_new_tokens,
-                temperature=e.temperature,
-                top_p=e.top_p,
-                eos_id=tokenizer.eos_token_id,
-                stop=stop,
-                seed=cfg.train.seed + chunk[0][0],  # the batch's offset in `flat`
-                pad_id=data.pad_token_id(tokenizer),
-                speculative=e.speculative,
-            )
-        stats = model.speculative_stats if e.speculative else None  # one per batch, with its first row
+        seed = cfg.train.seed + chunk[0][0]  # the batch's offset in `flat`
+        sampling = G.Sampling(e.max_new_tokens, e.temperature, e.top_p, tokenizer.eos_token_id, stop, seed)
+        ids = [ids for _, (_, ids) in chunk]
+        rows, stats = G.decode(model, ids, sampling, data.pad_token_id(tokenizer), e.speculative)
         texts = [trim(tokenizer.decode(row, skip_special_tokens=True), stops) for row in rows]
-        return [(text, stats if j == 0 else None) for j, text in enumerate(texts)]
+        # one statistics dict per batch, with its first row
+        return [(text, stats if j == 0 and e.speculative else None) for j, text in enumerate(texts)]
 
     out: list[list[str]] = [[] for _ in prompts]
     results = P.split_map(list(enumerate(flat)), e.batch_size, run)  # gathered from every rank, in order
@@ -330,7 +326,6 @@ def head_ce(model: Any, tokenizer: Any, prompts: list[str], refs: list[str], max
     Under torchrun every rank calls it with the same inputs; the batches are split over the ranks as in `generate`.
     """
     import torch
-    import torch.nn.functional as F
 
     import model as M
     import parallel as P
@@ -343,12 +338,8 @@ def head_ce(model: Any, tokenizer: Any, prompts: list[str], refs: list[str], max
         b = data.collate([r[0] for r in part], [r[1] for r in part], [0] * len(part), [0] * len(part), 0)
         ids, mask = b["input_ids"].to(dev), b["loss_mask"].to(dev)
         targets, valid = M.mtp_targets(ids, mask, H)
-        h = model(ids, stage="trunk")
-        per_head = []
-        for k in range(H):
-            logits = model(h, stage=k).float()
-            per_head.append(F.cross_entropy(logits.transpose(1, 2), targets[..., k], reduction="none"))
-        return [[per_head[k][r][valid[r, :, k]].tolist() for k in range(H)] for r in range(len(part))]
+        ce = M.mtp_head_ce(model, model(ids, stage="trunk"), targets, valid)
+        return [[ce[r, :, k][valid[r, :, k]].tolist() for k in range(H)] for r in range(len(part))]
 
     was = model.training
     model.eval()
@@ -421,9 +412,9 @@ def evaluate_model(
         preds = {key: c for (key, _), c in zip(items, comps, strict=True)}
         m = judge(ds, problems, preds, cfg.eval.timeout, cfg.eval.workers)
         if spec_stats:
-            import model as M
+            import generate as G
 
-            spec = m["speculative"] = M.speculative_summary(*spec_stats)
+            spec = m["speculative"] = G.speculative_summary(*spec_stats)
             flat[f"{ds}/spec_tokens_per_forward"] = spec["tokens_per_forward"]
             for k, rate in enumerate(spec["acceptance"]):
                 if rate is not None:
@@ -477,7 +468,7 @@ def class_weight_counts(
     [0, w_max] (the last bin also takes w_max and above), then the sum of those weights in the last slot."""
     import torch
 
-    C, H = len(data.TOKEN_CLASSES), weights.shape[-1]
+    C, H = len(synthetic.TOKEN_CLASSES), weights.shape[-1]
     keep = valid.bool() & (pair_class >= 0)
     w = weights.detach().to(torch.float64)[keep]
     head = torch.arange(H, device=weights.device).expand_as(keep)[keep]
@@ -508,13 +499,13 @@ def class_weight_metrics(counts: Any) -> dict[str, float]:
     n = hist.sum(-1)
     H = hist.shape[1]
     out: dict[str, float] = {}
-    for c, name in enumerate(data.TOKEN_CLASSES):
+    for c, name in enumerate(synthetic.TOKEN_CLASSES):
         out[f"synth/weight_{name}"] = float(sums[c].sum() / n[c].sum()) if n[c].sum() > 0 else float("nan")
         for k in range(H):
             out[f"synth/weight_{name}_head{k + 1}"] = (
                 float(sums[c, k] / n[c, k]) if n[c, k] > 0 else float("nan")
             )
-    clean, noise = [data.LEARNABLE, data.RANDOM], [data.JUNK, data.CORRUPT]
+    clean, noise = [synthetic.LEARNABLE, synthetic.RANDOM], [synthetic.JUNK, synthetic.CORRUPT]
     w_clean = float(sums[clean].sum() / n[clean].sum()) if n[clean].sum() > 0 else float("nan")
     w_noise = float(sums[noise].sum() / n[noise].sum()) if n[noise].sum() > 0 else float("nan")
     out["synth/weight_noise_over_clean"] = w_noise / w_clean
@@ -530,14 +521,12 @@ def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 3
     (the analogue of pass@1), per task and overall ("synth/exact_match"); the MTP heads' other use, drafting for
     self-speculative decoding of the same prompts (`synthetic_speculation`)."""
     import torch
-    import torch.nn.functional as F
 
     import model as M
-    from score import pair_scores
 
     H = model.args.n_future_tokens
     dev = model.output.weight.device
-    sums = torch.zeros(len(data.TOKEN_CLASSES), H, dtype=torch.float64)
+    sums = torch.zeros(len(synthetic.TOKEN_CLASSES), H, dtype=torch.float64)
     counts = torch.zeros_like(sums)
     was = model.training
     model.eval()
@@ -546,16 +535,12 @@ def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 3
         for b in data.eval_batches(rows, batch_size, data.pad_token_id(tokenizer)):
             ids, mask = b["input_ids"].to(dev), b["loss_mask"].to(dev)
             targets, valid = M.mtp_targets(ids, mask, H)
-            cls = pair_scores(b["token_class"].to(dev), H)
-            h = model(ids, stage="trunk")
-            for k in range(H):
-                ce = F.cross_entropy(
-                    model(h, stage=k).float().transpose(1, 2), targets[..., k], reduction="none"
-                )
-                for c in range(len(data.TOKEN_CLASSES)):
-                    sel = valid[..., k] & (cls[..., k] == c)
-                    sums[c, k] += ce[sel].double().sum().cpu()
-                    counts[c, k] += sel.sum().cpu()
+            cls = M.pair_scores(b["token_class"].to(dev), H)
+            ce = M.mtp_head_ce(model, model(ids, stage="trunk"), targets, valid)
+            for c in range(len(synthetic.TOKEN_CLASSES)):
+                sel = valid & (cls == c)
+                sums[c] += torch.where(sel, ce, 0.0).double().sum((0, 1)).cpu()
+                counts[c] += sel.sum((0, 1)).cpu()
         prompts = data.synthetic_prompts(cfg, tokenizer)
         width = max(len(a) for _, _, a in prompts)
         hits: dict[str, list[bool]] = {}
@@ -569,7 +554,7 @@ def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 3
         spec = synthetic_speculation(model, tokenizer, prompts, batch_size)
     model.train(was)
     out: dict[str, float] = {}
-    for c, name in enumerate(data.TOKEN_CLASSES[:2]):  # the held-out rows are clean: no junk, no corrupt
+    for c, name in enumerate(synthetic.TOKEN_CLASSES[:2]):  # the held-out rows are clean: no junk, no corrupt
         for k in range(H):
             out[f"synth/ce_{name}_head{k + 1}"] = float(sums[c, k] / counts[c, k])
         out[f"synth/ce_{name}"] = float(sums[c].sum() / counts[c].sum())
@@ -585,17 +570,16 @@ def synthetic_speculation(model: Any, tokenizer: Any, prompts: list, batch_size:
     tokens the rule determines: "synth/spec_accept_head{k}" = drafts of head k accepted / verified (a draft is
     verified when every earlier draft of its block was accepted; absent when none of head k's was), and
     "synth/spec_tokens_per_forward" (generated tokens per trunk + head-1 pass; 1.0 for H = 1)."""
-    import model as M
+    import generate as G
 
     if model.args.n_future_tokens == 1:
         return {"synth/spec_tokens_per_forward": 1.0}
     by_length, pad, stats = sorted(prompts, key=lambda p: len(p[2])), data.pad_token_id(tokenizer), []
     for s in range(0, len(by_length), batch_size):
         part = by_length[s : s + batch_size]
-        width = max(len(a) for _, _, a in part)
-        model.generate([p for _, p, _ in part], width, temperature=0.0, pad_id=pad, speculative=True)
-        stats.append(model.speculative_stats)
-    total = M.speculative_summary(*stats)
+        greedy = G.Sampling(max(len(a) for _, _, a in part), temperature=0.0)
+        stats.append(G.decode(model, [p for _, p, _ in part], greedy, pad, speculative=True)[1])
+    total = G.speculative_summary(*stats)
     out = {"synth/spec_tokens_per_forward": float(total["tokens_per_forward"])}
     for k, rate in enumerate(total["acceptance"]):
         if rate is not None:
@@ -607,15 +591,13 @@ def synthetic_speculation(model: Any, tokenizer: Any, prompts: list, batch_size:
 
 
 def _judge_cli(argv: list[str]) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="evaluate.py judge", description="Score a predictions file (no model).")
     ap.add_argument("--dataset", required=True, choices=DATASETS)
     ap.add_argument("--predictions", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per MBPP/HumanEval program")
     ap.add_argument("--workers", type=int, default=0, help="parallel programs (0: all cores)")
-    ap.add_argument("--data-root", default=default_data_root())
+    ap.add_argument("--data-root", default=config.default_data_root())
     ap.add_argument("--time-scale", type=float, default=3.0, help="CodeContests time-limit factor")
     a = ap.parse_args(argv)
     problems = load_problems(a.dataset, a.data_root)
@@ -627,12 +609,9 @@ def _judge_cli(argv: list[str]) -> int:
 
 
 def _model_cli(argv: list[str]) -> int:
-    import argparse
-
     from transformers import AutoTokenizer
 
-    import config
-    import model as M
+    import formats
     import parallel as P
 
     overrides, rest = config.split_args(argv)
@@ -666,8 +645,8 @@ def _model_cli(argv: list[str]) -> int:
     d = P.init_distributed(cfg.train.device)  # the GPU when there is one; torchrun splits the generation
     try:
         try:  # the format from the files (ours, an HF export or any HF Llama, Meta), judged with its own heads
-            net = load_for_eval(cfg, ckpt, M.detect_format(ckpt), d.device)
-        except (M.CheckpointError, FileNotFoundError) as e:
+            net = load_for_eval(cfg, ckpt, formats.detect_format(ckpt), d.device)
+        except (formats.CheckpointError, FileNotFoundError) as e:
             raise EvalError(f"--checkpoint: {e}") from None
         out = a.out or cfg.eval.report_dir or str(ckpt / "eval")
         n, limit = a.n or cfg.eval.n_samples, cfg.eval.limit if a.limit < 0 else a.limit

@@ -20,6 +20,7 @@ import torch
 import config as C
 import data
 import errors
+import formats
 import model as M
 import parallel as P
 import s3cache
@@ -34,9 +35,9 @@ MAX_EPOCHS = 20  # more passes than this over a fine-tuning split memorise it: -
 def check_tokenizer(cfg: C.Config, model_dir: Path, tokenizer) -> M.ModelArgs:
     """Every token id must have a row in the model's embedding: checked before any work (ids past the vocabulary
     would otherwise fail mid-step)."""
-    args = M.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    args = formats.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     if len(tokenizer) > args.vocab_size:
-        raise M.CheckpointError(
+        raise formats.CheckpointError(
             f"{cfg.source}: the tokenizer ({cfg.model.tokenizer or model_dir}) has {len(tokenizer)} tokens but the "
             f"model's vocab_size is {args.vocab_size} ({model_dir}): use the tokenizer the model was trained with"
         )
@@ -55,24 +56,16 @@ def resolve_inputs(cfg: C.Config) -> tuple[Path, object]:
             missing.append(errors.one_line(str(e)))
             return None
 
-    mc = cfg.model
-    model_dir = attempt(lambda: s3cache.resolve_model(cfg, mc.path, mc.resource, mc.format, "model.path"))
+    model_dir = attempt(lambda: s3cache.resolve_model(cfg, "policy"))
     tokenizer = (
         attempt(lambda: data.load_tokenizer(cfg, model_dir)) if model_dir or cfg.model.tokenizer else None
     )
     if model_dir is not None and tokenizer is not None:
         attempt(lambda: check_tokenizer(cfg, model_dir, tokenizer))
-    rc, cc = cfg.rho1, cfg.critic
     if cfg.loss.scorer == "rho1_excess_v1":
-        attempt(
-            lambda: s3cache.resolve_model(cfg, rc.ref_model, rc.ref_resource, rc.ref_format, "rho1.ref_model")
-        )
-    if cfg.loss.scorer == "critic_delta_v1" and cc.reward == "model":
-        attempt(
-            lambda: s3cache.resolve_model(
-                cfg, cc.reward_model, cc.reward_resource, "hf", "critic.reward_model"
-            )
-        )
+        attempt(lambda: s3cache.resolve_model(cfg, "reference"))
+    if cfg.loss.scorer == "critic_delta_v1" and cfg.critic.reward == "model":
+        attempt(lambda: s3cache.resolve_model(cfg, "reward"))
     attempt(lambda: data.resolve_dataset_dir(cfg))
     if missing:
         for m in missing:
@@ -209,7 +202,7 @@ def format_count(n: float) -> str:
 def dry_run(cfg: C.Config, d: P.Dist, model_dir: Path, tokenizer) -> int:
     """Validate config, tokenizer and model shapes; print parameter count, budget and the per-device memory plan.
     Returns 2 (refused) when the plan does not fit, else 0; no optimizer step is run."""
-    args = M.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    args = formats.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     n_params = M.count_params_from_args(args)
     world = int(os.environ.get("WORLD_SIZE", d.world_size))
     plan, trainable, aux = run_plan(cfg, args, world, d.device)
@@ -247,9 +240,8 @@ def run_plan(
     """(the memory plan, trainable parameters under LoRA or None, parameters of the reference model) of a run."""
     aux = 0
     if cfg.loss.scorer == "rho1_excess_v1" and cfg.rho1.ref_model:
-        rc = cfg.rho1
-        ref_dir = s3cache.resolve_model(cfg, rc.ref_model, rc.ref_resource, rc.ref_format, "rho1.ref_model")
-        aux = M.count_params_from_args(M.read_model_args(ref_dir, rc.ref_format, 1))
+        ref_dir = s3cache.resolve_model(cfg, "reference")
+        aux = M.count_params_from_args(formats.read_model_args(ref_dir, cfg.rho1.ref_format, 1))
     budget = cfg.train.memory_gb or (
         torch.cuda.get_device_properties(device).total_memory / 1024**3 if device.type == "cuda" else 80.0
     )

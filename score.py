@@ -129,16 +129,6 @@ def score_histogram(weights: Tensor, valid: Tensor, edges: Tensor) -> Tensor:
     return torch.bincount(idx, minlength=edges.numel() - 1).to(torch.float64)
 
 
-def pair_scores(token_scores: Tensor, H: int) -> Tensor:
-    """[B, S] per-position scores -> [B, S, H]: pair (t, k) gets the score of its target position t + k + 1."""
-    B, S = token_scores.shape
-    out = token_scores.new_zeros(B, S, H)
-    for k in range(H):
-        if S - k - 1 > 0:
-            out[:, : S - k - 1, k] = token_scores[:, k + 1 :]
-    return out
-
-
 # --------------------------------------------------------------------------- state
 
 
@@ -538,7 +528,7 @@ def critic_delta_v1(batch: dict, state: ScorerState) -> Weigher:
     state.ev_step = ev if state.ev_step is None else state.ev_step + ev  # the step's, over its micro-batches
     delta = v - torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], 1)
     stats: dict = {}
-    w = state.rule(pair_scores(delta, valid.shape[-1]), valid, stats, state.scope)
+    w = state.rule(M.pair_scores(delta, valid.shape[-1]), valid, stats, state.scope)
     extra = {
         "critic/value_loss": value_loss,
         "critic/explained_variance": explained_variance(ev),  # this call's; end_step: the whole step's
@@ -590,8 +580,8 @@ def critic_summary(state: ScorerState) -> dict[str, float]:
 
 def _ref_pairs(batch: dict, state: ScorerState, valid: Tensor) -> Tensor:
     """CE_ref of each pair's target token [B, S, H] (0 on invalid pairs): the reference predicts x_{t+k+1} from
-    its logits at position t + k, so pair (t, k) takes CE_ref at position t + k + 1 (`pair_scores`)."""
-    ref = pair_scores(state.reference.of_batch(batch).to(valid.device), valid.shape[-1])
+    its logits at position t + k, so pair (t, k) takes CE_ref at position t + k + 1 (`model.pair_scores`)."""
+    ref = M.pair_scores(state.reference.of_batch(batch).to(valid.device), valid.shape[-1])
     return torch.where(valid, ref, 0.0)
 
 

@@ -42,6 +42,7 @@ import data
 import errors
 import evaluate
 import files
+import formats
 import model as M
 import parallel as P
 import plan
@@ -65,8 +66,8 @@ def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
     dtype only (FSDP2's MixedPrecisionPolicy under torchrun, autocast in one process). Under LoRA the frozen base
     weights are never updated: on a bf16 GPU they stay in bf16, half the memory.
     """
-    # H comes from the config: a checkpoint with other H gets heads dropped or copied from head 1 (model.py)
-    net = M.load_model(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    # H comes from the config: a checkpoint with other H gets heads dropped or copied from head 1 (formats.py)
+    net = formats.load_model(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     net.activation_checkpointing = cfg.model.activation_checkpointing
     if cfg.train.lora.enabled:
         from peft import LoraConfig, get_peft_model
@@ -348,14 +349,9 @@ def validate(cfg, net, val_ds, pad_id: int, d: P.Dist) -> dict:
         ids, mask = batch["input_ids"].to(d.device), batch["loss_mask"].to(d.device)
         targets, valid = M.mtp_targets(ids, mask, H)
         with autocast(cfg, d):
-            h = net(ids, stage="trunk")
-            for k in range(H):
-                logits = net(h, stage=k).float()
-                ce = torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1), targets[..., k].flatten(), reduction="none"
-                ).view_as(valid[..., k])
-                sums[k] += (ce * valid[..., k]).sum().double()
-                sums[H + k] += valid[..., k].sum().double()
+            ce = M.mtp_head_ce(net, net(ids, stage="trunk"), targets, valid)
+        sums[:H] += ce.sum((0, 1)).double()
+        sums[H:] += valid.sum((0, 1)).double()
     P.all_reduce(sums)
     per_head = [(sums[k] / sums[H + k].clamp(min=1)).item() for k in range(H)]
     out = {f"val/ce_head{k + 1}": v for k, v in enumerate(per_head)}
@@ -400,7 +396,7 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     torch.manual_seed(cfg.train.seed)
     if dry:
         return plan.dry_run(cfg, d, *plan.resolve_inputs(cfg))
-    model_dir = s3cache.resolve_model(cfg, cfg.model.path, cfg.model.resource, cfg.model.format, "model.path")
+    model_dir = s3cache.resolve_model(cfg, "policy")
     tokenizer = data.load_tokenizer(cfg, model_dir)
     plan.check_tokenizer(cfg, model_dir, tokenizer)
     run_name = cfg.train.run_name or f"{cfg.algo}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -420,8 +416,8 @@ def start(cfg: C.Config, d: P.Dist, run_dir: Path, model_dir: Path, tokenizer, r
     net = build_model(cfg, d, model_dir)
     base = M.unwrap(net)
     try:  # the run ends with an HF export: refuse a model HF Llama cannot express before training it
-        M.hf_config(base.args, checkpoint.export_dtype(cfg))
-    except M.CheckpointError as e:
+        formats.hf_config(base.args, checkpoint.export_dtype(cfg))
+    except formats.CheckpointError as e:
         raise TrainError(str(e)) from None
     log = print if d.main else (lambda *a: None)
     n_params, n_train = M.count_params(base), sum(p.numel() for p in params_to_train(net))
@@ -522,7 +518,7 @@ def step_zero(r: Run) -> None:
         raise TrainError(str(e)) from None
     v0 = validate(cfg, r.net, r.val_ds, r.tokenizer.pad_token_id, d)
     if not math.isfinite(v0["val/loss"]):
-        raise M.CheckpointError(
+        raise formats.CheckpointError(
             f"validation loss at step 0 is {v0['val/loss']} before any update: the checkpoint ({r.model_dir}) or "
             "the data is broken (a learning rate cannot cause this); check both"
         )
@@ -736,7 +732,7 @@ def run_summary(r: Run, cost: dict) -> dict:
 
 def synthetic_metrics(r: Run, final: Path) -> dict:
     """The synthetic benchmark's metrics of the final model, and the run's weights per token class (rank 0)."""
-    synth = evaluate.evaluate_synthetic(r.cfg, M.load_checkpoint(final), r.tokenizer)
+    synth = evaluate.evaluate_synthetic(r.cfg, formats.load_checkpoint(final), r.tokenizer)
     if r.st.class_weights is not None:
         synth.update(evaluate.class_weight_metrics(r.st.class_weights))
     r.tracker.log_metrics(synth, step=r.st.step)
@@ -747,7 +743,7 @@ def synthetic_metrics(r: Run, final: Path) -> dict:
 def add_class_weights(r: Run, w: torch.Tensor, valid: torch.Tensor, token_class: torch.Tensor) -> None:
     """Synthetic benchmark: add this step's weights [B, S, H] per class of their target token to the run's
     histograms, summed over ranks (so every rank holds the same totals and any rank's resume state is right)."""
-    classes = score.pair_scores(token_class, w.shape[-1])
+    classes = M.pair_scores(token_class, w.shape[-1])
     inc = P.all_reduce(evaluate.class_weight_counts(w, valid, classes, r.cfg.loss.w_max)).cpu()
     r.st.class_weights = inc if r.st.class_weights is None else r.st.class_weights + inc
 

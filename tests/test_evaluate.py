@@ -171,6 +171,20 @@ def test_judge_cli_end_to_end(tmp_path, mbpp):
     assert not list(out.parent.glob(".*"))  # no temp file left
 
 
+def test_judging_runs_without_torch():
+    """evaluate.py imports torch (and model, generate, parallel) inside the functions that need it, so judging
+    (the judge CLI, the critic's `tests` reward) starts without it."""
+    code = (
+        "import sys, evaluate\n"
+        "v = evaluate.judge_completion('mbpp', {'test_list': ['assert f() == 1'], 'test_setup_code': ''},"
+        " 'def f():\\n    return 1\\n')\n"
+        "assert v['passed'], v\n"
+        "assert 'torch' not in sys.modules, 'judging imported torch'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
@@ -229,10 +243,10 @@ def test_evaluate_model_on_tiny_model_writes_the_report(tok_name, tiny_dir, tmp_
     from transformers import AutoTokenizer
 
     import config
-    import model as M
+    import formats
 
     torch.manual_seed(0)
-    net = M.load_model(tiny_dir / "base_meta", "meta", 4)
+    net = formats.load_model(tiny_dir / "base_meta", "meta", 4)
     tok = AutoTokenizer.from_pretrained(str(tiny_dir / tok_name))
     cfg = config.load_config(None, ["--eval.max_new_tokens=24", "--eval.batch_size=4", "--eval.workers=2"])
     cfg.storage.data_root = str(ROOT)
@@ -277,10 +291,10 @@ def tiny_checkpoint(tiny_dir, tmp_path_factory):
     """The tiny base in our format with its tokenizer beside it (what checkpoints/final holds)."""
     import shutil
 
-    import model as M
+    import formats
 
     ck = tmp_path_factory.mktemp("ck") / "final"
-    M.save_checkpoint(M.load_model(tiny_dir / "base_meta", "meta"), ck)
+    formats.save_checkpoint(formats.load_model(tiny_dir / "base_meta", "meta"), ck)
     for f in (tiny_dir / "tokenizer").iterdir():
         shutil.copy(f, ck / f.name)
     return ck
@@ -325,9 +339,9 @@ def test_greedy_completions_do_not_depend_on_the_batch_size(tiny_checkpoint):
     from transformers import AutoTokenizer
 
     import config
-    import model as M
+    import formats
 
-    net = M.load_checkpoint(tiny_checkpoint).eval()
+    net = formats.load_checkpoint(tiny_checkpoint).eval()
     tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
     problems = data.mbpp_split(data.load_mbpp(ROOT / "mbpp"), "test")[:4]
     prompts = [data.mbpp_prompt(p) for p in problems]
