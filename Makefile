@@ -49,7 +49,8 @@ bench: tiny
 	$(BIN)/python bench/speculative.py
 
 # The study on the synthetic benchmark (README "Research"): 95 runs, ~3.5 CPU-hours (~2 h on 2 idle cores);
-# resumes when rerun; the report lands in docs/results/synthetic/. From scratch: rm -rf runs/research/synthetic.
+# resumes when rerun (in a fresh checkout too: the ledger docs/results/synthetic/runs.jsonl); the report lands in
+# docs/results/synthetic/. From scratch: rm -rf runs/research/synthetic docs/results/synthetic/runs.jsonl.
 research: tiny
 	$(BIN)/python sweep.py configs/sweeps/synthetic.toml
 

@@ -108,26 +108,28 @@ def tokens_equal(out: str, expected: str) -> bool:
 def judge_io(code: str, problem: dict, time_scale: float = 3.0, memory_mb: int = 1024) -> dict:
     """Run one CodeContests program on every test until the first failure."""
     timeout = problem["time_limit_s"] * time_scale + 1.0
+    held: dict = {"isolation": {}, "memory_bound": ""}
     for i, (inp, expected) in enumerate(problem["tests"]):
         r = sandbox.run_program(code, inp, timeout, memory_mb, mode="io")
-        iso = r.isolation
+        held = {"isolation": r.isolation, "memory_bound": r.memory_bound}
         if r.status != "ok":
-            return {"passed": False, "kind": r.status, "detail": f"test {i}: {r.detail}", "isolation": iso}
+            return {"passed": False, "kind": r.status, "detail": f"test {i}: {r.detail}", **held}
         if not tokens_equal(r.stdout, expected):
-            return {
-                "passed": False,
-                "kind": "wrong_answer",
-                "detail": f"test {i}: output differs",
-                "isolation": iso,
-            }
-    return {"passed": True, "kind": "ok", "detail": "", "isolation": iso}
+            return {"passed": False, "kind": "wrong_answer", "detail": f"test {i}: output differs", **held}
+    return {"passed": True, "kind": "ok", "detail": "", **held}
 
 
 def _judge_one(dataset: str, problem: dict, completion: str, timeout: float, time_scale: float) -> dict:
     if dataset == "codecontests":
         return judge_io(completion, problem, time_scale)
     r = sandbox.run_program(program(dataset, problem, completion), "", timeout)
-    return {"passed": r.passed, "kind": r.status, "detail": r.detail, "isolation": r.isolation}
+    return {
+        "passed": r.passed,
+        "kind": r.status,
+        "detail": r.detail,
+        "isolation": r.isolation,
+        "memory_bound": r.memory_bound,
+    }
 
 
 def judge_completion(
@@ -189,6 +191,7 @@ def _metrics(dataset: str, per: dict[str, dict], verdicts: list[dict]) -> dict:
     out["isolation"] = {
         layer: bool(iso) and all(i.get(layer) for i in iso) for layer in ("net", "pid", "mount", "user")
     }
+    out["memory_bound"] = "; ".join(sorted({v["memory_bound"] for v in verdicts}))  # sandbox.memory_bound
     out["failure_kinds"] = dict(Counter(f["kind"] for p in per.values() for f in p["failures"]))
     if dataset == "codecontests":
         out["note"] = CHECKER_NOTE
@@ -577,8 +580,9 @@ def synthetic_speculation(model: Any, tokenizer: Any, prompts: list, batch_size:
     by_length, pad, stats = sorted(prompts, key=lambda p: len(p[2])), data.pad_token_id(tokenizer), []
     for s in range(0, len(by_length), batch_size):
         part = by_length[s : s + batch_size]
-        greedy = G.Sampling(max(len(a) for _, _, a in part), temperature=0.0)
-        stats.append(G.decode(model, [p for _, p, _ in part], greedy, pad, speculative=True)[1])
+        width = max(len(a) for _, _, a in part)
+        greedy = G.Sampling(max_new_tokens=width, temperature=0.0)
+        stats.append(G.decode(model, [p for _, p, _ in part], greedy, pad_id=pad, speculative=True)[1])
     total = G.speculative_summary(*stats)
     out = {"synth/spec_tokens_per_forward": float(total["tokens_per_forward"])}
     for k, rate in enumerate(total["acceptance"]):

@@ -6,7 +6,8 @@ Every writer of outputs goes through here, so nothing half-written is ever read 
 - `commit_dir(tmp, final, pointer)`: a finished directory goes into place, then the symlink `pointer` is switched
   to it in one rename. Readers that follow the pointer see the old or the new directory, never none: a kill
   between any two renames still leaves a complete directory that the pointer (or a scan) finds.
-- `RunLock(path)`: one process per run directory (an OS lock, released by the kernel when its holder dies).
+- `RunLock(path)`: one process per run directory (an OS lock, released by the kernel when its holder dies);
+  `lock_holder(path)` says who holds it, if anyone (sweeps never touch a run directory that is in use).
 
 `fault_point(name)` is for tests only: with WMTP_FAULT="<name>[:<n>]" the n-th time a commit reaches that point the
 process stops there as if killed (no cleanup runs in the commit), so tests can show every state is recoverable.
@@ -172,6 +173,24 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_holder(directory: str | os.PathLike) -> dict | None:
+    """The holder recorded in `<directory>/.lock` while a live process holds that lock, else None. Probes without
+    taking the lock over (a shared, non-blocking try, released at once) and without touching the file."""
+    try:
+        fd = os.open(Path(directory) / ".lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_holder(fd)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _read_holder(fd: int) -> dict:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import io
 import json
 import logging
 import math
@@ -410,7 +412,7 @@ class Tracker:
         ]
         if self.run_id is not None:
             try:
-                self._mlflow().set_terminated(self.run_id, status)
+                set_terminated(self._mlflow(), self.run_id, status)
             except Exception as e:
                 self._failed("closing the run", e)
         for k in self._env_set:
@@ -446,6 +448,15 @@ class Tracker:
         if lost:
             lines.append(f"tracking: {len(lost)} artifact upload(s) failed: {', '.join(lost)}")
         return lines
+
+
+def set_terminated(client, run_id: str, status: str) -> None:
+    """Close a run. MLflow prints `View run <name> at: <tracking URI>/...` for a server, the URI's user:password
+    included: the line is caught and printed scrubbed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        client.set_terminated(run_id, status)
+    sys.stdout.write(scrub(out.getvalue()))
 
 
 def _fmt(v: float) -> str:

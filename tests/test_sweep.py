@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+import config as C
+import grids
+import report
 import sweep
 from config import REPO
 
@@ -119,13 +122,13 @@ def test_sweep_end_to_end(finished, capsys):
     assert all(r.info.status == "FINISHED" for r in children.values())
 
     # the report: a row per arm with mean ± t-interval half-width over the 2 seeds, and a computed conclusion
-    report = (out / "report.md").read_text()
-    metrics = sweep.load_metrics(out)
+    md = (out / "report.md").read_text()
+    metrics = {n: report.run_metrics(json.loads((out / n / "summary.json").read_text())) for n in NAMES}
     for arm in ("uniform", "critic"):
         vals = [metrics[f"{arm}--s{s}"]["synth/ce_learnable_head1"] for s in (0, 1)]
-        m, hw, n = sweep.mean_ci(vals)
-        assert n == 2 and f"| {arm} | 2 | {m:.4g} ± {hw:.4g} |" in report
-    assert "**Conclusion (computed).** Best on `synth/ce_learnable_head1` (lower is better)" in report
+        m, hw, n = report.mean_ci(vals)
+        assert n == 2 and f"| {arm} | 2 | {m:.4g} ± {hw:.4g} |" in md
+    assert "**Conclusion (computed).** Best on `synth/ce_learnable_head1` (lower is better)" in md
     assert (out / "plots" / "arms.png").stat().st_size > 1000
 
     # rerun: everything is finished, nothing is launched
@@ -138,17 +141,17 @@ def test_sweep_end_to_end(finished, capsys):
     assert sweep.main(["--report", str(out), "--out", str(tmp / "rebuilt")]) == 0
     rebuilt = (tmp / "rebuilt" / "report.md").read_text()
     table = lambda t: [line for line in t.splitlines() if line.startswith("| uniform |")]  # noqa: E731
-    assert table(rebuilt) == table(report) and table(rebuilt)
+    assert table(rebuilt) == table(md) and table(rebuilt)
 
 
 def test_sweep_run_states(finished, tmp_path):
     """done / resume (a checkpoint) / new (none); a directory holding another config is refused (exit 2)."""
     src, path = finished
-    sw = sweep.load_sweep(path)
+    sw = grids.load_sweep(path)
     sw.out_dir = tmp_path / "runs"
     shutil.copytree(src / "runs", sw.out_dir)
     runs: dict = {}
-    sweep.expand(sw, sw.grids[0], {}, runs)
+    grids.expand(sw, sw.grids[0], {}, runs)
     assert {n: sweep.status(sw, r) for n, r in runs.items()} == dict.fromkeys(NAMES, "done")
     (sw.out_dir / "uniform--s0" / "summary.json").unlink()
     (sw.out_dir / "critic--s1" / "summary.json").unlink()
@@ -221,10 +224,10 @@ arm = ["critic"]
 name = "picked"
 arm = ["best"]
 """
-    sw = sweep.load_sweep(write_sweep(tmp_path, tiny_dir, body))
+    sw = grids.load_sweep(write_sweep(tmp_path, tiny_dir, body))
     runs: dict = {}
-    sweep.expand(sw, sw.grids[0], {}, runs)
-    rows = sweep.expand(sw, sw.grids[1], {}, runs)
+    grids.expand(sw, sw.grids[0], {}, runs)
+    rows = grids.expand(sw, sw.grids[1], {}, runs)
     # lam = 0.3 is critic's default: the lambda grid's first row is the arms grid's critic runs
     assert [r.runs for r in rows] == [
         ["critic--s0", "critic--s1"],
@@ -232,7 +235,7 @@ arm = ["best"]
     ]
     assert rows[1].values == {"arm": "critic", "loss.lam": "0.6"}
     assert sorted(runs) == sorted(["uniform--s0", "uniform--s1", "critic--s0", "critic--s1", *rows[1].runs])
-    picked = sweep.expand(sw, sw.grids[2], {"arm.best": "critic"}, runs)
+    picked = grids.expand(sw, sw.grids[2], {"arm.best": "critic"}, runs)
     r = runs[picked[0].runs[0]]
     assert r.overrides["loss.scorer"] == "critic_delta_v1" and r.overrides["loss.temperature"] == 1.5
     state = {"grids": [{"name": "arms", "rows": [{"values": {"arm": "uniform"}, "runs": ["a"]}]}]}
@@ -259,16 +262,16 @@ arm = ["best"]
 def test_bad_sweep_files_name_the_problem(tmp_path, tiny_dir, body, message):
     path = write_sweep(tmp_path, tiny_dir, body)
     with pytest.raises(sweep.SweepError, match=message):
-        sw = sweep.load_sweep(path)
-        sweep.expand(sw, sw.grids[0], {}, {})
+        sw = grids.load_sweep(path)
+        grids.expand(sw, sw.grids[0], {}, {})
 
 
 def test_statistics_and_conclusion():
     for df, t in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (10, 2.2281), (30, 2.0423)):
-        assert sweep.t_quantile(df) == pytest.approx(t, abs=1e-4)
-    m, hw, n = sweep.mean_ci([1.0, 2.0, 3.0])
+        assert report.t_quantile(df) == pytest.approx(t, abs=1e-4)
+    m, hw, n = report.mean_ci([1.0, 2.0, 3.0])
     assert (m, n) == (2.0, 3) and hw == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
-    assert math.isnan(sweep.mean_ci([5.0])[1]) and sweep.mean_ci([])[2] == 0
+    assert math.isnan(report.mean_ci([5.0])[1]) and report.mean_ci([])[2] == 0
     metrics = {
         f"{a}{s}": {"loss": v}
         for a, vals in (("u", (1.0, 1.2, 1.1)), ("w", (0.5, 0.6, 0.7)), ("z", (1.0, 1.3, 1.2)))
@@ -280,11 +283,11 @@ def test_statistics_and_conclusion():
         "baseline": "uniform",
         "rows": [{"values": {"arm": a}, "runs": [f"{a}{s}" for s in range(3)]} for a in ("u", "w", "z")],
     }
-    text = sweep.conclusion(grid, metrics, ["u0", "u1", "u2"])
+    text = report.conclusion(grid, metrics, ["u0", "u1", "u2"])
     hw = 4.302653 * 0.1 / math.sqrt(3)
     assert text.startswith(f"Best on `loss` (lower is better): **arm=w**, 0.6 ± {hw:.4g} (n=3).")
     assert "Baseline uniform: 1.1 ± " in text and "difference -0.5 (-45.5%)" in text
-    named = sweep.conclusion({**grid, "baseline_values": {"arm": "u"}}, metrics, ["u0", "u1", "u2"])
+    named = report.conclusion({**grid, "baseline_values": {"arm": "u"}}, metrics, ["u0", "u1", "u2"])
     assert "Baseline arm=u: 1.1 ± " in named  # a grid's own baseline row is named by its axis values
     assert "The 95% intervals do not overlap: the best row is better than the baseline." in text
     hw = 2.776445 * math.sqrt(0.02 / 3)  # equal variances and n: Welch's df is 4
@@ -293,20 +296,20 @@ def test_statistics_and_conclusion():
         "row is better than the baseline."
     )
     # Welch by hand: var 1/3 and 5/2 over n 3 and 5, df 5.88 -> 5, t 2.570582
-    d, dhw, df = sweep.diff_ci([1.0, 2.0, 3.0, float("nan")], [4.0, 5.0, 6.0, 7.0, 8.0])
+    d, dhw, df = report.diff_ci([1.0, 2.0, 3.0, float("nan")], [4.0, 5.0, 6.0, 7.0, 8.0])
     assert (d, df) == (-4.0, 5) and dhw == pytest.approx(2.570582 * math.sqrt(1 / 3 + 1 / 2), rel=1e-6)
-    assert math.isnan(sweep.diff_ci([1.0], [2.0, 3.0])[1]) and sweep.diff_ci([1.0, 1.0], [2.0, 2.0]) == (
+    assert math.isnan(report.diff_ci([1.0], [2.0, 3.0])[1]) and report.diff_ci([1.0, 1.0], [2.0, 2.0]) == (
         -1.0,
         0.0,
         2,
     )
     grid["goal"] = "max"
-    assert "That is the baseline itself" in sweep.conclusion(
+    assert "That is the baseline itself" in report.conclusion(
         {**grid, "rows": grid["rows"][:1]}, metrics, ["u0", "u1", "u2"]
     )
-    text = sweep.conclusion(grid, metrics, ["u0", "u1", "u2"])  # z (1.17) vs u (1.1)
+    text = report.conclusion(grid, metrics, ["u0", "u1", "u2"])  # z (1.17) vs u (1.1)
     assert "intervals overlap" in text and text.endswith("including 0: not resolved.")
-    assert sweep.run_metrics(
+    assert report.run_metrics(
         {"steps": 3, "cost": {"cost/x": 2}, "synthetic": {"synth/y": 0.5}, "algo": "a"}
     ) == {
         "steps": 3.0,
@@ -351,3 +354,156 @@ def test_sigterm_stops_the_runs_and_leaves_them_resumable(tmp_path, tiny_dir):
     assert "checkpoint committed" in log.read_text()
     with pytest.raises(ProcessLookupError):
         os.kill(lock["pid"], 0)
+
+
+def test_dry_run_counts_done_runs(finished, capsys):
+    """--dry-run of a finished sweep: 4 runs, all done (it said "4 new runs")."""
+    _, path = finished
+    assert sweep.main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "grid arms: 2 rows x 2 seeds, 4 runs not in an earlier grid (4 done)" in out
+    assert out.rstrip().endswith("the sweep has 4 runs: 4 done") and "new" not in out
+
+
+# --------------------------------------------------------------------------- NaN and inf seeds (issue 23)
+
+NAN, INF = float("nan"), float("inf")
+
+
+def test_non_finite_seeds_one_rule_for_pick_table_and_conclusion():
+    """A seed whose value is NaN or inf: n counts the finite values, the row is marked and named, and it ranks
+    behind every row whose seeds are all finite: in the pick as in the conclusion."""
+    vals = {"a": (NAN, 0.30, 0.31), "b": (0.10, 0.11, 0.12), "c": (INF, 0.01, 0.02)}
+    metrics = {f"{a}{s}": {"loss": v} for a, vs in vals.items() for s, v in enumerate(vs)}
+    runs = {a: [f"{a}{s}" for s in range(3)] for a in vals}
+    stats = {a: report.row_stats(metrics, runs[a], "loss") for a in vals}
+    assert (stats["a"].n, stats["a"].bad, stats["c"].bad) == (2, ["a0"], ["c0"])
+    assert stats["a"].mean == pytest.approx(0.305) and math.isfinite(stats["a"].hw)
+    assert report.cell(stats["a"]).endswith(" ⚠ 1 non-finite") and "⚠" not in report.cell(stats["b"])
+    best, note = report.choose({a: stats[a] for a in "ab"}, "min")  # sweep.pick averaged raw values: a
+    assert best == "b" and note.endswith("those whose seeds are all finite: a (a0).")
+    assert report.choose(stats, "min")[0] == "b"  # c's finite seeds are the lowest, but c has an inf seed
+    best, note = report.choose({a: stats[a] for a in "ac"}, "min")
+    assert best == "c" and "every candidate has one, so c is picked on its 2 finite seeds" in note
+    grid = {"primary": "loss", "goal": "min", "baseline": "b", "axes": ["arm"]}
+    grid["rows"] = [{"values": {"arm": a}, "runs": runs[a]} for a in vals]
+    text = report.conclusion(grid, metrics, runs["b"])
+    assert text.startswith("Best on `loss` (lower is better): **arm=b**, 0.11 ± ")
+    assert "ranked behind every row whose seeds are all finite" in text
+    assert "**arm=a** (a0); **arm=c** (c0)." in text and "That is the baseline itself" in text
+    only_bad = {**grid, "rows": grid["rows"][::2]}
+    text = report.conclusion(only_bad, metrics, runs["b"])
+    assert text.startswith("Best on `loss` (lower is better): **arm=c**, 0.015 ± ")
+    assert "Every row has one: the best is ranked on its 2 finite seeds only." in text
+
+
+def test_pick_and_report_of_runs_with_a_nan_seed(tmp_path, tiny_dir):
+    """The issue's case through the sweep: candidate a = [nan, .30, .31], b = [.10, .11, .12]; the pick is b and
+    says why; the report's table marks a (n = 2 finite) and its conclusion names a's NaN seed."""
+    body = """
+[arm.a]
+"loss.lam" = 0.5
+[arm.b]
+"loss.lam" = 0.6
+[arm.best]
+pick_best = ["a", "b"]
+from_grid = "arms"
+
+[[grid]]
+name = "arms"
+arm = ["a", "b"]
+seeds = [0, 1, 2]
+
+[[grid]]
+name = "picked"
+arm = ["best"]
+"""
+    sw = grids.load_sweep(write_sweep(tmp_path, tiny_dir, body))
+    runs: dict = {}
+    rows = grids.expand(sw, sw.grids[0], {}, runs)
+    for row, vals in zip(rows, ([NAN, 0.30, 0.31], [0.10, 0.11, 0.12]), strict=True):
+        for name, v in zip(row.runs, vals, strict=True):  # finished run directories, as train.py leaves them
+            d, run = sw.out_dir / name, runs[name]
+            d.mkdir(parents=True)
+            cfg = grids.resolve(sw, run.base, run.overrides, name)
+            (d / "config.json").write_text(json.dumps(C.to_dict(cfg)))
+            (d / "summary.json").write_text(json.dumps({"steps": run.steps, "synthetic": {sw.primary: v}}))
+    state = {"runs": {}, "grids": [sweep._grid_state(sw, sw.grids[0], rows, {}, {})]}
+    assert sweep.pick(sw, sw.grids[1], state, runs) == {"arm.best": "b"}
+    assert state["pick_notes"]["arm.best"].endswith("all finite: a (a--s0).")
+    state.update(name="t", file=str(sw.path), report_dir=str(tmp_path / "rep"))
+    md = report.write_report(state, sweep.results(sw, runs, state), tmp_path / "rep").read_text()
+    assert "| a | 2 ⚠ +1 non-finite | 0.305 ± " in md and " ⚠ 1 non-finite |" in md
+    assert "Best on `synth/ce_learnable_head1` (lower is better): **arm=b**, 0.11 ± " in md
+    assert "**arm=a** (a--s0)." in md
+
+
+# --------------------------------------------------------------------------- a fresh checkout (the ledger)
+
+
+def _fresh_checkout(src: Path, tmp: Path, edit=lambda text: text) -> Path:
+    """The finished sweep as a new session sees it: the committed ledger in report_dir, no run directories."""
+    text = (
+        (src / "t.toml")
+        .read_text()
+        .replace(
+            f'out_dir = "{src / "runs"}"', f'out_dir = "{tmp / "runs"}"\nreport_dir = "{tmp / "report"}"'
+        )
+    )
+    (tmp / "report").mkdir()
+    shutil.copy(src / "runs" / "runs.jsonl", tmp / "report" / "runs.jsonl")
+    path = tmp / "t.toml"
+    path.write_text(edit(text.replace(str(src / "mlflow.db"), str(tmp / "mlflow.db"))))
+    return path
+
+
+def _rows(md: str) -> list[str]:
+    return [line for line in md.splitlines() if line.startswith(("| uniform |", "| critic |"))]
+
+
+def test_fresh_checkout_rebuilds_the_report_and_trains_nothing(finished, tmp_path, capsys):
+    src, _ = finished
+    path = _fresh_checkout(src, tmp_path)
+    assert sweep.main([str(path), "--report"]) == 0
+    rebuilt = (tmp_path / "report" / "report.md").read_text()
+    assert _rows(rebuilt) == _rows((src / "runs" / "report.md").read_text()) and len(_rows(rebuilt)) == 2
+    assert "4 of 4 runs finished" in rebuilt
+    assert sweep.main([str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("the sweep has 4 runs: 4 done")
+    assert sweep.main([str(path)]) == 0
+    assert "sweep: start" not in capsys.readouterr().out
+    assert not list((tmp_path / "runs").glob("*--s*"))  # no run directory: nothing was trained
+    assert _rows((tmp_path / "report" / "report.md").read_text()) == _rows(rebuilt)
+
+
+def test_fresh_checkout_retrains_changed_and_needed_runs(finished, tmp_path):
+    """In a fresh checkout: a run whose config changed trains again; a done run whose checkpoint a pending run
+    starts from (a `{out_dir}/<run>/...` path) trains again first; the other done runs do not."""
+
+    def edit(text: str) -> str:
+        text = text.replace('"critic.reward" = "dataset"', '"critic.reward" = "dataset"\n"loss.lam" = 0.5')
+        start = (
+            '\n[arm.ft]\n"model.path" = "{out_dir}/uniform--s0/checkpoints/final"\n"model.format" = "wmtp"\n'
+        )
+        return text.replace("[[grid]]", start + "\n[[grid]]", 1).replace(
+            'arm = ["uniform", "critic"]', 'arm = ["uniform", "critic", "ft"]\nseeds = [0]'
+        )
+
+    src, _ = finished
+    path = _fresh_checkout(src, tmp_path, edit)
+    p = run_sweep(str(path))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    started = sorted(re.findall(r"sweep: start (\S+) \(new\)", p.stdout))
+    assert started == ["critic--s0", "ft--s0", "uniform--s0"], p.stdout
+    assert "sweep: uniform--s0 is done (ledger) but ft--s0 needs its files: training it again" in p.stdout
+    assert p.stdout.index("start uniform--s0") < p.stdout.index("start ft--s0")
+    ledger = [json.loads(line) for line in (tmp_path / "report" / "runs.jsonl").read_text().splitlines()]
+    assert sorted(e["run"] for e in ledger) == sorted([*NAMES, "ft--s0"])  # critic--s0's old entry replaced
+    old = {
+        e["run"]: e["config"] for e in map(json.loads, (src / "runs" / "runs.jsonl").read_text().splitlines())
+    }
+    new = {e["run"]: e["config"] for e in ledger}
+    assert new["critic--s0"] != old["critic--s0"] and new["uniform--s0"] == old["uniform--s0"]
+    ft = json.loads((tmp_path / "runs" / "ft--s0" / "config.json").read_text())["model"]
+    assert ft["path"] == f"{tmp_path / 'runs'}/uniform--s0/checkpoints/final" and ft["format"] == "wmtp"
+    assert json.loads((tmp_path / "runs" / "ft--s0" / "summary.json").read_text())["steps"] == 3
