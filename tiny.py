@@ -142,13 +142,17 @@ def train_llama_tokenizer(data_root: str):
 
 
 def train_bpe_tokenizer(data_root: str, kind: str):
-    """A byte-level BPE of today's kind (`kind`: "llama3" or "qwen"), VOCAB_SIZE merges' worth, as the hubs ship them.
+    """A byte-level BPE of today's kind (`kind`: "llama3" or "qwen"), VOCAB_SIZE pieces, as the hubs ship them.
 
     Both split the text by a regex first (Llama 3's or Qwen's) and map bytes to printable characters with no prefix
     space, so "def" at the start of a line is one piece and a space joins the word after it (" return"). Llama 3
     prepends <|begin_of_text|> (its BOS) and has no pad token; Qwen adds no BOS at all (a training row starts with
-    the prompt's first token) and pads with <|endoftext|>, its base models' EOS.
+    the prompt's first token), pads with <|endoftext|> (its base models' EOS) and is saved as transformers'
+    Qwen2Tokenizer with no unk token, as Qwen's tokenizer_config.json says (the class a Qwen model directory
+    loads with AutoTokenizer).
     """
+    import json
+
     from tokenizers import (
         Regex,
         Tokenizer,
@@ -159,10 +163,8 @@ def train_bpe_tokenizer(data_root: str, kind: str):
         processors,
         trainers,
     )
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
 
-    specials = LLAMA3_SPECIAL_TOKENS if kind == "llama3" else QWEN_SPECIAL_TOKENS
-    names = list(dict.fromkeys(specials.values())) + ([] if kind == "llama3" else QWEN_EXTRA_TOKENS)
     tok = Tokenizer(models.BPE())
     if kind == "qwen":
         tok.normalizer = normalizers.NFC()
@@ -175,20 +177,25 @@ def train_bpe_tokenizer(data_root: str, kind: str):
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator(_corpus(data_root), trainer=trainer)
-    tok.add_special_tokens(names)  # after the learned pieces, as in Llama 3 and Qwen
-    post = [processors.ByteLevel(trim_offsets=False)]
-    if kind == "llama3":
-        bos = specials["bos_token"]
-        post.append(processors.TemplateProcessing(
+    if kind == "qwen":  # Qwen2Tokenizer builds the same pipeline (Qwen's split rule, NFC) from vocab + merges
+        learned = json.loads(tok.to_str())["model"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+        out = Qwen2Tokenizer(vocab=learned["vocab"], merges=merges, unk_token=None,
+                             model_max_length=4096, **QWEN_SPECIAL_TOKENS)  # fmt: skip
+        out.add_special_tokens({"additional_special_tokens": QWEN_EXTRA_TOKENS})
+        return out
+    bos = LLAMA3_SPECIAL_TOKENS["bos_token"]
+    tok.add_special_tokens(list(LLAMA3_SPECIAL_TOKENS.values()))  # after the learned pieces, as in Llama 3
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
-        ))  # fmt: skip
-    tok.post_processor = processors.Sequence(post)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **specials)
+        ),
+    ])  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **LLAMA3_SPECIAL_TOKENS)
 
 
 def load_tokenizer(out: Path):

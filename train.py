@@ -46,13 +46,19 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 
 def check_tokenizer(cfg: C.Config, model_dir: Path, tokenizer) -> M.ModelArgs:
-    """Every token id must have a row in the model's embedding: checked before any work (ids past the vocabulary
-    would otherwise fail mid-step)."""
+    """Every token id must have a row in the model's embedding, and every row must fit a sliding attention window:
+    checked before any work (ids past the vocabulary, or a row past the window, would otherwise fail mid-step)."""
     args = M.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     if len(tokenizer) > args.vocab_size:
         raise M.CheckpointError(
             f"{cfg.source}: the tokenizer ({cfg.model.tokenizer or model_dir}) has {len(tokenizer)} tokens but the "
             f"model's vocab_size is {args.vocab_size} ({model_dir}): use the tokenizer the model was trained with"
+        )
+    if args.sliding_window is not None and args.sliding_window < cfg.data.max_length:  # Mistral: see model.py
+        raise M.CheckpointError(
+            f"{cfg.source}: data.max_length = {cfg.data.max_length} is longer than the model's sliding_window = "
+            f"{args.sliding_window} ({model_dir}): this framework attends to whole sequences, which is the windowed "
+            "model only up to the window; lower data.max_length to at most the window"
         )
     return args
 
