@@ -27,6 +27,7 @@ import torch
 import config as C
 import data
 import files
+import formats
 import model as M
 import parallel as P
 import s3cache
@@ -304,7 +305,7 @@ def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
         (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2))
         full = merge_lora_state(full, lc.lora_alpha / lc.r)
     clean.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
-    M.save_checkpoint(clean, tmp)
+    formats.save_checkpoint(clean, tmp)
     tokenizer.save_pretrained(str(tmp))
     files.atomic_dir_swap(tmp, out)
     return out
@@ -350,11 +351,11 @@ def write_export(
     tmp.mkdir(parents=True)
     if fmt == "hf":
         ids = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-        M.save_hf(net, tmp, dtype, *ids)
+        formats.save_hf(net, tmp, dtype, *ids)
         if readme is not None:
             files.atomic_write_text(tmp / "README.md", readme)
     elif fmt == "meta":
-        M.save_meta(net, tmp, dtype, reference=True)
+        formats.save_meta(net, tmp, dtype, reference=True)
     else:
         raise ValueError(f"export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     tokenizer.save_pretrained(str(tmp))
@@ -369,7 +370,7 @@ def export_formats(cfg: C.Config, run_dir: Path, ckpt: Path, tokenizer) -> None:
     so writing three formats each time would triple that I/O for copies that are overwritten anyway."""
     import tracking
 
-    net = M.load_checkpoint(ckpt)
+    net = formats.load_checkpoint(ckpt)
     name, params, metrics, tags = run_card_inputs(run_dir)
     where = f"{run_dir.name}/{ckpt.relative_to(run_dir).as_posix()}/hf"
     readme = tracking.hf_readme(name, params, metrics, tags, where)
@@ -421,7 +422,7 @@ def load_resume_model(ckpt: Path) -> tuple[M.Transformer, C.Config, Path]:
         )
     cfg = C.from_dict(json.loads((run_dir / "config.json").read_text()))
     model_dir = s3cache.resolve_model(cfg, cfg.model.path, cfg.model.resource, cfg.model.format, "model.path")
-    args = M.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    args = formats.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     reader = dcp.FileSystemReader(str(ckpt / "dcp"))
     entries = reader.read_metadata().state_dict_metadata
     sd = {k[len("model.") :]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
@@ -463,12 +464,12 @@ def export_cli(argv: list[str]) -> int:
     )
     try:
         if out.exists() and any(out.iterdir()):
-            raise M.CheckpointError(f"--out {out} exists and is not empty: choose a new directory")
+            raise formats.CheckpointError(f"--out {out} exists and is not empty: choose a new directory")
         cfg = model_dir = None
         if (src / "dcp").is_dir():
             net, cfg, model_dir = load_resume_model(src)
         else:
-            net = M.load_model(src, M.detect_format(src))
+            net = formats.load_model(src, formats.detect_format(src))
         if a.tokenizer or (src / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(a.tokenizer or str(src))
             if tokenizer.pad_token_id is None:
@@ -486,6 +487,6 @@ def export_cli(argv: list[str]) -> int:
     except (
         OSError
     ) as e:  # a missing or unreadable path: the one-line error of every entry point (errors.main)
-        raise M.CheckpointError(f"export: {e}") from None
+        raise formats.CheckpointError(f"export: {e}") from None
     print(f"export: {out} ({a.format}, {a.dtype or 'stored dtype'}) from {src}")
     return 0

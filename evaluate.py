@@ -251,10 +251,10 @@ def trim(text: str, stops: list[str]) -> str:
 
 def load_for_eval(cfg: Any, path: str | os.PathLike, fmt: str, device: Any) -> Any:
     """A checkpoint ready to generate on `device`: bf16 on a GPU (model.dtype = "bfloat16"), else fp32; eval mode."""
-    import model as M
+    import formats
     import parallel as P
 
-    net = M.load_model(path, fmt)  # the checkpoint's own heads (an HF export has head 1 only)
+    net = formats.load_model(path, fmt)  # the checkpoint's own heads (an HF export has head 1 only)
     return net.to(device=device, dtype=P.compute_dtype(device, cfg.model.dtype)).eval()
 
 
@@ -283,11 +283,10 @@ def generate(
     out over the ranks (`P.split_map`) and the completions gathered on every rank. Each batch, its rows and its
     sampling seed are the ones a single process would use, so the results do not depend on the world size.
     With `eval.speculative` the MTP heads draft and head 1 verifies (same outputs at temperature 0, same
-    distribution otherwise); each batch's decoding statistics (`model.speculative_stats`) are appended to
-    `spec_stats` when given.
+    distribution otherwise); each batch's decoding statistics (`generate.decode`'s) are appended to `spec_stats`
+    when given.
     """
-    import torch
-
+    import generate as G
     import parallel as P
 
     e = cfg.eval
@@ -299,21 +298,13 @@ def generate(
     stop = lambda row: any(s in tokenizer.decode(row[-tail:]) for s in stops)  # noqa: E731
 
     def run(chunk: list[tuple[int, tuple[int, list[int]]]]) -> list[tuple[str, dict | None]]:
-        with torch.no_grad():
-            rows = model.generate(
-                [ids for _, (_, ids) in chunk],
-                e.max_new_tokens,
-                temperature=e.temperature,
-                top_p=e.top_p,
-                eos_id=tokenizer.eos_token_id,
-                stop=stop,
-                seed=cfg.train.seed + chunk[0][0],  # the batch's offset in `flat`
-                pad_id=data.pad_token_id(tokenizer),
-                speculative=e.speculative,
-            )
-        stats = model.speculative_stats if e.speculative else None  # one per batch, with its first row
+        seed = cfg.train.seed + chunk[0][0]  # the batch's offset in `flat`
+        sampling = G.Sampling(e.max_new_tokens, e.temperature, e.top_p, tokenizer.eos_token_id, stop, seed)
+        ids = [ids for _, (_, ids) in chunk]
+        rows, stats = G.decode(model, ids, sampling, data.pad_token_id(tokenizer), e.speculative)
         texts = [trim(tokenizer.decode(row, skip_special_tokens=True), stops) for row in rows]
-        return [(text, stats if j == 0 else None) for j, text in enumerate(texts)]
+        # one statistics dict per batch, with its first row
+        return [(text, stats if j == 0 and e.speculative else None) for j, text in enumerate(texts)]
 
     out: list[list[str]] = [[] for _ in prompts]
     results = P.split_map(list(enumerate(flat)), e.batch_size, run)  # gathered from every rank, in order
@@ -421,9 +412,9 @@ def evaluate_model(
         preds = {key: c for (key, _), c in zip(items, comps, strict=True)}
         m = judge(ds, problems, preds, cfg.eval.timeout, cfg.eval.workers)
         if spec_stats:
-            import model as M
+            import generate as G
 
-            spec = m["speculative"] = M.speculative_summary(*spec_stats)
+            spec = m["speculative"] = G.speculative_summary(*spec_stats)
             flat[f"{ds}/spec_tokens_per_forward"] = spec["tokens_per_forward"]
             for k, rate in enumerate(spec["acceptance"]):
                 if rate is not None:
@@ -606,7 +597,7 @@ def _model_cli(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     import config
-    import model as M
+    import formats
     import parallel as P
 
     overrides, rest = config.split_args(argv)
@@ -640,8 +631,8 @@ def _model_cli(argv: list[str]) -> int:
     d = P.init_distributed(cfg.train.device)  # the GPU when there is one; torchrun splits the generation
     try:
         try:  # the format from the files (ours, an HF export or any HF Llama, Meta), judged with its own heads
-            net = load_for_eval(cfg, ckpt, M.detect_format(ckpt), d.device)
-        except (M.CheckpointError, FileNotFoundError) as e:
+            net = load_for_eval(cfg, ckpt, formats.detect_format(ckpt), d.device)
+        except (formats.CheckpointError, FileNotFoundError) as e:
             raise EvalError(f"--checkpoint: {e}") from None
         out = a.out or cfg.eval.report_dir or str(ckpt / "eval")
         n, limit = a.n or cfg.eval.n_samples, cfg.eval.limit if a.limit < 0 else a.limit

@@ -388,7 +388,7 @@ def resolve(
     )
 
 
-# files whose presence makes a local model directory complete, per checkpoint format (model.load_model's)
+# files whose presence makes a local model directory complete, per checkpoint format (formats.load_model's)
 MODEL_FILES = {"meta": ["params.json"], "hf": ["config.json"], "wmtp": ["model.safetensors", "config.json"]}
 
 

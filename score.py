@@ -972,9 +972,9 @@ def _init_rho1(state: ScorerState) -> None:
         ref = AutoModelForCausalLM.from_pretrained(str(d), dtype=_aux_dtype(state))
         n_out = ref.get_output_embeddings().weight.shape[0]
     else:
-        import model as M
+        import formats
 
-        ref = M.load_model(d, rc.ref_format, 1).to(_aux_dtype(state))
+        ref = formats.load_model(d, rc.ref_format, 1).to(_aux_dtype(state))
         n_out = ref.args.vocab_size
     if n_out < len(state.tokenizer):
         raise ScoreError(

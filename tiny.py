@@ -238,14 +238,15 @@ def _random_meta(tmp: Path, tokenizer, **shape) -> None:
     model.tokenizer may point at the checkpoint directory) and Meta's checklist.chk (MD5s, checked at load)."""
     import torch
 
+    import formats
     import model as M
 
     args = M.ModelArgs(dim=128, n_layers=6, n_heads=4, vocab_size=len(tokenizer), multiple_of=32,
                        n_future_tokens=4, **shape)  # fmt: skip
     torch.manual_seed(SEED)
-    M.save_meta(M.Transformer(args), tmp)
+    formats.save_meta(M.Transformer(args), tmp)
     tokenizer.save_pretrained(str(tmp))
-    M.write_checklist(tmp)
+    formats.write_checklist(tmp)
 
 
 def _llama_config(tokenizer, **extra):
@@ -280,7 +281,7 @@ def _save_hf(out: Path, name: str, make_model: Callable, force: bool) -> bool:
 
 
 def build_ref_hf(out: Path, force: bool = False) -> bool:
-    """Tiny H=1 reference causal LM in HF Llama format (rho1's reference; also exercises model.load_hf)."""
+    """Tiny H=1 reference causal LM in HF Llama format (rho1's reference; also exercises formats.load_hf)."""
 
     def make(tok):
         from transformers import LlamaForCausalLM

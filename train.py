@@ -32,6 +32,7 @@ import config as C
 import data
 import errors
 import files
+import formats
 import model as M
 import parallel as P
 import s3cache
@@ -48,14 +49,14 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 def check_tokenizer(cfg: C.Config, model_dir: Path, tokenizer) -> M.ModelArgs:
     """Every token id must have a row in the model's embedding, and every row must fit a sliding attention window:
     checked before any work (ids past the vocabulary, or a row past the window, would otherwise fail mid-step)."""
-    args = M.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    args = formats.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     if len(tokenizer) > args.vocab_size:
-        raise M.CheckpointError(
+        raise formats.CheckpointError(
             f"{cfg.source}: the tokenizer ({cfg.model.tokenizer or model_dir}) has {len(tokenizer)} tokens but the "
             f"model's vocab_size is {args.vocab_size} ({model_dir}): use the tokenizer the model was trained with"
         )
     if args.sliding_window is not None and args.sliding_window < cfg.data.max_length:  # Mistral: see model.py
-        raise M.CheckpointError(
+        raise formats.CheckpointError(
             f"{cfg.source}: data.max_length = {cfg.data.max_length} is longer than the model's sliding_window = "
             f"{args.sliding_window} ({model_dir}): this framework attends to whole sequences, which is the windowed "
             "model only up to the window; lower data.max_length to at most the window"
@@ -71,8 +72,8 @@ def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
     dtype only (FSDP2's MixedPrecisionPolicy under torchrun, autocast in one process). Under LoRA the frozen base
     weights are never updated: on a bf16 GPU they stay in bf16, half the memory.
     """
-    # H comes from the config: a checkpoint with other H gets heads dropped or copied from head 1 (model.py)
-    net = M.load_model(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    # H comes from the config: a checkpoint with other H gets heads dropped or copied from head 1 (formats.py)
+    net = formats.load_model(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     net.activation_checkpointing = cfg.model.activation_checkpointing
     if cfg.train.lora.enabled:
         from peft import LoraConfig, get_peft_model
@@ -394,7 +395,7 @@ def resolve_inputs(cfg: C.Config) -> tuple[Path, object]:
 
 def dry_run(cfg: C.Config, d: P.Dist, model_dir: Path, tokenizer) -> int:
     """Validate config, tokenizer and model shapes; print parameter count and the per-device memory plan."""
-    args = M.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
+    args = formats.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     n_params = M.count_params_from_args(args)
     blocks = args.n_layers if cfg.model.format != "hf" else args.n_layers  # Meta layout counts every block
     world = int(os.environ.get("WORLD_SIZE", d.world_size))
@@ -403,7 +404,7 @@ def dry_run(cfg: C.Config, d: P.Dist, model_dir: Path, tokenizer) -> int:
         ref_dir = s3cache.resolve_model(
             cfg, cfg.rho1.ref_model, cfg.rho1.ref_resource, cfg.rho1.ref_format, "rho1.ref_model"
         )
-        aux = M.count_params_from_args(M.read_model_args(ref_dir, cfg.rho1.ref_format, 1))
+        aux = M.count_params_from_args(formats.read_model_args(ref_dir, cfg.rho1.ref_format, 1))
     budget = cfg.train.memory_gb or (
         torch.cuda.get_device_properties(d.device).total_memory / 1024**3 if d.device.type == "cuda" else 80.0
     )
@@ -523,8 +524,8 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
     net = build_model(cfg, d, model_dir)
     base = M.unwrap(net)
     try:  # the run ends with an HF export: refuse a model HF Llama cannot express before training it
-        M.hf_config(base.args, checkpoint.export_dtype(cfg))
-    except M.CheckpointError as e:
+        formats.hf_config(base.args, checkpoint.export_dtype(cfg))
+    except formats.CheckpointError as e:
         raise TrainError(str(e)) from None
     n_params, n_train = M.count_params(base), sum(p.numel() for p in net.parameters() if p.requires_grad)
     log(
@@ -576,7 +577,7 @@ def run(cfg: C.Config, d: P.Dist, run_dir: Path, resume: bool, model_dir: Path, 
             raise TrainError(str(e)) from None
         v0 = validate(cfg, net, val_ds, pad, d)
         if not math.isfinite(v0["val/loss"]):
-            raise M.CheckpointError(
+            raise formats.CheckpointError(
                 f"validation loss at step 0 is {v0['val/loss']} before any update: the checkpoint ({model_dir}) or "
                 "the data is broken (a learning rate cannot cause this); check both"
             )
@@ -860,7 +861,7 @@ def finish(
         if cfg.data.dataset == "synthetic" and final is not None:
             import evaluate
 
-            synth = evaluate.evaluate_synthetic(cfg, M.load_checkpoint(final), tokenizer)
+            synth = evaluate.evaluate_synthetic(cfg, formats.load_checkpoint(final), tokenizer)
             if st.class_weights is not None:
                 synth.update(evaluate.class_weight_metrics(st.class_weights))
             summary["synthetic"] = synth

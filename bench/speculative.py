@@ -8,7 +8,7 @@ Models (CPU, float32, one torch thread by default):
            the future is largely predictable and heads 2..4 can learn it. Prompts are held-out chains.
   random   the same architecture, random init: under greedy decoding its drafts are (almost) never accepted,
            the worst case for speculative decoding.
-  hf       the tiny HF Llama of `make tiny` (.cache/tiny/ref_hf), loaded by transformers and by model.load_hf.
+  hf       the tiny HF Llama of `make tiny` (.cache/tiny/ref_hf), loaded by transformers and by formats.load_hf.
 Meta's MTP models keep most blocks in the trunk (7B_1T_4: 28 trunk + 4 head blocks); with `--trunk-blocks 2`
 the three extra heads are as many blocks as the whole plain decoding path, the least favourable shape.
 
@@ -57,6 +57,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import formats  # noqa: E402
+import generate as G  # noqa: E402
 import model as M  # noqa: E402
 
 VOCAB, H = 128, 4
@@ -165,16 +167,17 @@ def bench_speculative(
             def run(speculative: bool, batches=batches, temperature=temperature, top_p=top_p, stats=stats):
                 outs = []
                 for batch in batches:
-                    kw = dict(temperature=temperature, top_p=top_p, seed=0, speculative=speculative)
-                    outs += model.generate(batch, a.new_tokens, **kw)
+                    sampling = G.Sampling(a.new_tokens, temperature, top_p, seed=0)
+                    rows, s = G.decode(model, batch, sampling, speculative=speculative)
+                    outs += rows
                     if speculative:
-                        stats.append(model.speculative_stats)
+                        stats.append(s)
                 return outs
 
             t_plain, t_spec, ratio, out_plain, out_spec = side_by_side(
                 partial(run, False), partial(run, True), a.repeats
             )
-            s = M.speculative_summary(*stats)
+            s = G.speculative_summary(*stats)
             acc = " ".join("-" if r is None else f"{r:.2f}" for r in s["acceptance"])
             same = ("yes" if out_plain == out_spec else "NO") if temperature == 0 else "n/a"
             print(f"{name:<8} {label:<17} {bs:>5} {s['tokens_per_forward']:>10.2f}   {acc:<15} "
@@ -182,13 +185,13 @@ def bench_speculative(
 
 
 def bench_hf(tiny_dir: Path, a: argparse.Namespace) -> None:
-    """The same weights loaded by transformers and by model.load_hf; greedy, KV cache on both, EOS off."""
+    """The same weights loaded by transformers and by formats.load_hf; greedy, KV cache on both, EOS off."""
     from transformers import LlamaForCausalLM
 
     path = tiny_dir / "ref_hf"
     hf = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # both sides generate exactly new_tokens tokens
-    ours = M.load_hf(path).eval()
+    ours = formats.load_hf(path).eval()
     g = torch.Generator().manual_seed(3)
     lengths = [24, 17, 30, 12, 26, 20, 15, 28]
     prompts = [torch.randint(3, ours.args.vocab_size, (n,), generator=g).tolist() for n in lengths]

@@ -27,6 +27,7 @@ def make_base(a: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
+    import formats
     import model as M
 
     args = M.ModelArgs(
@@ -40,7 +41,7 @@ def make_base(a: argparse.Namespace) -> None:
     torch.manual_seed(0)
     with torch.device(a.device):
         net = M.Transformer(args)
-    M.save_meta(net.to(torch.bfloat16), out)
+    formats.save_meta(net.to(torch.bfloat16), out)
     AutoTokenizer.from_pretrained(a.tokenizer).save_pretrained(str(out))
     n = M.count_params(net) / 1e9
     print(

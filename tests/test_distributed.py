@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import formats
 import model as M
 from config import REPO
 from tests.test_train import ENV, dcp_model, losses, metrics, run_train, tiny_overrides
@@ -107,7 +108,7 @@ def test_sharded_resume_equals_uninterrupted_run(rho1_2proc, tiny_dir):
 def test_consolidated_export_matches_the_sharded_checkpoint(rho1_2proc):
     """The safetensors export (gathered on rank 0) loads in one process and equals the 2-rank DCP checkpoint."""
     ck = rho1_2proc / "full" / "checkpoints"
-    exported = M.load_checkpoint(ck / "final")
+    exported = formats.load_checkpoint(ck / "final")
     resharded = M.Transformer(exported.args)
     resharded.load_state_dict(dcp_model(ck / "latest", rho1_2proc))  # 2 shards -> 1 process
     ids = torch.randint(0, exported.args.vocab_size, (2, 16))
@@ -234,7 +235,7 @@ def test_nan_rollback_restores_the_sharded_snapshot(rho1_2proc, tiny_dir):
         in p.stdout
     )
     two = dcp_model(out / "full" / "checkpoints" / "step_000002", out)
-    rolled = M.load_checkpoint(out / "rb" / "checkpoints" / "final").state_dict()
+    rolled = formats.load_checkpoint(out / "rb" / "checkpoints" / "final").state_dict()
     assert two.keys() == rolled.keys() and all(torch.equal(two[k], rolled[k]) for k in two)
 
 
@@ -266,7 +267,7 @@ def single_process_validation(tiny: Path, export: Path) -> dict:
     tok = data.load_tokenizer(cfg, export)
     val_ds = data.build_dataset(cfg, tok, "validation")
     assert len(val_ds) == 90
-    return train.validate(cfg, M.load_checkpoint(export), val_ds, tok.pad_token_id, P.Dist())
+    return train.validate(cfg, formats.load_checkpoint(export), val_ds, tok.pad_token_id, P.Dist())
 
 
 # 4 ranks: every scorer, and the evaluation split (5 problems in 3 batches: rank 3 has none); 3 ranks: the scorers

@@ -229,10 +229,10 @@ def test_evaluate_model_on_tiny_model_writes_the_report(tok_name, tiny_dir, tmp_
     from transformers import AutoTokenizer
 
     import config
-    import model as M
+    import formats
 
     torch.manual_seed(0)
-    net = M.load_model(tiny_dir / "base_meta", "meta", 4)
+    net = formats.load_model(tiny_dir / "base_meta", "meta", 4)
     tok = AutoTokenizer.from_pretrained(str(tiny_dir / tok_name))
     cfg = config.load_config(None, ["--eval.max_new_tokens=24", "--eval.batch_size=4", "--eval.workers=2"])
     cfg.storage.data_root = str(ROOT)
@@ -277,10 +277,10 @@ def tiny_checkpoint(tiny_dir, tmp_path_factory):
     """The tiny base in our format with its tokenizer beside it (what checkpoints/final holds)."""
     import shutil
 
-    import model as M
+    import formats
 
     ck = tmp_path_factory.mktemp("ck") / "final"
-    M.save_checkpoint(M.load_model(tiny_dir / "base_meta", "meta"), ck)
+    formats.save_checkpoint(formats.load_model(tiny_dir / "base_meta", "meta"), ck)
     for f in (tiny_dir / "tokenizer").iterdir():
         shutil.copy(f, ck / f.name)
     return ck
@@ -325,9 +325,9 @@ def test_greedy_completions_do_not_depend_on_the_batch_size(tiny_checkpoint):
     from transformers import AutoTokenizer
 
     import config
-    import model as M
+    import formats
 
-    net = M.load_checkpoint(tiny_checkpoint).eval()
+    net = formats.load_checkpoint(tiny_checkpoint).eval()
     tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
     problems = data.mbpp_split(data.load_mbpp(ROOT / "mbpp"), "test")[:4]
     prompts = [data.mbpp_prompt(p) for p in problems]

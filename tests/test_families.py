@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import formats
 import model as M
 import score
 import tiny
@@ -53,7 +54,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_head1_logits_equal_transformers(family, H, tiny_dir, hf_models):
     hf = hf_models[family]
     assert type(hf).__name__ == HF_CLASS[family]
-    ours = M.load_hf(tiny_dir / f"base_{family}", H).float().eval()
+    ours = formats.load_hf(tiny_dir / f"base_{family}", H).float().eval()
     ids = ids_for(ours.args)
     with torch.no_grad():
         want, got = hf(ids).logits, ours(ids)
@@ -64,7 +65,7 @@ def test_head1_logits_equal_transformers(family, H, tiny_dir, hf_models):
 
 
 def test_the_family_features_are_what_the_configs_say(tiny_dir):
-    a = {f: M.load_hf(tiny_dir / f"base_{f}").args for f in FAMILIES}
+    a = {f: formats.load_hf(tiny_dir / f"base_{f}").args for f in FAMILIES}
     assert (
         a["llama3"].rope_scaling_type == "llama3" and a["llama3"].tie_embeddings and a["llama3"].kv_heads == 2
     )
@@ -78,7 +79,7 @@ def test_the_family_features_are_what_the_configs_say(tiny_dir):
 
 
 def test_tied_embeddings_are_one_parameter_for_every_head(tiny_dir):
-    m = M.load_hf(tiny_dir / "base_qwen2", 3)
+    m = formats.load_hf(tiny_dir / "base_qwen2", 3)
     assert m.output.weight is m.tok_embeddings.weight
     names = [n for n, _ in m.named_parameters()]
     assert "tok_embeddings.weight" in names and "output.weight" not in names  # one parameter, listed once
@@ -88,18 +89,18 @@ def test_tied_embeddings_are_one_parameter_for_every_head(tiny_dir):
 
 
 def test_the_extra_heads_carry_the_family_features(tiny_dir):
-    m = M.load_hf(tiny_dir / "base_qwen3", 2)
+    m = formats.load_hf(tiny_dir / "base_qwen3", 2)
     head2 = m.extra_heads[0].attention
     assert hasattr(head2, "q_norm") and torch.equal(head2.q_norm.weight, m.layers[-1].attention.q_norm.weight)
-    q = M.load_hf(tiny_dir / "base_qwen2", 2).extra_heads[0].attention
+    q = formats.load_hf(tiny_dir / "base_qwen2", 2).extra_heads[0].attention
     assert q.wq.bias is not None and q.wo.bias is None
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_our_checkpoint_round_trip_keeps_the_features(family, tiny_dir, tmp_path):
-    m = M.load_hf(tiny_dir / f"base_{family}", 2)
-    M.save_checkpoint(m, tmp_path)
-    back = M.load_checkpoint(tmp_path)
+    m = formats.load_hf(tiny_dir / f"base_{family}", 2)
+    formats.save_checkpoint(m, tmp_path)
+    back = formats.load_checkpoint(tmp_path)
     assert back.args == m.args
     assert (back.output.weight is back.tok_embeddings.weight) == m.args.tie_embeddings
     ids = ids_for(m.args, batch=1, seq=20)
@@ -109,7 +110,7 @@ def test_our_checkpoint_round_trip_keeps_the_features(family, tiny_dir, tmp_path
 
 def test_llama3_rope_equals_transformers_inverse_frequencies(tiny_dir, hf_models):
     """The three bands of Llama 3.1's rule (kept, blended, divided by factor) are all present in the tiny base."""
-    args = M.load_hf(tiny_dir / "base_llama3").args
+    args = formats.load_hf(tiny_dir / "base_llama3").args
     ours = M.rope_inv_freq(args, torch.device("cpu"), torch.float32)
     theirs = hf_models["llama3"].model.rotary_emb.inv_freq
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=0)
@@ -149,9 +150,9 @@ def test_gpt2_and_starcoder2_style_models_are_refused_saying_why(tmp_path):
     )  # fmt: skip
     for name, model in (("gpt2", gpt2), ("starcoder2", sc2)):
         d = save_hf_dir(model, tmp_path / name)
-        with pytest.raises(M.CheckpointError, match=rf"model_type='{name}' is a GPT-2 / StarCoder2-style model "
+        with pytest.raises(formats.CheckpointError, match=rf"model_type='{name}' is a GPT-2 / StarCoder2-style model "
                            r"\(LayerNorm, GELU MLP, biases everywhere\)"):  # fmt: skip
-            M.load_hf(d)
+            formats.load_hf(d)
 
 
 @pytest.mark.parametrize(
@@ -178,8 +179,8 @@ def test_gpt2_and_starcoder2_style_models_are_refused_saying_why(tmp_path):
 )
 def test_unsupported_config_features_are_refused_naming_the_key(family, changes, match, tiny_dir, tmp_path):
     d = edit_config(tiny_dir / f"base_{family}", tmp_path / "m", **changes)
-    with pytest.raises(M.CheckpointError, match=match):
-        M.load_hf(d)
+    with pytest.raises(formats.CheckpointError, match=match):
+        formats.load_hf(d)
 
 
 def test_tensors_are_checked_strictly(tiny_dir, tmp_path):
@@ -189,27 +190,31 @@ def test_tensors_are_checked_strictly(tiny_dir, tmp_path):
     sd = load_file(d / "model.safetensors")
     save_file({**sd, "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}, d / "model.safetensors")
     with pytest.raises(
-        M.CheckpointError, match=r"unexpected keys \(1\): model.layers.0.self_attn.o_proj.bias"
+        formats.CheckpointError, match=r"unexpected keys \(1\): model.layers.0.self_attn.o_proj.bias"
     ):
-        M.load_hf(d)
+        formats.load_hf(d)
     d = edit_config(tiny_dir / "base_qwen2", tmp_path / "nobias")
     save_file(
         {k: v for k, v in sd.items() if k != "model.layers.1.self_attn.k_proj.bias"}, d / "model.safetensors"
     )
-    with pytest.raises(M.CheckpointError, match=r"missing keys \(1\): model.layers.1.self_attn.k_proj.bias"):
-        M.load_hf(d)
+    with pytest.raises(
+        formats.CheckpointError, match=r"missing keys \(1\): model.layers.1.self_attn.k_proj.bias"
+    ):
+        formats.load_hf(d)
     d = edit_config(
         tiny_dir / "base_qwen2", tmp_path / "untied_copy"
     )  # a tied checkpoint that carries lm_head
     save_file({**sd, "lm_head.weight": sd["model.embed_tokens.weight"] + 1}, d / "model.safetensors")
-    with pytest.raises(M.CheckpointError, match="lm_head.weight differs from model.embed_tokens.weight"):
-        M.load_hf(d)
+    with pytest.raises(
+        formats.CheckpointError, match="lm_head.weight differs from model.embed_tokens.weight"
+    ):
+        formats.load_hf(d)
     save_file({**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()}, d / "model.safetensors")
-    assert M.load_hf(d).args.tie_embeddings  # the same copy: accepted
+    assert formats.load_hf(d).args.tie_embeddings  # the same copy: accepted
 
 
 def test_a_sequence_past_the_sliding_window_is_refused(tiny_dir):
-    m = M.load_hf(tiny_dir / "base_mistral")
+    m = formats.load_hf(tiny_dir / "base_mistral")
     assert m.args.context_len == 192 < m.args.max_seq_len
     with pytest.raises(ValueError, match=r"sequence of 193 positions > sliding_window=192"):
         m(ids_for(m.args, batch=1, seq=193))
@@ -219,13 +224,17 @@ def test_meta_export_refuses_what_metas_layout_cannot_hold(tiny_dir, tmp_path):
     expect = {"llama3": "llama3 RoPE scaling", "qwen2": "q/k/v biases", "qwen3": "q/k RMSNorm",
               "mistral": "a sliding attention window"}  # fmt: skip
     for family, feature in expect.items():
-        with pytest.raises(M.CheckpointError, match=f"Meta's layout cannot hold this model .*{feature}"):
-            M.save_meta(M.load_hf(tiny_dir / f"base_{family}"), tmp_path / family, reference=True)
+        with pytest.raises(
+            formats.CheckpointError, match=f"Meta's layout cannot hold this model .*{feature}"
+        ):
+            formats.save_meta(formats.load_hf(tiny_dir / f"base_{family}"), tmp_path / family, reference=True)
         assert not (tmp_path / family / "params.json").exists()
     # a tied output is a copy in Meta's layout: Meta's code computes the same network
-    m = M.load_hf(edit_config(tiny_dir / "base_llama3", tmp_path / "l3", rope_parameters={"rope_theta": 5e5}))
-    M.save_meta(m, tmp_path / "meta", reference=True)
-    back = M.load_meta(tmp_path / "meta")
+    m = formats.load_hf(
+        edit_config(tiny_dir / "base_llama3", tmp_path / "l3", rope_parameters={"rope_theta": 5e5})
+    )
+    formats.save_meta(m, tmp_path / "meta", reference=True)
+    back = formats.load_meta(tmp_path / "meta")
     ids = ids_for(m.args, batch=1, seq=20)
     with torch.no_grad():
         assert torch.equal(back(ids), m(ids)) and not back.args.tie_embeddings

@@ -1,4 +1,4 @@
-"""model.py: HF equivalence, strict Meta loading, memory-efficient loss == naive, KV cache == recomputation."""
+"""model.py, formats.py: HF equivalence, strict Meta loading, MTP loss == naive, KV cache == recomputation."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import formats
+import generate as G
 import model as M
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,7 +68,7 @@ def hf_llama(tmp_path, tie: bool = False, rope: dict | None = None, shard: str |
 @pytest.mark.parametrize("tie", [False, True])
 def test_load_hf_matches_transformers(tmp_path, tie):
     hf = hf_llama(tmp_path, tie=tie)
-    m = M.load_hf(tmp_path).float().eval()
+    m = formats.load_hf(tmp_path).float().eval()
     assert m.args.n_future_tokens == 1 and len(m.layers) == 3 and m.args.hidden_dim == 176
     assert m.args.rope_theta == 5000.0
     ids = torch.randint(0, V, (2, 37))
@@ -80,7 +82,7 @@ def test_load_hf_matches_transformers(tmp_path, tie):
 def test_load_hf_linear_rope_scaling_sharded(tmp_path):
     hf = hf_llama(tmp_path, rope={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}, shard="200KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    m = M.load_hf(tmp_path).float().eval()
+    m = formats.load_hf(tmp_path).float().eval()
     assert m.args.rope_scaling_factor == 4.0
     ids = torch.randint(0, V, (1, 50))
     with torch.no_grad():
@@ -89,8 +91,8 @@ def test_load_hf_linear_rope_scaling_sharded(tmp_path):
 
 def test_load_hf_with_extra_heads(tmp_path):
     hf = hf_llama(tmp_path)
-    m = M.load_hf(tmp_path, n_future_tokens=3).float().eval()
-    assert M.read_model_args(tmp_path, "hf", 3) == m.args
+    m = formats.load_hf(tmp_path, n_future_tokens=3).float().eval()
+    assert formats.read_model_args(tmp_path, "hf", 3) == m.args
     assert len(m.layers) == 3 and len(m.extra_heads) == 2 and m.args.n_layers == 5
     ids = torch.randint(0, V, (2, 20))
     with torch.no_grad():
@@ -112,17 +114,17 @@ def test_load_hf_refuses_unsupported(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(M.CheckpointError, match="yarn"):
-        M.load_hf(tmp_path)
+    with pytest.raises(formats.CheckpointError, match="yarn"):
+        formats.load_hf(tmp_path)
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     cfg["attention_bias"] = True
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(M.CheckpointError, match="attention_bias"):
-        M.load_hf(tmp_path)
+    with pytest.raises(formats.CheckpointError, match="attention_bias"):
+        formats.load_hf(tmp_path)
     del cfg["attention_bias"], cfg["hidden_size"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(M.CheckpointError, match="config.json.*hidden_size"):
-        M.load_hf(tmp_path)
+    with pytest.raises(formats.CheckpointError, match="config.json.*hidden_size"):
+        formats.load_hf(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,12 +133,12 @@ def test_load_hf_refuses_unsupported(tmp_path):
 
 def test_meta_round_trip(tmp_path):
     m = tiny_model(n_future_tokens=2)
-    M.save_meta(m, tmp_path)
+    formats.save_meta(m, tmp_path)
     params = json.loads((tmp_path / "params.json").read_text())
     assert params["n_future_tokens"] == 2 and "ffn_hidden_dim" not in params
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
-    m2 = M.load_meta(tmp_path).eval()
-    assert M.read_model_args(tmp_path, "meta") == m.args == m2.args
+    m2 = formats.load_meta(tmp_path).eval()
+    assert formats.read_model_args(tmp_path, "meta") == m.args == m2.args
     ids = torch.randint(0, V, (2, 16))
     with torch.no_grad():
         assert torch.equal(m(ids), m2(ids))
@@ -152,7 +154,7 @@ def test_meta_round_trip(tmp_path):
 @pytest.mark.parametrize("corruption", ["missing", "extra", "shape"])
 def test_meta_strict_errors(tmp_path, corruption):
     m = tiny_model(n_future_tokens=2)
-    M.save_meta(m, tmp_path)
+    formats.save_meta(m, tmp_path)
     sd = torch.load(tmp_path / "consolidated.pth", weights_only=True)
     if corruption == "missing":
         key = "layers.1.feed_forward.w3.weight"
@@ -164,35 +166,35 @@ def test_meta_strict_errors(tmp_path, corruption):
         key = "extra_heads.0.attention.wv.weight"
         sd[key] = torch.zeros(3, 64)
     torch.save(sd, tmp_path / "consolidated.pth")
-    with pytest.raises(M.CheckpointError) as e:
-        M.load_meta(tmp_path)
+    with pytest.raises(formats.CheckpointError) as e:
+        formats.load_meta(tmp_path)
     msg = str(e.value)
     assert key in msg and "consolidated.pth" in msg
     assert {"missing": "missing keys", "extra": "unexpected keys", "shape": "wrong shapes"}[corruption] in msg
 
 
 def test_meta_params_errors(tmp_path):
-    M.save_meta(tiny_model(), tmp_path)
+    formats.save_meta(tiny_model(), tmp_path)
     params = json.loads((tmp_path / "params.json").read_text())
     (tmp_path / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
     with pytest.raises(ValueError, match="params.json.*use_scaled_rope"):
-        M.load_meta(tmp_path)
+        formats.load_meta(tmp_path)
     (tmp_path / "params.json").write_text(json.dumps({**params, "n_expert": 8}))
     with pytest.raises(ValueError, match="params.json.*unknown key.*n_expert"):
-        M.load_meta(tmp_path)
+        formats.load_meta(tmp_path)
     (tmp_path / "params.json").write_text(json.dumps({**params, "dim": "64"}))
     with pytest.raises(ValueError, match="params.json.*'dim'.*int"):
-        M.load_meta(tmp_path)
+        formats.load_meta(tmp_path)
     del params["n_future_tokens"]  # Meta's plain Llama params.json: H defaults to 1
     (tmp_path / "params.json").write_text(json.dumps(params))
-    assert M.load_meta(tmp_path).args.n_future_tokens == 1
+    assert formats.load_meta(tmp_path).args.n_future_tokens == 1
 
 
 def test_meta_format_variants(tmp_path):
     """What real Meta checkpoints look like: Llama-2's `vocab_size: -1`, an old `rope.freqs` buffer, weights in
     `consolidated.00.pth` (one model-parallel shard); several shards are refused with the fix."""
     m = tiny_model(n_future_tokens=2)
-    M.save_meta(m, tmp_path)
+    formats.save_meta(m, tmp_path)
     params = json.loads((tmp_path / "params.json").read_text())
     sd = torch.load(tmp_path / "consolidated.pth", weights_only=True)
     hd = m.args.head_dim
@@ -200,19 +202,21 @@ def test_meta_format_variants(tmp_path):
     (tmp_path / "consolidated.pth").unlink()
     torch.save(sd, tmp_path / "consolidated.00.pth")
     (tmp_path / "params.json").write_text(json.dumps({**params, "vocab_size": -1}))
-    m2 = M.load_meta(tmp_path).eval()
+    m2 = formats.load_meta(tmp_path).eval()
     assert m2.args == m.args  # vocab_size read off tok_embeddings
-    assert M.read_model_args(tmp_path, "meta") == m.args
+    assert formats.read_model_args(tmp_path, "meta") == m.args
     ids = torch.randint(0, V, (2, 12))
     with torch.no_grad():
         assert torch.equal(m(ids), m2(ids))
     sd["rope.freqs"] = sd["rope.freqs"] * 2  # frequencies of another rope_theta
     torch.save(sd, tmp_path / "consolidated.00.pth")
-    with pytest.raises(M.CheckpointError, match="rope.freqs does not match rope_theta"):
-        M.load_meta(tmp_path)
+    with pytest.raises(formats.CheckpointError, match="rope.freqs does not match rope_theta"):
+        formats.load_meta(tmp_path)
     torch.save(sd, tmp_path / "consolidated.01.pth")
-    with pytest.raises(M.CheckpointError, match="2 model-parallel shards; merge them into consolidated.pth"):
-        M.load_meta(tmp_path)
+    with pytest.raises(
+        formats.CheckpointError, match="2 model-parallel shards; merge them into consolidated.pth"
+    ):
+        formats.load_meta(tmp_path)
 
 
 def damaged(src, dst, how: str):
@@ -237,9 +241,11 @@ def damaged(src, dst, how: str):
 @pytest.mark.parametrize("how", ["middle", "truncated", "random"])
 def test_damaged_meta_weights_are_refused_naming_the_file(tiny_dir, tmp_path, how):
     path, f = damaged(tiny_dir / "base_meta", tmp_path / "meta", how)
-    (path / M.CHECKLIST).unlink(missing_ok=True)  # torch's own record CRCs catch it without Meta's checklist
-    with pytest.raises(M.CheckpointError) as e:
-        M.load_model(path, "meta", 4)
+    (path / formats.CHECKLIST).unlink(
+        missing_ok=True
+    )  # torch's own record CRCs catch it without Meta's checklist
+    with pytest.raises(formats.CheckpointError) as e:
+        formats.load_model(path, "meta", 4)
     msg = str(e.value)
     assert msg.startswith(f"{f}: ")
     if how == "middle":  # the first damaged record, and the tensor stored in it
@@ -250,50 +256,52 @@ def test_damaged_meta_weights_are_refused_naming_the_file(tiny_dir, tmp_path, ho
 
 def test_meta_checklist_and_non_finite_tensors(tiny_dir, tmp_path):
     path, f = damaged(tiny_dir / "base_meta", tmp_path / "meta", "none")
-    M.write_checklist(path)
-    assert M.verify_checklist(path) and M.load_model(path, "meta", 4) is not None
+    formats.write_checklist(path)
+    assert formats.verify_checklist(path) and formats.load_model(path, "meta", 4) is not None
     params = path / "params.json"
     params.write_text(params.read_text() + "\n")
     with pytest.raises(
-        M.CheckpointError, match=rf"{params}: MD5 .* does not match .* in {path / M.CHECKLIST}"
+        formats.CheckpointError, match=rf"{params}: MD5 .* does not match .* in {path / formats.CHECKLIST}"
     ):
-        M.load_model(path, "meta", 4)
-    (path / M.CHECKLIST).unlink()
+        formats.load_model(path, "meta", 4)
+    (path / formats.CHECKLIST).unlink()
     sd = torch.load(f, weights_only=True)
     sd["layers.1.attention.wk.weight"][3, 5] = float("nan")  # a valid file holding a NaN
     torch.save(sd, f)
-    with pytest.raises(M.CheckpointError) as e:
-        M.load_model(path, "meta", 4)
+    with pytest.raises(formats.CheckpointError) as e:
+        formats.load_model(path, "meta", 4)
     assert str(e.value).startswith(f"{f}: tensor 'layers.1.attention.wk.weight' has 1 non-finite value(s)")
 
 
 def test_damaged_safetensors_are_refused_naming_the_file(tmp_path):
-    M.save_checkpoint(tiny_model(), tmp_path / "ok")
+    formats.save_checkpoint(tiny_model(), tmp_path / "ok")
     for how in ("truncated", "random"):
         path, f = damaged(tmp_path / "ok", tmp_path / how, how)
-        with pytest.raises(M.CheckpointError, match=rf"^{f}: (not a safetensors file|the header describes)"):
-            M.load_model(path, "wmtp")
+        with pytest.raises(
+            formats.CheckpointError, match=rf"^{f}: (not a safetensors file|the header describes)"
+        ):
+            formats.load_model(path, "wmtp")
 
 
 def test_checkpoint_round_trip_and_resize(tmp_path):
     m = tiny_model(n_future_tokens=3)
-    M.save_checkpoint(m, tmp_path)
-    m2 = M.load_model(tmp_path, "wmtp")
+    formats.save_checkpoint(m, tmp_path)
+    m2 = formats.load_model(tmp_path, "wmtp")
     assert m2.args == m.args
     ids = torch.randint(0, V, (2, 12))
     with torch.no_grad():
         full = m(ids)
         assert torch.equal(full, m2.eval()(ids))
         # dropping heads keeps the trunk and the first heads exactly
-        m1 = M.load_model(tmp_path, "wmtp", n_future_tokens=1).eval()
+        m1 = formats.load_model(tmp_path, "wmtp", n_future_tokens=1).eval()
         assert m1.args.n_layers == 2 and torch.equal(m1(ids)[:, :, 0], full[:, :, 0])
-    assert M.read_model_args(tmp_path, "wmtp") == m.args
-    assert M.read_model_args(tmp_path, "wmtp", 1) == m1.args
-    with pytest.raises(M.CheckpointError, match="fmt='hf'"):
+    assert formats.read_model_args(tmp_path, "wmtp") == m.args
+    assert formats.read_model_args(tmp_path, "wmtp", 1) == m1.args
+    with pytest.raises(formats.CheckpointError, match="fmt='hf'"):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-        M.load_checkpoint(tmp_path)
+        formats.load_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="unknown checkpoint format"):
-        M.load_model(tmp_path, "gguf")
+        formats.load_model(tmp_path, "gguf")
 
 
 def test_args_rules():
@@ -444,14 +452,15 @@ def test_no_valid_pairs_gives_zero_loss_and_grads():
 def test_kv_cache_generation_equals_full_recomputation():
     m = tiny_model(n_future_tokens=2)
     prompts = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7]]  # different lengths: left padding
-    new, step_logits = m._generate(prompts, 10, 0.0, 1.0, None, None, None, pad_id=0, keep_logits=True)
+    trace: dict = {}
+    new = G.generate(m, prompts, 10, temperature=0.0, top_p=1.0, trace=trace)
     assert [len(x) for x in new] == [10, 10, 10]
     with torch.no_grad():
         for b, p in enumerate(prompts):
             seq = list(p)
             for step in range(10):
                 full = m(torch.tensor([seq]))[0, -1, 0]
-                assert (step_logits[step][b] - full).abs().max().item() < 1e-5
+                assert (trace["p"][b][step] - full).abs().max().item() < 1e-5
                 assert int(full.argmax()) == new[b][step]
                 seq.append(new[b][step])
     assert m.generate(prompts, 10, temperature=0) == new
@@ -465,7 +474,7 @@ def test_save_hf_is_llama_for_transformers_with_gqa_linear_rope_and_any_ffn_widt
     import transformers
 
     m = tiny_model(n_future_tokens=2, rope_scaling_factor=2.0, ffn_hidden_dim=96, rope_theta=5000.0)
-    M.save_hf(m, tmp_path, bos_id=0, eos_id=1, pad_id=2)
+    formats.save_hf(m, tmp_path, bos_id=0, eos_id=1, pad_id=2)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert (
         cfg["num_hidden_layers"] == 3 and cfg["intermediate_size"] == 96 and cfg["num_key_value_heads"] == 2
@@ -476,14 +485,14 @@ def test_save_hf_is_llama_for_transformers_with_gqa_linear_rope_and_any_ffn_widt
     ids = torch.randint(0, V, (2, 40))
     with torch.no_grad():
         assert (hf(ids).logits - m(ids)[:, :, 0]).abs().max().item() < 1e-4
-    back = M.load_hf(tmp_path)  # HF's q/k permutation re-applied, then undone: the very same tensors
+    back = formats.load_hf(tmp_path)  # HF's q/k permutation re-applied, then undone: the very same tensors
     assert back.args == dataclasses.replace(m.args, n_layers=3, n_future_tokens=1, multiple_of=256)
     head1 = {k: v for k, v in m.state_dict().items() if not k.startswith("extra_heads.")}
     assert all(torch.equal(v, head1[k]) for k, v in back.state_dict().items()) and len(head1) == len(
         back.state_dict()
     )
 
-    M.save_hf(m, tmp_path / "bf16", dtype=torch.bfloat16)
+    formats.save_hf(m, tmp_path / "bf16", dtype=torch.bfloat16)
     from safetensors.torch import load_file
 
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
@@ -492,36 +501,36 @@ def test_save_hf_is_llama_for_transformers_with_gqa_linear_rope_and_any_ffn_widt
 
 def test_save_hf_refuses_what_hf_llama_cannot_express(tmp_path):
     args = dataclasses.replace(tiny_args(), qk_norm=True)  # Qwen3's q/k norm: LlamaConfig has no key for it
-    with pytest.raises(M.CheckpointError, match=r"HF Llama cannot express this model: qk_norm = True"):
-        M.hf_config(args, torch.float32)
-    with pytest.raises(M.CheckpointError, match="qk_norm"):
-        M.save_hf(M.Transformer(args), tmp_path / "out")
+    with pytest.raises(formats.CheckpointError, match=r"HF Llama cannot express this model: qk_norm = True"):
+        formats.hf_config(args, torch.float32)
+    with pytest.raises(formats.CheckpointError, match="qk_norm"):
+        formats.save_hf(M.Transformer(args), tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_save_meta_reference_params_are_metas_keys(tmp_path):
     m = tiny_model(n_future_tokens=2)
-    M.save_meta(m, tmp_path, dtype=torch.bfloat16, reference=True)
+    formats.save_meta(m, tmp_path, dtype=torch.bfloat16, reference=True)
     params = json.loads((tmp_path / "params.json").read_text())
     meta_keys = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                  "norm_eps", "rope_theta", "n_future_tokens"}  # fmt: skip
     assert set(params) == meta_keys  # no max_seq_len: Meta's Llama.build passes it next to **params
-    back = M.load_meta(tmp_path)
+    back = formats.load_meta(tmp_path)
     assert back.args == dataclasses.replace(m.args, max_seq_len=M.ModelArgs.max_seq_len)
     assert all(torch.equal(v, m.state_dict()[k].bfloat16()) for k, v in back.state_dict().items())
 
 
 def test_detect_format(tmp_path):
     m = tiny_model(n_future_tokens=2)
-    M.save_checkpoint(m, tmp_path / "wmtp")
-    M.save_hf(m, tmp_path / "hf")
-    M.save_meta(m, tmp_path / "meta")
-    assert [M.detect_format(tmp_path / f) for f in ("wmtp", "hf", "meta")] == ["wmtp", "hf", "meta"]
+    formats.save_checkpoint(m, tmp_path / "wmtp")
+    formats.save_hf(m, tmp_path / "hf")
+    formats.save_meta(m, tmp_path / "meta")
+    assert [formats.detect_format(tmp_path / f) for f in ("wmtp", "hf", "meta")] == ["wmtp", "hf", "meta"]
     (tmp_path / "last" / "dcp").mkdir(parents=True)
-    with pytest.raises(M.CheckpointError, match="resume checkpoint.*train.py export"):
-        M.detect_format(tmp_path / "last")
+    with pytest.raises(formats.CheckpointError, match="resume checkpoint.*train.py export"):
+        formats.detect_format(tmp_path / "last")
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
-        M.detect_format(tmp_path)
+        formats.detect_format(tmp_path)
 
 
 def test_generate_sampling_stops_and_seed():
@@ -559,7 +568,7 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     "temperature,top_p,kept", [(1.0, 0.79, 2), (1.0, 0.81, 3), (0.5, 0.9, 2), (2.0, 1.0, 6)]
 )
 def test_nucleus_sampling_frequencies(temperature, top_p, kept):
-    """model.sample keeps exactly the smallest set of tokens whose tempered mass is >= top_p and samples them in
+    """generate.sample keeps exactly the smallest set of tokens whose tempered mass is >= top_p and samples them in
     proportion to their tempered probabilities: no token outside the set is ever drawn, and a chi-square test at
     a fixed false-alarm rate (p < 0.001, seeded: deterministic) accepts the frequencies."""
     base = torch.tensor([0.5, 0.3, 0.12, 0.05, 0.02, 0.01], dtype=torch.float64)
@@ -576,7 +585,7 @@ def test_nucleus_sampling_frequencies(temperature, top_p, kept):
 
     n = 40_000
     gen = torch.Generator().manual_seed(11)
-    draws = M.sample(logits.float().expand(n, 6), temperature, top_p, gen)
+    draws = G.sample(logits.float().expand(n, 6), temperature, top_p, gen)
     counts = torch.bincount(draws, minlength=6).double()
     assert (counts[want == 0] == 0).all(), counts
     assert chi_square_p(counts, want) > 1e-3, (counts / n, want)
@@ -607,13 +616,14 @@ def test_cuda_contracts_and_bf16_step():
 
     m.eval()
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
-    new, step_logits = m._generate(prompts, 6, 0.0, 1.0, None, None, None, pad_id=0, keep_logits=True)
+    trace: dict = {}
+    new = G.generate(m, prompts, 6, temperature=0.0, top_p=1.0, trace=trace)
     with torch.no_grad():
         for b, p in enumerate(prompts):
             seq = list(p)
             for step in range(6):
                 full = m(torch.tensor([seq], device="cuda"))[0, -1, 0]
-                assert (step_logits[step][b] - full).abs().max().item() < 1e-4
+                assert (trace["p"][b][step] - full).abs().max().item() < 1e-4
                 seq.append(new[b][step])
     s1 = m.generate(prompts, 8, temperature=0.8, top_p=0.95, seed=1)
     assert s1 == m.generate(prompts, 8, temperature=0.8, top_p=0.95, seed=1)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import config as C  # noqa: E402
 import data  # noqa: E402
+import formats  # noqa: E402
 import model as M  # noqa: E402
 import score  # noqa: E402
 
@@ -427,7 +428,7 @@ def manual_batch(rows: list[list[int]], start: int) -> dict:
 
 
 def save_wmtp(model: M.Transformer, tok, path) -> str:
-    M.save_checkpoint(model, path)
+    formats.save_checkpoint(model, path)
     tok.save_pretrained(str(path))
     return str(path)
 
@@ -448,7 +449,7 @@ def test_rho1_excess_zero_when_reference_is_the_policy(tok, tmp_path, aux_dirs):
     assert ce[batch["valid"]].min() > 0
     assert excess.abs().max() < 1e-5
     # (b) an HF reference run by transformers against the same weights loaded into our Transformer
-    policy = M.load_hf(aux_dirs / "ref", 1)
+    policy = formats.load_hf(aux_dirs / "ref", 1)
     cfg = make_cfg(tmp_path, "rho1_excess_v1", rho1=dict(ref_model=str(aux_dirs / "ref"), ref_format="hf"))
     state = score.init_state(cfg, policy, tok, "cpu")
     state.hidden = policy(batch["input_ids"], stage="trunk").detach()

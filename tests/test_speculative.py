@@ -1,5 +1,6 @@
-"""Self-speculative decoding (model.generate(..., speculative=True)): exact accept/resample step, greedy output
-identical to plain greedy, the sampled distribution equal to plain sampling, cache rollback, evaluate.py."""
+"""Self-speculative decoding (generate.py: model.generate(..., speculative=True), generate.decode): exact
+accept/resample step, greedy output identical to plain greedy, the sampled distribution equal to plain sampling,
+cache rollback, evaluate.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections import Counter
 import pytest
 import torch
 
+import formats
+import generate as G
 import model as M
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,7 +96,7 @@ def test_accept_resample_step_gives_p(p, q):
     P, Q = torch.tensor(p), torch.tensor(q)
     N, g = 200_000, torch.Generator().manual_seed(0)
     drafts = torch.multinomial(Q.expand(N, 4), 1, generator=g)[:, 0]
-    accepted, token = M.speculative_accept(P.expand(N, 4), Q.expand(N, 4), drafts, g)
+    accepted, token = G.speculative_accept(P.expand(N, 4), Q.expand(N, 4), drafts, g)
     # P(accept | d) = min(1, p(d)/q(d)): exactly 1 where p >= q, exactly 0 where p = 0, else the ratio
     for d in range(4):
         rate = accepted[drafts == d].double().mean().item() if (drafts == d).any() else None
@@ -119,7 +122,7 @@ def test_accept_resample_step_gives_p(p, q):
 def test_accept_when_p_equals_q():
     p = torch.softmax(torch.randn(1000, 7, generator=torch.Generator().manual_seed(1)), -1)
     drafts = torch.multinomial(p, 1)[:, 0]
-    accepted, token = M.speculative_accept(p, p.clone(), drafts, torch.Generator().manual_seed(2))
+    accepted, token = G.speculative_accept(p, p.clone(), drafts, torch.Generator().manual_seed(2))
     assert accepted.all() and (token == drafts).all()
 
 
@@ -131,8 +134,8 @@ def test_accept_when_p_equals_q():
 def test_greedy_is_plain_greedy_on_random_models(H):
     m = sticky_model(H)
     plain = m.generate(PROMPTS, 30, temperature=0)
-    assert m.generate(PROMPTS, 30, temperature=0, speculative=True) == plain  # batch 5, left-padded
-    s = m.speculative_stats
+    spec, s = G.decode(m, PROMPTS, G.Sampling(30, temperature=0), speculative=True)
+    assert spec == plain  # batch 5, left-padded
     assert 0 < s["accepted"][0] < s["drafted"][0]  # drafts were accepted, and rejected
     assert s["tokens"] == 5 * 30 and s["tokens_per_forward"] > 1.2
     for p, want in zip(PROMPTS, plain, strict=True):  # batch 1
@@ -153,9 +156,9 @@ def test_greedy_with_heads_that_know_the_future(H):
     m = counting_model(H)
     plain = m.generate(PROMPTS, 10, temperature=0)
     assert plain[0] == [(2 + i + 1) % 32 for i in range(10)]  # the model counts
-    assert m.generate(PROMPTS, 10, temperature=0, speculative=True) == plain
+    spec, s = G.decode(m, PROMPTS, G.Sampling(10, temperature=0), speculative=True)
+    assert spec == plain
     # every draft right: prefill gives 1 token, each full block H, the budget cuts the last one (10 tokens)
-    s = m.speculative_stats
     blocks, rest = divmod(10 - 1, H)
     assert s["forwards"] == 1 + blocks + (rest > 0) and s["tokens"] == 50 and s["accepted"] == s["drafted"]
     # EOS on an accepted draft in the middle of a block: the drafts after it are not returned
@@ -168,8 +171,8 @@ def test_greedy_with_heads_that_know_the_future(H):
         assert m.generate(PROMPTS, n, temperature=0, speculative=True) == [r[:n] for r in plain]
     # a head that is wrong on 3 tokens in 7: rows accept different numbers of drafts
     m = counting_model(H, wrong=(H - 1,))
-    assert m.generate(PROMPTS, 30, temperature=0, speculative=True) == m.generate(PROMPTS, 30, temperature=0)
-    s = m.speculative_stats
+    spec, s = G.decode(m, PROMPTS, G.Sampling(30, temperature=0), speculative=True)
+    assert spec == m.generate(PROMPTS, 30, temperature=0)
     assert s["accepted"][: H - 2] == s["drafted"][: H - 2] and 0 < s["accepted"][-1] < s["drafted"][-1]
 
 
@@ -187,8 +190,7 @@ def test_sampled_distribution_equals_plain_sampling():
         m.output.weight.mul_(3.0)  # logits spread over ~2 nats: p and the drafts' q differ
     rows = [[1, 4, 2]] * N  # N independent samples in one batch
     plain = m.generate(rows, 4, temperature=1.0, top_p=0.9, seed=1)
-    spec = m.generate(rows, 4, temperature=1.0, top_p=0.9, seed=2, speculative=True)
-    s = m.speculative_stats
+    spec, s = G.decode(m, rows, G.Sampling(4, temperature=1.0, top_p=0.9, seed=2), speculative=True)
     assert s["draft_steps"] == 2 and all(0.3 < a < 0.95 for a in s["acceptance"])  # both paths exercised
     for n in (1, 2, 3, 4):  # the joint distribution of the first n tokens
         a, b = Counter(tuple(r[:n]) for r in plain), Counter(tuple(r[:n]) for r in spec)
@@ -202,8 +204,8 @@ def test_sampled_distribution_equals_plain_sampling():
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_after_rejections_logits_equal_a_fresh_forward(temperature):
     m = sticky_model(3, seed=0)
-    new, kept = m._generate_speculative(PROMPTS, 24, temperature, 0.9, None, None, 3, 0, keep_logits=True)
-    s = m.speculative_stats
+    kept: dict = {}
+    new, s = G.decode(m, PROMPTS, G.Sampling(24, temperature, 0.9, seed=3), speculative=True, trace=kept)
     assert s["accepted"][0] < s["drafted"][0]  # rejections happened
     with torch.no_grad():
         for b, p in enumerate(PROMPTS):  # head 1 behind every generated token
@@ -222,9 +224,9 @@ def test_useless_heads_stop_drafting_and_catch_up_later():
         for block in m.extra_heads:
             for p in block.parameters():
                 p.normal_(0.0, 0.3) if p.ndim > 1 else p.fill_(1.0)
-    new, kept = m._generate_speculative(PROMPTS, 60, 0.0, 1.0, None, None, None, 0, keep_logits=True)
+    kept: dict = {}
+    new, s = G.decode(m, PROMPTS, G.Sampling(60, 0.0, 1.0), speculative=True, trace=kept)
     assert new == m.generate(PROMPTS, 60, temperature=0)
-    s = m.speculative_stats
     assert s["acceptance"][0] < 0.2 and s["draft_steps"] < 10  # mostly plain steps
     b, j, logits = kept["q"][-1]  # the last probe: one draft, by head 2, whose cache caught up over 30+ slots
     assert j > 30 and len(logits) == 1
@@ -235,8 +237,9 @@ def test_useless_heads_stop_drafting_and_catch_up_later():
 
 def test_one_head_model_and_arguments():
     m = counting_model(1)
-    assert m.generate(PROMPTS, 5, temperature=0, speculative=True) == m.generate(PROMPTS, 5, temperature=0)
-    assert m.speculative_stats["tokens_per_forward"] == 1.0 and m.speculative_stats["acceptance"] == []
+    spec, s = G.decode(m, PROMPTS, G.Sampling(5, temperature=0), speculative=True)
+    assert spec == m.generate(PROMPTS, 5, temperature=0)
+    assert s["tokens_per_forward"] == 1.0 and s["acceptance"] == []
     assert m.generate(PROMPTS, 0, speculative=True) == [[] for _ in PROMPTS]
     with pytest.raises(ValueError, match="max_seq_len"):
         m.generate(PROMPTS, 300, speculative=True)
@@ -250,12 +253,12 @@ def test_evaluate_speculative_same_pass_at_1_and_stats(tiny_dir, tmp_path, capsy
     import evaluate
     from config import REPO, default_data_root
 
-    net = M.load_model(tiny_dir / "base_meta", "meta", 4)
+    net = formats.load_model(tiny_dir / "base_meta", "meta", 4)
     with torch.no_grad():  # as sticky_model: drafts are accepted while the random model repeats itself
         for block in net.extra_heads:
             block.load_state_dict(net.layers[-1].state_dict())
         net.output.weight.mul_(0.85).add_(0.15 * net.tok_embeddings.weight)
-    M.save_checkpoint(net, tmp_path / "ckpt")
+    formats.save_checkpoint(net, tmp_path / "ckpt")
     argv = [str(REPO / "configs" / "tiny_mbpp.toml"), "--checkpoint", str(tmp_path / "ckpt"), "--datasets", "mbpp",
             "--limit", "3", f"--model.tokenizer={tiny_dir / 'tokenizer'}", f"--storage.data_root={default_data_root()}",
             "--eval.temperature=0", "--eval.max_new_tokens=32", "--eval.batch_size=2", "--eval.workers=2"]  # fmt: skip

@@ -11,6 +11,7 @@ import torch
 import config as C
 import data
 import evaluate
+import formats
 import model as M
 
 
@@ -180,7 +181,7 @@ def test_critic_dataset_reward(tok, tiny_dir):
         "--critic.pretrain_steps=0",
     )
     ds = data.build_dataset(cfg, tok, "train")
-    state = score.init_state(cfg, M.load_meta(tiny_dir / "synthetic_base"), tok, "cpu", dataset=ds)
+    state = score.init_state(cfg, formats.load_meta(tiny_dir / "synthetic_base"), tok, "cpu", dataset=ds)
     score.prepare(state, None)  # the rewards of the whole train set, read from the rows
     assert state.rewards == {i: r for i, r in zip(ds["index"], ds["reward"], strict=True)}
     with pytest.raises(C.ConfigError, match="critic.reward' = 'dataset' needs a dataset"):
@@ -188,11 +189,11 @@ def test_critic_dataset_reward(tok, tiny_dir):
 
 
 def test_synthetic_base(tiny_dir, tok):
-    net = M.load_meta(tiny_dir / "synthetic_base")
+    net = formats.load_meta(tiny_dir / "synthetic_base")
     assert net.args.n_future_tokens == 4 and net.args.vocab_size == len(data.SYN_VOCAB) == len(tok)
     assert (
         M.count_params(net) == 1222272
-        and M.count_params(M.load_meta(tiny_dir / "synthetic_base", 1)) == 619392
+        and M.count_params(formats.load_meta(tiny_dir / "synthetic_base", 1)) == 619392
     )
     from transformers import AutoTokenizer
 

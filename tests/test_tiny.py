@@ -102,11 +102,11 @@ def test_rm_hf_scores_padded_batches(tok, tiny_dir):
 
 
 def test_base_meta_is_an_h4_mtp_model(tok, tiny_dir):
-    import model as M
+    import formats
 
     params = json.loads((tiny_dir / "base_meta" / "params.json").read_text())
     assert (params["n_future_tokens"], params["n_layers"], params["vocab_size"]) == (4, 6, len(tok))
-    net = M.load_meta(tiny_dir / "base_meta")
+    net = formats.load_meta(tiny_dir / "base_meta")
     assert (len(net.layers), len(net.extra_heads)) == (3, 3)
     with torch.no_grad():
         logits = net(torch.tensor([tok("x = 1")["input_ids"]]))

@@ -237,7 +237,7 @@ def test_best_is_the_checkpoint_of_the_lowest_validation_loss(tiny_dir, tmp_path
     """A learning rate so high that validation goes down, up, down: checkpoints/best holds the weights of the
     lowest validation loss (step 2), not the last ones; its loss, recomputed, is the summary's best_val_loss."""
     import data
-    import model as M
+    import formats
     import parallel as P
 
     kv = {"train.run_name": "best", "train.steps": 4, "train.eval_every": 1, "optim.lr": 0.05}
@@ -253,7 +253,7 @@ def test_best_is_the_checkpoint_of_the_lowest_validation_loss(tiny_dir, tmp_path
     val_ds = data.build_dataset(cfg, tok, "validation")
     for name, want in (("best", val[2]), ("final", val[4])):
         got = train.validate(
-            cfg, M.load_checkpoint(run / "checkpoints" / name), val_ds, tok.pad_token_id, P.Dist()
+            cfg, formats.load_checkpoint(run / "checkpoints" / name), val_ds, tok.pad_token_id, P.Dist()
         )
         assert got["val/loss"] == pytest.approx(want, rel=1e-6), name
 
@@ -278,10 +278,10 @@ def test_bf16_checkpoint_trains_fp32_master_weights(tiny_dir, tmp_path):
     gradients and the AdamW state are fp32, so after 3 steps at lr 1e-5 nearly every weight has moved."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    import model as M
+    import formats
 
     base = tmp_path / "base_bf16"
-    M.save_meta(M.load_model(tiny_dir / "base_meta", "meta").to(torch.bfloat16), base)
+    formats.save_meta(formats.load_model(tiny_dir / "base_meta", "meta").to(torch.bfloat16), base)
     init = torch.load(base / "consolidated.pth", weights_only=True)
     assert {v.dtype for v in init.values()} == {torch.bfloat16}
     kv = {"train.run_name": "bf16", "model.path": str(base), "optim.lr": 1e-5, "train.steps": 3}
@@ -444,7 +444,7 @@ def test_config_error_exits_before_any_work(tiny_dir, tmp_path):
 
 def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_path):
     import data
-    import model as M
+    import formats
     import parallel as P
     import score
 
@@ -470,7 +470,7 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     from safetensors.torch import load_file
 
     assert all("lora_" in k for k in load_file(out / "adapter.safetensors"))
-    merged = M.load_checkpoint(out)
+    merged = formats.load_checkpoint(out)
     net.eval()
     ids = torch.randint(0, merged.args.vocab_size, (2, 24))
     with torch.no_grad():
@@ -482,7 +482,7 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     hf = AutoModelForCausalLM.from_pretrained(
         checkpoint.write_export(merged, tmp_path / "hf", "hf", tok, None)
     ).eval()
-    base = M.load_meta(tiny_dir / "base_meta").eval()
+    base = formats.load_meta(tiny_dir / "base_meta").eval()
     with torch.no_grad():
         logits = hf(ids).logits
         assert (logits - net(ids)[:, :, 0]).abs().max().item() < 1e-4
@@ -511,13 +511,13 @@ def test_exports_load_in_transformers_and_meta_and_equal_the_trained_heads(refer
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import model as M
+    import formats
 
     out, _ = reference_run
     ck = out / "ref" / "checkpoints"
     for name in ("final", "best"):
         assert {"hf", "meta"} <= {p.name for p in (ck / name).iterdir()}, name
-    trained = M.load_checkpoint(ck / "final").eval()
+    trained = formats.load_checkpoint(ck / "final").eval()
     assert trained.args.n_future_tokens == 4
     hf = AutoModelForCausalLM.from_pretrained(ck / "final" / "hf", local_files_only=True).eval()
     assert (
@@ -526,7 +526,7 @@ def test_exports_load_in_transformers_and_meta_and_equal_the_trained_heads(refer
     )
     tok = AutoTokenizer.from_pretrained(ck / "final" / "hf")
     prompts = mbpp_prompts(tok)
-    meta = M.load_meta(ck / "final" / "meta").eval()
+    meta = formats.load_meta(ck / "final" / "meta").eval()
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p])

@@ -1,0 +1,517 @@
+"""Decoding with an MTP Transformer: head 1 decides every token; with `speculative=True` heads 2..H draft them.
+
+    generate(model, prompts, max_new_tokens, temperature=0.2, top_p=0.95, eos_id=None, stop=None, seed=None,
+             pad_id=0, speculative=False)            -> new tokens per prompt (what model.generate returns)
+    decode(model, prompts, Sampling(...), pad_id=0, speculative=False)
+                                                     -> (new tokens per prompt, decoding statistics)
+
+Prompts are left-padded into one batch. Every row has its own RoPE positions (0 after its padding) and attends to
+its own slots only, so a padded row computes exactly what it would alone. `forward_cached` runs a block of tokens
+through trunk + head 1 into a `KVCache` at each row's own slots: the rows of a speculative batch accept different
+numbers of drafts, so they stand at different slots.
+
+These are functions of a model (a model.Transformer), and nothing here imports model.py: model.generate delegates
+to this file. The speculative loop is `_speculate`; drafting is `_spec_heads` + `_draft`, verification
+`forward_cached` + `_verify`: the places to time and change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+NUCLEUS_TOPK = 64  # top-p looks for its nucleus among the top 64 tokens first (sorting all V is slow on CPU)
+SPEC_MIN_GAIN = 1 / 3  # speculative decoding drafts while it expects this many accepted drafts per head ...
+SPEC_MAX_BACKOFF = 64  # ... and otherwise decodes up to this many steps plainly between one-draft probes
+SPEC_RATE_WEIGHT = 0.25  # weight of the last drafting step in the running acceptance of each head
+SPEC_HEAD_WINDOW = 8  # the extra heads run whole over at most this many new slots, keys/values only before
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a decoding call draws its tokens and where its rows end.
+
+    temperature 0 is greedy; otherwise nucleus (top_p) sampling from softmax(logits / temperature), with a
+    torch.Generator seeded by `seed` when given. A row stops at `eos_id` (not included in its output), once
+    `stop(row_new_tokens)` returns True (the token that triggered it is kept; the caller trims stop strings), or
+    after max_new_tokens tokens.
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.2
+    top_p: float = 0.95
+    eos_id: int | None = None
+    stop: Callable[[list[int]], bool] | None = None
+    seed: int | None = None
+
+    def append(self, row: list[int], toks: list[int]) -> tuple[bool, int]:
+        """Append toks to a row token by token: EOS ends the row (not appended), so do `stop(row)` and the
+        budget. Returns (row done, tokens used, EOS included)."""
+        for i, tok in enumerate(toks):
+            if self.eos_id is not None and tok == self.eos_id:
+                return True, i + 1
+            row.append(tok)
+            if (self.stop is not None and self.stop(row)) or len(row) >= self.max_new_tokens:
+                return True, i + 1
+        return False, len(toks)
+
+
+def generate(
+    model: nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.2,
+    top_p: float = 0.95,
+    eos_id: int | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
+    seed: int | None = None,
+    pad_id: int = 0,
+    speculative: bool = False,
+    trace: dict | None = None,
+) -> list[list[int]]:
+    """Sample continuations with head 1 (batched, left-padded, KV-cached): the new tokens of each prompt.
+
+    The sampling keywords are `Sampling`'s. `speculative=True`: self-speculative decoding with the extra heads
+    (`_speculate`). Greedy output is the plain greedy output token for token; sampled output has exactly the plain
+    distribution (not the same draws for a seed: the generator is consumed differently). `decode` also returns
+    the decoding statistics; `trace` is `decode`'s (tests).
+    """
+    s = Sampling(max_new_tokens, temperature, top_p, eos_id, stop, seed)
+    return decode(model, prompts, s, pad_id, speculative, trace)[0]
+
+
+@torch.no_grad()
+def decode(
+    model: nn.Module,
+    prompts: list[list[int]],
+    s: Sampling,
+    pad_id: int = 0,
+    speculative: bool = False,
+    trace: dict | None = None,
+) -> tuple[list[list[int]], dict[str, Any]]:
+    """`generate` with its statistics: (new tokens per prompt, statistics of the call).
+
+    Statistics (`speculative_summary` adds up those of several calls): "tokens": generated tokens (EOS included),
+    "forwards": trunk + head 1 passes, "row_forwards": (row, pass) pairs with the row still generating,
+    "tokens_per_forward": tokens / row_forwards (plain decoding: 1.0), "drafted" / "accepted": per extra head
+    (head 2..H), drafts verified (every earlier draft of the block accepted) and accepted, "acceptance":
+    accepted / drafted per head (None when none was verified), "draft_steps": passes that verified drafts.
+
+    `trace` (tests), a dict, receives "p": per row, head 1's fp32 logits [V] behind each token handed to the row
+    (EOS included); speculative decoding adds "q": (row, tokens the row had before the drafting position, heads
+    2.. fp32 logits [n_drafts, V]) per drafting step and row.
+    """
+    H = model.args.n_future_tokens if speculative else 1
+    rows = _Rows(s, [[] for _ in prompts], [False] * len(prompts), _new_stats(H - 1), trace)
+    if trace is not None:
+        trace.update(p=[[] for _ in prompts], q=[])
+    batch = _left_pad(model, prompts, s, pad_id)
+    if batch is not None:
+        dev = model.output.weight.device
+        gen = torch.Generator(device=dev).manual_seed(s.seed) if s.seed is not None else None
+        with _eval_mode(model):
+            if speculative:
+                _speculate(model, *batch, rows, gen)
+            else:
+                _plain(model, *batch, rows, gen)
+    return rows.out, speculative_summary(rows.stats)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The KV cache and the cached forward
+
+
+class KVCache:
+    """Keys/values [B, n_kv, max_len, hd] per block (trunk, head 1, then `extra_heads` extra heads), per slot.
+
+    `pad[b]`: left-pad slots of row b, never attended to (row b's RoPE positions start at 0 after them).
+    Speculative decoding (extra_heads > 0) also keeps `hidden` [B, max_len, D], the trunk output per slot (the
+    extra heads' input), and `filled[k][b]`: the slots of row b whose keys/values extra head k + 2 holds.
+    """
+
+    def __init__(self, model: nn.Module, pad: Tensor, max_len: int, extra_heads: int = 0):
+        a, w = model.args, model.output.weight
+        B, n = pad.shape[0], len(model.layers) + extra_heads
+        shape = (B, a.kv_heads, max_len, a.head_dim)
+        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(n)]
+        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(n)]
+        self.pad, self.max_len = pad, max_len
+        self.hidden = torch.zeros(B, max_len, a.dim, dtype=w.dtype, device=w.device) if extra_heads else None
+        self.filled = [[0] * B for _ in range(extra_heads)]
+
+
+def forward_cached(
+    model: nn.Module, ids: Tensor, cache: KVCache, start: list[int], last: bool = False
+) -> Tensor:
+    """Run ids [B, T] through trunk + head 1 into cache slots start[b].. of each row (keeping the trunk output in
+    `cache.hidden` when it has one); head 1's fp32 logits [B, T, V] (only the last position, [B, 1, V], with
+    `last`)."""
+    slots, end = _slots(start, ids.shape[1], ids.device)
+    if end > cache.max_len:
+        raise ValueError(f"KV cache overflow: {end} positions > max_len {cache.max_len}")
+    positions, mask = _decode_mask(slots, cache.pad, end)
+    h = model.tok_embeddings(ids)
+    cos, sin = model.rope(positions, h.dtype)
+    n = len(model.layers) - 1
+    for i in range(n):  # (not model.layers[:-1]: slicing builds a new ModuleList per call)
+        h = model.layers[i](h, cos, sin, mask, (cache.k[i], cache.v[i], slots))
+    if cache.hidden is not None:
+        _write(cache.hidden, slots, h)
+    x = model.layers[n](h, cos, sin, mask, (cache.k[n], cache.v[n], slots))
+    return model.output(model.norm(x[:, -1:] if last else x)).float()
+
+
+def _slots(start: list[int], T: int, device: torch.device) -> tuple[Tensor, int]:
+    """Cache slots [B, T] of a T-token block that starts at slot start[b] in row b; end = 1 + the last slot."""
+    slots = torch.tensor(start, device=device)[:, None] + torch.arange(T, device=device)
+    return slots, max(start) + T
+
+
+def _decode_mask(slots: Tensor, pad: Tensor, end: int) -> tuple[Tensor, Tensor]:
+    """RoPE positions [B, T] and attention mask [B, 1, T, end] of queries at cache slots `slots` [B, T].
+
+    A query sees its row's slots from the first non-pad one up to its own; a pad query sees itself only (no
+    all-masked row, no NaN).
+    """
+    positions = (slots - pad[:, None]).clamp(min=0)
+    k_idx, q_col = torch.arange(end, device=slots.device)[None, None], slots[:, :, None]
+    visible = (k_idx >= pad[:, None, None]) & (k_idx <= q_col)
+    return positions, (visible | (k_idx == q_col))[:, None]
+
+
+def _read(buf: Tensor, slots: Tensor) -> Tensor:
+    """buf [B, L, D] at per-row slots [B, T]: [B, T, D]."""
+    return buf.gather(1, slots[:, :, None].expand(-1, -1, buf.shape[-1]))
+
+
+def _write(buf: Tensor, slots: Tensor, x: Tensor) -> None:
+    """Write x [B, T, D] into buf [B, L, D] at per-row slots [B, T]."""
+    buf.scatter_(1, slots[:, :, None].expand(-1, -1, buf.shape[-1]), x)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _left_pad(
+    model: nn.Module, prompts: list[list[int]], s: Sampling, pad_id: int
+) -> tuple[Tensor, Tensor] | None:
+    """Check the arguments; None when there is nothing to generate, else (ids [B, P], pad [B])."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    if s.max_new_tokens < 0 or not 0.0 < s.top_p <= 1.0 or s.temperature < 0:
+        raise ValueError(
+            f"generate: bad max_new_tokens={s.max_new_tokens}, top_p={s.top_p}, T={s.temperature}"
+        )
+    if s.max_new_tokens == 0:
+        return None
+    P, max_seq_len = max(len(p) for p in prompts), model.args.max_seq_len
+    if P + s.max_new_tokens > max_seq_len:
+        raise ValueError(
+            f"generate: longest prompt {P} + max_new_tokens {s.max_new_tokens} > max_seq_len {max_seq_len}"
+        )
+    dev = model.output.weight.device
+    pad = torch.tensor([P - len(p) for p in prompts], device=dev)
+    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=dev)
+    return ids, pad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Handing out tokens, and plain decoding
+
+
+@dataclass
+class _Rows:
+    """What a decoding call has handed out, per row, and its counts."""
+
+    s: Sampling
+    out: list[list[int]]
+    done: list[bool]
+    stats: dict[str, Any]
+    trace: dict | None
+
+    def hand_out(self, emit: list[list[int]], p_rows: Tensor) -> None:
+        """Give each row still generating its step's tokens one at a time, exactly as plain decoding would;
+        p_rows [B, >= n, V]: head 1's logits behind them."""
+        self.stats["forwards"] += 1
+        for b in range(len(self.out)):
+            if self.done[b]:
+                continue
+            self.done[b], n = self.s.append(self.out[b], emit[b])
+            self.stats["row_forwards"] += 1
+            self.stats["tokens"] += n
+            if self.trace is not None:
+                self.trace["p"][b].extend(p_rows[b, :n])
+
+
+def _plain(model: nn.Module, ids: Tensor, pad: Tensor, rows: _Rows, gen: torch.Generator | None) -> None:
+    """One token per row and forward, from head 1."""
+    (B, P), s = ids.shape, rows.s
+    cache = KVCache(model, pad, P + s.max_new_tokens)
+    logits, pos = forward_cached(model, ids, cache, [0] * B, last=True), P
+    while True:
+        nxt = sample(logits[:, 0], s.temperature, s.top_p, gen)
+        rows.hand_out([[t] for t in nxt.tolist()], logits)
+        if all(rows.done):
+            return
+        logits, pos = forward_cached(model, nxt[:, None], cache, [pos] * B, last=True), pos + 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None = None) -> Tensor:
+    """Next token per row of fp32 logits [..., V]: argmax at temperature 0, else a draw from `nucleus_probs`."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return draw(nucleus_probs(logits, temperature, top_p), gen)
+
+
+def nucleus_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """softmax(logits / temperature) on the smallest set of most likely tokens whose mass reaches top_p,
+    renormalised; in vocabulary order, the shape of logits. The distribution that `sample` draws from."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    top, order = probs.topk(min(NUCLEUS_TOPK, probs.shape[-1]), dim=-1)
+    if not bool((top.sum(-1) > top_p).all()):  # the nucleus may reach past the top k: sort everything
+        top, order = probs.sort(dim=-1, descending=True)
+    top = top.masked_fill(top.cumsum(-1) - top > top_p, 0.0)  # keep the smallest prefix with mass >= top_p
+    kept = torch.zeros_like(probs).scatter_(-1, order, top)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def draw(probs: Tensor, gen: torch.Generator | None = None) -> Tensor:
+    """One token per row of probabilities [..., V], by inverse CDF: one uniform per row (torch.multinomial is
+    several times slower on CPU)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=gen, device=cdf.device, dtype=cdf.dtype) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)[..., 0]
+
+
+def speculative_accept(
+    p: Tensor, q: Tensor, draft: Tensor, gen: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """The speculative-sampling step: is each draft accepted, and the token that stands at its place.
+
+    p, q: target and draft distributions [..., V]; draft [...]: tokens drawn from q. A draft d is accepted with
+    probability min(1, p(d) / q(d)); a rejected one is replaced by a sample of normalise(max(0, p - q)). Then the
+    token is distributed exactly as p: P(v) = q(v) min(1, p(v)/q(v)) + (1 - sum_w min(p(w), q(w))) r(v)
+    = min(p(v), q(v)) + max(0, p(v) - q(v)) = p(v). Returns (accepted bool [...], token [...]).
+    """
+    pd, qd = p.gather(-1, draft[..., None])[..., 0], q.gather(-1, draft[..., None])[..., 0]
+    u = torch.rand(pd.shape, generator=gen, device=p.device, dtype=pd.dtype)
+    accepted = u * qd < pd  # u < p/q without dividing; u in [0, 1): always accepted when p >= q
+    residual = (p - q).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q: never rejected
+    return accepted, torch.where(accepted, draft, draw(residual, gen))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Self-speculative decoding (Stern et al. 2018's blockwise parallel decoding with the speculative-sampling rule of
+# Leviathan et al. / Chen et al. 2023; Gloeckle et al. 2024 §3.2 for MTP heads)
+
+
+def _speculate(model: nn.Module, ids: Tensor, pad: Tensor, rows: _Rows, gen: torch.Generator | None) -> None:
+    """Self-speculative decoding: head 1 decides every token; heads 2..H only propose (draft) them.
+
+    A forward at the accepted prefix gives head 1's distribution for the next token, which is sampled (the
+    "exact" token), and heads 2..H's distributions for the H-1 tokens after it, from which drafts are drawn.
+    The next forward runs [exact token, drafts] through trunk + head 1: draft i is accepted with probability
+    min(1, p/q) (p: head 1 at the preceding position, q: the drafting head; both after temperature and
+    top-p), the first rejected one is replaced by a sample of normalise(max(0, p - q)), and when all are
+    accepted head 1's last position gives the next exact token; so every returned token is distributed as
+    plain sampling with head 1 would draw it (Leviathan et al. 2023, thm 1). At temperature 0 a draft is
+    accepted when it equals head 1's argmax: the output is plain greedy's (up to floating-point near-ties:
+    a block forward rounds differently from a one-token forward). The next drafts come from heads 2..H at the
+    last accepted position, so each forward yields 1..H tokens per row (plain: 1).
+
+    Rows keep their own lengths: each row accepts its own number of drafts and writes its next block at its
+    own cache slots (per-row RoPE positions and masks). Accepting the batch minimum would also be exact but
+    throws away accepted drafts of every other row, so its gain shrinks as the batch grows. A rejection
+    rolls a row back by just not advancing its length: the slots past it are masked and overwritten.
+
+    The extra heads (transformer blocks with their own KV caches) run lazily, when their drafts are needed,
+    over the accepted positions only (`_spec_heads`). When the drafts are expected to gain less than
+    SPEC_MIN_GAIN tokens per extra head and step, decoding goes plain for a while, with cheap one-draft
+    probes (`_DraftThrottle`): a model whose heads guess badly costs little more than plain decoding. Stop
+    callbacks, EOS and max_new_tokens apply token by token as in plain decoding: tokens a draft ran ahead with
+    past a stop are dropped.
+    """
+    H, (B, P), s = model.args.n_future_tokens, ids.shape, rows.s
+    # a row that finished inside a block has advanced up to H - 1 slots past its budget, and its (unused)
+    # blocks keep running from there
+    cache = KVCache(model, pad, P + s.max_new_tokens + 2 * H, extra_heads=H - 1)
+    length = [P] * B  # accepted slots of trunk + head 1, per row
+    throttle = _DraftThrottle(H - 1)
+    logits = forward_cached(model, ids, cache, [0] * B, last=True)
+    nxt = sample(logits[:, 0], s.temperature, s.top_p, gen)  # the exact token: not in the cache yet
+    rows.hand_out([[t] for t in nxt.tolist()], logits)
+    while not all(rows.done):
+        room = max(s.max_new_tokens - len(rows.out[b]) for b in range(B) if not rows.done[b]) - 1
+        n_draft = min(throttle.n_drafts(), room) if room > 0 else 0
+        block, n_acc = nxt[:, None], [0] * B
+        if n_draft:
+            q_logits = _spec_heads(model, cache, length, n_draft)
+            q, drafts = _draft(q_logits, s, gen)
+            block = torch.cat([block, drafts], dim=1)
+            if rows.trace is not None:
+                rows.trace["q"] += [
+                    (b, len(rows.out[b]) - 1, q_logits[b]) for b in range(B) if not rows.done[b]
+                ]
+        p_rows = forward_cached(model, block, cache, length)
+        if n_draft:
+            acc, nxt = _verify(p_rows, q, block[:, 1:], s, gen)
+            n_acc = acc.tolist()
+            throttle.update(_count_drafts(rows.stats, n_acc, n_draft, rows.done))
+        else:
+            nxt = sample(p_rows[:, 0], s.temperature, s.top_p, gen)
+        toks, last = block.tolist(), nxt.tolist()
+        for b in range(B):
+            length[b] += 0 if rows.done[b] else 1 + n_acc[b]  # the exact token and the accepted drafts
+        rows.hand_out([toks[b][1 : 1 + n_acc[b]] + [last[b]] for b in range(B)], p_rows)
+
+
+def _spec_heads(model: nn.Module, cache: KVCache, length: list[int], n: int) -> Tensor:
+    """Logits [B, n, V] of heads 2..n+1 at each row's last accepted slot length[b] - 1.
+
+    The extra heads' caches are filled lazily from the trunk outputs kept in `cache.hidden`: head k+2 runs over
+    the last (at most SPEC_HEAD_WINDOW) slots it has not seen since cache.filled[k]; older unseen slots only get
+    their keys and values (`_fill_kv`: a block's keys/values at a slot depend only on the trunk output there).
+    Every row gets a window of the longest gap: a row with a shorter gap recomputes earlier slots from the same
+    inputs, and writes slots past its length that stay masked until overwritten.
+    """
+    hidden, dev = cache.hidden, cache.pad.device
+    rows, outs, prev = torch.arange(len(length), device=dev), [], None
+    for k in range(n):
+        if cache.filled[k] != prev:  # heads that drafted together share the window
+            prev = cache.filled[k]
+            W = min(max(1, *(ln - f for ln, f in zip(length, prev, strict=True))), SPEC_HEAD_WINDOW)
+            start = [max(ln - W, 0) for ln in length]
+            slots, end = _slots(start, W, dev)
+            positions, mask = _decode_mask(slots, cache.pad, end)
+            x = _read(hidden, slots)
+            cos, sin = model.rope(positions, x.dtype)
+            last = torch.tensor([ln - 1 - s for ln, s in zip(length, start, strict=True)], device=dev)
+        i, block = len(model.layers) + k, model.extra_heads[k]
+        _fill_kv(model, block, cache, i, cache.filled[k], start)
+        outs.append(block(x, cos, sin, mask, (cache.k[i], cache.v[i], slots))[rows, last])
+        cache.filled[k] = list(length)
+    return model.output(model.norm(torch.stack(outs, dim=1))).float()
+
+
+def _fill_kv(
+    model: nn.Module, block: nn.Module, cache: KVCache, i: int, filled: list[int], upto: list[int]
+) -> None:
+    """Write `block`'s (cache block i's) keys/values at slots filled[b]..upto[b]-1 of each row, from the trunk
+    outputs in cache.hidden (one span of the longest gap for every row: a row with a shorter gap rewrites earlier
+    slots from the same inputs, and slots from upto[b] on, which stay masked until overwritten)."""
+    T = max(u - f for u, f in zip(upto, filled, strict=True))
+    if T <= 0:
+        return
+    slots, _ = _slots([max(u - T, 0) for u in upto], T, cache.pad.device)
+    cos, sin = model.rope((slots - cache.pad[:, None]).clamp(min=0), cache.hidden.dtype)
+    att = block.attention
+    k, v = att.project_kv(block.attention_norm(_read(cache.hidden, slots)), cos, sin)
+    att.write_kv((cache.k[i], cache.v[i], slots), k, v)
+
+
+def _draft(q_logits: Tensor, s: Sampling, gen: torch.Generator | None) -> tuple[Tensor | None, Tensor]:
+    """Drafts [B, n] from heads 2..n+1's logits [B, n, V]: (their distributions, None when greedy; drafts)."""
+    if s.temperature == 0:
+        return None, q_logits.argmax(-1)
+    q = nucleus_probs(q_logits, s.temperature, s.top_p)
+    return q, draw(q, gen)
+
+
+def _verify(
+    p_logits: Tensor, q: Tensor | None, drafts: Tensor, s: Sampling, gen: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Check drafts [B, n] against head 1's logits [B, n+1, V] at [exact token, drafts]: (number of leading
+    accepted drafts [B], the exact token after them [B]: the fix of the first rejected draft, else a sample of
+    head 1 at the last position)."""
+    n = drafts.shape[1]
+    if s.temperature == 0:
+        target = p_logits.argmax(-1)
+        n_acc = (drafts == target[:, :n]).long().cumprod(1).sum(1)
+        return n_acc, target.gather(1, n_acc[:, None])[:, 0]
+    p = nucleus_probs(p_logits, s.temperature, s.top_p)
+    accepted, token = speculative_accept(p[:, :n], q, drafts, gen)
+    n_acc = accepted.long().cumprod(1).sum(1)
+    token = torch.cat([token, draw(p[:, n:], gen)], dim=1)  # position n: every draft accepted
+    return n_acc, token.gather(1, n_acc[:, None])[:, 0]
+
+
+class _DraftThrottle:
+    """How many tokens to draft. Each head keeps a running mean of its acceptance (the last drafting step
+    weighted SPEC_RATE_WEIGHT); they give the expected number of accepted drafts per step, r2 + r2 r3 + ...
+    While that is >= SPEC_MIN_GAIN per extra head (each costs about a block) every head drafts; otherwise none
+    for 1, 2, 4, ... (at most SPEC_MAX_BACKOFF) steps between one-draft probes (only head 2 runs) until it is
+    again. It decides from past acceptance only, so it cannot change the output distribution."""
+
+    def __init__(self, n_heads: int):
+        self.rate, self.backoff, self.skip = [1.0] * n_heads, 0, 0
+
+    def n_drafts(self) -> int:
+        if self.skip:
+            self.skip -= 1
+            return 0
+        return len(self.rate) if self.backoff == 0 else min(1, len(self.rate))
+
+    def update(self, step_rates: list[float | None]) -> None:
+        for i, r in enumerate(step_rates):
+            if r is not None:
+                self.rate[i] += SPEC_RATE_WEIGHT * (r - self.rate[i])
+        gain = sum(math.prod(self.rate[: i + 1]) for i in range(len(self.rate)))
+        ok = gain >= SPEC_MIN_GAIN * len(self.rate)
+        self.backoff = 0 if ok else min(max(2 * self.backoff, 1), SPEC_MAX_BACKOFF)
+        self.skip = self.backoff
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _new_stats(n_extra_heads: int) -> dict[str, Any]:
+    return {"tokens": 0, "forwards": 0, "row_forwards": 0, "draft_steps": 0,
+            "drafted": [0] * n_extra_heads, "accepted": [0] * n_extra_heads}  # fmt: skip
+
+
+def _count_drafts(stats: dict, n_acc: list[int], n_draft: int, done: list[bool]) -> list[float | None]:
+    """Count per head the drafts verified (every earlier draft accepted) and accepted, over the rows still
+    generating; returns this step's acceptance per drafting head (None where none was verified)."""
+    stats["draft_steps"] += 1
+    verified, accepted = [0] * n_draft, [0] * n_draft
+    for a in (a for a, d in zip(n_acc, done, strict=True) if not d):
+        for i in range(min(a + 1, n_draft)):
+            verified[i] += 1
+            accepted[i] += int(i < a)
+    for i in range(n_draft):
+        stats["drafted"][i] += verified[i]
+        stats["accepted"][i] += accepted[i]
+    return [a / v if v else None for a, v in zip(accepted, verified, strict=True)]
+
+
+def speculative_summary(*stats: dict) -> dict:
+    """Sum the counts of `decode` statistics (of one or several calls) and add their ratios: tokens_per_forward,
+    and acceptance per extra head (None where no draft was verified)."""
+    out = {k: sum(s[k] for s in stats) for k in ("tokens", "forwards", "row_forwards", "draft_steps")}
+    for k in ("drafted", "accepted"):  # one count per extra head
+        out[k] = [sum(c) for c in zip(*(s[k] for s in stats), strict=True)]
+    out["tokens_per_forward"] = out["tokens"] / max(out["row_forwards"], 1)
+    out["acceptance"] = [a / d if d else None for a, d in zip(out["accepted"], out["drafted"], strict=True)]
+    return out
