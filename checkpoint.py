@@ -8,7 +8,8 @@
   metrics.jsonl cut back to the resumed step.
 - Exports: our consolidated safetensors (checkpoints/final, best; LoRA merged), and the formats the ecosystem runs:
   an HF LlamaForCausalLM of trunk + head 1 (hf/) and Meta's MTP layout with every head (meta/);
-  `python train.py export` does the same for checkpoints that already exist.
+  `python train.py export` does the same for checkpoints that already exist. `publish` is the end of a run:
+  exports, the tracker's artifacts, uploads.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import formats
 import model as M
 import parallel as P
 import s3cache
-from errors import UserError
+import tracking
+from errors import UserError, scrub
 
 # --------------------------------------------------------------------------- checkpoints
 #
@@ -256,7 +258,7 @@ def open_run_dir(cfg, d: P.Dist, run_dir: Path, resume: bool) -> files.RunLock:
                 f"{run_dir}: taking over the lock of a run that is gone (host {was.get('host')}, pid {was.get('pid')})"
             )
         clean_partial(run_dir / "checkpoints")
-        text = s3cache.scrub(json.dumps(C.to_dict(cfg), indent=2))
+        text = scrub(json.dumps(C.to_dict(cfg), indent=2))
         files.atomic_write_text(run_dir / "config.json", text)
     P.barrier()
     return lock
@@ -368,8 +370,6 @@ def export_formats(cfg: C.Config, run_dir: Path, ckpt: Path, tokenizer) -> None:
 
     Run once at the end of the run, from the files: `best` is rewritten at every improvement during training,
     so writing three formats each time would triple that I/O for copies that are overwritten anyway."""
-    import tracking
-
     net = formats.load_checkpoint(ckpt)
     name, params, metrics, tags = run_card_inputs(run_dir)
     where = f"{run_dir.name}/{ckpt.relative_to(run_dir).as_posix()}/hf"
@@ -379,10 +379,23 @@ def export_formats(cfg: C.Config, run_dir: Path, ckpt: Path, tokenizer) -> None:
         print(f"exported {ckpt / fmt} ({fmt}, {export_dtype(cfg)})")
 
 
+def publish(cfg: C.Config, run_dir: Path, final: Path | None, tokenizer, tracker: tracking.Tracker) -> None:
+    """The end of a run, on rank 0: hf/ and meta/ beside ours in checkpoints/final and best, both logged to the
+    tracker, and uploaded to s3://<bucket>/<prefix>/runs/<run>/checkpoints/ when `storage.upload_checkpoints`."""
+    best = run_dir / "checkpoints" / "best"
+    done = [c for c in (final, best) if c is not None and c.exists()]
+    for ck in done:
+        export_formats(cfg, run_dir, ck, tokenizer)
+    for ck in done:
+        tracker.log_artifacts(ck, f"checkpoints/{ck.name}")
+    for ck in done if cfg.storage.upload_checkpoints else []:
+        s3cache.upload(ck, f"runs/{run_dir.name}/checkpoints/{ck.name}", cfg.storage)
+        print(f"uploaded {ck} to S3 resource runs/{run_dir.name}/checkpoints/{ck.name}")
+
+
 def run_card_inputs(run_dir: Path) -> tuple[str, dict, dict, dict]:
     """(name, params, metrics, tags) for the model card, read from a run directory: config.json, metrics.jsonl
     (the last step) and summary.json (validation and evaluation results); the keys MLflow holds for the run."""
-    import tracking
 
     def read(name: str, default):
         path = run_dir / name
@@ -441,8 +454,6 @@ def export_cli(argv: list[str]) -> int:
     import argparse
 
     from transformers import AutoTokenizer
-
-    import tracking
 
     ap = argparse.ArgumentParser(
         prog="train.py export", description="Export a checkpoint to HF Llama or Meta."

@@ -251,9 +251,7 @@ def _subst(v: Any, out_dir: Path) -> Any:
 
 def _canonical(d: dict) -> dict:
     """A config as train.py writes it to config.json (credentials scrubbed), flat, without RUN_KEYS."""
-    from s3cache import scrub
-
-    flat = C.flatten(json.loads(scrub(json.dumps(d))))
+    flat = C.flatten(json.loads(errors.scrub(json.dumps(d))))
     return {k: v for k, v in flat.items() if k not in RUN_KEYS and k != "source"}
 
 

@@ -1,4 +1,5 @@
-"""Print train.py's --dry-run memory plan for the shipped 7B configs on 4 x A100 80GB, with no weights on disk.
+"""Print train.py's --dry-run memory plan (plan.py) for the shipped 7B configs on 4 x A100 80GB, with no weights on
+disk.
 
 Writes metadata-only stand-ins (Meta's 7B_1T_4 params.json, HF config.json files of a Sheared-LLaMA-1.3B-class
 reference and reward model) and the tiny tokenizer into a temp dir, then runs `train.py CONFIG --dry-run` with

@@ -1,4 +1,4 @@
-"""parallel.plan_memory, what `train.py --dry-run` prints and refuses on: every figure against a hand computation.
+"""plan.plan_memory, what `train.py --dry-run` prints and refuses on: every figure against a hand computation.
 
 The case: 1e9 parameters in 10 blocks, dim 1000, vocab 32000, rows of 100 tokens, micro-batch 2 (200 tokens), 4
 devices, bf16 compute. GiB = 2**30 bytes.
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-import parallel as P
+from plan import MemoryPlan, format_count, plan_memory
 
 CASE = dict(n_params=10**9, n_blocks=10, dim=1000, vocab=32000, seq_len=100, micro_batch=2, world_size=4)
 
 
-def plan(**kw) -> P.MemoryPlan:
+def plan(**kw) -> MemoryPlan:
     args = {**CASE, "budget_gb": 80.0, "activation_checkpointing": False, **kw}
-    return P.plan_memory(**args)
+    return plan_memory(**args)
 
 
 def test_full_fine_tuning_figures():
@@ -58,4 +58,4 @@ def test_fits_flips_exactly_at_ninety_percent_of_the_budget():
 
 
 def test_format_count():
-    assert [P.format_count(n) for n in (6.74e9, 1.63e6, 5300, 42)] == ["6.74B", "1.63M", "5.30K", "42"]
+    assert [format_count(n) for n in (6.74e9, 1.63e6, 5300, 42)] == ["6.74B", "1.63M", "5.30K", "42"]
