@@ -576,6 +576,9 @@ _HF_BLOCK = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.
              "self_attn.k_norm": "attention.k_norm", "mlp.gate_proj": "feed_forward.w1",
              "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
              "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+# our nn.Linear names -> HF's (LoRA target_modules of a peft adapter)
+HF_LINEAR = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
+             "w3": "up_proj", "output": "lm_head"}  # fmt: skip
 _OUR_TOP, _OUR_BLOCK = {v: k for k, v in _HF_NAMES.items()}, {v: k for k, v in _HF_BLOCK.items()}
 
 
@@ -595,6 +598,13 @@ def _rope_heads(key: str, args: ModelArgs) -> int | None:
     mod = ".".join(key.split(".")[2:-1]) if key.startswith(("layers.", "extra_heads.")) else ""
     return {"attention.wq": args.n_heads, "attention.wk": args.kv_heads, "attention.q_norm": 1,
             "attention.k_norm": 1}.get(mod)  # fmt: skip
+
+
+def to_hf(key: str, t: Tensor, args: ModelArgs) -> tuple[str | None, Tensor]:
+    """One of our tensors as HF holds it: its HF name (None for the extra heads) and its rows in HF's rotate-half
+    order (wq / wk and their biases, the q/k norm scales; also a LoRA B of wq / wk, whose rows are the weight's)."""
+    n = _rope_heads(key, args)
+    return hf_name(key), _permute(t, n) if n else t
 
 
 def _unpermute(w: Tensor, n_heads: int) -> Tensor:
@@ -740,9 +750,9 @@ def save_hf(
     cfg = hf_config(args, dtype, bos_id, eos_id, pad_id)
     out = {}
     for k in _shapes(args):
-        name, n = hf_name(k), _rope_heads(k, args)
+        name, t = to_hf(k, sd[k], args)
         if name is not None:  # extra_heads.* are not exported
-            out[name] = (_permute(sd[k], n) if n else sd[k]).to(dtype).contiguous()
+            out[name] = t.to(dtype).contiguous()
     atomic_write(path / "model.safetensors", lambda tmp: save_file(out, tmp, metadata={"format": "pt"}))
     gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
     atomic_write(path / "generation_config.json", lambda tmp: Path(tmp).write_text(json.dumps(gen, indent=2)))

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import checkpoint
 import formats
 import model as M
 import score
 import tiny
+from tests.test_train import metrics, run_train
 
 FAMILIES = tiny.FAMILIES  # llama3, qwen2, qwen3, mistral
 HF_CLASS = {"llama3": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -276,3 +279,145 @@ def test_tokenizer_check_accepts_the_same_byte_level_bpe_and_refuses_other_split
         other.bos_token = None
         other.save_pretrained(str(tmp_path / "nobos"))
         score.check_same_tokenizer(llama3, tmp_path / "nobos")
+
+
+# --------------------------------------------------------------------------- training, exports, peft adapter
+
+
+def family_kv(tiny: Path, family: str, **extra) -> dict:
+    """train.py overrides for a run on tiny base_<family> (HF format, its own tokenizer), H=2, 2 steps."""
+    base = tiny / f"base_{family}"
+    kv = {"model.path": str(base), "model.format": "hf", "model.tokenizer": str(base), "model.n_future_tokens": 2,
+          "train.steps": 2, "train.eval_every": 2, "train.val_batches": 1, "train.run_name": family}  # fmt: skip
+    return {**kv, **extra}
+
+
+@pytest.fixture(scope="module")
+def family_runs(tiny_dir, tmp_path_factory):
+    """One 2-step full fine-tuning run per family and one LoRA run on the Qwen2.5 base, in this process."""
+    out = tmp_path_factory.mktemp("families")
+    runs = {f: run_train(tiny_dir, out, **family_kv(tiny_dir, f)) for f in FAMILIES}
+    lora = {"train.lora.enabled": True, "train.lora.dropout": 0.0, "train.lora.r": 4, "optim.lr": 1e-2}
+    runs["lora"] = run_train(
+        tiny_dir, out, **family_kv(tiny_dir, "qwen2", **lora, **{"train.run_name": "lora"})
+    )
+    return out, runs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_trains_and_exports_its_own_architecture(family, family_runs, tiny_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out, runs = family_runs
+    rows = metrics(out, family)
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["train/loss"]) for r in rows)
+    final = out / family / "checkpoints" / "final"
+    trained = formats.load_checkpoint(final).eval()
+    assert (
+        trained.args.n_future_tokens == 2
+        and trained.args.family == formats.load_hf(tiny_dir / f"base_{family}").args.family
+    )
+    hf = AutoModelForCausalLM.from_pretrained(final / "hf", dtype=torch.float32).eval()
+    assert type(hf).__name__ == HF_CLASS[family]  # the base's own class, with its features
+    ids = ids_for(trained.args, seed=1)
+    with torch.no_grad():
+        assert max_diff(hf(ids).logits, trained(ids)[:, :, 0]) <= 1e-4
+        base = formats.load_hf(tiny_dir / f"base_{family}").float().eval()
+        assert max_diff(base(ids)[:, :, 0], trained(ids)[:, :, 0]) > 1e-3  # training moved head 1
+    cfg, names = (
+        json.loads((final / "hf" / "config.json").read_text()),
+        set(load_file(final / "hf" / "model.safetensors")),
+    )
+    assert (
+        cfg["tie_word_embeddings"] == (family in ("llama3", "qwen2"))
+        and ("lm_head.weight" in names) != cfg["tie_word_embeddings"]
+    )
+    assert ("model.layers.0.self_attn.q_proj.bias" in names) == (family == "qwen2")
+    assert ("model.layers.0.self_attn.q_norm.weight" in names) == (family == "qwen3")
+    assert cfg["rope_parameters"]["rope_type"] == ("llama3" if family == "llama3" else "default")
+    assert cfg.get("sliding_window") == (192 if family == "mistral" else None)
+    # Meta's layout cannot hold any of these four: no meta/, and the run says why
+    assert (
+        not (final / "meta").exists()
+        and f"not exported: {final / 'meta'}: Meta's layout cannot hold" in runs[family].stdout
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_cli_takes_each_hf_base(family, tiny_dir, hf_models, tmp_path):
+    """`train.py export --checkpoint HF_DIR --format hf` of a base gives the same network back, same class."""
+    from transformers import AutoModelForCausalLM
+
+    import train
+
+    argv = [
+        "export",
+        "--checkpoint",
+        str(tiny_dir / f"base_{family}"),
+        "--format",
+        "hf",
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    assert train.main(argv) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "x", dtype=torch.float32).eval()
+    assert type(again).__name__ == HF_CLASS[family]
+    ids = ids_for(formats.load_hf(tiny_dir / f"base_{family}").args, seed=2)
+    with torch.no_grad():
+        assert max_diff(again(ids).logits, hf_models[family](ids).logits) <= 1e-4
+    with pytest.raises(formats.CheckpointError, match="Meta's layout cannot hold"):
+        train.main([*argv[:3], "--format", "meta", "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.tmp"))
+
+
+def test_a_lora_run_on_an_hf_base_leaves_a_standard_peft_adapter(family_runs, tiny_dir, hf_models):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out, _ = family_runs
+    final = out / "lora" / "checkpoints" / "final"
+    peft_dir = final / checkpoint.PEFT_DIR
+    conf = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["base_model_name_or_path"] == str(tiny_dir / "base_qwen2")
+    assert set(conf["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    names = set(load_file(peft_dir / "adapter_model.safetensors"))
+    assert (
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight" in names and len(names) == 2 * 7 * 2
+    )
+    assert any(
+        k.startswith("base_model.model.extra_heads.0.") for k in load_file(final / checkpoint.ADAPTER_FILE)
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir / "base_qwen2", dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, peft_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(final / "hf", dtype=torch.float32).eval()
+    ids = ids_for(formats.load_hf(tiny_dir / "base_qwen2").args, seed=3)
+    with torch.no_grad():
+        got, want = adapted(ids).logits, merged(ids).logits
+        assert max_diff(got, want) <= 1e-4
+        assert max_diff(got, hf_models["qwen2"](ids).logits) > 1e-2  # training moved them
+    assert merged.config.tie_word_embeddings  # the frozen tied embedding stays tied in the merged export
+
+
+def test_lora_on_a_tied_output_and_rows_past_the_window_are_refused(tiny_dir, tmp_path):
+    kv = family_kv(
+        tiny_dir, "qwen2", **{"train.lora.enabled": True, "train.lora.target_modules": ["wq", "output"]}
+    )
+    p = run_train(tiny_dir, tmp_path, check=False, **kv)
+    assert p.returncode != 0 and "has 'output', but" in p.stderr and "tie_word_embeddings" in p.stderr
+    p = run_train(
+        tiny_dir, tmp_path, check=False, **family_kv(tiny_dir, "mistral", **{"data.max_length": 256})
+    )
+    assert (
+        p.returncode != 0
+        and "data.max_length = 256 is longer than the model's sliding_window = 192" in p.stderr
+    )
