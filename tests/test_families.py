@@ -421,3 +421,24 @@ def test_lora_on_a_tied_output_and_rows_past_the_window_are_refused(tiny_dir, tm
         p.returncode != 0
         and "data.max_length = 256 is longer than the model's sliding_window = 192" in p.stderr
     )
+
+
+@pytest.mark.slow
+def test_plan_7b_prints_the_plans_of_the_modern_pairs():
+    """scripts/plan_7b.py (metadata-only stand-ins): both new configs get a plan that fits 4 x 80 GB, with one head's
+    152k / 128k logits counted as the loss computes them."""
+    import subprocess
+    import sys
+
+    from config import REPO
+
+    p = subprocess.run(
+        [sys.executable, "scripts/plan_7b.py"], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    for cfg, vocab, gb in (("rho1_qwen25coder_mbpp", 152064, "8.12"), ("rho1_llama31_mbpp", 128256, "6.85")):
+        block = p.stdout.split(
+            f"python train.py configs/{cfg}.toml --dry-run --model.activation_checkpointing=true"
+        )[1]
+        assert f"vocab={vocab}" in block and f"one head's logits, CE and grads              {gb} GB" in block
+        assert block.split("$ ")[0].rstrip().endswith("plan fits: OK (no optimizer step was run)")
