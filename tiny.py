@@ -306,6 +306,7 @@ def build_rm_hf(out: Path, force: bool = False) -> bool:
 FAMILY_SHAPE = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
 LLAMA3_ORIGINAL_LEN = 64  # llama3 RoPE's original_max_position_embeddings: the tests run sequences past it
+MISTRAL_WINDOW = 256  # base_mistral's sliding_window (its max_position_embeddings: twice that)
 FAMILY_TOKENIZER = {"llama3": "tokenizer_llama3", "qwen2": "tokenizer_qwen", "qwen3": "tokenizer_qwen",
                     "mistral": "tokenizer_llama"}  # fmt: skip
 
@@ -329,9 +330,13 @@ def family_config(family: str, tokenizer):
         rope = {"rope_type": "default", "rope_theta": 1000000.0}
         return transformers.Qwen3Config(**FAMILY_SHAPE, **ids, vocab_size=len(tokenizer), head_dim=32,
                                         rope_parameters=rope, tie_word_embeddings=False)  # fmt: skip
-    if family == "mistral":  # Mistral 7B v0.1's: a sliding window (longer than every tiny run's sequences)
+    if (
+        family == "mistral"
+    ):  # Mistral 7B v0.1's: a sliding window shorter than the context (as long as the tiny
+        # configs' rows: their runs fit, a longer sequence is refused)
+        shape = {**FAMILY_SHAPE, "max_position_embeddings": 2 * MISTRAL_WINDOW}
         return transformers.MistralConfig(
-            **FAMILY_SHAPE, **ids, vocab_size=len(tokenizer), sliding_window=192
+            **shape, **ids, vocab_size=len(tokenizer), sliding_window=MISTRAL_WINDOW
         )
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 

@@ -77,7 +77,7 @@ def test_the_family_features_are_what_the_configs_say(tiny_dir):
     qwen_tok = len(__import__("transformers").AutoTokenizer.from_pretrained(tiny_dir / "tokenizer_qwen"))
     assert a["qwen2"].vocab_size > qwen_tok  # padded past the tokenizer, as Qwen2.5's 151936 > 151665
     assert a["qwen3"].qk_norm and a["qwen3"].head_dim == 32 != a["qwen3"].dim // a["qwen3"].n_heads
-    assert a["mistral"].sliding_window == 192 and a["mistral"].family == "mistral"
+    assert a["mistral"].sliding_window == tiny.MISTRAL_WINDOW and a["mistral"].family == "mistral"
     assert all(a[f].family == {"llama3": "llama"}.get(f, f) for f in FAMILIES)
 
 
@@ -218,9 +218,10 @@ def test_tensors_are_checked_strictly(tiny_dir, tmp_path):
 
 def test_a_sequence_past_the_sliding_window_is_refused(tiny_dir):
     m = formats.load_hf(tiny_dir / "base_mistral")
-    assert m.args.context_len == 192 < m.args.max_seq_len
-    with pytest.raises(ValueError, match=r"sequence of 193 positions > sliding_window=192"):
-        m(ids_for(m.args, batch=1, seq=193))
+    w = tiny.MISTRAL_WINDOW
+    assert m.args.context_len == w < m.args.max_seq_len
+    with pytest.raises(ValueError, match=rf"sequence of {w + 1} positions > sliding_window={w}"):
+        m(ids_for(m.args, batch=1, seq=w + 1))
 
 
 def test_meta_export_refuses_what_metas_layout_cannot_hold(tiny_dir, tmp_path):
@@ -336,7 +337,7 @@ def test_each_family_trains_and_exports_its_own_architecture(family, family_runs
     assert ("model.layers.0.self_attn.q_proj.bias" in names) == (family == "qwen2")
     assert ("model.layers.0.self_attn.q_norm.weight" in names) == (family == "qwen3")
     assert cfg["rope_parameters"]["rope_type"] == ("llama3" if family == "llama3" else "default")
-    assert cfg.get("sliding_window") == (192 if family == "mistral" else None)
+    assert cfg.get("sliding_window") == (tiny.MISTRAL_WINDOW if family == "mistral" else None)
     # Meta's layout cannot hold any of these four: no meta/, and the run says why
     assert (
         not (final / "meta").exists()
@@ -415,12 +416,10 @@ def test_lora_on_a_tied_output_and_rows_past_the_window_are_refused(tiny_dir, tm
     p = run_train(tiny_dir, tmp_path, check=False, **kv)
     assert p.returncode != 0 and "has 'output', but" in p.stderr and "tie_word_embeddings" in p.stderr
     p = run_train(
-        tiny_dir, tmp_path, check=False, **family_kv(tiny_dir, "mistral", **{"data.max_length": 256})
+        tiny_dir, tmp_path, check=False, **family_kv(tiny_dir, "mistral", **{"data.max_length": 300})
     )
-    assert (
-        p.returncode != 0
-        and "data.max_length = 256 is longer than the model's sliding_window = 192" in p.stderr
-    )
+    want = f"data.max_length = 300 is longer than the model's sliding_window = {tiny.MISTRAL_WINDOW}"
+    assert p.returncode != 0 and want in p.stderr
 
 
 @pytest.mark.slow
