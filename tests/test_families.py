@@ -111,6 +111,20 @@ def test_our_checkpoint_round_trip_keeps_the_features(family, tiny_dir, tmp_path
         assert torch.equal(back(ids), m(ids))
 
 
+def test_our_meta_params_keep_the_features_when_not_for_metas_code(tiny_dir, tmp_path):
+    """save_meta(reference=False) (ours, e.g. tiny.py's) keeps every extension in params.json; load_meta reads them
+    back; a tied output becomes its own tensor there."""
+    m = formats.load_hf(tiny_dir / "base_qwen2", 2)
+    formats.save_meta(m, tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    assert params["qkv_bias"] is True and params["family"] == "qwen2" and "tie_embeddings" not in params
+    back = formats.load_meta(tmp_path)
+    assert back.args == dataclasses.replace(m.args, tie_embeddings=False)
+    ids = ids_for(m.args, batch=1, seq=20)
+    with torch.no_grad():
+        assert torch.equal(back(ids), m(ids))
+
+
 def test_llama3_rope_equals_transformers_inverse_frequencies(tiny_dir, hf_models):
     """The three bands of Llama 3.1's rule (kept, blended, divided by factor) are all present in the tiny base."""
     args = formats.load_hf(tiny_dir / "base_llama3").args
