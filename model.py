@@ -281,16 +281,15 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv * self.hd, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, self.n_kv * self.hd, bias=args.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.hd, args.dim, bias=False)
-        if args.qk_norm:
-            self.q_norm = RMSNorm(self.hd, args.norm_eps)
-            self.k_norm = RMSNorm(self.hd, args.norm_eps)
+        self.q_norm = RMSNorm(self.hd, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, args.norm_eps) if args.qk_norm else None
 
-    def _heads(self, x: Tensor, proj: nn.Linear, n: int, norm: str, cos: Tensor, sin: Tensor) -> Tensor:
+    def _heads(
+        self, x: Tensor, proj: nn.Linear, n: int, norm: RMSNorm | None, cos: Tensor, sin: Tensor
+    ) -> Tensor:
         """proj(x) split into n heads [B, n, T, hd], normed (qk_norm) and rotated."""
         y = proj(x).view(*x.shape[:2], n, self.hd)
-        if hasattr(self, norm):
-            y = getattr(self, norm)(y)
-        return apply_rope(y, cos, sin).transpose(1, 2)
+        return apply_rope(y if norm is None else norm(y), cos, sin).transpose(1, 2)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, kv: KV | None = None
@@ -299,7 +298,7 @@ class Attention(nn.Module):
         each row's slots [B, T] of the caches [B, n_kv, max_len, hd] (rows of a speculative batch stand at
         different slots), and the queries attend to slots 0..end-1 under the mask [B, 1, T, end]."""
         B, T, _ = x.shape
-        q = self._heads(x, self.wq, self.n_heads, "q_norm", cos, sin)
+        q = self._heads(x, self.wq, self.n_heads, self.q_norm, cos, sin)
         k, v = self.project_kv(x, cos, sin)
         gqa = self.n_kv != self.n_heads
         if kv is None:
@@ -322,7 +321,7 @@ class Attention(nn.Module):
     def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Keys (normed, RoPE applied) and values [B, n_kv, T, hd] of the normed input x [B, T, D]."""
         B, T, _ = x.shape
-        k = self._heads(x, self.wk, self.n_kv, "k_norm", cos, sin)
+        k = self._heads(x, self.wk, self.n_kv, self.k_norm, cos, sin)
         return k, self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
 
 

@@ -94,7 +94,7 @@ def test_tied_embeddings_are_one_parameter_for_every_head(tiny_dir):
 def test_the_extra_heads_carry_the_family_features(tiny_dir):
     m = formats.load_hf(tiny_dir / "base_qwen3", 2)
     head2 = m.extra_heads[0].attention
-    assert hasattr(head2, "q_norm") and torch.equal(head2.q_norm.weight, m.layers[-1].attention.q_norm.weight)
+    assert head2.q_norm is not None and torch.equal(head2.q_norm.weight, m.layers[-1].attention.q_norm.weight)
     q = formats.load_hf(tiny_dir / "base_qwen2", 2).extra_heads[0].attention
     assert q.wq.bias is not None and q.wo.bias is None
 
