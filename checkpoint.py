@@ -504,7 +504,7 @@ def load_resume_model(ckpt: Path) -> tuple[M.Transformer, C.Config, Path]:
             "export it from inside its run directory (runs/<run>/checkpoints/<name>)"
         )
     cfg = C.from_dict(json.loads((run_dir / "config.json").read_text()))
-    model_dir = s3cache.resolve_model(cfg, cfg.model.path, cfg.model.resource, cfg.model.format, "model.path")
+    model_dir = s3cache.resolve_model(cfg, "policy")
     args = formats.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     reader = dcp.FileSystemReader(str(ckpt / "dcp"))
     entries = reader.read_metadata().state_dict_metadata

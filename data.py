@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import s3cache
+import synthetic
 from errors import UserError
 
 # --------------------------------------------------------------------------- MBPP
@@ -457,7 +458,7 @@ def run_data_hash(cfg: Any) -> str:
     """The data identity a run records (MLflow's data.hash, the model card): the MBPP files' content, or what
     decides the synthetic rows."""
     if cfg.data.dataset == "synthetic":
-        return synthetic_fingerprint(cfg)
+        return synthetic.fingerprint(cfg)
     return data_fingerprint(resolve_dataset_dir(cfg))
 
 
@@ -705,77 +706,12 @@ def eval_batches(ds: Any, batch_size: int, pad_id: int) -> Iterator[dict]:
         )
 
 
-# --------------------------------------------------------------------------- synthetic benchmark (known token classes)
-#
-# A row is BOS, then 1..max_segments task segments, then EOS. Every target token has a class fixed by how it was
-# drawn, so the right weighting is known in advance (keep LEARNABLE and RANDOM, drop JUNK and CORRUPT):
-#   copy  s1 .. sL = s1 .. sL      the copy after "=" is LEARNABLE (an induction rule)
-#   nest  b1 .. bL = cL .. c1      the closing brackets, in order, are LEARNABLE
-#   chain x f(x) f(f(x)) ..        CHAIN_LEN values of a fixed permutation f of the symbols: LEARNABLE after x
-# Markers, spans, "=" (the span length is random) and EOS (so is the segment count) are RANDOM: clean but
-# unpredictable. Noise: a JUNK run of random tokens before a segment (probability `junk`), and each LEARNABLE token
-# replaced by another random token with probability `corrupt` (CORRUPT; the next tokens still follow the true
-# value). The clean variant is corrupt = junk = 0. The split "test" is always clean and seeded by test_seed.
-
-LEARNABLE, RANDOM, JUNK, CORRUPT = 0, 1, 2, 3
-TOKEN_CLASSES = ("learnable", "random", "junk", "corrupt")
-SYN_SYMBOLS = tuple(f"w{i}" for i in range(48))
-SYN_OPEN, SYN_CLOSE = ("(", "[", "{", "<"), (")", "]", "}", ">")
-SYN_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-SYN_VOCAB = (*SYN_SPECIALS.values(), "copy", "nest", "chain", "=", *SYN_OPEN, *SYN_CLOSE, *SYN_SYMBOLS)
-SYN_NOISE = (*SYN_SYMBOLS, *SYN_OPEN, *SYN_CLOSE)  # what junk and corruption draw from
-CHAIN_LEN = 4
-SYNTHETIC_VERSION = 1  # bump when the generator changes: it is part of the data hash
-
-
-def chain_rule(rule_seed: int) -> dict[str, str]:
-    """The chain task's fixed function: a random permutation of the symbols (the same for every row)."""
-    image = list(SYN_SYMBOLS)
-    random.Random(f"synthetic-rule:{rule_seed}").shuffle(image)
-    return dict(zip(SYN_SYMBOLS, image, strict=True))
-
-
-def _segment(task: str, rng: random.Random, rule: dict[str, str], sc: Any) -> tuple[list[str], list[int]]:
-    if task == "chain":
-        values = [rng.choice(SYN_SYMBOLS)]
-        for _ in range(CHAIN_LEN):
-            values.append(rule[values[-1]])
-        return ["chain", *values], [RANDOM, RANDOM] + [LEARNABLE] * CHAIN_LEN
-    n = rng.randint(sc.min_span, sc.max_span)
-    if task == "copy":
-        span = [rng.choice(SYN_SYMBOLS) for _ in range(n)]
-        answer = span
-    else:  # nest
-        span = [rng.choice(SYN_OPEN) for _ in range(n)]
-        answer = [SYN_CLOSE[SYN_OPEN.index(b)] for b in reversed(span)]
-    return [task, *span, "=", *answer], [RANDOM] * (n + 2) + [LEARNABLE] * n
-
-
-def synthetic_example(
-    rng: random.Random, rule: dict[str, str], sc: Any, budget: int, corrupt: float, junk: float
-) -> tuple[list[str], list[int]]:
-    """One row's words after BOS (EOS last) and the class of each; at most `budget` words."""
-    words: list[str] = []
-    classes: list[int] = []
-    for i in range(rng.randint(1, sc.max_segments)):
-        run: list[str] = []
-        if rng.random() < junk:
-            run = [rng.choice(SYN_NOISE) for _ in range(rng.randint(sc.min_span, sc.max_span))]
-        seg, seg_cls = _segment(rng.choice(sc.tasks), rng, rule, sc)
-        if i > 0 and len(words) + len(run) + len(seg) + 1 > budget:
-            break
-        words += run + seg
-        classes += [JUNK] * len(run) + seg_cls
-    for j, c in enumerate(classes):
-        if c == LEARNABLE and rng.random() < corrupt:
-            words[j] = rng.choice([w for w in SYN_NOISE if w != words[j]])
-            classes[j] = CORRUPT
-    return words + [SYN_SPECIALS["eos_token"]], classes + [RANDOM]
+# --------------------------------------------------------------------------- synthetic benchmark: synthetic.py's rows as token ids
 
 
 def _synthetic_ids(tokenizer: Any) -> dict[str, int]:
     vocab = tokenizer.get_vocab()
-    missing = [w for w in SYN_VOCAB if w not in vocab]
+    missing = [w for w in synthetic.SYN_VOCAB if w not in vocab]
     if missing:
         raise DataError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} lacks the synthetic words {missing[:5]}: "
@@ -800,18 +736,24 @@ def synthetic_rows(cfg: Any, tokenizer: Any, split: str) -> dict[str, list]:
         seed = f"{seed}:{cfg.data.seed}"
     else:
         raise DataError(f"synthetic data has the splits train, validation and test, not {split!r}")
-    rng, rule, vocab = random.Random(f"synthetic:{seed}"), chain_rule(sc.rule_seed), _synthetic_ids(tokenizer)
+    rng, rule, vocab = (
+        random.Random(f"synthetic:{seed}"),
+        synthetic.chain_rule(sc.rule_seed),
+        _synthetic_ids(tokenizer),
+    )
     cols: dict[str, list] = {
         k: [] for k in ("input_ids", "loss_mask", "token_class", "task_id", "index", "reward")
     }
     for i in range(n):
-        words, classes = synthetic_example(rng, rule, sc, cfg.data.max_length - 1, corrupt, junk)
+        words, classes = synthetic.example(rng, rule, sc, cfg.data.max_length - 1, corrupt, junk)
         cols["input_ids"].append([tokenizer.bos_token_id] + [vocab[w] for w in words])
         cols["loss_mask"].append([False] + [True] * len(words))
         cols["token_class"].append([-1] + classes)
         cols["task_id"].append(-1)
         cols["index"].append(i)
-        cols["reward"].append(1.0 - sum(c in (JUNK, CORRUPT) for c in classes) / len(classes))
+        cols["reward"].append(
+            1.0 - sum(c in (synthetic.JUNK, synthetic.CORRUPT) for c in classes) / len(classes)
+        )
     return cols
 
 
@@ -828,25 +770,14 @@ def synthetic_prompts(cfg: Any, tokenizer: Any) -> list[tuple[str, list[int], li
     sc = cfg.data.synthetic
     rng, rule, vocab = (
         random.Random(f"prompts:{sc.test_seed}"),
-        chain_rule(sc.rule_seed),
+        synthetic.chain_rule(sc.rule_seed),
         _synthetic_ids(tokenizer),
     )
     out = []
     for i in range(sc.n_test):
         task = sc.tasks[i % len(sc.tasks)]
-        words, classes = _segment(task, rng, rule, sc)
-        cut = classes.index(LEARNABLE)
+        words, classes = synthetic.segment(task, rng, rule, sc)
+        cut = classes.index(synthetic.LEARNABLE)
         ids = [vocab[w] for w in words]
         out.append((task, [tokenizer.bos_token_id] + ids[:cut], ids[cut:]))
     return out
-
-
-def synthetic_fingerprint(cfg: Any) -> str:
-    """What decides the synthetic rows (the data hash of a run): generator version, its keys, seed, length."""
-    spec = {
-        "version": SYNTHETIC_VERSION,
-        "synthetic": vars(cfg.data.synthetic),
-        "seed": cfg.data.seed,
-        "max_length": cfg.data.max_length,
-    }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()

@@ -21,6 +21,7 @@ Every program runs in sandbox.py. Judging rules:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -28,12 +29,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import config
 import data
 import errors
 import sandbox
-from config import default_data_root
+import synthetic
 from errors import UserError
 from files import atomic_write_text
+
+# torch, and the modules that import it (model, formats, generate, parallel), are imported inside the functions
+# that use them: `evaluate.py judge` and `judge_completion` (the critic's tests reward) run without torch.
 
 DATASETS = ("mbpp", "humaneval", "codecontests")
 PASS_KS = (1, 5, 10, 100)
@@ -321,7 +326,6 @@ def head_ce(model: Any, tokenizer: Any, prompts: list[str], refs: list[str], max
     Under torchrun every rank calls it with the same inputs; the batches are split over the ranks as in `generate`.
     """
     import torch
-    import torch.nn.functional as F
 
     import model as M
     import parallel as P
@@ -334,12 +338,8 @@ def head_ce(model: Any, tokenizer: Any, prompts: list[str], refs: list[str], max
         b = data.collate([r[0] for r in part], [r[1] for r in part], [0] * len(part), [0] * len(part), 0)
         ids, mask = b["input_ids"].to(dev), b["loss_mask"].to(dev)
         targets, valid = M.mtp_targets(ids, mask, H)
-        h = model(ids, stage="trunk")
-        per_head = []
-        for k in range(H):
-            logits = model(h, stage=k).float()
-            per_head.append(F.cross_entropy(logits.transpose(1, 2), targets[..., k], reduction="none"))
-        return [[per_head[k][r][valid[r, :, k]].tolist() for k in range(H)] for r in range(len(part))]
+        ce = M.mtp_head_ce(model, model(ids, stage="trunk"), targets, valid)
+        return [[ce[r, :, k][valid[r, :, k]].tolist() for k in range(H)] for r in range(len(part))]
 
     was = model.training
     model.eval()
@@ -468,7 +468,7 @@ def class_weight_counts(
     [0, w_max] (the last bin also takes w_max and above), then the sum of those weights in the last slot."""
     import torch
 
-    C, H = len(data.TOKEN_CLASSES), weights.shape[-1]
+    C, H = len(synthetic.TOKEN_CLASSES), weights.shape[-1]
     keep = valid.bool() & (pair_class >= 0)
     w = weights.detach().to(torch.float64)[keep]
     head = torch.arange(H, device=weights.device).expand_as(keep)[keep]
@@ -499,13 +499,13 @@ def class_weight_metrics(counts: Any) -> dict[str, float]:
     n = hist.sum(-1)
     H = hist.shape[1]
     out: dict[str, float] = {}
-    for c, name in enumerate(data.TOKEN_CLASSES):
+    for c, name in enumerate(synthetic.TOKEN_CLASSES):
         out[f"synth/weight_{name}"] = float(sums[c].sum() / n[c].sum()) if n[c].sum() > 0 else float("nan")
         for k in range(H):
             out[f"synth/weight_{name}_head{k + 1}"] = (
                 float(sums[c, k] / n[c, k]) if n[c, k] > 0 else float("nan")
             )
-    clean, noise = [data.LEARNABLE, data.RANDOM], [data.JUNK, data.CORRUPT]
+    clean, noise = [synthetic.LEARNABLE, synthetic.RANDOM], [synthetic.JUNK, synthetic.CORRUPT]
     w_clean = float(sums[clean].sum() / n[clean].sum()) if n[clean].sum() > 0 else float("nan")
     w_noise = float(sums[noise].sum() / n[noise].sum()) if n[noise].sum() > 0 else float("nan")
     out["synth/weight_noise_over_clean"] = w_noise / w_clean
@@ -520,14 +520,12 @@ def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 3
     and the mean over heads "synth/ce_learnable"); exact-match rate of greedy completions of the held-out prompts
     (the analogue of pass@1), per task and overall ("synth/exact_match")."""
     import torch
-    import torch.nn.functional as F
 
     import model as M
-    from score import pair_scores
 
     H = model.args.n_future_tokens
     dev = model.output.weight.device
-    sums = torch.zeros(len(data.TOKEN_CLASSES), H, dtype=torch.float64)
+    sums = torch.zeros(len(synthetic.TOKEN_CLASSES), H, dtype=torch.float64)
     counts = torch.zeros_like(sums)
     was = model.training
     model.eval()
@@ -536,16 +534,12 @@ def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 3
         for b in data.eval_batches(rows, batch_size, data.pad_token_id(tokenizer)):
             ids, mask = b["input_ids"].to(dev), b["loss_mask"].to(dev)
             targets, valid = M.mtp_targets(ids, mask, H)
-            cls = pair_scores(b["token_class"].to(dev), H)
-            h = model(ids, stage="trunk")
-            for k in range(H):
-                ce = F.cross_entropy(
-                    model(h, stage=k).float().transpose(1, 2), targets[..., k], reduction="none"
-                )
-                for c in range(len(data.TOKEN_CLASSES)):
-                    sel = valid[..., k] & (cls[..., k] == c)
-                    sums[c, k] += ce[sel].double().sum().cpu()
-                    counts[c, k] += sel.sum().cpu()
+            cls = M.pair_scores(b["token_class"].to(dev), H)
+            ce = M.mtp_head_ce(model, model(ids, stage="trunk"), targets, valid)
+            for c in range(len(synthetic.TOKEN_CLASSES)):
+                sel = valid & (cls == c)
+                sums[c] += torch.where(sel, ce, 0.0).double().sum((0, 1)).cpu()
+                counts[c] += sel.sum((0, 1)).cpu()
         prompts = data.synthetic_prompts(cfg, tokenizer)
         width = max(len(a) for _, _, a in prompts)
         hits: dict[str, list[bool]] = {}
@@ -558,7 +552,7 @@ def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 3
                 hits.setdefault(task, []).append(got[: len(answer)] == answer)
     model.train(was)
     out: dict[str, float] = {}
-    for c, name in enumerate(data.TOKEN_CLASSES[:2]):  # the held-out rows are clean: no junk, no corrupt
+    for c, name in enumerate(synthetic.TOKEN_CLASSES[:2]):  # the held-out rows are clean: no junk, no corrupt
         for k in range(H):
             out[f"synth/ce_{name}_head{k + 1}"] = float(sums[c, k] / counts[c, k])
         out[f"synth/ce_{name}"] = float(sums[c].sum() / counts[c].sum())
@@ -572,15 +566,13 @@ def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 3
 
 
 def _judge_cli(argv: list[str]) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="evaluate.py judge", description="Score a predictions file (no model).")
     ap.add_argument("--dataset", required=True, choices=DATASETS)
     ap.add_argument("--predictions", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per MBPP/HumanEval program")
     ap.add_argument("--workers", type=int, default=0, help="parallel programs (0: all cores)")
-    ap.add_argument("--data-root", default=default_data_root())
+    ap.add_argument("--data-root", default=config.default_data_root())
     ap.add_argument("--time-scale", type=float, default=3.0, help="CodeContests time-limit factor")
     a = ap.parse_args(argv)
     problems = load_problems(a.dataset, a.data_root)
@@ -592,11 +584,8 @@ def _judge_cli(argv: list[str]) -> int:
 
 
 def _model_cli(argv: list[str]) -> int:
-    import argparse
-
     from transformers import AutoTokenizer
 
-    import config
     import formats
     import parallel as P
 

@@ -498,6 +498,17 @@ def mtp_targets(input_ids: Tensor, loss_mask: Tensor, H: int) -> tuple[Tensor, T
     return targets, valid
 
 
+def pair_scores(token_scores: Tensor, H: int) -> Tensor:
+    """[B, S] per-position scores -> [B, S, H]: pair (t, k) gets the score of its target position t + k + 1 (the
+    `mtp_targets` convention: head k at position t targets t + k + 1), 0 past the end."""
+    B, S = token_scores.shape
+    out = token_scores.new_zeros(B, S, H)
+    for k in range(H):
+        if S - k - 1 > 0:
+            out[:, : S - k - 1, k] = token_scores[:, k + 1 :]
+    return out
+
+
 def _f32(x: Tensor) -> Tensor:
     """Upcast half-precision logits to fp32 for the CE (fp64 stays fp64: exact tests)."""
     return x if x.dtype == torch.float64 else x.float()
@@ -575,7 +586,11 @@ def naive_mtp_loss(
 
 @torch.no_grad()
 def mtp_head_ce(model: nn.Module, h: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
-    """Per-pair CE [B, S, H] (fp32, 0 where invalid) without gradient, one head at a time (rho1's extra pass)."""
+    """Per-pair CE [B, S, H] (fp32, 0 where invalid) of trunk output h [B, S, D], without gradient: the one
+    per-head CE of validation, evaluation, the synthetic metrics and rho1's extra pass.
+
+    One head at a time and only its valid positions' logits; every head runs its block even when it has no
+    valid pair (an FSDP2 forward is a collective: all ranks run the same ones)."""
     ce = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     for k in range(targets.shape[-1]):
         v = valid[..., k]

@@ -62,24 +62,16 @@ def resolve_inputs(cfg: C.Config) -> tuple[Path, object]:
             missing.append(errors.one_line(str(e)))
             return None
 
-    mc = cfg.model
-    model_dir = attempt(lambda: s3cache.resolve_model(cfg, mc.path, mc.resource, mc.format, "model.path"))
+    model_dir = attempt(lambda: s3cache.resolve_model(cfg, "policy"))
     tokenizer = (
         attempt(lambda: data.load_tokenizer(cfg, model_dir)) if model_dir or cfg.model.tokenizer else None
     )
     if model_dir is not None and tokenizer is not None:
         attempt(lambda: check_tokenizer(cfg, model_dir, tokenizer))
-    rc, cc = cfg.rho1, cfg.critic
     if cfg.loss.scorer == "rho1_excess_v1":
-        attempt(
-            lambda: s3cache.resolve_model(cfg, rc.ref_model, rc.ref_resource, rc.ref_format, "rho1.ref_model")
-        )
-    if cfg.loss.scorer == "critic_delta_v1" and cc.reward == "model":
-        attempt(
-            lambda: s3cache.resolve_model(
-                cfg, cc.reward_model, cc.reward_resource, "hf", "critic.reward_model"
-            )
-        )
+        attempt(lambda: s3cache.resolve_model(cfg, "reference"))
+    if cfg.loss.scorer == "critic_delta_v1" and cfg.critic.reward == "model":
+        attempt(lambda: s3cache.resolve_model(cfg, "reward"))
     attempt(lambda: data.resolve_dataset_dir(cfg))
     if missing:
         for m in missing:
@@ -266,7 +258,7 @@ def run_plan(
     aux = 0
     if cfg.loss.scorer == "rho1_excess_v1" and cfg.rho1.ref_model:
         rc = cfg.rho1
-        ref_dir = s3cache.resolve_model(cfg, rc.ref_model, rc.ref_resource, rc.ref_format, "rho1.ref_model")
+        ref_dir = s3cache.resolve_model(cfg, "reference")
         aux = M.count_params_from_args(formats.read_model_args(ref_dir, rc.ref_format, 1))
     budget = cfg.train.memory_gb or (
         torch.cuda.get_device_properties(device).total_memory / 1024**3 if device.type == "cuda" else 80.0

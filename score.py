@@ -37,6 +37,7 @@ import parallel as P
 import s3cache
 from errors import UserError
 from files import atomic_write
+from model import pair_scores
 
 
 class ScoreError(UserError, ValueError):
@@ -331,16 +332,6 @@ def score_histogram(weights: Tensor, valid: Tensor, edges: Tensor) -> Tensor:
     return torch.bincount(idx, minlength=edges.numel() - 1).to(torch.float64)
 
 
-def pair_scores(token_scores: Tensor, H: int) -> Tensor:
-    """[B, S] per-position scores -> [B, S, H]: pair (t, k) gets the score of its target position t + k + 1."""
-    B, S = token_scores.shape
-    out = token_scores.new_zeros(B, S, H)
-    for k in range(H):
-        if S - k - 1 > 0:
-            out[:, : S - k - 1, k] = token_scores[:, k + 1 :]
-    return out
-
-
 # --------------------------------------------------------------------------- state
 
 
@@ -546,9 +537,7 @@ def _init_critic(state: ScorerState) -> None:
                 f"{cfg.source}: critic.reward = 'model' needs 'critic.reward_model' (an HF sequence-classification "
                 "checkpoint directory with one label) or 'critic.reward_resource'"
             )
-        state.reward_dir = s3cache.resolve_model(
-            cfg, cc.reward_model, cc.reward_resource, "hf", "critic.reward_model"
-        )
+        state.reward_dir = s3cache.resolve_model(cfg, "reward")
         if not (state.reward_dir / "config.json").is_file():
             raise ScoreError(
                 f"{cfg.source}: 'critic.reward_model' = {str(state.reward_dir)!r} has no config.json "
@@ -964,7 +953,7 @@ def _init_rho1(state: ScorerState) -> None:
             f"{cfg.source}: loss.scorer = 'rho1_excess_v1' needs 'rho1.ref_model' (a reference causal LM "
             "directory with the base tokenizer) or 'rho1.ref_resource'"
         )
-    d = s3cache.resolve_model(cfg, rc.ref_model, rc.ref_resource, rc.ref_format, "rho1.ref_model")
+    d = s3cache.resolve_model(cfg, "reference")
     check_same_tokenizer(state.tokenizer, d)
     if rc.ref_format == "hf":
         from transformers import AutoModelForCausalLM

@@ -21,6 +21,7 @@ so a loader that permuted them wrongly would show in the logits.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -28,9 +29,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 import config
 import data
 import files
+import formats
+import model as M
+import synthetic
 
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -113,8 +119,6 @@ def train_llama_tokenizer(data_root: str):
     corpus, as SentencePiece trains on lines, so no piece holds a newline: "\n" is <0x0A> and the code after a
     prompt's last newline starts with "def", not "▁def". The vocabulary fits the tiny models' (VOCAB_SIZE).
     """
-    import json
-
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -151,8 +155,6 @@ def train_bpe_tokenizer(data_root: str, kind: str):
     Qwen2Tokenizer with no unk token, as Qwen's tokenizer_config.json says (the class a Qwen model directory
     loads with AutoTokenizer).
     """
-    import json
-
     from tokenizers import (
         Regex,
         Tokenizer,
@@ -236,11 +238,6 @@ def build_base_meta(out: Path, force: bool = False) -> bool:
 def _random_meta(tmp: Path, tokenizer, **shape) -> None:
     """A seeded random-init H=4 MTP model (dim 128, 6 blocks) in Meta's layout, its tokenizer beside it (so
     model.tokenizer may point at the checkpoint directory) and Meta's checklist.chk (MD5s, checked at load)."""
-    import torch
-
-    import formats
-    import model as M
-
     args = M.ModelArgs(dim=128, n_layers=6, n_heads=4, vocab_size=len(tokenizer), multiple_of=32,
                        n_future_tokens=4, **shape)  # fmt: skip
     torch.manual_seed(SEED)
@@ -270,8 +267,6 @@ def _llama_config(tokenizer, **extra):
 
 def _save_hf(out: Path, name: str, make_model: Callable, force: bool) -> bool:
     def build(tmp: Path) -> None:
-        import torch
-
         tokenizer = load_tokenizer(out)
         torch.manual_seed(SEED)
         make_model(tokenizer).save_pretrained(str(tmp))  # safetensors
@@ -346,7 +341,6 @@ def build_family_base(out: Path, family: str, force: bool = False) -> bool:
     ship them) with its tokenizer."""
 
     def build(tmp: Path) -> None:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(out / FAMILY_TOKENIZER[family]))
@@ -363,18 +357,18 @@ def build_family_base(out: Path, family: str, force: bool = False) -> bool:
 
 
 def synthetic_tokenizer():
-    """Word-level tokenizer over data.SYN_VOCAB (one word, one token), BOS prepended like Llama."""
+    """Word-level tokenizer over synthetic.SYN_VOCAB (one word, one token), BOS prepended like Llama."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(data.SYN_VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=data.SYN_SPECIALS["unk_token"]))
+    vocab = {w: i for i, w in enumerate(synthetic.SYN_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=synthetic.SYN_SPECIALS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    bos = data.SYN_SPECIALS["bos_token"]
+    bos = synthetic.SYN_SPECIALS["bos_token"]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1024, **data.SYN_SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1024, **synthetic.SYN_SPECIALS)
 
 
 def build_synthetic_tokenizer(out: Path, force: bool = False) -> bool:

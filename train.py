@@ -357,14 +357,9 @@ def validate(cfg, net, val_ds, pad_id: int, d: P.Dist) -> dict:
         ids, mask = batch["input_ids"].to(d.device), batch["loss_mask"].to(d.device)
         targets, valid = M.mtp_targets(ids, mask, H)
         with autocast(cfg, d):
-            h = net(ids, stage="trunk")
-            for k in range(H):
-                logits = net(h, stage=k).float()
-                ce = torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1), targets[..., k].flatten(), reduction="none"
-                ).view_as(valid[..., k])
-                sums[k] += (ce * valid[..., k]).sum().double()
-                sums[H + k] += valid[..., k].sum().double()
+            ce = M.mtp_head_ce(net, net(ids, stage="trunk"), targets, valid)
+        sums[:H] += ce.sum((0, 1)).double()
+        sums[H:] += valid.sum((0, 1)).double()
     P.all_reduce(sums)
     per_head = [(sums[k] / sums[H + k].clamp(min=1)).item() for k in range(H)]
     out = {f"val/ce_head{k + 1}": v for k, v in enumerate(per_head)}
@@ -409,7 +404,7 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
     torch.manual_seed(cfg.train.seed)
     if dry:
         return plan.dry_run(cfg, d, *plan.resolve_inputs(cfg))
-    model_dir = s3cache.resolve_model(cfg, cfg.model.path, cfg.model.resource, cfg.model.format, "model.path")
+    model_dir = s3cache.resolve_model(cfg, "policy")
     tokenizer = data.load_tokenizer(cfg, model_dir)
     plan.check_tokenizer(cfg, model_dir, tokenizer)
     run_name = cfg.train.run_name or f"{cfg.algo}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -171,6 +171,20 @@ def test_judge_cli_end_to_end(tmp_path, mbpp):
     assert not list(out.parent.glob(".*"))  # no temp file left
 
 
+def test_judging_runs_without_torch():
+    """evaluate.py imports torch (and model, generate, parallel) inside the functions that need it, so judging
+    (the judge CLI, the critic's `tests` reward) starts without it."""
+    code = (
+        "import sys, evaluate\n"
+        "v = evaluate.judge_completion('mbpp', {'test_list': ['assert f() == 1'], 'test_setup_code': ''},"
+        " 'def f():\\n    return 1\\n')\n"
+        "assert v['passed'], v\n"
+        "assert 'torch' not in sys.modules, 'judging imported torch'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize(
     "line, message",
     [

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import config as C
 import s3cache
 from config import StorageConfig
 from tests.servers import free_port, s3_client  # fixtures (s3_env, moto_process) come from tests/conftest.py
@@ -292,3 +293,28 @@ def _file(tmp: Path) -> Path:
     p = tmp / "train.jsonl"
     p.write_text('{"task_id": 601}\n')
     return p
+
+
+def test_resolve_model_reads_the_keys_of_each_role(tmp_path, monkeypatch):
+    """policy / reference / reward: each role's path, resource and format keys (MODEL_ROLES); errors name the key."""
+    monkeypatch.delenv("WMTP_S3_BUCKET", raising=False)
+    dirs = {"policy": ("meta", ["params.json"]), "reference": ("wmtp", ["config.json", "model.safetensors"]),
+            "reward": ("hf", ["config.json"])}  # fmt: skip
+    for role, (_, names) in dirs.items():
+        for n in names:
+            (tmp_path / role).mkdir(exist_ok=True)
+            (tmp_path / role / n).write_text("{}")
+    kv = {"model.path": tmp_path / "policy", "model.format": "meta", "rho1.ref_model": tmp_path / "reference",
+          "rho1.ref_format": "wmtp", "critic.reward_model": tmp_path / "reward",
+          "storage.cache_dir": tmp_path / "cache"}  # fmt: skip
+    cfg = C.load_config(None, [f"--{k}={v}" for k, v in kv.items()])
+    assert {role: s3cache.resolve_model(cfg, role) for role in dirs} == {r: tmp_path / r for r in dirs}
+    # incomplete for its format (wmtp: config.json + model.safetensors), and no S3 to fall back to
+    (tmp_path / "reference" / "model.safetensors").unlink()
+    with pytest.raises(
+        s3cache.StorageError, match=r"(?s)'rho1\.ref_model' = .*reference.*lacks .*model\.safetensors"
+    ):
+        s3cache.resolve_model(cfg, "reference")
+    cfg = C.load_config(None, ["--critic.reward_model=", f"--storage.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(s3cache.StorageError, match=r"'critic\.reward_model' is empty and no S3 resource"):
+        s3cache.resolve_model(cfg, "reward")

@@ -338,7 +338,7 @@ def test_per_head_weight_statistics_histogram_and_resume(tmp_path):
 
 def test_pair_scores_maps_each_pair_to_its_target_position():
     tok = torch.arange(10.0)[None] * 10
-    p = score.pair_scores(tok, H)
+    p = M.pair_scores(tok, H)
     for t in range(10):
         for k in range(H):
             assert p[0, t, k] == (tok[0, t + k + 1] if t + k + 1 < 10 else 0)

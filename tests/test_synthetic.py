@@ -13,6 +13,7 @@ import data
 import evaluate
 import formats
 import model as M
+import synthetic
 
 
 @pytest.fixture(scope="module")
@@ -29,41 +30,41 @@ def cfg_for(*overrides: str) -> C.Config:
 def check_row(ids: list[int], classes: list[int], tok, rule: dict[str, str]) -> collections.Counter:
     """Re-derive every token's class from the row's words alone (an independent parser of the format)."""
     words = tok.convert_ids_to_tokens(ids)
-    assert words[0] == "<s>" and classes[0] == -1 and words[-1] == "</s>" and classes[-1] == data.RANDOM
+    assert words[0] == "<s>" and classes[0] == -1 and words[-1] == "</s>" and classes[-1] == synthetic.RANDOM
     seen: collections.Counter = collections.Counter()
     i, n = 1, len(words) - 1
     while i < n:
-        if classes[i] == data.JUNK:
-            assert words[i] in data.SYN_NOISE
+        if classes[i] == synthetic.JUNK:
+            assert words[i] in synthetic.SYN_NOISE
             seen["junk"] += 1
             i += 1
             continue
         task = words[i]
-        assert classes[i] == data.RANDOM and task in ("copy", "nest", "chain"), (i, words[i], classes[i])
+        assert classes[i] == synthetic.RANDOM and task in ("copy", "nest", "chain"), (i, words[i], classes[i])
         if task == "chain":
-            assert classes[i + 1] == data.RANDOM and words[i + 1] in data.SYN_SYMBOLS
+            assert classes[i + 1] == synthetic.RANDOM and words[i + 1] in synthetic.SYN_SYMBOLS
             expected, j = [rule[words[i + 1]]], i + 2
-            for _ in range(data.CHAIN_LEN - 1):
+            for _ in range(synthetic.CHAIN_LEN - 1):
                 expected.append(rule[expected[-1]])
         else:
             j = i + 1
             while words[j] != "=":
-                assert classes[j] == data.RANDOM
+                assert classes[j] == synthetic.RANDOM
                 j += 1
             span = words[i + 1 : j]
-            assert classes[j] == data.RANDOM and data.SYN_SPECIALS["eos_token"] not in span
+            assert classes[j] == synthetic.RANDOM and synthetic.SYN_SPECIALS["eos_token"] not in span
             if task == "copy":
                 expected = span
             else:
-                assert all(b in data.SYN_OPEN for b in span)
-                expected = [data.SYN_CLOSE[data.SYN_OPEN.index(b)] for b in reversed(span)]
+                assert all(b in synthetic.SYN_OPEN for b in span)
+                expected = [synthetic.SYN_CLOSE[synthetic.SYN_OPEN.index(b)] for b in reversed(span)]
             j += 1
         for (
             e
         ) in expected:  # the rule's token (LEARNABLE) or anything else (CORRUPT), never the rule's by chance
-            assert classes[j] in (data.LEARNABLE, data.CORRUPT)
-            assert (words[j] == e) == (classes[j] == data.LEARNABLE), (j, words[j], e, classes[j])
-            seen["corrupt" if classes[j] == data.CORRUPT else "learnable"] += 1
+            assert classes[j] in (synthetic.LEARNABLE, synthetic.CORRUPT)
+            assert (words[j] == e) == (classes[j] == synthetic.LEARNABLE), (j, words[j], e, classes[j])
+            seen["corrupt" if classes[j] == synthetic.CORRUPT else "learnable"] += 1
             j += 1
         i = j
     return seen
@@ -72,7 +73,7 @@ def check_row(ids: list[int], classes: list[int], tok, rule: dict[str, str]) -> 
 def test_classes_correct_by_construction(tok):
     cfg = cfg_for("--data.synthetic.n_train=300")
     rows = data.synthetic_rows(cfg, tok, "train")
-    rule = data.chain_rule(cfg.data.synthetic.rule_seed)
+    rule = synthetic.chain_rule(cfg.data.synthetic.rule_seed)
     total: collections.Counter = collections.Counter()
     for ids, cls, mask, reward in zip(
         rows["input_ids"], rows["token_class"], rows["loss_mask"], rows["reward"], strict=True
@@ -98,15 +99,18 @@ def test_seeded_and_clean_variant(tok):
     clean = cfg_for("--data.synthetic.n_train=200", "--data.synthetic.corrupt=0", "--data.synthetic.junk=0")
     for split_rows in (data.synthetic_rows(clean, tok, "train"), test):
         classes = {c for row in split_rows["token_class"] for c in row}
-        assert classes == {-1, data.LEARNABLE, data.RANDOM}
+        assert classes == {-1, synthetic.LEARNABLE, synthetic.RANDOM}
         assert set(split_rows["reward"]) == {1.0}
     prompts = data.synthetic_prompts(cfg, tok)
     assert [p[0] for p in prompts[:3]] == ["copy", "nest", "chain"] and len(prompts) == 40
-    rule = data.chain_rule(0)
+    rule = synthetic.chain_rule(0)
     for _, prompt, answer in prompts:  # prompt + answer is a clean segment: the answer is all LEARNABLE
         row = prompt + answer + [tok.eos_token_id]
         seen = check_row(
-            row, [-1] + [data.RANDOM] * (len(prompt) - 1) + [data.LEARNABLE] * len(answer) + [1], tok, rule
+            row,
+            [-1] + [synthetic.RANDOM] * (len(prompt) - 1) + [synthetic.LEARNABLE] * len(answer) + [1],
+            tok,
+            rule,
         )
         assert seen == {"learnable": len(answer)}
 
@@ -142,7 +146,7 @@ def test_other_tokenizer_is_refused(tiny_dir):
 
 def test_class_weight_metrics_on_hand_made_weights():
     # one row, H = 2; targets' classes per pair (t, k); weights chosen by hand
-    L, R, J, X = data.LEARNABLE, data.RANDOM, data.JUNK, data.CORRUPT
+    L, R, J, X = synthetic.LEARNABLE, synthetic.RANDOM, synthetic.JUNK, synthetic.CORRUPT
     cls = torch.tensor([[[L, R], [R, J], [J, X], [X, -1]]])
     valid = torch.tensor([[[1, 1], [1, 1], [1, 1], [1, 0]]], dtype=torch.bool)
     w = torch.tensor([[[2.0, 0.5], [1.0, 0.5], [0.25, 0.1], [0.1, 0.0]]])
@@ -190,7 +194,7 @@ def test_critic_dataset_reward(tok, tiny_dir):
 
 def test_synthetic_base(tiny_dir, tok):
     net = formats.load_meta(tiny_dir / "synthetic_base")
-    assert net.args.n_future_tokens == 4 and net.args.vocab_size == len(data.SYN_VOCAB) == len(tok)
+    assert net.args.n_future_tokens == 4 and net.args.vocab_size == len(synthetic.SYN_VOCAB) == len(tok)
     assert (
         M.count_params(net) == 1222272
         and M.count_params(formats.load_meta(tiny_dir / "synthetic_base", 1)) == 619392
