@@ -5,6 +5,7 @@ reference included)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -585,6 +586,20 @@ def test_critic_delta_peaks_at_the_token_the_value_depends_on(tok, tmp_path):
     assert torch.equal(w[1], valid[1].float()), "a row with constant V gets uniform weights"
 
 
+def fitted_critic(tok, tmp_path, policy, batch, pretrain_steps: int, w_max: float = 3.0):
+    """A critic state after stage 1 on `batch` repeated, gamma = gae_lambda = 1, reward +1 for rows 0-7 and -1
+    for rows 8-15 (the 16 rows of `batch`)."""
+    cfg = make_cfg(
+        tmp_path, "critic_delta_v1", critic=dict(reward="tests", pretrain_steps=pretrain_steps, value_lr=1e-2)
+    )
+    cfg.critic.gamma = cfg.critic.gae_lambda = 1.0
+    cfg.loss.w_max = w_max
+    state = score.init_state(cfg, policy, tok, "cpu")
+    state.rewards.values = {b: (1.0 if b < 8 else -1.0) for b in range(16)}
+    score.prepare(state, itertools.repeat(batch))
+    return state
+
+
 def test_critic_stage1_learns_value_of_the_rewarded_token(tok, tmp_path):
     """Reward +1 iff the completion contains X: after stage 1, the pairs targeting X get the highest weight."""
     V, X = len(tok), 77
@@ -598,19 +613,9 @@ def test_critic_stage1_learns_value_of_the_rewarded_token(tok, tmp_path):
     for b in range(8):
         ids[b, pos[b]] = X
     batch = manual_batch(ids.tolist(), 4)
-    cfg = make_cfg(
-        tmp_path, "critic_delta_v1", critic=dict(reward="tests", pretrain_steps=150, value_lr=1e-2, gamma=1.0)
-    )
-    cfg.critic.gae_lambda = 1.0
-    cfg.loss.w_max = 1000.0  # no clipping: the top weight is unique
-    state = score.init_state(cfg, policy, tok, "cpu")
-    state.rewards.values = {b: (1.0 if b < 8 else -1.0) for b in range(16)}
-
-    def forever():
-        while True:
-            yield batch
-
-    score.prepare(state, forever())
+    state = fitted_critic(
+        tok, tmp_path, policy, batch, pretrain_steps=150, w_max=1000.0
+    )  # no clip: top is unique
     assert state.metrics["critic/pretrain_value_loss"] < 1.0  # 1.05 at the start; fillers stay at ~1
     batch = add_targets(batch)
     batch["hidden"] = policy(batch["input_ids"], stage="trunk").detach()
@@ -638,18 +643,7 @@ def test_critic_first_delta_uses_a_fitted_prompt_value(tok, tmp_path):
     ids[:8, j0 - 1], ids[8:, j0 - 1] = X, Y  # the last prompt token decides the reward
     ids[:8, j0:], ids[8:, j0:] = 60, 61  # and each kind of row has its own completion
     batch = manual_batch(ids.tolist(), j0)
-    cfg = make_cfg(
-        tmp_path, "critic_delta_v1", critic=dict(reward="tests", pretrain_steps=300, value_lr=1e-2)
-    )
-    cfg.critic.gamma = cfg.critic.gae_lambda = 1.0
-    state = score.init_state(cfg, policy, tok, "cpu")
-    state.rewards.values = {b: (1.0 if b < 8 else -1.0) for b in range(16)}
-
-    def forever():
-        while True:
-            yield batch
-
-    score.prepare(state, forever())
+    state = fitted_critic(tok, tmp_path, policy, batch, pretrain_steps=300)
     assert state.stage1["critic/stage1_explained_variance"] > 0.99
     with torch.no_grad():
         v = state.value_head(policy(batch["input_ids"], stage="trunk"))
