@@ -740,7 +740,7 @@ def test_rho1_per_head_weights_inside_the_head_step_equal_the_scorer(
     cfg = make_cfg(tmp_path, "rho1_excess_v1", rho1=rho1)
     state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
     batch = add_targets(next(data.make_loader(train_rows, 4, tok.pad_token_id, seed=3)))
-    ids, targets, valid, lam = batch["input_ids"], batch["targets"], batch["valid"], 0.5
+    ids, valid, lam = batch["input_ids"], batch["valid"], 0.5
     h = policy(ids, stage="trunk")
     batch["hidden"] = h.detach()
     want = score.weights(batch, state)
@@ -749,10 +749,23 @@ def test_rho1_per_head_weights_inside_the_head_step_equal_the_scorer(
 
     per_head = score.SCORERS["rho1_excess_v1"](batch, state)  # what the trainer's step asks for
     assert per_head.per_head
+    assert_head_step_equals_scorer(policy, per_head, batch, h, lam, want, state, want_metrics)
+
+    cfg.loss.normalize = "sequence"
+    state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
+    assert not score.SCORERS["rho1_excess_v1"](batch, state).per_head  # weights known before the heads run
+    joint = score.weights(batch, state)
+    check_invariants(joint, valid, cfg.loss.eps, cfg.loss.w_max, "sequence")
+    assert not torch.allclose(joint, want)
+
+
+def assert_head_step_equals_scorer(policy, per_head, batch, h, lam, want, state, want_metrics) -> None:
+    """The trainer's head-by-head step with the per-head weigher gives the scorer's own weights `want` and
+    statistics, and the loss and gradients of the all-heads-at-once loss with those weights (mixed by lam)."""
+    ids, targets, valid = batch["input_ids"], batch["targets"], batch["valid"]
     weights = lambda k, ce: score.mix(per_head(k, ce), lam, valid[..., k])  # noqa: E731
     out = M.mtp_loss_backward(policy, h, targets, valid, weights)
-    got = per_head.finish()
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(per_head.finish(), want, rtol=0, atol=1e-6)
     assert state.metrics == pytest.approx(want_metrics, rel=1e-6)
     grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad(set_to_none=True)
@@ -761,13 +774,6 @@ def test_rho1_per_head_weights_inside_the_head_step_equal_the_scorer(
     assert float(out["loss"]) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
     for a, b in zip(grads, [p.grad for p in policy.parameters()], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-    cfg.loss.normalize = "sequence"
-    state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
-    assert not score.SCORERS["rho1_excess_v1"](batch, state).per_head  # weights known before the heads run
-    joint = score.weights(batch, state)
-    check_invariants(joint, valid, cfg.loss.eps, cfg.loss.w_max, "sequence")
-    assert not torch.allclose(joint, want)
 
 
 @pytest.mark.parametrize("scope", ["head", "sequence"])
@@ -798,17 +804,7 @@ def test_dft_weights_inside_the_head_step_equal_the_scorer(scope, tok, tmp_path,
     if scope == "sequence":
         assert not per_head.per_head  # weights known before the heads run
         return
-    weights = lambda k, ce: score.mix(per_head(k, ce), lam, valid[..., k])  # noqa: E731
-    out = M.mtp_loss_backward(policy, h, targets, valid, weights)
-    torch.testing.assert_close(per_head.finish(), want, rtol=0, atol=1e-6)
-    assert state.metrics == pytest.approx(want_metrics, rel=1e-6)
-    grads = [p.grad.clone() for p in policy.parameters()]
-    policy.zero_grad(set_to_none=True)
-    ref_loss = M.naive_mtp_loss(policy, ids, targets, valid, score.mix(want, lam, valid))
-    ref_loss.backward()
-    assert float(out["loss"]) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
-    for a, b in zip(grads, [p.grad for p in policy.parameters()], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_head_step_equals_scorer(policy, per_head, batch, h, lam, want, state, want_metrics)
 
 
 # --------------------------------------------------------------------------- end to end
