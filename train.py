@@ -73,6 +73,11 @@ def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
 
         lc = cfg.train.lora  # peft freezes the base weights; adapters on the blocks of trunk and heads
+        if net.args.tie_embeddings and "output" in lc.target_modules:
+            raise TrainError(
+                f"{cfg.source}: train.lora.target_modules has 'output', but {model_dir} ties its output to the input "
+                "embedding (tie_word_embeddings): an adapter there would untie them; target the blocks only"
+            )
         lora = LoraConfig(
             r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules
         )
