@@ -132,6 +132,29 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def version() -> str:
+    """`wmtp <version> (git <commit>[+dirty])` for `train.py --version` / `evaluate.py --version`: the version in
+    pyproject.toml (the installed package's metadata outside a checkout) and the commit runs record as git_commit;
+    +dirty when tracked files differ from it."""
+    import tomllib
+    from importlib import metadata
+
+    try:
+        number = tomllib.loads((C.REPO / "pyproject.toml").read_text())["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        try:
+            number = metadata.version("wmtp")
+        except metadata.PackageNotFoundError:
+            number = "unknown"
+    commit = _git_commit()
+    try:
+        cmd = ["git", "status", "--porcelain", "--untracked-files=no"]
+        dirty = subprocess.run(cmd, cwd=C.REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        dirty = ""
+    return f"wmtp {number} (git {commit}{'+dirty' if dirty and commit != 'unknown' else ''})"
+
+
 def experiment_name(cfg: C.Config) -> str:
     return cfg.tracking.experiment or f"mtp/{cfg.algo}/{cfg.data.dataset}"
 
