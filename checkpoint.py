@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,7 +265,30 @@ def open_run_dir(cfg, d: P.Dist, run_dir: Path, resume: bool) -> files.RunLock:
         text = scrub(json.dumps(C.to_dict(cfg), indent=2))
         files.atomic_write_text(run_dir / "config.json", text)
     P.barrier()
+    blind = _ranks_not_seeing(lock.path, d)
+    if blind:
+        if d.main:
+            lock.release()
+        raise UserError(
+            f"{run_dir}: rank(s) {blind} do not see the files rank 0 writes there: every rank writes its "
+            "checkpoint shards into train.out_dir, so on several nodes it must be one filesystem they all mount "
+            "(NFS, a ReadWriteMany volume; docs/DEPLOY.md, 'Beyond one node')"
+        )
     return lock
+
+
+def _ranks_not_seeing(lock_file: Path, d: P.Dist) -> str:
+    """The ranks (with their hosts) whose view of the run directory lacks rank 0's lock file as rank 0 wrote it
+    (it names rank 0's host, pid and start time); '' when every rank sees it. One collective on every rank."""
+    if not d.enabled or d.world_size == 1:
+        return ""
+    expected = P.broadcast_object(lock_file.read_text() if d.main else None)
+    try:
+        seen = lock_file.read_text() == expected
+    except OSError:
+        seen = False
+    views = P.all_gather_object(None if seen else f"{d.rank} ({socket.gethostname()})")
+    return ", ".join(v for v in views if v)
 
 
 def _check_start(run_dir: Path, resume: bool) -> None:

@@ -666,6 +666,11 @@ def main(argv: list[str]) -> int:
     """`evaluate.py judge ...` or `evaluate.py CONFIG --checkpoint DIR`; expected failures print one line (errors.py)."""
 
     def run(args: list[str]) -> int:
+        if args[:1] in (["--version"], ["-V"]):
+            import tracking
+
+            print(tracking.version())
+            return 0
         return _judge_cli(args[1:]) if args[:1] == ["judge"] else _model_cli(args)
 
     return errors.main(run, argv)

@@ -376,13 +376,17 @@ def parse_cli(argv: list[str]) -> tuple[str, list[str], bool, bool]:
         raise SystemExit(
             "usage: train.py CONFIG.toml [--section.key=value ...] [--resume] [--dry-run]\n"
             "       train.py promote --run RUN_ID --alias staging|production\n"
-            "       train.py export --checkpoint DIR --format hf|meta --out OUT"
+            "       train.py export --checkpoint DIR --format hf|meta --out OUT\n"
+            "       train.py --version"
             + (f"\nunknown option(s): {' '.join(sorted(unknown))}" if unknown else "")
         )
     return paths[0], overrides, "--resume" in flags, "--dry-run" in flags
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["--version"], ["-V"]):
+        print(tracking.version())
+        return 0
     if argv and argv[0] == "promote":
         return tracking.main(argv[1:])
     if argv and argv[0] == "export":
