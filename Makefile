@@ -22,8 +22,9 @@ venv: $(BIN)/.installed
 tiny: venv
 	$(BIN)/python tiny.py --out .cache/tiny
 
+# FAMILY=llama3|qwen2|qwen3|mistral: the same runs on that tiny HF family base (smoke.py --family)
 smoke: tiny
-	$(BIN)/python smoke.py
+	$(BIN)/python smoke.py $(if $(FAMILY),--family $(FAMILY))
 
 # lint: code style, the Dockerfile (hadolint, no ignored rules), the VESSL spec and the CI workflow (schemas).
 lint: venv

@@ -6,9 +6,12 @@
   returns to between checkpoints.
 - The run directory: one run per directory (files.RunLock), what a fresh start or a resume may find there, and
   metrics.jsonl cut back to the resumed step.
-- Exports: our consolidated safetensors (checkpoints/final, best; LoRA merged), and the formats the ecosystem runs:
-  an HF LlamaForCausalLM of trunk + head 1 (hf/) and Meta's MTP layout with every head (meta/);
-  `python train.py export` does the same for checkpoints that already exist.
+- Exports: our consolidated safetensors (checkpoints/final, best; LoRA merged by peft), and the formats the
+  ecosystem runs: trunk + head 1 in the base's own HF family (hf/: LlamaForCausalLM, Qwen2ForCausalLM, ...), Meta's
+  MTP layout with every head (meta/, for the models it can hold), and for a LoRA run on an HF base a standard peft
+  adapter of trunk + head 1 (peft/);
+  `python train.py export` does the same for checkpoints that already exist. `publish` is the end of a run:
+  exports, the tracker's artifacts, uploads.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import config as C
 import data
@@ -31,7 +35,8 @@ import formats
 import model as M
 import parallel as P
 import s3cache
-from errors import UserError
+import tracking
+from errors import UserError, scrub
 
 # --------------------------------------------------------------------------- checkpoints
 #
@@ -256,7 +261,7 @@ def open_run_dir(cfg, d: P.Dist, run_dir: Path, resume: bool) -> files.RunLock:
                 f"{run_dir}: taking over the lock of a run that is gone (host {was.get('host')}, pid {was.get('pid')})"
             )
         clean_partial(run_dir / "checkpoints")
-        text = s3cache.scrub(json.dumps(C.to_dict(cfg), indent=2))
+        text = scrub(json.dumps(C.to_dict(cfg), indent=2))
         files.atomic_write_text(run_dir / "config.json", text)
     P.barrier()
     return lock
@@ -284,26 +289,28 @@ def _check_start(run_dir: Path, resume: bool) -> None:
 
 
 def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
-    """Consolidated safetensors of the full model (LoRA merged) on rank 0; every rank must call it under FSDP."""
+    """Consolidated safetensors of the full model (LoRA merged) on rank 0; every rank must call it under FSDP.
+
+    A LoRA run also leaves its adapters as trained, every head's, in our names (adapter.safetensors +
+    adapter_config.json): `write_peft_adapter` turns trunk + head 1's into a standard peft adapter of an HF base."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.main:
         return None
-    clean = M.Transformer(M.unwrap(net).args)
+    args = M.unwrap(net).args
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if hasattr(net, "get_base_model"):  # peft: the adapters alone, then merged into a plain copy
-        from safetensors.torch import save_file
-
+    if hasattr(net, "get_base_model"):  # peft: the adapters alone, then merged by peft into a plain copy
         lc = net.peft_config["default"]
-        save_file(
-            {k: v.contiguous() for k, v in full.items() if "lora_" in k}, str(tmp / "adapter.safetensors")
-        )
-        meta = {"r": lc.r, "lora_alpha": lc.lora_alpha, "target_modules": sorted(lc.target_modules)}
+        adapters = {k: v.contiguous() for k, v in full.items() if "lora_" in k}
+        save_file(adapters, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        meta = {"r": lc.r, "lora_alpha": lc.lora_alpha, "lora_dropout": lc.lora_dropout,
+                "target_modules": sorted(lc.target_modules)}  # fmt: skip
         (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2))
-        full = merge_lora_state(full, lc.lora_alpha / lc.r)
+        full = merge_lora(full, args, lc.r, lc.lora_alpha, lc.target_modules)
+    clean = M.Transformer(args)
     clean.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
     formats.save_checkpoint(clean, tmp)
     tokenizer.save_pretrained(str(tmp))
@@ -311,24 +318,71 @@ def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
     return out
 
 
-def merge_lora_state(full: dict, scaling: float) -> dict:
-    """W + scaling * B @ A (scaling = alpha / r) for every LoRA pair, with peft's key prefixes stripped."""
-    out = {}
-    for k, v in full.items():
-        if "lora_" in k:
-            continue
-        k2 = k.replace("base_model.model.", "").replace(".base_layer", "")
-        out[k2] = v
-    for k, v in full.items():
-        if k.endswith("lora_A.default.weight"):
-            stem = k[: -len(".lora_A.default.weight")]
-            b = full[stem + ".lora_B.default.weight"]
-            tgt = stem.replace("base_model.model.", "") + ".weight"
-            out[tgt] = out[tgt].float() + scaling * (b.float() @ v.float())
+ADAPTER_FILE = (
+    "adapter.safetensors"  # a LoRA run's adapters in our names (every head), beside the merged model
+)
+PEFT_DIR = "peft"  # beside hf/: trunk + head 1's adapters as a standard peft adapter of the HF base
+
+
+def merge_lora(full: dict, args: M.ModelArgs, r: int, alpha: int, target_modules) -> dict:
+    """The state dict of a LoRA run (peft's key names: base weights and adapters) merged by peft itself
+    (`merge_and_unload`: W + alpha / r * B @ A) into our plain state dict, in fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    with torch.device("meta"):
+        base = M.Transformer(args)
+    net = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules)))
+    # the weights peft merges into are copied: in one process `full` holds the live model's own tensors
+    sd = {k: v.to(torch.float32, copy=".base_layer." in k) for k, v in full.items()}
+    tied = "base_model.model.output.weight"
+    if args.tie_embeddings and tied not in sd:  # a shared tensor may be listed once
+        sd[tied] = sd["base_model.model.tok_embeddings.weight"]
+    net.load_state_dict(sd, strict=True, assign=True)
+    return net.merge_and_unload().state_dict()
+
+
+def write_peft_adapter(ckpt: Path, out: Path, base: str) -> Path:
+    """A standard peft adapter directory (adapter_config.json + adapter_model.safetensors) of trunk + head 1's
+    LoRA adapters, in HF's module and parameter names, for the HF base `base` the run started from:
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)` computes the merged hf/ export.
+
+    B matrices of q/k get HF's rotate-half row order (their rows are the weight's rows); A matrices are unchanged.
+    The extra heads' adapters stay in ckpt's adapter.safetensors only: HF's architecture has no place for them."""
+    from peft import LoraConfig
+
+    args = formats.read_model_args(ckpt, "wmtp")
+    ours = json.loads((ckpt / "adapter_config.json").read_text())
+    sd = {}
+    for key, t in load_file(ckpt / ADAPTER_FILE).items():  # base_model.model.<module>.lora_A.default.weight
+        module, ab = key.removeprefix("base_model.model.").split(".lora_")
+        name, t = (
+            formats.to_hf(f"{module}.weight", t, args)
+            if ab[0] == "B"
+            else (formats.hf_name(f"{module}.weight"), t)
+        )
+        if name is not None:  # None: an extra head
+            sd[f"base_model.model.{name.removesuffix('.weight')}.lora_{ab[0]}.weight"] = (
+                t.float().contiguous()
+            )
+    config = LoraConfig(
+        r=ours["r"],
+        lora_alpha=ours["lora_alpha"],
+        lora_dropout=ours.get("lora_dropout", 0.0),
+        target_modules=sorted(formats.HF_LINEAR[m] for m in ours["target_modules"]),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base,
+    )
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(sd, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(tmp))
+    files.atomic_dir_swap(tmp, out)
     return out
 
 
-# --------------------------------------------------------------------------- exports (HF Llama, Meta)
+# --------------------------------------------------------------------------- exports (HF, Meta, peft)
 
 EXPORT_FORMATS = ("hf", "meta")
 
@@ -344,45 +398,74 @@ def write_export(
 ) -> Path:
     """One export directory with the tokenizer, written to a temp directory then renamed into place.
 
-    hf: LlamaForCausalLM of trunk + head 1 (+ README.md model card); meta: params.json + consolidated.pth, every
-    head, params.json readable by Meta's reference code."""
+    hf: trunk + head 1 in the model's own HF family (LlamaForCausalLM, Qwen2ForCausalLM, ...; + README.md model
+    card); meta: params.json + consolidated.pth, every head, params.json readable by Meta's reference code (refused,
+    naming the feature, for a model Meta's code cannot compute: formats.META_REFUSED)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if fmt == "hf":
-        ids = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-        formats.save_hf(net, tmp, dtype, *ids)
-        if readme is not None:
-            files.atomic_write_text(tmp / "README.md", readme)
-    elif fmt == "meta":
-        formats.save_meta(net, tmp, dtype, reference=True)
-    else:
-        raise ValueError(f"export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
-    tokenizer.save_pretrained(str(tmp))
+    try:
+        if fmt == "hf":
+            ids = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+            formats.save_hf(net, tmp, dtype, *ids)
+            if readme is not None:
+                files.atomic_write_text(tmp / "README.md", readme)
+        else:
+            formats.save_meta(net, tmp, dtype, reference=True)
+        tokenizer.save_pretrained(str(tmp))
+    except BaseException:  # a refused model (the Meta layout cannot hold it, ...): nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     files.atomic_dir_swap(tmp, out)
     return out
 
 
 def export_formats(cfg: C.Config, run_dir: Path, ckpt: Path, tokenizer) -> None:
-    """hf/ and meta/ inside a finished checkpoint directory of ours (checkpoints/final, checkpoints/best).
+    """hf/ and meta/ inside a finished checkpoint directory of ours (checkpoints/final, checkpoints/best), and for
+    a LoRA run on an HF base the peft adapter (peft/). A model Meta's layout cannot hold (Qwen2's biases, Llama
+    3.1's RoPE, ...) gets no meta/: the reason is printed.
 
     Run once at the end of the run, from the files: `best` is rewritten at every improvement during training,
     so writing three formats each time would triple that I/O for copies that are overwritten anyway."""
-    import tracking
-
     net = formats.load_checkpoint(ckpt)
     name, params, metrics, tags = run_card_inputs(run_dir)
     where = f"{run_dir.name}/{ckpt.relative_to(run_dir).as_posix()}/hf"
     readme = tracking.hf_readme(name, params, metrics, tags, where)
     for fmt in EXPORT_FORMATS:
-        write_export(net, ckpt / fmt, fmt, tokenizer, export_dtype(cfg), readme)
+        try:
+            write_export(net, ckpt / fmt, fmt, tokenizer, export_dtype(cfg), readme)
+        except formats.CheckpointError as e:
+            if fmt != "meta":
+                raise
+            print(f"not exported: {ckpt / fmt}: {e}")
+            continue
         print(f"exported {ckpt / fmt} ({fmt}, {export_dtype(cfg)})")
+    if (ckpt / ADAPTER_FILE).is_file() and cfg.model.format == "hf":
+        write_peft_adapter(ckpt, ckpt / PEFT_DIR, cfg.model.path or cfg.model.resource)
+        print(
+            f"exported {ckpt / PEFT_DIR} (peft LoRA adapter of trunk + head 1 for {cfg.model.path or cfg.model.resource})"
+        )
+
+
+def publish(cfg: C.Config, run_dir: Path, final: Path | None, tokenizer, tracker: tracking.Tracker) -> None:
+    """The end of a run, on rank 0: hf/ and meta/ beside ours in checkpoints/final and best, both logged to the
+    tracker, and uploaded to s3://<bucket>/<prefix>/runs/<run>/checkpoints/ when `storage.upload_checkpoints`."""
+    best = run_dir / "checkpoints" / "best"
+    done = [c for c in (final, best) if c is not None and c.exists()]
+    for ck in done:
+        export_formats(cfg, run_dir, ck, tokenizer)
+    for ck in done:
+        tracker.log_artifacts(ck, f"checkpoints/{ck.name}")
+    for ck in done if cfg.storage.upload_checkpoints else []:
+        s3cache.upload(ck, f"runs/{run_dir.name}/checkpoints/{ck.name}", cfg.storage)
+        print(f"uploaded {ck} to S3 resource runs/{run_dir.name}/checkpoints/{ck.name}")
 
 
 def run_card_inputs(run_dir: Path) -> tuple[str, dict, dict, dict]:
     """(name, params, metrics, tags) for the model card, read from a run directory: config.json, metrics.jsonl
     (the last step) and summary.json (validation and evaluation results); the keys MLflow holds for the run."""
-    import tracking
 
     def read(name: str, default):
         path = run_dir / name
@@ -429,7 +512,8 @@ def load_resume_model(ckpt: Path) -> tuple[M.Transformer, C.Config, Path]:
           if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}  # fmt: skip
     dcp.load({"model": sd}, storage_reader=reader)
     if cfg.train.lora.enabled:
-        sd = merge_lora_state(sd, cfg.train.lora.alpha / cfg.train.lora.r)
+        lc = cfg.train.lora
+        sd = merge_lora(sd, args, lc.r, lc.alpha, lc.target_modules)
     with torch.device("meta"):
         net = M.Transformer(args)
     net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
@@ -441,8 +525,6 @@ def export_cli(argv: list[str]) -> int:
     import argparse
 
     from transformers import AutoTokenizer
-
-    import tracking
 
     ap = argparse.ArgumentParser(
         prog="train.py export", description="Export a checkpoint to HF Llama or Meta."

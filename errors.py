@@ -1,4 +1,4 @@
-"""Expected failures and how every entry point reports them.
+"""Expected failures, how every entry point reports them, and the credential scrubbing every message passes through.
 
 A bad config, a missing or corrupt input, a storage or tokenizer problem is not a bug: its error class derives
 from `UserError`, and `main()` prints it as one line, `error: <message>`, and exits 2 (or the class's
@@ -14,6 +14,26 @@ import os
 import re
 import sys
 from collections.abc import Callable
+
+# --------------------------------------------------------------------------- scrubbing
+
+_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{12,}\b|\bhf_[A-Za-z0-9]{30,}\b|\bgh[pousr]_[A-Za-z0-9]{36,}\b")
+_USERINFO = re.compile(r"(://)[^/@\s]+@")
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+SECRET_ENV += ("MLFLOW_TRACKING_TOKEN", "HF_TOKEN")
+
+
+def scrub(text: str) -> str:
+    """Remove anything credential-like: the values of the secret env vars in use, AWS access-key ids, Hugging Face
+    and GitHub tokens, user:password@ in URLs. Every message, report and file a run writes passes through here."""
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return _USERINFO.sub(r"\1***@", _KEY_ID.sub("***", text))
+
+
+# --------------------------------------------------------------------------- expected failures
 
 
 class UserError(Exception):
@@ -33,8 +53,6 @@ def one_line(message: str) -> str:
 
 def report(e: UserError) -> int:
     """Print `error: <message>` (credentials scrubbed; the rank first under torchrun) and return the exit code."""
-    from s3cache import scrub
-
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     print(f"{prefix}error: {scrub(one_line(str(e)))}", file=sys.stderr, flush=True)

@@ -268,11 +268,11 @@ def load_for_eval(cfg: Any, path: str | os.PathLike, fmt: str, device: Any) -> A
 
 def prompt_ids(tokenizer: Any, prompts: list[str], room: int) -> list[list[int]]:
     """Each prompt as training encodes it (`data.encode_prompt`: BOS + the prompt's tokens), cut from the left
-    (after BOS) to at most `room` tokens."""
-    out = []
+    (after BOS, when the tokenizer has one) to at most `room` tokens."""
+    out, keep = [], int(tokenizer.bos_token_id is not None)
     for p in prompts:
         ids = data.encode_prompt(tokenizer, p)
-        out.append(ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1 :])
+        out.append(ids if len(ids) <= room else ids[:keep] + ids[len(ids) - room + keep :])
     return out
 
 
@@ -298,7 +298,7 @@ def generate(
     import parallel as P
 
     e = cfg.eval
-    room = model.args.max_seq_len - e.max_new_tokens
+    room = model.args.context_len - e.max_new_tokens  # context_len: max_seq_len, or a shorter sliding window
     if room < 1:
         raise EvalError(f"eval.max_new_tokens = {e.max_new_tokens} leaves no room under max_seq_len")
     flat = [(i, ids) for i, ids in enumerate(prompt_ids(tokenizer, prompts, room)) for _ in range(n)]

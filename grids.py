@@ -58,8 +58,8 @@ from typing import Any
 
 import config as C
 import report
+from errors import scrub
 from report import SweepError, fmt_value
-from s3cache import scrub
 
 TOP_KEYS = {
     "name": str,

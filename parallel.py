@@ -1,4 +1,5 @@
-"""The one place for parallelism: torch.distributed init, FSDP2 sharding, cross-rank decisions, memory planning.
+"""The one place for parallelism and the devices: torch.distributed init, FSDP2 sharding, cross-rank decisions,
+compute dtypes, and what a device achieves (tokens/s, MFU, peak memory: `Meter`). The memory plan is plan.py's.
 
 Everything here degrades to a no-op in a single process, so train.py reads the same with or without torchrun.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -162,6 +164,12 @@ def shard_frozen(
     return model
 
 
+def print0(text: str) -> None:
+    """Print on rank 0 only (torchrun's RANK; any process without it is rank 0), flushed."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text, flush=True)
+
+
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of the process group; (0, 1) without one."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -232,88 +240,31 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-@dataclass
-class MemoryPlan:
-    world_size: int
-    params_gb: float
-    grads_gb: float
-    optim_gb: float
-    activations_gb: float
-    activations_ckpt_gb: float
-    logits_gb: float
-    aux_models_gb: float
-    budget_gb: float
-    activation_checkpointing: bool
+class Meter:
+    """Tokens/s per device, MFU on known GPUs (6N + attention FLOPs per token), peak memory, between log lines."""
 
-    @property
-    def total_gb(self) -> float:
-        acts = self.activations_ckpt_gb if self.activation_checkpointing else self.activations_gb
-        return self.params_gb + self.grads_gb + self.optim_gb + acts + self.logits_gb + self.aux_models_gb
+    def __init__(self, d: Dist, flops_per_token: float):
+        self.d, self.flops, self.peak = d, flops_per_token, peak_flops(d.device)
+        self.t0, self.tokens = time.perf_counter(), 0.0
 
-    @property
-    def fits(self) -> bool:
-        return self.total_gb <= 0.9 * self.budget_gb  # keep 10% for the allocator and NCCL buffers
+    def add(self, tokens: float) -> None:
+        self.tokens += tokens
 
-    def table(self) -> str:
-        acts = "on" if self.activation_checkpointing else "off"
-        rows = [
-            ("parameters (sharded, trainable in fp32)", self.params_gb),
-            ("gradients (sharded, fp32)", self.grads_gb),
-            ("AdamW states (sharded, fp32 m+v)", self.optim_gb),
-            ("activations, no checkpointing", self.activations_gb),
-            ("activations, per-block checkpointing", self.activations_ckpt_gb),
-            ("one head's logits + grad (fp32)", self.logits_gb),
-            ("reference / reward models", self.aux_models_gb),
-        ]
-        lines = [f"  {name:<40s} {gb:8.2f} GB" for name, gb in rows]
-        lines.append(
-            f"  {'total (checkpointing ' + acts + ')':<40s} {self.total_gb:8.2f} GB of {self.budget_gb:.0f} GB"
-        )
-        return "\n".join(lines)
+    def read(self) -> dict:
+        tps = self.tokens / max(time.perf_counter() - self.t0, 1e-9) / self.d.world_size
+        out = {"perf/tokens_per_s_per_device": tps}
+        if self.peak:
+            out["perf/mfu"] = tps * self.flops / self.peak
+        if self.d.device.type == "cuda":
+            out["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.d.device) / 1024**3
+        self.t0, self.tokens = time.perf_counter(), 0.0
+        return out
 
-
-def plan_memory(
-    n_params: int,
-    n_blocks: int,
-    dim: int,
-    vocab: int,
-    seq_len: int,
-    micro_batch: int,
-    world_size: int,
-    budget_gb: float,
-    activation_checkpointing: bool,
-    aux_params: int = 0,
-    aux_sharded: bool = False,
-    bf16: bool = True,
-    trainable_params: int | None = None,
-) -> MemoryPlan:
-    """Per-device memory for FSDP2 training (the formulas are printed by --dry-run, so keep them simple).
-
-    Params are sharded over `world_size`; during a block's compute one block is all-gathered (ignored: small).
-    Activations per block follow Korthikanti et al. (2022) with flash attention: ~34 * s * b * d bytes in 16-bit;
-    with checkpointing only the block inputs (2 * s * b * d bytes each) plus one block's full activations stay.
-    """
-    gb = 1024**3
-    p_bytes = 2 if bf16 else 4
-    trainable = n_params if trainable_params is None else trainable_params
-    # fp32 master weights, sharded; under LoRA the frozen base stays in the compute dtype (train.build_model)
-    frozen = n_params * (p_bytes if trainable_params is not None else 0)
-    params = (frozen + trainable * 4) / world_size / gb
-    grads = trainable * 4 / world_size / gb
-    optim = trainable * 8 / world_size / gb
-    tokens = seq_len * micro_batch
-    per_block = 34 * tokens * dim * (p_bytes / 2) / gb
-    acts = n_blocks * per_block
-    acts_ckpt = n_blocks * 2 * tokens * dim / gb + per_block
-    logits = 2 * tokens * vocab * 4 / gb  # fp32 logits and their gradient, one head at a time
-    aux = aux_params * p_bytes / (world_size if aux_sharded else 1) / gb
-    return MemoryPlan(
-        world_size, params, grads, optim, acts, acts_ckpt, logits, aux, budget_gb, activation_checkpointing
-    )
-
-
-def format_count(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n))
+    @staticmethod
+    def describe(m: dict) -> str:
+        text = f"{m['perf/tokens_per_s_per_device']:,.0f} tok/s/dev"
+        if "perf/mfu" in m:
+            text += f" mfu {m['perf/mfu'] * 100:.1f}%"
+        if "perf/peak_mem_gb" in m:
+            text += f" mem {m['perf/peak_mem_gb']:.1f}GB"
+        return text

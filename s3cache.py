@@ -44,7 +44,7 @@ from typing import Any, Literal
 import config
 import errors
 import files
-from errors import UserError
+from errors import UserError, scrub
 
 log = logging.getLogger("wmtp.s3cache")
 
@@ -97,22 +97,7 @@ def _where(s: dict[str, str]) -> str:
     )
 
 
-# --------------------------------------------------------------------------- errors and scrubbing
-
-_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{12,}\b|\bhf_[A-Za-z0-9]{30,}\b|\bgh[pousr]_[A-Za-z0-9]{36,}\b")
-_USERINFO = re.compile(r"(://)[^/@\s]+@")
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD")
-SECRET_ENV += ("MLFLOW_TRACKING_TOKEN", "HF_TOKEN")
-
-
-def scrub(text: str) -> str:
-    """Remove anything credential-like: the values of the secret env vars in use, AWS access-key ids, Hugging Face
-    and GitHub tokens, user:password@ in URLs."""
-    for name in SECRET_ENV:
-        value = os.environ.get(name, "")
-        if len(value) >= 4:
-            text = text.replace(value, "***")
-    return _USERINFO.sub(r"\1***@", _KEY_ID.sub("***", text))
+# --------------------------------------------------------------------------- errors
 
 
 def _explain(e: Exception, s: dict[str, str], what: str, attempts: int) -> StorageError:

@@ -51,6 +51,7 @@ import errors
 import files
 import report
 import tracking
+from errors import scrub
 from grids import (
     GRID_KEYS,
     Row,
@@ -65,7 +66,6 @@ from grids import (
     subst,
 )
 from report import SweepError, fmt_value
-from s3cache import scrub
 
 
 class Unfinished(SweepError):

@@ -43,7 +43,7 @@ from typing import Any
 import config as C
 import errors
 import files
-from s3cache import scrub
+from errors import scrub
 
 log = logging.getLogger("wmtp.tracking")
 

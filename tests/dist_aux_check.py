@@ -60,20 +60,20 @@ def sharded(m: torch.nn.Module) -> bool:
     return all(p.to_local().numel() < p.numel() for p in m.parameters() if p.shape[0] >= d.world_size)
 
 
-assert sharded(sh.ref_model), "reference not sharded"
+assert sharded(sh.reference.model), "reference not sharded"
 score.prepare(sh, None)  # precompute split over the ranks + all-gather
 for i, r in enumerate(rows):
-    want = score.ref_token_ce(rep, torch.tensor([r]))[0]
-    torch.testing.assert_close(sh.ref_ce[i], want, rtol=1e-5, atol=1e-5)
+    want = rep.reference.token_ce(torch.tensor([r]))[0]
+    torch.testing.assert_close(sh.reference.ce[i], want, rtol=1e-5, atol=1e-5)
 # lazy fill: only rank 0's batch misses the cache; rank 1 must still join the forward
 ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
 batch = {"input_ids": ids, "index": torch.tensor([100 if d.rank == 0 else 1])}
-got = score._batch_ref_ce(sh, batch)
+got = sh.reference.of_batch(batch)
 if d.rank == 0:
-    want = score.ref_token_ce(rep, ids)[0]
+    want = rep.reference.token_ce(ids)[0]
 else:
     want = torch.zeros(6)
-    want[:5] = score.ref_token_ce(rep, torch.tensor([rows[1]]))[0]
+    want[:5] = rep.reference.token_ce(torch.tensor([rows[1]]))[0]
 torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
 
 # reward model: 3 texts on rank 0, none on rank 1 (2 forwards on rank 0 -> 2 idle forwards on rank 1)
@@ -81,15 +81,16 @@ csh, crep = state("critic_delta_v1", "shard"), state("critic_delta_v1", "replica
 texts = ["def f(x):\n    return x + 1\n", "print('hi')", "x = [i * i for i in range(9)]"]
 mine = texts if d.rank == 0 else []
 torch.testing.assert_close(
-    torch.tensor(score._rm_rewards(csh, mine)), torch.tensor(score._rm_rewards(crep, mine))
+    torch.tensor(csh.rewards.model_rewards(mine)), torch.tensor(crep.rewards.model_rewards(mine))
 )
-assert sharded(csh.reward_model), "reward model not sharded"
+assert sharded(csh.rewards.model), "reward model not sharded"
 # rewards of the whole train set split over the ranks (odd chunk count: idle forward) and gathered
 rrows = [(i, r, [True] * len(r), -1) for i, r in enumerate(rows)]
-score._compute_rewards(csh, rrows, split=True)
-score._compute_rewards(crep, rrows)
+csh.rewards.compute(rrows, split=True)
+crep.rewards.compute(rrows)
 torch.testing.assert_close(
-    torch.tensor([csh.rewards[i] for i in range(5)]), torch.tensor([crep.rewards[i] for i in range(5)])
+    torch.tensor([csh.rewards.values[i] for i in range(5)]),
+    torch.tensor([crep.rewards.values[i] for i in range(5)]),
 )
 
 # our own Transformer (blocks = layers + extra_heads) sharded as a frozen model

@@ -60,7 +60,7 @@ for scorer in scorers:
     score.prepare(state, data.make_loader(train_ds, 4, pad, seed=1, **shard))
     st = checkpoint.TrainState(micro_batch=4)
     batch = next(data.make_loader(train_ds, 4, pad, **shard))
-    train.optimizer_step(cfg, net, opt, batch, st, state, d, 0)
+    train.optimizer_step(train.Run(cfg, d, net, opt, state, st), batch, 0)
     opt.step()
     val = train.validate(cfg, net, val_ds, pad, d)
     checkpoint.export_model(net, out / scorer, tok, d)

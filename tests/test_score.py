@@ -1,5 +1,7 @@
-"""score.py: the §3.1 normaliser's invariants on any input, GAE against a plain loop, the target-token alignment
-of both scorers, no gradient through the weights, and every scorer end to end on tiny real models."""
+"""score.py and normalize.py: the §3.1 normaliser's invariants on any input, GAE against a plain loop, the
+target-token alignment of the scorers, no gradient through the weights, the per-head weigher inside the head-by-head
+step against the full weights, and every scorer end to end on tiny real models (aux_models.py's rewards and
+reference included)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import aux_models  # noqa: E402
 import config as C  # noqa: E402
 import data  # noqa: E402
 import formats  # noqa: E402
 import model as M  # noqa: E402
+import normalize  # noqa: E402
 import score  # noqa: E402
 
 H = 3
@@ -85,7 +89,7 @@ def score_case(draw):
 @given(score_case())
 def test_normalize_weights_invariants_on_any_input(case):
     scores, valid, temperature, eps, w_max = case
-    w = score.normalize_weights(scores, valid, temperature, eps, w_max)
+    w = normalize.normalize_weights(scores, valid, temperature, eps, w_max)
     check_invariants(w, valid, eps, w_max)
 
 
@@ -93,7 +97,7 @@ def test_normalize_weights_invariants_on_any_input(case):
 @given(score_case(), st.sampled_from(["weighted", "select"]), st.floats(0.01, 1.0), st.floats(0.0, 5.0))
 def test_rho1_weights_invariants_on_any_input(case, mode, top_p, top_boost):
     scores, valid, temperature, eps, w_max = case
-    w = score.rho1_weights(scores, valid, temperature, eps, w_max, mode, top_p, top_boost)
+    w = normalize.rho1_weights(scores, valid, temperature, eps, w_max, mode, top_p, top_boost)
     check_invariants(w, valid, eps, w_max)
 
 
@@ -116,14 +120,14 @@ def test_both_scopes_keep_the_invariants_of_their_groups(case, scope, fn):
     """Spec §3.1: scope "head" makes every (sequence, head) group mean 1; "sequence" the whole sequence."""
     scores, valid, temperature, eps, w_max = case
     if fn == "normalize":
-        w = score.normalize_weights(scores, valid, temperature, eps, w_max, scope=scope)
+        w = normalize.normalize_weights(scores, valid, temperature, eps, w_max, scope=scope)
     else:
-        w = score.rho1_weights(scores, valid, temperature, eps, w_max, fn, 0.3, 1.0, scope=scope)
+        w = normalize.rho1_weights(scores, valid, temperature, eps, w_max, fn, 0.3, 1.0, scope=scope)
     assert w.shape == scores.shape
     check_invariants(w, valid, eps, w_max, scope)
     if scope == "head":  # each head's weights are exactly what that head alone gets
         for k in range(scores.shape[-1]):
-            alone = score.normalize_weights if fn == "normalize" else score.rho1_weights
+            alone = normalize.normalize_weights if fn == "normalize" else normalize.rho1_weights
             args = () if fn == "normalize" else (fn, 0.3, 1.0)
             want = alone(scores[..., k], valid[..., k], temperature, eps, w_max, *args)
             torch.testing.assert_close(w[..., k], want, rtol=0, atol=0)
@@ -137,14 +141,14 @@ def test_head_scope_stops_a_far_head_taking_the_weight():
     token_score = torch.randn(B, S, 1)
     scores = token_score + torch.arange(Hh, dtype=torch.float32) * 2.0  # head k's excess grows with k
     valid = torch.ones(B, S, Hh, dtype=torch.bool)
-    joint = score.normalize_weights(scores, valid, 0.7, 0.05, 3.0, scope="sequence")
-    head = score.normalize_weights(scores, valid, 0.7, 0.05, 3.0)  # the default scope is per head
+    joint = normalize.normalize_weights(scores, valid, 0.7, 0.05, 3.0, scope="sequence")
+    head = normalize.normalize_weights(scores, valid, 0.7, 0.05, 3.0)  # the default scope is per head
     assert joint[..., 3].mean() > 2.0 and joint[..., 0].mean() < 0.2  # head 4 takes over half the weight
     torch.testing.assert_close(head.mean(1), torch.ones(B, Hh))
     for k in range(Hh):  # the same token ranking in every head, and it is the token score's
         assert torch.equal(head[..., k].argsort(1), head[..., 0].argsort(1))
     with pytest.raises(ValueError, match="loss.normalize"):
-        score.normalize_weights(scores, valid, 0.7, 0.05, 3.0, scope="batch")
+        normalize.normalize_weights(scores, valid, 0.7, 0.05, 3.0, scope="batch")
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -154,13 +158,13 @@ def test_dft_weights_keep_the_invariants_on_any_ce(case, scope):
     [eps, w_max], mean 1 per (sequence, head) or per sequence, 0 on invalid pairs; per head, each head alone."""
     ce, valid, _, eps, w_max = case
     stats: dict = {}
-    w = score.dft_weights(ce, valid, eps, w_max, stats, scope=scope)
+    w = normalize.dft_weights(ce, valid, eps, w_max, stats, scope=scope)
     assert w.shape == ce.shape
     check_invariants(w, valid, eps, w_max, scope)
     assert stats["nonfinite"] == int((valid & ~torch.isfinite(ce)).sum())
     if scope == "head":
         for k in range(ce.shape[-1]):
-            want = score.dft_weights(ce[..., k], valid[..., k], eps, w_max)
+            want = normalize.dft_weights(ce[..., k], valid[..., k], eps, w_max)
             torch.testing.assert_close(w[..., k], want, rtol=0, atol=0)
 
 
@@ -172,27 +176,27 @@ def test_dft_weights_by_hand():
     for k, n in ((0, 4), (1, 3)):
         q = [math.exp(-x) for x in ce[0, :n, k].tolist()]
         unclipped = [x * n / sum(q) for x in q]
-        w = score.dft_weights(ce, valid, 1e-6, 100.0)  # loose bounds: no clipping
+        w = normalize.dft_weights(ce, valid, 1e-6, 100.0)  # loose bounds: no clipping
         torch.testing.assert_close(
             w[0, :n, k].double(), torch.tensor(unclipped, dtype=torch.float64), atol=1e-6, rtol=0
         )
-        w = score.dft_weights(ce, valid, 0.3, 1.5)  # clipped at both ends
+        w = normalize.dft_weights(ce, valid, 0.3, 1.5)  # clipped at both ends
         want = torch.tensor(reference_clip(unclipped, 0.3, 1.5), dtype=torch.float64)
         torch.testing.assert_close(w[0, :n, k].double(), want, atol=1e-6, rtol=0)
     assert w[0, 3, 1] == 0
     # the sequence scope: one group over the sequence's 7 valid pairs, both heads together
     q = [math.exp(-x) for x in ce[valid].tolist()]
     want = reference_clip([x * 7 / sum(q) for x in q], 0.3, 1.5)
-    w = score.dft_weights(ce, valid, 0.3, 1.5, scope="sequence")
+    w = normalize.dft_weights(ce, valid, 0.3, 1.5, scope="sequence")
     torch.testing.assert_close(w[valid].double(), torch.tensor(want, dtype=torch.float64), atol=1e-6, rtol=0)
     # no temperature: the weights depend on q alone, and a NaN CE takes its group's mean CE
     nan = ce.clone()
     nan[0, 2, 0] = math.nan
     stats: dict = {}
-    got = score.dft_weights(nan, valid, 1e-3, 100.0, stats)
+    got = normalize.dft_weights(nan, valid, 1e-3, 100.0, stats)
     filled = ce.clone()
     filled[0, 2, 0] = (0.1 + 0.5 + 1.0) / 3
-    torch.testing.assert_close(got, score.dft_weights(filled, valid, 1e-3, 100.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, normalize.dft_weights(filled, valid, 1e-3, 100.0), atol=1e-6, rtol=0)
     assert stats["nonfinite"] == 1
 
 
@@ -228,7 +232,7 @@ def test_normalize_matches_plain_reference():
     s[1, 4] = math.nan
     s[2, 0] = math.inf
     stats: dict = {}
-    w = score.normalize_weights(s, torch.ones(3, 9, dtype=torch.bool), 0.7, 0.05, 3.0, stats)
+    w = normalize.normalize_weights(s, torch.ones(3, 9, dtype=torch.bool), 0.7, 0.05, 3.0, stats)
     want = torch.tensor([reference_row(r, 0.7, 0.05, 3.0) for r in s.tolist()], dtype=torch.float64)
     torch.testing.assert_close(w.double(), want, atol=1e-5, rtol=1e-5)
     assert stats["nonfinite"] == 2
@@ -248,11 +252,11 @@ def test_normalize_degenerate_rows_get_one():
         ]
     )
     stats: dict = {}
-    w = score.normalize_weights(s, valid, 0.7, 0.05, 3.0, stats)
+    w = normalize.normalize_weights(s, valid, 0.7, 0.05, 3.0, stats)
     assert torch.equal(w, valid.float())
     assert stats["nonfinite"] == 3
     # eps = w_max = 1 forces every valid weight to 1
-    w = score.normalize_weights(torch.randn(2, 7), torch.ones(2, 7, dtype=torch.bool), 0.01, 1.0, 1.0)
+    w = normalize.normalize_weights(torch.randn(2, 7), torch.ones(2, 7, dtype=torch.bool), 0.01, 1.0, 1.0)
     assert torch.equal(w, torch.ones(2, 7))
 
 
@@ -260,16 +264,16 @@ def test_normalize_is_per_row_monotone_and_shape_preserving():
     torch.manual_seed(1)
     s = torch.randn(4, 6, H)
     valid = torch.rand(4, 6, H) > 0.3
-    w = score.normalize_weights(s, valid, 0.5, 0.05, 3.0, scope="sequence")
+    w = normalize.normalize_weights(s, valid, 0.5, 0.05, 3.0, scope="sequence")
     assert w.shape == s.shape
     for b in range(4):  # each row alone gives the same weights (the batched bisection does not mix rows)
-        alone = score.normalize_weights(s[b : b + 1], valid[b : b + 1], 0.5, 0.05, 3.0, scope="sequence")
+        alone = normalize.normalize_weights(s[b : b + 1], valid[b : b + 1], 0.5, 0.05, 3.0, scope="sequence")
         torch.testing.assert_close(alone[0], w[b])
         sv, wv = s[b][valid[b]], w[b][valid[b]]
         order = sv.argsort()
         assert (wv[order].diff() >= -1e-6).all(), "a higher score never gets a lower weight"
     # tiny T: float32 softmax would underflow; the log-space solve still puts the top pair at w_max
-    w = score.normalize_weights(
+    w = normalize.normalize_weights(
         torch.arange(50.0)[None], torch.ones(1, 50, dtype=torch.bool), 1e-3, 0.05, 3.0
     )
     assert w[0, -1] == pytest.approx(3.0) and w[0, 0] == pytest.approx(0.05)
@@ -279,25 +283,25 @@ def test_normalize_is_per_row_monotone_and_shape_preserving():
 def test_normalize_rejects_bad_arguments():
     s, v = torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="temperature"):
-        score.normalize_weights(s, v, 0.0, 0.05, 3.0)
+        normalize.normalize_weights(s, v, 0.0, 0.05, 3.0)
     with pytest.raises(ValueError, match="eps"):
-        score.normalize_weights(s, v, 1.0, 1.5, 3.0)
+        normalize.normalize_weights(s, v, 1.0, 1.5, 3.0)
     with pytest.raises(ValueError, match="same shape"):
-        score.normalize_weights(s, torch.ones(1, 4, dtype=torch.bool), 1.0, 0.05, 3.0)
+        normalize.normalize_weights(s, torch.ones(1, 4, dtype=torch.bool), 1.0, 0.05, 3.0)
 
 
 def test_rho1_select_mode_exact_weights_and_ties_by_position():
     s = torch.tensor([[1.0, 5.0, 5.0, 5.0, 5.0, 0.0, 2.0, 3.0, 4.0, -1.0]])
     v = torch.ones(1, 10, dtype=torch.bool)
-    w = score.rho1_weights(s, v, 0.7, 0.05, 4.0, "select", top_p=0.3)
+    w = normalize.rho1_weights(s, v, 0.7, 0.05, 4.0, "select", top_p=0.3)
     a = (10 - 7 * 0.05) / 3
     want = torch.full((1, 10), 0.05)
     want[0, 1:4] = a  # four 5.0 ties, k = 3: the earliest three win
     torch.testing.assert_close(w, want)
     # weighted with no boost is the plain normaliser; a boost raises the top pair relative to the rest
-    plain = score.normalize_weights(s, v, 0.7, 0.05, 4.0)
-    torch.testing.assert_close(score.rho1_weights(s, v, 0.7, 0.05, 4.0, "weighted", 0.1, 0.0), plain)
-    boosted = score.rho1_weights(s, v, 0.7, 0.05, 4.0, "weighted", 0.1, 1.0)
+    plain = normalize.normalize_weights(s, v, 0.7, 0.05, 4.0)
+    torch.testing.assert_close(normalize.rho1_weights(s, v, 0.7, 0.05, 4.0, "weighted", 0.1, 0.0), plain)
+    boosted = normalize.rho1_weights(s, v, 0.7, 0.05, 4.0, "weighted", 0.1, 1.0)
     assert boosted[0, 1] / boosted[0, 2] == pytest.approx(2.0) and plain[0, 1] == pytest.approx(plain[0, 2])
 
 
@@ -369,10 +373,10 @@ def test_per_head_weight_statistics_histogram_and_resume(tmp_path):
     valid[1, 3:] = False  # 8 valid pairs per head
     w = torch.where(valid, torch.tensor([0.5, 1.0, 2.0]), 0.0)  # head k's weights: 0.5, 1, 2
     w[0, 0, 2] = 2.62  # one head-3 weight elsewhere
-    score._record(state, w, valid, {})
+    score.record_step(state, w, valid, 1)
     assert state.metrics["weights/mean_head1"] == 0.5 and state.metrics["weights/mean_head2"] == 1.0
     assert state.metrics["weights/mean_head3"] == pytest.approx((7 * 2.0 + 2.62) / 8)
-    score._record(state, torch.where(valid, 1.0, 0.0), valid, {})  # a second call: all 1
+    score.record_step(state, torch.where(valid, 1.0, 0.0), valid, 1)  # a second call: all 1
     assert state.hist_counts.shape == (3, score.HIST_BINS) and state.hist_counts.sum(1).tolist() == [16.0] * 3
     values = torch.tensor([0.5, 1.0, 2.0, 2.62]).double()  # float32 weights, binned in float64
     bins = torch.bucketize(values, state.hist_edges, right=True) - 1
@@ -497,7 +501,7 @@ def test_rho1_excess_zero_when_reference_is_the_policy(tok, tmp_path, aux_dirs):
     cfg = make_cfg(tmp_path, "rho1_excess_v1", rho1=dict(ref_model=save_wmtp(policy, tok, tmp_path / "self")))
     cfg.rho1.ref_format = "wmtp"
     state = score.init_state(cfg, policy, tok, "cpu")
-    state.hidden = policy(batch["input_ids"], stage="trunk").detach()
+    batch["hidden"] = policy(batch["input_ids"], stage="trunk").detach()
     excess, ce, _ = score.excess_scores(batch, state)
     assert ce[batch["valid"]].min() > 0
     assert excess.abs().max() < 1e-5
@@ -505,7 +509,7 @@ def test_rho1_excess_zero_when_reference_is_the_policy(tok, tmp_path, aux_dirs):
     policy = formats.load_hf(aux_dirs / "ref", 1)
     cfg = make_cfg(tmp_path, "rho1_excess_v1", rho1=dict(ref_model=str(aux_dirs / "ref"), ref_format="hf"))
     state = score.init_state(cfg, policy, tok, "cpu")
-    state.hidden = policy(batch["input_ids"], stage="trunk").detach()
+    batch["hidden"] = policy(batch["input_ids"], stage="trunk").detach()
     excess, _, _ = score.excess_scores(batch, state)
     assert excess.abs().max() < 1e-4
 
@@ -545,8 +549,8 @@ def test_rho1_surprising_token_pairs(tok, tmp_path, ref_knows, score_kind, highe
     )
     cfg.rho1.score = score_kind
     state = score.init_state(cfg, policy, tok, "cpu")
-    state.hidden = policy(batch["input_ids"], stage="trunk").detach()
-    w = score.SCORERS["rho1_excess_v1"](batch, state)
+    batch["hidden"] = policy(batch["input_ids"], stage="trunk").detach()
+    w = score.weights(batch, state)
     valid = batch["valid"]
     check_invariants(w.view(1, -1), valid.view(1, -1), cfg.loss.eps, cfg.loss.w_max)
     extreme = w[valid].max() if highest else w[valid].min()
@@ -571,9 +575,9 @@ def test_critic_delta_peaks_at_the_token_the_value_depends_on(tok, tmp_path):
     ids = torch.full((2, 20), 50)
     ids[0, j] = X
     batch = add_targets(manual_batch(ids.tolist(), 4))
-    state.rewards = {0: 1.0, 1: 0.0}  # the reward depends on X alone (no sandbox needed)
-    state.hidden = policy(batch["input_ids"], stage="trunk").detach()
-    w = score.SCORERS["critic_delta_v1"](batch, state)
+    state.rewards.values = {0: 1.0, 1: 0.0}  # the reward depends on X alone (no sandbox needed)
+    batch["hidden"] = policy(batch["input_ids"], stage="trunk").detach()
+    w = score.weights(batch, state)
     valid = batch["valid"]
     top = w[0][valid[0]].max()
     got = {(t, k) for t, k in (w[0] == top).nonzero().tolist() if valid[0, t, k]}
@@ -600,7 +604,7 @@ def test_critic_stage1_learns_value_of_the_rewarded_token(tok, tmp_path):
     cfg.critic.gae_lambda = 1.0
     cfg.loss.w_max = 1000.0  # no clipping: the top weight is unique
     state = score.init_state(cfg, policy, tok, "cpu")
-    state.rewards = {b: (1.0 if b < 8 else -1.0) for b in range(16)}
+    state.rewards.values = {b: (1.0 if b < 8 else -1.0) for b in range(16)}
 
     def forever():
         while True:
@@ -609,8 +613,8 @@ def test_critic_stage1_learns_value_of_the_rewarded_token(tok, tmp_path):
     score.prepare(state, forever())
     assert state.metrics["critic/pretrain_value_loss"] < 1.0  # 1.05 at the start; fillers stay at ~1
     batch = add_targets(batch)
-    state.hidden = policy(batch["input_ids"], stage="trunk").detach()
-    w = score.SCORERS["critic_delta_v1"](batch, state)
+    batch["hidden"] = policy(batch["input_ids"], stage="trunk").detach()
+    w = score.weights(batch, state)
     for b in range(8):
         jb = int(pos[b])
         best = w[b].max()
@@ -639,7 +643,7 @@ def test_critic_first_delta_uses_a_fitted_prompt_value(tok, tmp_path):
     )
     cfg.critic.gamma = cfg.critic.gae_lambda = 1.0
     state = score.init_state(cfg, policy, tok, "cpu")
-    state.rewards = {b: (1.0 if b < 8 else -1.0) for b in range(16)}
+    state.rewards.values = {b: (1.0 if b < 8 else -1.0) for b in range(16)}
 
     def forever():
         while True:
@@ -674,7 +678,7 @@ def test_critic_explained_variance_per_step_and_run(tok, tmp_path):
         tmp_path, "critic_delta_v1", critic=dict(reward="tests", pretrain_steps=2, value_hidden=16)
     )
     state = score.init_state(cfg, policy, tok, "cpu")
-    state.rewards = {b: float(b % 3) for b in range(6)}
+    state.rewards.values = {b: float(b % 3) for b in range(6)}
     batch = add_targets(manual_batch(torch.randint(50, 90, (6, 16)).tolist(), 4))
     score.prepare(state, iter([batch] * 2))
     assert set(state.stage1) == {"critic/stage1_value_loss", "critic/stage1_explained_variance"}
@@ -683,10 +687,10 @@ def test_critic_explained_variance_per_step_and_run(tok, tmp_path):
         score.begin_step(state)
         for half in (slice(0, 3), slice(3, 6)):
             part = {k: x[half] for k, x in batch.items()}
-            state.hidden = policy(part["input_ids"], stage="trunk").detach()
-            score.SCORERS["critic_delta_v1"](part, state)
-        state.hidden = policy(batch["input_ids"], stage="trunk").detach()
-        whole = score.explained_variance(score._critic_values(state, batch, update=False)[3])
+            part["hidden"] = policy(part["input_ids"], stage="trunk").detach()
+            score.weights(part, state)
+        whole_batch = {**batch, "hidden": policy(batch["input_ids"], stage="trunk").detach()}
+        whole = score.explained_variance(score._critic_values(state, whole_batch, update=False)[3])
         score.end_step(state)  # the value head steps after the step's weights: the halves saw the same head
         evs.append(state.metrics["critic/explained_variance"])
         assert evs[-1] == pytest.approx(whole, rel=1e-9)
@@ -714,8 +718,8 @@ def test_loss_gradient_ignores_the_weights(name, tok, tmp_path, aux_dirs, train_
     state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
     batch = add_targets(next(data.make_loader(train_rows, 4, tok.pad_token_id)))
     h = policy(batch["input_ids"], stage="trunk")
-    state.hidden = h  # NOT detached: a scorer that let gradient through would show up below
-    weights = score.SCORERS[name](batch, state)
+    batch["hidden"] = h  # NOT detached: a scorer that let gradient through would show up below
+    weights = score.weights(batch, state)
     assert not weights.requires_grad
     assert all(p.grad is None for p in policy.parameters()), (
         "the scorer must not back-propagate into the model"
@@ -744,12 +748,13 @@ def test_rho1_per_head_weights_inside_the_head_step_equal_the_scorer(
     batch = add_targets(next(data.make_loader(train_rows, 4, tok.pad_token_id, seed=3)))
     ids, targets, valid, lam = batch["input_ids"], batch["targets"], batch["valid"], 0.5
     h = policy(ids, stage="trunk")
-    state.hidden = h.detach()
-    want = score.SCORERS["rho1_excess_v1"](batch, state)
+    batch["hidden"] = h.detach()
+    want = score.weights(batch, state)
     want_metrics = dict(state.metrics)
     check_invariants(want, valid, cfg.loss.eps, cfg.loss.w_max, "head")
 
-    per_head = score.head_by_head(batch, state)
+    per_head = score.SCORERS["rho1_excess_v1"](batch, state)  # what the trainer's step asks for
+    assert per_head.per_head
     weights = lambda k, ce: score.mix(per_head(k, ce), lam, valid[..., k])  # noqa: E731
     out = M.mtp_loss_backward(policy, h, targets, valid, weights)
     got = per_head.finish()
@@ -764,38 +769,40 @@ def test_rho1_per_head_weights_inside_the_head_step_equal_the_scorer(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
     cfg.loss.normalize = "sequence"
-    assert score.head_by_head(batch, state) is None
-    joint = score.SCORERS["rho1_excess_v1"](batch, state)
+    state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
+    assert not score.SCORERS["rho1_excess_v1"](batch, state).per_head  # weights known before the heads run
+    joint = score.weights(batch, state)
     check_invariants(joint, valid, cfg.loss.eps, cfg.loss.w_max, "sequence")
     assert not torch.allclose(joint, want)
 
 
-@pytest.mark.parametrize("normalize", ["head", "sequence"])
-def test_dft_weights_inside_the_head_step_equal_the_scorer(normalize, tok, tmp_path, train_rows, capsys):
+@pytest.mark.parametrize("scope", ["head", "sequence"])
+def test_dft_weights_inside_the_head_step_equal_the_scorer(scope, tok, tmp_path, train_rows, capsys):
     """dft_v1, per-head scope: the head-by-head step weights head k from the CE it has just computed (no extra
     pass, no reference); weights, statistics, loss and gradients equal the scorer's own (extra-pass) weights,
     which are q * n / sum(q) of the model's own CE per (sequence, head). The sequence scope uses the extra pass."""
     policy = tiny_policy(len(tok))
-    cfg = make_cfg(tmp_path, "dft_v1", loss=dict(normalize=normalize))
+    cfg = make_cfg(tmp_path, "dft_v1", loss=dict(normalize=scope))
     state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
     batch = add_targets(next(data.make_loader(train_rows, 4, tok.pad_token_id, seed=3)))
     ids, targets, valid, lam = batch["input_ids"], batch["targets"], batch["valid"], 0.5
     h = policy(ids, stage="trunk")
-    state.hidden = h.detach()
-    want = score.SCORERS["dft_v1"](batch, state)
+    batch["hidden"] = h.detach()
+    want = score.weights(batch, state)
     want_metrics = dict(state.metrics)
     assert "loss.temperature = 0.7 is ignored" in capsys.readouterr().out  # the run's log says so
     cfg.loss.temperature = 5.0
-    torch.testing.assert_close(score.SCORERS["dft_v1"](batch, state), want, rtol=0, atol=0)
-    check_invariants(want, valid, cfg.loss.eps, cfg.loss.w_max, normalize)
+    hot = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
+    torch.testing.assert_close(score.weights(batch, hot), want, rtol=0, atol=0)
+    check_invariants(want, valid, cfg.loss.eps, cfg.loss.w_max, scope)
     ce = M.mtp_head_ce(policy, h, targets, valid)
     torch.testing.assert_close(
-        want, score.dft_weights(ce, valid, cfg.loss.eps, cfg.loss.w_max, scope=normalize)
+        want, normalize.dft_weights(ce, valid, cfg.loss.eps, cfg.loss.w_max, scope=scope)
     )
     assert state.metrics["dft/prob_mean"] == pytest.approx(float((-ce[valid]).exp().mean()), rel=1e-5)
-    per_head = score.head_by_head(batch, state)
-    if normalize == "sequence":
-        assert per_head is None
+    per_head = score.SCORERS["dft_v1"](batch, state)  # what the trainer's step asks for
+    if scope == "sequence":
+        assert not per_head.per_head  # weights known before the heads run
         return
     weights = lambda k, ce: score.mix(per_head(k, ce), lam, valid[..., k])  # noqa: E731
     out = M.mtp_loss_backward(policy, h, targets, valid, weights)
@@ -839,11 +846,12 @@ def test_scorer_end_to_end(name, extra, tok, tmp_path, aux_dirs, train_rows):
     for _ in range(2):
         batch = add_targets(next(loader))
         with torch.no_grad():
-            state.hidden = policy(batch["input_ids"], stage="trunk")
-        w = score.SCORERS[name](batch, state)
+            batch["hidden"] = policy(batch["input_ids"], stage="trunk")
+        w = score.weights(batch, state)
         valid = batch["valid"]
         assert w.shape == valid.shape and w.shape[-1] == H
         check_invariants(w.flatten(1), valid.flatten(1), cfg.loss.eps, cfg.loss.w_max)
+        score.record_step(state, w, valid, 1)  # as the trainer does for every step it takes
         n_pairs += int(valid.sum())
         assert state.metrics["weights/mean"] == pytest.approx(1.0, abs=1e-4)
         assert state.metrics["scorer/nonfinite"] == 0
@@ -852,28 +860,26 @@ def test_scorer_end_to_end(name, extra, tok, tmp_path, aux_dirs, train_rows):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if name == "critic_delta_v1":
         assert (
-            len(state.rewards) == len(train_rows) and state.reward_model is None
+            len(state.rewards.values) == len(train_rows) and state.rewards.model is None
         )  # all up front, then freed
         assert "critic/value_loss" in state.metrics and "critic/pretrain_value_loss" not in state.metrics
         resumed = score.init_state(cfg, tiny_policy(len(tok)), tok, "cpu", dataset=train_rows)
         resumed.load_state_dict(state.state_dict())
-        assert resumed.rewards == state.rewards and resumed.reward_norm == state.reward_norm
+        assert resumed.rewards.values == state.rewards.values and resumed.rewards.norm == state.rewards.norm
         for a, b in zip(resumed.value_head.parameters(), state.value_head.parameters(), strict=True):
             assert torch.equal(a, b)
-        resumed.hidden = state.hidden
-        torch.testing.assert_close(score.SCORERS[name](batch, resumed), score.SCORERS[name](batch, state))
+        torch.testing.assert_close(score.weights(batch, resumed), score.weights(batch, state))
     if name == "rho1_excess_v1":
         assert math.isfinite(state.metrics["rho1/excess_mean"])
     if name == "dft_v1":
-        assert 0 < state.metrics["dft/prob_mean"] < 1 and state.ref_model is None
+        assert 0 < state.metrics["dft/prob_mean"] < 1 and state.reference is None
     if cfg.rho1.precompute:
-        path = score.ref_cache_path(state)
-        assert path.is_file() and len(state.ref_ce) == len(train_rows)
+        path = state.reference.cache_path()
+        assert path.is_file() and len(state.reference.ce) == len(train_rows)
         fresh = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
-        fresh.hidden = state.hidden
-        cached = score.SCORERS[name](batch, fresh)  # reads the disk cache
+        cached = score.weights(batch, fresh)  # reads the disk cache
         cfg.rho1.precompute = False
-        torch.testing.assert_close(cached, score.SCORERS[name](batch, fresh), atol=1e-5, rtol=0)
+        torch.testing.assert_close(cached, score.weights(batch, fresh), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- errors
@@ -904,23 +910,23 @@ def test_tests_reward_runs_the_sandbox(tok, tmp_path, train_rows):
     row = next(
         r for r in train_rows if r["input_ids"][-1] == tok.eos_token_id
     )  # a completion that was not cut
-    _, completion = score._texts(tok, row["input_ids"], row["loss_mask"])
+    _, completion = aux_models.texts(tok, row["input_ids"], row["loss_mask"])
     tid = row["task_id"]
-    got = score._test_rewards(state, [completion, "def nothing():\n    pass\n"], [tid, tid])
+    got = state.rewards.test_rewards([completion, "def nothing():\n    pass\n"], [tid, tid])
     assert got == [1.0, 0.0]
 
 
 def test_reward_spread_check():
     f64 = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    score.check_reward_spread(f64(1, 0, 1, 1), "tests")  # one failing example is a ranking
-    score.check_reward_spread(f64(0.3, 0.31), "model")
-    with pytest.raises(score.RewardError) as e:
-        score.check_reward_spread(f64(1, 1, 1, 1), "tests")
+    aux_models.check_reward_spread(f64(1, 0, 1, 1), "tests")  # one failing example is a ranking
+    aux_models.check_reward_spread(f64(0.3, 0.31), "model")
+    with pytest.raises(aux_models.RewardError) as e:
+        aux_models.check_reward_spread(f64(1, 1, 1, 1), "tests")
     msg = str(e.value)
     assert "critic.reward = 'tests': the 4 training rewards have (near) zero variance (mean 1, std 0)" in msg
     assert "every example passes its tests" in msg and "loss.scorer = 'rho1_excess_v1'" in msg
-    with pytest.raises(score.RewardError, match="the reward model scores every example the same"):
-        score.check_reward_spread(f64(-2.5, -2.5 + 1e-7, -2.5 - 1e-7), "model")  # rounding of one value
+    with pytest.raises(aux_models.RewardError, match="the reward model scores every example the same"):
+        aux_models.check_reward_spread(f64(-2.5, -2.5 + 1e-7, -2.5 - 1e-7), "model")  # rounding of one value
 
 
 def test_a_constant_reward_model_stops_the_critic_before_training(tok, tmp_path, aux_dirs, train_rows):
@@ -935,10 +941,10 @@ def test_a_constant_reward_model_stops_the_critic_before_training(tok, tmp_path,
     cfg = make_cfg(tmp_path, "critic_delta_v1", critic=dict(reward_model=str(rm), value_hidden=16))
     state = score.init_state(cfg, tiny_policy(len(tok)), tok, "cpu", dataset=train_rows)
     with pytest.raises(
-        score.RewardError, match="12 training rewards have \\(near\\) zero variance \\(mean 0, std 0\\)"
+        aux_models.RewardError, match="12 training rewards have \\(near\\) zero variance \\(mean 0, std 0\\)"
     ):
         score.prepare(state, data.make_loader(train_rows, 4, tok.pad_token_id))
-    assert state.rewards == dict.fromkeys(range(12), 0.0) and state.reward_model is None
+    assert state.rewards.values == dict.fromkeys(range(12), 0.0) and state.rewards.model is None
 
 
 def test_judge_completion_is_the_public_single_judge():

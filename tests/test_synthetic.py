@@ -187,7 +187,7 @@ def test_critic_dataset_reward(tok, tiny_dir):
     ds = data.build_dataset(cfg, tok, "train")
     state = score.init_state(cfg, formats.load_meta(tiny_dir / "synthetic_base"), tok, "cpu", dataset=ds)
     score.prepare(state, None)  # the rewards of the whole train set, read from the rows
-    assert state.rewards == {i: r for i, r in zip(ds["index"], ds["reward"], strict=True)}
+    assert state.rewards.values == {i: r for i, r in zip(ds["index"], ds["reward"], strict=True)}
     with pytest.raises(C.ConfigError, match="critic.reward' = 'dataset' needs a dataset"):
         C.load_config(None, ["--loss.scorer=critic_delta_v1", "--critic.reward=dataset"])
 

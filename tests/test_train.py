@@ -29,6 +29,7 @@ import checkpoint
 import config as C
 import errors
 import files
+import plan
 import train
 from config import REPO
 
@@ -318,7 +319,7 @@ def test_one_process_step_computes_in_bf16_on_a_gpu_only(device, tiny_dir, tmp_p
     batch = {k: v.to(d.device) for k, v in batch.items()}
     state = score.init_state(cfg, net, tok, d.device)
     opt = train.make_optimizer(cfg, net)
-    train.optimizer_step(cfg, net, opt, batch, checkpoint.TrainState(micro_batch=4), state, d, 0)
+    train.optimizer_step(train.Run(cfg, d, net, opt, state, checkpoint.TrainState(micro_batch=4)), batch, 0)
     assert set(seen) == {torch.bfloat16 if device == "cuda" else torch.float32}
     assert {(p.dtype, p.grad.dtype) for p in net.parameters()} == {(torch.float32, torch.float32)}
 
@@ -403,7 +404,7 @@ def test_dry_run_prints_the_plan_and_refuses_what_does_not_fit(tiny_dir, tmp_pat
 def test_epochs_follow_the_loader_over_ranks_and_accumulation():
     def epochs(steps: int, mb: int, accum: int, world: int, rows: int = 374) -> float:
         kv = [f"--train.steps={steps}", f"--train.micro_batch_size={mb}", f"--train.grad_accum={accum}"]
-        return train.epochs(C.load_config(None, kv), rows, world)
+        return plan.epochs(C.load_config(None, kv), rows, world)
 
     # the figure: 2000 steps x 64 sequences. 374 // 4 ranks = 93 rows per rank, // 16 = 5 steps an epoch
     assert epochs(2000, 4, 4, 4) == 400.0
@@ -411,7 +412,7 @@ def test_epochs_follow_the_loader_over_ranks_and_accumulation():
     assert epochs(93, 4, 1, 1) == 1.0 and epochs(93, 2, 2, 1) == 1.0  # accumulation = a larger micro-batch
     assert epochs(10, 4, 1, 3) == 10 / 31  # 374 // 3 = 124 rows per rank, // 4
     assert epochs(10, 200, 1, 2) == math.inf  # 187 rows per rank do not fill one step
-    lines = train.budget_lines(C.load_config(None, ["--train.steps=2000", "--train.grad_accum=4"]), 374, 4)
+    lines = plan.budget_lines(C.load_config(None, ["--train.steps=2000", "--train.grad_accum=4"]), 374, 4)
     assert (
         lines[0]
         == "budget      2000 steps x 64 rows = 400.0 epochs of the 374 train rows (5 steps per epoch)"
@@ -457,9 +458,9 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     opt = train.make_optimizer(cfg, net)
     state = score.init_state(cfg, net, tok, d.device)
     loader = data.make_loader(data.build_dataset(cfg, tok, "train"), 4, tok.pad_token_id)
-    st = checkpoint.TrainState(micro_batch=4)
+    r = train.Run(cfg, d, net, opt, state, checkpoint.TrainState(micro_batch=4))
     for step in range(3):
-        train.optimizer_step(cfg, net, opt, next(loader), st, state, d, step)
+        train.optimizer_step(r, next(loader), step)
         opt.step()
     changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
@@ -490,7 +491,7 @@ def test_lora_trains_only_adapters_and_the_merged_export_matches(tiny_dir, tmp_p
     # a resume checkpoint of the LoRA run (adapters and base weights under peft's names) exports merged too
     (tmp_path / "run").mkdir()
     files.atomic_write_text(tmp_path / "run" / "config.json", json.dumps(C.to_dict(cfg)))
-    resume = checkpoint.save_resume(cfg, tmp_path / "run", net, opt, st, state, d)
+    resume = checkpoint.save_resume(cfg, tmp_path / "run", net, opt, r.st, state, d)
     again, _, _ = checkpoint.load_resume_model(resume)
     assert all(torch.allclose(v, merged.state_dict()[k], atol=1e-6) for k, v in again.state_dict().items())
 

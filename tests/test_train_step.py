@@ -1,8 +1,9 @@
 """train.py's optimizer step, in this process: clipping, weight decay, head weights, accumulation, schedule,
 validation against a hand computation, and the OOM retry's exactness for every scorer.
 
-The step is train.py's own (`train.train_step` / `train.optimizer_step`, with the model, optimizer and scorer built
-by the same functions `train()` uses), driven here without a subprocess so each check costs a few seconds.
+The step is train.py's own (`train.train_step` / `train.optimizer_step` on a `train.Run` of the model, optimizer and
+scorer built by the same functions `train.start` uses), driven here without a subprocess so each check costs a few
+seconds.
 """
 
 from __future__ import annotations
@@ -69,11 +70,12 @@ def test_cosine_value_at_a_mid_step_and_no_warmup(tmp_path):
 def test_gradient_clipping_bounds_the_norm(tiny_dir, tmp_path):
     cfg = tiny_cfg(tiny_dir, tmp_path, **{"optim.grad_clip": 1e-3})
     d, _, net, opt, state, loader, st = build(cfg, tiny_dir)
-    m = train.train_step(cfg, net, opt, next(loader), st, state, d, 0)
+    r = train.Run(cfg, d, net, opt, state, st)
+    m = train.train_step(r, next(loader), 0)
     assert m["train/grad_norm"] > 0.1  # the logged norm is the one before clipping
     assert grad_norm(net) == pytest.approx(1e-3, rel=1e-4)  # what AdamW stepped on
     cfg.optim.grad_clip = 0.0  # 0 disables clipping
-    m = train.train_step(cfg, net, opt, next(loader), st, state, d, 1)
+    m = train.train_step(r, next(loader), 1)
     assert grad_norm(net) == pytest.approx(m["train/grad_norm"], rel=1e-5)
 
 
@@ -96,7 +98,7 @@ def test_weight_decay_shrinks_matrices_only(tiny_dir, tmp_path):
 def test_zero_head_weight_gives_that_head_no_gradient(tiny_dir, tmp_path):
     cfg = tiny_cfg(tiny_dir, tmp_path, **{"loss.head_weights": [1.0, 0.0, 1.0, 0.0]})
     d, _, net, opt, state, loader, st = build(cfg, tiny_dir)
-    train.optimizer_step(cfg, net, opt, next(loader), st, state, d, 0)
+    train.optimizer_step(train.Run(cfg, d, net, opt, state, st), next(loader), 0)
     for k, alive in enumerate([True, False, True, False]):
         block = net.head_block(k)
         zero = all((p.grad == 0).all() for p in block.parameters())
@@ -109,7 +111,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_dir, tmp_path):
     for mb, accum in ((8, 1), (2, 4)):
         cfg = tiny_cfg(tiny_dir, tmp_path, **{"train.micro_batch_size": mb, "train.grad_accum": accum})
         d, _, net, opt, state, loader, st = build(cfg, tiny_dir)
-        stats = train.optimizer_step(cfg, net, opt, next(loader), st, state, d, 0)
+        stats = train.optimizer_step(train.Run(cfg, d, net, opt, state, st), next(loader), 0)
         assert len(stats) == accum
         losses.append(train.step_metrics(stats, d)["train/loss"])
         grads.append([p.grad.clone() for p in net.parameters()])
@@ -170,7 +172,8 @@ def test_an_oom_retry_leaves_no_trace_for_any_scorer(scorer, tiny_dir, tmp_path)
             tiny_dir, tmp_path, **{"loss.scorer": scorer, "train.inject_oom_steps": inject, "loss.lam": 1.0}
         )
         d, _, net, opt, state, loader, st = build(cfg, tiny_dir)
-        rows = [train.train_step(cfg, net, opt, next(loader), st, state, d, step) for step in range(3)]
+        r = train.Run(cfg, d, net, opt, state, st)
+        rows = [train.train_step(r, next(loader), step) for step in range(3)]
         runs[name] = rows, net, state, st
     (plain, net_a, state_a, st_a), (oom, net_b, state_b, st_b) = runs["plain"], runs["oom"]
     assert (st_a.oom_events, st_b.oom_events, st_b.micro_batch) == (0, 1, 2)

@@ -1,4 +1,4 @@
-"""parallel.plan_memory, what `train.py --dry-run` prints and refuses on: every figure against a hand computation.
+"""plan.plan_memory, what `train.py --dry-run` prints and refuses on: every figure against a hand computation.
 
 The case: 1e9 parameters in 10 blocks, dim 1000, vocab 32000, rows of 100 tokens, micro-batch 2 (200 tokens), 4
 devices, bf16 compute. GiB = 2**30 bytes.
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-import parallel as P
+from plan import MemoryPlan, format_count, plan_memory
 
 CASE = dict(n_params=10**9, n_blocks=10, dim=1000, vocab=32000, seq_len=100, micro_batch=2, world_size=4)
 
 
-def plan(**kw) -> P.MemoryPlan:
+def plan(**kw) -> MemoryPlan:
     args = {**CASE, "budget_gb": 80.0, "activation_checkpointing": False, **kw}
-    return P.plan_memory(**args)
+    return plan_memory(**args)
 
 
 def test_full_fine_tuning_figures():
@@ -27,10 +27,10 @@ def test_full_fine_tuning_figures():
     assert p.activations_ckpt_gb == pytest.approx(
         0.0100582838
     )  # 10 block inputs (2 x 200 x 1000) + one block
-    assert p.logits_gb == pytest.approx(0.0476837158)  # one head: fp32 logits + grad, 2 x 200 x 32000 x 4
+    assert p.logits_gb == pytest.approx(0.0834465027)  # one head: 200 x 32000 logits x 14 bytes (bf16 step)
     assert p.aux_models_gb == 0.0
-    assert p.total_gb == pytest.approx(3.8363039494)
-    assert plan(activation_checkpointing=True).total_gb == pytest.approx(3.7830322981)
+    assert p.total_gb == pytest.approx(3.8720667363)
+    assert plan(activation_checkpointing=True).total_gb == pytest.approx(3.8187950850)
 
 
 def test_lora_keeps_the_frozen_base_in_the_compute_dtype():
@@ -58,4 +58,14 @@ def test_fits_flips_exactly_at_ninety_percent_of_the_budget():
 
 
 def test_format_count():
-    assert [P.format_count(n) for n in (6.74e9, 1.63e6, 5300, 42)] == ["6.74B", "1.63M", "5.30K", "42"]
+    assert [format_count(n) for n in (6.74e9, 1.63e6, 5300, 42)] == ["6.74B", "1.63M", "5.30K", "42"]
+
+
+def test_logits_are_counted_as_the_loss_computes_them():
+    """One head's logits at every position of the micro-batch, 14 bytes each in a bf16 step, 16 in fp32; a loss
+    chunked over positions passes its chunk (logits_rows), never more than the micro-batch's positions."""
+    assert plan(bf16=False).logits_gb == pytest.approx(200 * 32000 * 16 / 2**30)
+    assert plan(logits_rows=50).logits_gb == pytest.approx(50 * 32000 * 14 / 2**30)
+    assert plan(logits_rows=10**6).logits_gb == plan().logits_gb
+    big = plan(vocab=151936, seq_len=1024, micro_batch=4)  # Qwen2.5's vocabulary: 8 GB for one head today
+    assert big.logits_gb == pytest.approx(4096 * 151936 * 14 / 2**30) and big.logits_gb > 8
