@@ -539,7 +539,7 @@ def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 3
             ids, mask = b["input_ids"].to(dev), b["loss_mask"].to(dev)
             targets, valid = M.mtp_targets(ids, mask, H)
             cls = M.pair_scores(b["token_class"].to(dev), H)
-            ce = M.mtp_head_ce(model, model(ids, stage="trunk"), targets, valid)
+            ce = M.mtp_head_ce(model, model(ids, stage="trunk"), targets, valid, chunk=cfg.model.ce_chunk)
             for c in range(len(synthetic.TOKEN_CLASSES)):
                 sel = valid & (cls == c)
                 sums[c] += torch.where(sel, ce, 0.0).double().sum((0, 1)).cpu()

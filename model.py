@@ -16,12 +16,15 @@ Every training call goes through `Transformer.__call__` (FSDP2 attaches its root
     model(idx)                      -> logits [B, S, H, V] (index 0 = head 1)
     model(idx, stage="trunk")       -> trunk output h [B, S, D]
     model(h, stage=k)               -> head k logits [B, S, V] (k = 0..H-1; `select=` keeps only some positions)
+    model(h, stage=k, select=v, targets=t, weights=w, chunk=c) -> (weighted CE sum, CE per position) of head k
 Decoding (KV cache, sampling, speculative decoding) is generate.py's, on a whole (unsharded) model:
     model.generate(prompts, max_new_tokens, temperature=..., ...) -> new tokens per prompt
 
-The MTP loss: `mtp_targets` (head k at position t targets t+k+1), `mtp_loss_backward`, the memory-efficient step of the paper (§2): the caller computes h once; each head
-runs forward + backward into a detached leaf of h, so only one head's logits are alive; one backward through the
-trunk. `mtp_head_ce` is the per-pair CE without gradient (validation, evaluation, rho1's extra pass).
+The MTP loss: `mtp_targets` (head k at position t targets t+k+1), `mtp_loss_backward`, the memory-efficient step
+of the paper (§2): the caller computes h once; each head runs forward + backward into a detached leaf of h, so
+only one head's logits are alive, and of those only one chunk of positions' (`head_loss`: the CE and its gradient
+chunk by chunk, issue 22: a 152k vocabulary never has a head's [B, S, V] logits); one backward through the trunk.
+`mtp_head_ce` is the per-pair CE without gradient (validation, evaluation, the scorers' extra pass), chunked alike.
 """
 
 from __future__ import annotations
@@ -451,13 +454,22 @@ class Transformer(nn.Module):
         x: Tensor,
         stage: str | int = "full",
         select: Tensor | None = None,
-    ) -> Tensor:
-        """See the module docstring. `select` (bool [B, S], head stages only) returns logits [n_selected, V]."""
+        targets: Tensor | None = None,
+        weights: Weights = None,
+        chunk: int = 0,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """See the module docstring. `select` (bool [B, S], head stages only) returns logits [n_selected, V].
+
+        With `targets` ([n_selected] token ids) a head stage returns (loss, ce) instead of logits: `head_loss` of
+        the selected positions, in chunks of `chunk` positions (0: all at once). Inside the model's call, so the
+        output projection is the one FSDP2 has gathered for this forward."""
         if isinstance(stage, int) and not isinstance(stage, bool):
             cos, sin = self._rope(x.shape[1], x)
             h = self._block(self.head_block(stage), x, cos, sin)
             if select is not None:
                 h = h[select]
+            if targets is not None:
+                return head_loss(self.norm(h), self.output, targets, weights, chunk)
             return self.output(self.norm(h))
         if stage not in ("full", "trunk"):
             raise ValueError(f"stage must be 'full', 'trunk' or an int head index, got {stage!r}")
@@ -509,9 +521,109 @@ def pair_scores(token_scores: Tensor, H: int) -> Tensor:
     return out
 
 
+CE_CHUNK = (
+    1024  # positions per chunk of a head's CE (config model.ce_chunk; 0: all of a head's logits at once)
+)
+
+# A head's weights over its selected positions: known ([N]), a function of the head's CE [N] (detached) -> [N]
+# (called once per head, before any gradient), or None (1 everywhere).
+Weights = Tensor | Callable[[Tensor], Tensor] | None
+
+
 def _f32(x: Tensor) -> Tensor:
     """Upcast half-precision logits to fp32 for the CE (fp64 stays fp64: exact tests)."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+def head_loss(
+    x: Tensor, output: nn.Module, targets: Tensor, weights: Weights, chunk: int
+) -> tuple[Tensor, Tensor]:
+    """(sum_i w_i CE_i, CE [N] detached) of the logits output(x) [N, V] against targets [N], CE in fp32.
+
+    chunk > 0: the logits of at most `chunk` positions exist at a time (`_ChunkedCE`). chunk = 0, or an output
+    projection that is not a plain bias-free nn.Linear (LoRA on `output`): all N positions' logits at once,
+    through autograd.
+    """
+    if chunk > 0 and type(output) is nn.Linear and output.bias is None:
+        w = output.weight
+        need = (torch.is_grad_enabled() and x.requires_grad, torch.is_grad_enabled() and w.requires_grad)
+        return _ChunkedCE.apply(x, w, targets, weights, chunk, need)
+    ce = F.cross_entropy(_f32(output(x)), targets, reduction="none")
+    w = weights(ce.detach()) if callable(weights) else weights
+    return (ce.sum() if w is None else (w.to(ce.dtype) * ce).sum()), ce.detach()
+
+
+def _exp_ce(x: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor, torch.dtype]:
+    """(E = exp(z - max z) [c, V] fp32, its row sums [c, 1], CE [c], the logits' compute dtype) of the logits
+    z = F.linear(x, weight) of one chunk: the one [c, V] fp32 buffer (upcast from half precision as it is
+    shifted, in place when z is already fp32/fp64), so softmax = E / sums."""
+    z = F.linear(x, weight)
+    m = z.amax(1, keepdim=True)
+    tgt = z.gather(1, targets[:, None])
+    e = z.sub_(m) if z.dtype in (torch.float32, torch.float64) else torch.sub(z, m.float())
+    dtype = z.dtype
+    del z
+    e = e.exp_()
+    s = e.sum(1, keepdim=True)
+    return e, s, (_f32(m) + s.log() - _f32(tgt)).squeeze(1), dtype
+
+
+class _ChunkedCE(torch.autograd.Function):
+    """Weighted CE of F.linear(x, weight), chunk by chunk of positions, without the [N, V] logits.
+
+    The loss is linear in the (detached) weights, so a chunk's logit gradient w_i (softmax_i - onehot_i) is known
+    as soon as its weights are: the forward computes the loss AND the gradients of x and weight, freeing each
+    chunk's logits before the next; the backward only scales them by the incoming gradient (the caller runs
+    backward at once: the head-by-head step). The per-row factor w_i / sum_i goes on the small [c, D] sides of
+    the two gradient matmuls, not over [c, V]. Weights known beforehand: one pass, the unchunked CE's 3 matmuls
+    of [N, D] x [D, V]. Weights that are a function of the CE (rho1 / dft_v1 per head) need every position's CE
+    first: one pass for the CE, then the weights, then a second pass recomputing each chunk's logits for the
+    gradients (4 such matmuls instead of 3; the head block itself still runs once).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, weights, chunk, need):
+        N, fp64 = x.shape[0], x.dtype == weight.dtype == torch.float64
+        ce = torch.empty(N, dtype=torch.float64 if fp64 else torch.float32, device=x.device)
+        spans = [(s, min(s + chunk, N)) for s in range(0, N, chunk)]
+        w = None if callable(weights) else weights
+        if callable(weights) or not any(need):  # the CE alone (pass 1 of 2, or no gradient wanted)
+            for s, e in spans:
+                ce[s:e] = _exp_ce(x[s:e], weight, targets[s:e])[2]
+            if callable(weights):
+                w = weights(ce.clone())
+        w = None if w is None else w.to(ce.dtype)
+        gx = torch.empty_like(x) if need[0] else None
+        gw = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                         device=weight.device) if need[1] else None  # fmt: skip
+        for s, e in spans if any(need) else ():
+            p, sums, ce[s:e], dtype = _exp_ce(x[s:e], weight, targets[s:e])
+            # dz_i = w_i (p_i / sums_i - onehot_i) = r_i (p_i - sums_i onehot_i), r_i = w_i / sums_i: the
+            # target's entry is subtracted in fp32, before the cast (confident predictions keep their precision)
+            rows = torch.arange(e - s, device=p.device)
+            p[rows, targets[s:e]] -= sums[:, 0]
+            r = (1.0 if w is None else w[s:e, None]) / sums
+            dz = p.to(dtype)
+            del p
+            if gx is not None:
+                gx[s:e] = (r * (dz @ weight)).to(gx.dtype)
+            if gw is not None:
+                gw += (dz.t() @ (r * x[s:e]).to(dtype)).to(gw.dtype)
+            del dz  # before the next chunk's logits exist
+        ctx.save_for_backward(gx, gw)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(ce)
+        return (ce.sum() if w is None else (w * ce).sum()), ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss, g_ce):
+        gx, gw = ctx.saved_tensors
+        if gx is not None:
+            gx = gx * g_loss.to(gx.dtype)
+        if gw is not None:
+            gw = gw.mul_(g_loss.to(gw.dtype)).to(ctx.weight_dtype)
+        return gx, gw, None, None, None, None
 
 
 def _alpha(alpha: Iterable[float] | Tensor | None, H: int) -> list[float]:
@@ -521,49 +633,61 @@ def _alpha(alpha: Iterable[float] | Tensor | None, H: int) -> list[float]:
     return a
 
 
+def _head_weights(weights: Tensor | Callable, k: int, v: Tensor, factor: float) -> Weights:
+    """Head k's weights over its valid positions v [B, S], times `factor`, in head_loss's form. A function with
+    `per_head = False` (weights known before the heads run) is asked with ce None, so the head runs one pass."""
+    if not callable(weights):
+        return weights[..., k][v] * factor
+    if not getattr(weights, "per_head", True):
+        return weights(k, None)[v] * factor
+
+    def of_ce(ce: Tensor) -> Tensor:
+        return (
+            weights(k, torch.zeros(v.shape, dtype=ce.dtype, device=ce.device).index_put((v,), ce))[v] * factor
+        )
+
+    return of_ce
+
+
 def mtp_loss_backward(
     model: nn.Module,
     h: Tensor,
     targets: Tensor,
     valid: Tensor,
-    weights: Tensor | Callable[[int, Tensor], Tensor],
+    weights: Tensor | Callable[[int, Tensor | None], Tensor],
     alpha: Iterable[float] | Tensor | None = None,
     scale: float = 1.0,
+    chunk: int = CE_CHUNK,
 ) -> dict[str, Tensor]:
-    """Memory-efficient MTP loss + backward (paper §2): one head's logits alive at a time.
+    """Memory-efficient MTP loss + backward (paper §2): one head's logits alive at a time, and of those at most
+    `chunk` positions' (`head_loss`; 0: all of the head's).
 
-    L = sum_valid alpha_k * w * CE / count_valid (count over all heads). For each head: logits of the valid
-    positions only (fp32 CE), backward of scale * L_k into a detached leaf of h; then ONE h.backward. Every head
+    L = sum_valid alpha_k * w * CE / count_valid (count over all heads). For each head: the CE of its valid
+    positions only (fp32), backward of scale * L_k into a detached leaf of h; then ONE h.backward. Every head
     runs forward and backward even when it has no valid pair, so all ranks run the same collectives.
     `weights` is [B, S, H], or a function (k, ce_k [B, S] detached, 0 where invalid) -> head k's weights [B, S]
-    for weights that depend on the head's own CE (rho1 per head, spec §3.3): no extra pass over the heads.
+    for weights that depend on the head's own CE (rho1 / dft_v1 per head, spec §3.3): no extra pass over the
+    heads. A function with attribute `per_head = False` is called with ce_k None before the head (its weights
+    do not depend on the CE): then the chunked CE runs in one pass.
     Returns detached {"loss", "head_loss" [H], "head_ce" [H]} (unscaled).
     """
     H = targets.shape[-1]
     a = _alpha(alpha, H)
-    count = int(valid.sum())
-    denom = max(count, 1)
+    denom = max(int(valid.sum()), 1)
     leaf = h.detach().requires_grad_()
-    head_loss, head_ce = [], []
+    head_losses, head_ce = [], []
     for k in range(H):
         v = valid[..., k]
-        logits = model(leaf, stage=k, select=v)
-        ce = F.cross_entropy(_f32(logits), targets[..., k][v], reduction="none")
-        if callable(weights):
-            w_k = weights(
-                k, torch.zeros(v.shape, dtype=ce.dtype, device=ce.device).index_put((v,), ce.detach())
-            )
-        else:
-            w_k = weights[..., k]
-        loss_k = (w_k[v].to(ce.dtype) * ce).sum() * (a[k] / denom)
+        w_k = _head_weights(weights, k, v, a[k] / denom)
+        loss_k, ce = model(leaf, stage=k, select=v, targets=targets[..., k][v], weights=w_k, chunk=chunk)
         if loss_k.requires_grad:  # False under torch.no_grad(): then this is an evaluation loss
             (loss_k * scale).backward()
-        head_loss.append(loss_k.detach())
-        head_ce.append(ce.detach().sum() / max(int(v.sum()), 1))
-        del logits, ce, loss_k
+        head_losses.append(loss_k.detach())
+        head_ce.append(ce.sum() / max(int(v.sum()), 1))
+        del loss_k, ce
     if h.requires_grad and leaf.grad is not None:
         h.backward(leaf.grad)
-    head_loss_t = torch.stack(head_loss)
+    head_loss_t = torch.stack(head_losses)
     return {"loss": head_loss_t.sum(), "head_loss": head_loss_t, "head_ce": torch.stack(head_ce)}
 
 
@@ -585,17 +709,19 @@ def naive_mtp_loss(
 
 
 @torch.no_grad()
-def mtp_head_ce(model: nn.Module, h: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+def mtp_head_ce(model: nn.Module, h: Tensor, targets: Tensor, valid: Tensor, chunk: int = CE_CHUNK) -> Tensor:
     """Per-pair CE [B, S, H] (fp32, 0 where invalid) of trunk output h [B, S, D], without gradient: the one
     per-head CE of validation, evaluation, the synthetic metrics and rho1's extra pass.
 
-    One head at a time and only its valid positions' logits; every head runs its block even when it has no
-    valid pair (an FSDP2 forward is a collective: all ranks run the same ones)."""
+    One head at a time and only its valid positions' logits, `chunk` positions at a time (`head_loss`); every
+    head runs its block even when it has no valid pair (an FSDP2 forward is a collective: all ranks run the same
+    ones)."""
     ce = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     for k in range(targets.shape[-1]):
         v = valid[..., k]
-        logits = model(h.detach(), stage=k, select=v)
-        ce[..., k][v] = F.cross_entropy(logits.float(), targets[..., k][v], reduction="none")
+        ce[..., k][v] = model(h.detach(), stage=k, select=v, targets=targets[..., k][v], chunk=chunk)[
+            1
+        ].float()
     return ce
 
 

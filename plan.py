@@ -176,8 +176,10 @@ def plan_memory(
     Params are sharded over `world_size`; during a block's compute one block is all-gathered (ignored: small).
     Activations per block follow Korthikanti et al. (2022) with flash attention: ~34 * s * b * d bytes in 16-bit;
     with checkpointing only the block inputs (2 * s * b * d bytes each) plus one block's full activations stay.
-    The logits term is the loss as it computes today (`logits_bytes`): one head at a time, every position of the
-    micro-batch at most; `logits_rows` is the hook for a loss chunked over positions (issue 22: its chunk).
+    The logits term is the loss as it computes them (`logits_bytes`): one head at a time; with `logits_rows` (the
+    chunk of model.ce_chunk) the logits of at most that many positions, plus the output projection's gradient
+    accumulated over the chunks in fp32 and one chunk's product in the compute dtype; without, every position
+    of the micro-batch at once.
     """
     gb = 1024**3
     p_bytes = 2 if bf16 else 4
@@ -191,18 +193,26 @@ def plan_memory(
     per_block = 34 * tokens * dim * (p_bytes / 2) / gb
     acts = n_blocks * per_block
     acts_ckpt = n_blocks * 2 * tokens * dim / gb + per_block
-    logits = min(logits_rows or tokens, tokens) * vocab * logits_bytes(bf16) / gb
+    chunked = bool(logits_rows)
+    logits = min(logits_rows or tokens, tokens) * vocab * logits_bytes(bf16, chunked) / gb
+    if chunked:
+        logits += vocab * dim * (4 + p_bytes) / gb
     aux = aux_params * p_bytes / (world_size if aux_sharded else 1) / gb
     return MemoryPlan(
         world_size, params, grads, optim, acts, acts_ckpt, logits, aux, budget_gb, activation_checkpointing
     )
 
 
-def logits_bytes(bf16: bool) -> int:
-    """Bytes per logit at the peak of one head's CE step (model.mtp_loss_backward): the logits in the compute
-    dtype (bf16: 2, fp32: 4), their fp32 copy for the CE (bf16 only: 4), the CE's saved log-softmax (4), the
-    gradient reaching it (4) and the fp32 logits' gradient (4, fp32 only: in bf16 it reuses the copy's place).
-    Measured on CPU for a 152k vocabulary and 512 positions: 13.5 bytes (bf16) and 16.3 (fp32) per logit."""
+def logits_bytes(bf16: bool, chunked: bool = False) -> int:
+    """Bytes per logit at the peak of one head's CE step (model.mtp_loss_backward).
+
+    Whole (model.ce_chunk = 0): the logits in the compute dtype (bf16: 2, fp32: 4), their fp32 copy for the CE
+    (bf16 only: 4), the CE's saved log-softmax (4), the gradient reaching it (4) and the fp32 logits' gradient (4,
+    fp32 only: in bf16 it reuses the copy's place); measured on CPU for a 152k vocabulary and 512 positions: 13.5
+    bytes (bf16) and 16.3 (fp32) per logit. Chunked (model._ChunkedCE): one fp32 buffer per logit (4), beside
+    the compute-dtype logits it is made from and the gradient cast back to them in bf16 (2)."""
+    if chunked:
+        return 6 if bf16 else 4
     return 14 if bf16 else 16
 
 
@@ -278,6 +288,7 @@ def run_plan(
         aux_sharded=cfg.train.aux_models == "shard",
         bf16=cfg.model.dtype == "bfloat16",
         trainable_params=trainable,
+        logits_rows=cfg.model.ce_chunk or None,
     )
     return plan, trainable, aux
 

@@ -62,10 +62,19 @@ def test_format_count():
 
 
 def test_logits_are_counted_as_the_loss_computes_them():
-    """One head's logits at every position of the micro-batch, 14 bytes each in a bf16 step, 16 in fp32; a loss
-    chunked over positions passes its chunk (logits_rows), never more than the micro-batch's positions."""
+    """Unchunked (model.ce_chunk = 0): one head's logits at every position of the micro-batch, 14 bytes each in a
+    bf16 step, 16 in fp32. Chunked over positions (logits_rows = the chunk, never more than the micro-batch's
+    positions): 6 bytes per logit of one chunk in bf16, 4 in fp32, plus the output projection's gradient
+    accumulator (fp32) and one chunk's product of it (compute dtype)."""
     assert plan(bf16=False).logits_gb == pytest.approx(200 * 32000 * 16 / 2**30)
-    assert plan(logits_rows=50).logits_gb == pytest.approx(50 * 32000 * 14 / 2**30)
-    assert plan(logits_rows=10**6).logits_gb == plan().logits_gb
-    big = plan(vocab=151936, seq_len=1024, micro_batch=4)  # Qwen2.5's vocabulary: 8 GB for one head today
+    acc = 32000 * 1000 * (4 + 2)  # vocab x dim: fp32 accumulator + a bf16 product
+    assert plan(logits_rows=50).logits_gb == pytest.approx((50 * 32000 * 6 + acc) / 2**30)
+    assert plan(logits_rows=10**6).logits_gb == pytest.approx((200 * 32000 * 6 + acc) / 2**30)
+    assert plan(logits_rows=50, bf16=False).logits_gb == pytest.approx(
+        (50 * 32000 * 4 + 32000 * 1000 * 8) / 2**30
+    )
+    big = plan(vocab=151936, seq_len=1024, micro_batch=4)  # Qwen2.5's vocabulary: 8 GB for one head unchunked
     assert big.logits_gb == pytest.approx(4096 * 151936 * 14 / 2**30) and big.logits_gb > 8
+    chunked = plan(vocab=151936, seq_len=1024, micro_batch=4, logits_rows=1024)
+    assert chunked.logits_gb == pytest.approx((1024 * 151936 * 6 + 151936 * 1000 * 6) / 2**30)
+    assert chunked.logits_gb < big.logits_gb / 4
