@@ -462,7 +462,8 @@ def run(r: Run, preempt: Preemption) -> int:
     meter = P.Meter(d, M.flops_per_token(M.unwrap(r.net).args, cfg.data.max_length))
     per_rank, pad = cfg.train.micro_batch_size * cfg.train.grad_accum, r.tokenizer.pad_token_id
     shard = {"rank": d.rank, "world_size": d.world_size}
-    loader = data.make_loader(r.train_ds, per_rank, pad, seed=cfg.data.seed, skip_batches=r.st.step, **shard)
+    seed = data.order_seed(cfg)
+    loader = data.make_loader(r.train_ds, per_rank, pad, seed=seed, skip_batches=r.st.step, **shard)
     stop = min(cfg.train.steps, cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
     saved = r.st.step
     while r.st.step < stop:
@@ -508,7 +509,7 @@ def step_zero(r: Run) -> None:
     cfg, d = r.cfg, r.d
     shard = {"rank": d.rank, "world_size": d.world_size}
     loader = data.make_loader(
-        r.train_ds, cfg.train.micro_batch_size, r.tokenizer.pad_token_id, seed=cfg.data.seed + 1, **shard
+        r.train_ds, cfg.train.micro_batch_size, r.tokenizer.pad_token_id, seed=data.order_seed(cfg) + 1, **shard
     )
     try:
         with autocast(cfg, d):
