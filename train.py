@@ -508,9 +508,8 @@ def step_zero(r: Run) -> None:
     finite: nothing has been trained yet) and the first good checkpoint."""
     cfg, d = r.cfg, r.d
     shard = {"rank": d.rank, "world_size": d.world_size}
-    loader = data.make_loader(
-        r.train_ds, cfg.train.micro_batch_size, r.tokenizer.pad_token_id, seed=data.order_seed(cfg) + 1, **shard
-    )
+    pad, seed = r.tokenizer.pad_token_id, data.order_seed(cfg) + 1
+    loader = data.make_loader(r.train_ds, cfg.train.micro_batch_size, pad, seed=seed, **shard)
     try:
         with autocast(cfg, d):
             score.prepare(r.scorer, loader)

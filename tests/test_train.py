@@ -168,9 +168,13 @@ def test_train_seed_drives_the_data_order(reference_run, tiny_dir, tmp_path):
     run_train(tiny_dir, tmp_path, **{"train.run_name": "s7", "train.seed": 7})
     other = metrics(tmp_path, "s7")
     assert all(a["train/loss"] != b["train/loss"] for a, b in zip(other, ref, strict=True))
-    a, b = (load_file(d / "checkpoints" / "final" / "model.safetensors") for d in (out / "ref", tmp_path / "s7"))
+    a, b = (
+        load_file(d / "checkpoints" / "final" / "model.safetensors") for d in (out / "ref", tmp_path / "s7")
+    )
     assert not any(torch.equal(a[k], b[k]) for k in a if "norm" not in k)
-    first = [json.loads((d / "summary.json").read_text())["first_val_loss"] for d in (out / "ref", tmp_path / "s7")]
+    first = [
+        json.loads((d / "summary.json").read_text())["first_val_loss"] for d in (out / "ref", tmp_path / "s7")
+    ]
     assert first[0] == first[1]
     run_train(tiny_dir, tmp_path, **{"train.run_name": "s7again", "train.seed": 7, "train.stop_after": 2})
     assert losses(metrics(tmp_path, "s7again")) == {s: v for s, v in losses(other).items() if s <= 2}
