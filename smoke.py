@@ -25,7 +25,8 @@ def main(argv: list[str]) -> int:
     for name, cfg in RUNS:
         print(f"\n=== {name}: python train.py {cfg} {' '.join(argv)}", flush=True)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "train.py", cfg, *argv], check=True)
+        # --overwrite: `make smoke` again trains the runs again (a finished run is never deleted without it)
+        subprocess.run([sys.executable, "train.py", cfg, *argv, "--overwrite"], check=True)
         run = load_config(cfg, [a for a in argv if a.startswith("--")]).train.run_name
         summary = json.loads((Path("runs") / run / "summary.json").read_text())
         rows.append((name, summary, time.perf_counter() - t0))
