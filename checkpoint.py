@@ -144,6 +144,63 @@ def save_resume(cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P
     return final
 
 
+def verify(ckpt: Path) -> str | None:
+    """What is wrong with a resumable checkpoint's files (naming the file), or None: trainer.pt there, the DCP
+    metadata readable, and every .distcp file present and as long as the entries its metadata places in it (what
+    a full disk, a torn copy or a truncation leave). A damaged record inside a file shows when it is loaded."""
+    import torch.distributed.checkpoint as dcp
+
+    if not (ckpt / "trainer.pt").is_file():
+        return f"{ckpt / 'trainer.pt'} is missing"
+    try:
+        meta = dcp.FileSystemReader(str(ckpt / "dcp")).read_metadata()
+    except Exception as e:  # a missing or damaged .metadata: pickle, EOF, OS errors
+        return f"{ckpt / 'dcp' / '.metadata'} cannot be read ({type(e).__name__})"
+    need: dict[str, int] = {}
+    for info in meta.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        path = ckpt / "dcp" / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size < size:
+            return f"{path} is truncated ({path.stat().st_size} bytes; its metadata places {size})"
+    return None
+
+
+def resume_candidates(ckdir: Path) -> list[Path]:
+    """The checkpoint `latest` names, then every complete step_N, newest first."""
+    found = checkpoints(ckdir)
+    order = [found[s] for s in sorted(found, reverse=True)]
+    if (ckdir / "latest" / "trainer.pt").is_file():
+        first = (ckdir / "latest").resolve()
+        order = [first, *(p for p in order if p != first)]
+    return order
+
+
+def load_newest_intact(ckdir: Path, net, opt, scorer_state, d: P.Dist, log) -> tuple[Path, TrainState]:
+    """Load the newest checkpoint that verifies and loads on every rank (`verify`, then a load attempt); a damaged
+    newer one is named (`log`) and passed over. Every rank calls it; they agree on each candidate."""
+    for ck in resume_candidates(ckdir):
+        problem = verify(ck)
+        if problem is None:
+            try:
+                st = load_resume(ck, net, opt, scorer_state, d)
+            except Exception as e:  # a damaged record the sizes do not show (torch's CRC, a torn pickle)
+                problem = (
+                    f"{ck} cannot be loaded ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+                )
+        if not P.any_rank(problem is not None, d.device):
+            return ck, st
+        log(
+            f"checkpoint {ck.name} is damaged: {problem or 'it cannot be loaded on another rank'}; trying the one before"
+        )
+    raise UserError(
+        f"--resume: no intact checkpoint in {ckdir} (each one is damaged, see above): start the run again "
+        "under another train.run_name"
+    )
+
+
 def load_resume(ckpt: Path, net, opt, scorer_state, d: P.Dist) -> TrainState:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -487,6 +544,9 @@ def load_resume_model(ckpt: Path) -> tuple[M.Transformer, C.Config, Path]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    problem = verify(ckpt)
+    if problem is not None:
+        raise formats.CheckpointError(f"{ckpt} is damaged: {problem}")
     run_dir = ckpt.resolve().parent.parent
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(
@@ -500,7 +560,13 @@ def load_resume_model(ckpt: Path) -> tuple[M.Transformer, C.Config, Path]:
     entries = reader.read_metadata().state_dict_metadata
     sd = {k[len("model.") :]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
           if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}  # fmt: skip
-    dcp.load({"model": sd}, storage_reader=reader)
+    try:
+        dcp.load({"model": sd}, storage_reader=reader)
+    except Exception as e:  # a damaged record inside a file: torch's CRC check, a torn pickle
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise formats.CheckpointError(
+            f"{ckpt / 'dcp'} cannot be read ({type(e).__name__}: {first})"
+        ) from None
     if cfg.train.lora.enabled:
         sd = merge_lora_state(sd, cfg.train.lora.alpha / cfg.train.lora.r)
     with torch.device("meta"):

@@ -459,11 +459,10 @@ def start(cfg: C.Config, d: P.Dist, run_dir: Path, model_dir: Path, tokenizer, r
     scorer = score.init_state(cfg, net, tokenizer, d.device, dataset=train_ds)
     r = Run(cfg, d, net, opt, scorer, st, run_dir, model_dir, tokenizer, train_ds, val_ds)
     ckdir = run_dir / "checkpoints"
-    if resume:
-        ck = checkpoint.find_resume(ckdir)
-        if ck != (ckdir / "latest").resolve():
+    if resume:  # the newest checkpoint that verifies and loads; a damaged newer one is named and passed over
+        if not (ckdir / "latest" / "trainer.pt").is_file():
             r.log(f"{ckdir / 'latest'} is missing or broken: resuming from the newest complete checkpoint")
-        r.st = checkpoint.load_resume(ck, net, r.opt, scorer, d)
+        ck, r.st = checkpoint.load_newest_intact(ckdir, net, r.opt, scorer, d, r.log)
         r.log(f"resumed from {ck} at step {r.st.step}")
     if d.main:  # a resumed run writes the later steps again; a fresh one starts an empty file
         checkpoint.truncate_metrics(run_dir / "metrics.jsonl", r.st.step)

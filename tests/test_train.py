@@ -145,6 +145,45 @@ def test_resume_gives_the_same_losses(reference_run, tiny_dir, tmp_path):
         assert resumed[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
 
 
+def test_a_damaged_newest_checkpoint_is_passed_over_on_resume_and_named_by_export(
+    reference_run, tiny_dir, tmp_path, capsys
+):
+    """An interrupted run whose newest checkpoint (step 4) has a truncated .distcp file: `export` names the file in
+    one line; --resume says which checkpoint is damaged and why, continues from step 2 and ends with the
+    uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    out, ref = reference_run
+    kv = {"train.run_name": "dmg", "train.save_every": 2}
+    run_train(tiny_dir, tmp_path, **kv, **{"train.stop_after": 4})
+    ck = tmp_path / "dmg" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["best", "latest", "step_000002", "step_000004"]
+    [shard] = (ck / "step_000004" / "dcp").glob("*.distcp")
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    cut = f"{shard} is truncated ({shard.stat().st_size} bytes; its metadata places "
+
+    capsys.readouterr()
+    argv = ["export", "--checkpoint", str(ck / "step_000004"), "--format", "hf", "--out", str(tmp_path / "x")]
+    assert errors.main(train.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {ck / 'step_000004'} is damaged: {cut}") and len(err.splitlines()) == 1, (
+        err
+    )
+
+    p = run_train(tiny_dir, tmp_path, "--resume", **kv)
+    assert f"checkpoint step_000004 is damaged: {cut}" in p.stdout and "trying the one before" in p.stdout
+    assert f"resumed from {ck / 'step_000002'} at step 2" in p.stdout
+    rows = metrics(tmp_path, "dmg")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for step, loss in losses(ref).items():
+        assert losses(rows)[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+    a, b = (
+        load_file(d / "checkpoints" / "final" / "model.safetensors") for d in (out / "ref", tmp_path / "dmg")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_oom_fallback_keeps_the_effective_batch(reference_run, tiny_dir, tmp_path):
     _, ref = reference_run
     p = run_train(tiny_dir, tmp_path, **{"train.run_name": "oom", "train.inject_oom_steps": [2]})
