@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv tiny smoke test test-slow lint format bench gpu-check research release-check clean
+.PHONY: venv tiny smoke test test-slow lint format bench gpu-check research research-short release-check clean
 
 # torch first and pinned: on the CI machines pip takes the 2.13.0 CPU wheel lying on disk; elsewhere PyPI's Linux
 # wheel is the CUDA build (set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for a CPU-only install).
@@ -49,11 +49,15 @@ bench: tiny
 	$(BIN)/python bench/judge.py
 	$(BIN)/python bench/speculative.py
 
-# The study on the synthetic benchmark (README "Research"): 95 runs, ~3.5 CPU-hours (~2 h on 2 idle cores);
+# The study on the synthetic benchmark (README "Research"): 110 runs, ~6 CPU-hours (~3 h on 2 idle cores);
 # resumes when rerun (in a fresh checkout too: the ledger docs/results/synthetic/runs.jsonl); the report lands in
 # docs/results/synthetic/. From scratch: rm -rf runs/research/synthetic docs/results/synthetic/runs.jsonl.
 research: tiny
 	$(BIN)/python sweep.py configs/sweeps/synthetic.toml
+
+# Its short variant for the reproduction path (README): rho1's reference + uniform vs rho1 x 2 seeds, 200 steps.
+research-short: tiny
+	$(BIN)/python sweep.py configs/sweeps/synthetic_short.toml
 
 # The fast part of the README's reproduction path from a clean clone of HEAD in a temp directory: make smoke,
 # --version, make lint, promote the smoke's rho1 run (staging, production), load it by alias and generate.
