@@ -89,10 +89,12 @@ GRID_KEYS = {
     "baseline": (str, dict),
 }
 BUNDLE_META = {"base", "pick_best", "from_grid"}
-# keys that name a run, and sections that say where it is logged and where its files live: not what it
-# computes, so not part of its identity (equal configs up to these are one run, in any clone, on any machine)
+# keys that name a run, sections that say where it is logged and where its files live, and keys that say how a
+# result is computed, not what (`model.ce_chunk`: the head CE in chunks of positions, equal to the unchunked CE to
+# 1e-6 in float64, tests/test_model.py): not part of a run's identity (equal configs up to these are one run, in any
+# clone, on any machine, so a ledger written before such a key existed still counts its runs done)
 RUN_KEYS = ("train.out_dir", "train.run_name")
-NOT_IDENTITY = ("tracking.", "storage.")
+NOT_IDENTITY = ("tracking.", "storage.", "model.ce_chunk")
 
 
 # --------------------------------------------------------------------------- the sweep file

@@ -243,6 +243,18 @@ arm = ["best"]
         sweep.pick(sw, sw.grids[2], state, runs)
 
 
+def test_how_a_result_is_computed_is_not_a_runs_identity(tmp_path, tiny_dir):
+    """model.ce_chunk changes how the head CE is computed, not what: a run that differs only there is the same run,
+    so a ledger written before the key existed (or with another chunk size) still counts its runs done."""
+    body = '[[grid]]\nname = "g"\narm = ["uniform"]\n"model.ce_chunk" = [0, 7, 1024]\n"loss.lam" = [0.3, 0.6]'
+    sw = grids.load_sweep(write_sweep(tmp_path, tiny_dir, body))
+    runs: dict = {}
+    rows = grids.expand(sw, sw.grids[0], {}, runs)
+    by_lam = {lam: {tuple(r.runs) for r in rows if r.values["loss.lam"] == lam} for lam in ("0.3", "0.6")}
+    assert all(len(v) == 1 for v in by_lam.values()) and by_lam["0.3"] != by_lam["0.6"]  # lam still is
+    assert len(runs) == 4  # 2 lambdas x 2 seeds, whatever the chunk
+
+
 @pytest.mark.parametrize(
     "body, message",
     [
@@ -507,3 +519,31 @@ def test_fresh_checkout_retrains_changed_and_needed_runs(finished, tmp_path):
     ft = json.loads((tmp_path / "runs" / "ft--s0" / "config.json").read_text())["model"]
     assert ft["path"] == f"{tmp_path / 'runs'}/uniform--s0/checkpoints/final" and ft["format"] == "wmtp"
     assert json.loads((tmp_path / "runs" / "ft--s0" / "summary.json").read_text())["steps"] == 3
+
+
+def test_paired_by_seed_interval_of_the_difference():
+    """Runs of one seed share the corpus, its order and the init: the conclusion adds the interval of the per-seed
+    differences, which resolves a consistent gain that the seed-to-seed spread hides from Welch's interval."""
+    base = (1.0, 2.0, 3.0, 4.0)  # a wide spread over seeds...
+    gains = (0.30, 0.35, 0.25, 0.30)  # ...and the same gain on every seed
+    metrics = {f"u--s{s}": {"loss": v} for s, v in enumerate(base)}
+    metrics |= {f"w--s{s}": {"loss": v - g} for s, (v, g) in enumerate(zip(base, gains, strict=True))}
+    metrics["w--s9"] = {"loss": 0.0}  # a seed the baseline never ran: unpaired, left out of the pairs
+    metrics["u--s3"] = {"loss": float("nan")}  # a non-finite side drops its pair
+    grid = {
+        "primary": "loss",
+        "goal": "min",
+        "baseline": "uniform",
+        "rows": [{"values": {"arm": a}, "runs": [f"{a}--s{s}" for s in (0, 1, 2, 3, 9)]} for a in ("u", "w")],
+    }
+    m, hw, n = report.paired_ci(metrics, grid["rows"][1]["runs"], grid["rows"][0]["runs"], "loss")
+    assert (
+        n == 3 and m == pytest.approx(-0.30) and hw == pytest.approx(4.302653 * 0.05 / math.sqrt(3), rel=1e-6)
+    )
+    text = report.conclusion(grid, metrics, grid["rows"][0]["runs"])
+    assert "(Welch, df" in text and "including 0: not resolved." in text  # the spread hides it from Welch
+    assert text.endswith(
+        f"Paired by seed (3 seeds run by both rows): [{m - hw:+.4g}, {m + hw:+.4g}], excluding 0: the best row is "
+        "better than the baseline on the same seeds."
+    )
+    assert report.seed_of("rho1--loss.lam=0.3--s12") == "12" and report.seed_of("u0") is None
