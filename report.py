@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -185,6 +186,22 @@ def diff_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float,
     return ma - mb, t_quantile(df, level) * math.sqrt(va + vb), df
 
 
+def seed_of(run: str) -> str | None:
+    """The seed in a sweep run's name (`arm--key=value--s3` -> "3"), None if the name carries none."""
+    m = re.search(r"--s(-?\d+)$", run)
+    return m.group(1) if m else None
+
+
+def paired_ci(metrics: dict, a_runs: list[str], b_runs: list[str], key: str) -> tuple[float, float, int]:
+    """(mean, t half-width, n) of a - b over the seeds both rows ran, each with a finite value. A seed sets the
+    corpus, its order and the initialisation alike in every row of a sweep, so the two runs of one seed differ only
+    by the compared setting: pairing removes the seed-to-seed spread that Welch's interval has to carry."""
+    a = {seed_of(r): metrics.get(r, {}).get(key) for r in a_runs}
+    b = {seed_of(r): metrics.get(r, {}).get(key) for r in b_runs}
+    diffs = [a[s] - b[s] for s in a if s is not None and s in b and _finite([a[s]]) and _finite([b[s]])]
+    return mean_ci(diffs)
+
+
 @dataclass
 class Stats:
     """One row's numbers on one metric by the finite-value rule: mean, interval half-width and n over the finite
@@ -310,7 +327,22 @@ def _intervals(
             if resolved
             else "including 0: not resolved."
         )
+        + _paired(metrics, best_runs, baseline_runs, key, goal)
     )
+
+
+def _paired(metrics: dict, best_runs: list[str], baseline_runs: list[str], key: str, goal: str) -> str:
+    """The paired-by-seed interval of the difference, when at least two seeds ran on both sides."""
+    m, hw, n = paired_ci(metrics, best_runs, baseline_runs, key)
+    if n < 2 or not math.isfinite(hw):
+        return ""
+    wins = (m < 0) == (goal == "min")
+    verdict = (
+        f"excluding 0: the best row is {'better' if wins else 'worse'} than the baseline on the same seeds."
+        if m - hw > 0 or m + hw < 0
+        else "including 0: not resolved."
+    )
+    return f" Paired by seed ({n} seeds run by both rows): [{m - hw:+.4g}, {m + hw:+.4g}], {verdict}"
 
 
 def conclusion(grid: dict, metrics: dict, baseline_runs: list[str] | None) -> str:
