@@ -240,11 +240,17 @@ def _metrics(dataset: str, per: dict[str, dict], verdicts: list[dict]) -> dict:
 def read_predictions(path: str | os.PathLike, dataset: str, problems: dict) -> dict[Any, list[str]]:
     """Parse FILE.jsonl lines {"task_id": ..., "completions": [str, ...]}; errors name the line."""
     preds: dict[Any, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise EvalError(
+                    f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:

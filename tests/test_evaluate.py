@@ -201,6 +201,16 @@ def test_bad_predictions_name_the_line(tmp_path, line, message):
     assert not (tmp_path / "m.json").exists()
 
 
+def test_a_predictions_file_that_is_not_utf8_names_the_line(tmp_path, capsys):
+    pred = tmp_path / "p.jsonl"
+    pred.write_bytes(
+        b'{"task_id": 12, "completions": ["pass"]}\n{"task_id": 13, "completions": ["caf\xe9"]}\n'
+    )
+    argv = ["judge", "--dataset", "mbpp", "--predictions", str(pred), "--out", str(tmp_path / "m.json")]
+    assert evaluate.main(argv) == 2
+    assert capsys.readouterr().err == f"error: {pred}:2: not UTF-8 text (byte 0xe9 at column 37)\n"
+
+
 def test_unknown_task_id_error_in_python(tmp_path, humaneval):
     pred = tmp_path / "p.jsonl"
     pred.write_text(

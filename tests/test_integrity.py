@@ -225,6 +225,25 @@ def test_bad_data_line_and_empty_split_are_one_line_and_exit_2(tiny_dir, tmp_pat
     )
 
 
+def test_files_that_are_not_utf8_or_json_are_one_line(tiny_dir, tmp_path, capsys):
+    """A data file with a Latin-1 byte, one with an unterminated string, a config that is not UTF-8: one line each,
+    naming the file, the line and the column."""
+    bad = mbpp_copy(tmp_path / "a")
+    lines = (bad / "train.jsonl").read_bytes().splitlines(keepends=True)
+    (bad / "train.jsonl").write_bytes(b"".join(lines[:6]) + b'{"task_id": 607, "text": "caf\xe9"}\n')
+    assert train_cli(tiny_dir, tmp_path, **{"data.path": str(bad)}) == 2
+    assert one_error(capsys) == f"error: {bad / 'train.jsonl'}:7: not UTF-8 text (byte 0xe9 at column 30)"
+    (bad / "train.jsonl").write_bytes(b"".join(lines[:2]) + b'{"task_id": 607, "text": "abc')
+    assert train_cli(tiny_dir, tmp_path, **{"data.path": str(bad)}) == 2
+    assert one_error(capsys) == (
+        f"error: {bad / 'train.jsonl'}:3: invalid JSON (Unterminated string starting at column 26)"
+    )
+    toml = tmp_path / "latin1.toml"
+    toml.write_bytes(b'[train]\nrun_name = "caf\xe9"\n')
+    assert errors.main(train.main, [str(toml)]) == 2
+    assert one_error(capsys) == f"error: {toml}: not UTF-8 text (byte 0xe9 at offset 23)"
+
+
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_any_work(tiny_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 
