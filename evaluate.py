@@ -699,9 +699,9 @@ def _model_cli(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="evaluate.py", description="Generate with a checkpoint and judge.")
     ap.add_argument("config")
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--datasets", default="")
-    ap.add_argument("--n", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=-1)
+    ap.add_argument("--datasets", default=None, help="comma list (default: eval.datasets)")
+    ap.add_argument("--n", type=int, default=None, help="samples per problem, >= 1 (default: eval.n_samples)")
+    ap.add_argument("--limit", type=int, default=None, help="first K problems, 0: all (default: eval.limit)")
     ap.add_argument("--out", default="")
     ap.add_argument(
         "--speculative", action="store_true", help="draft with the MTP heads (= eval.speculative)"
@@ -714,7 +714,15 @@ def _model_cli(argv: list[str]) -> int:
         raise EvalError(
             f"--checkpoint: {ckpt} is not a directory (a checkpoint: ours, an HF Llama or Meta's)"
         )
-    datasets = [d for d in (a.datasets or ",".join(cfg.eval.datasets)).split(",") if d]
+    if a.n is not None and a.n < 1:
+        raise EvalError(f"--n {a.n}: expected the number of samples per problem, an integer >= 1")
+    if a.limit is not None and a.limit < 0:
+        raise EvalError(f"--limit {a.limit}: expected the number of problems, an integer >= 0 (0: all)")
+    datasets = [d.strip() for d in a.datasets.split(",")] if a.datasets is not None else cfg.eval.datasets
+    if not all(datasets):
+        raise EvalError(
+            f"--datasets {a.datasets!r}: an empty name; expected a comma list of {', '.join(DATASETS)}"
+        )
     bad = [d for d in datasets if d not in DATASETS]
     if bad:
         raise EvalError(f"--datasets: unknown {bad}; expected a comma list of {', '.join(DATASETS)}")
@@ -730,7 +738,8 @@ def _model_cli(argv: list[str]) -> int:
         except (formats.CheckpointError, FileNotFoundError) as e:
             raise EvalError(f"--checkpoint: {e}") from None
         out = a.out or cfg.eval.report_dir or str(ckpt / "eval")
-        n, limit = a.n or cfg.eval.n_samples, cfg.eval.limit if a.limit < 0 else a.limit
+        n = cfg.eval.n_samples if a.n is None else a.n
+        limit = cfg.eval.limit if a.limit is None else a.limit
         flat = evaluate_model(cfg, net, tokenizer, datasets, n, limit, out)
     finally:
         P.shutdown()

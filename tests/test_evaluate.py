@@ -336,6 +336,9 @@ def test_model_cli_defaults_options_and_a_report_that_agrees_with_itself(tiny_ch
     [
         (["--datasets", "mbpp,mpbb"], "error: --datasets: unknown ['mpbb']"),
         (["--checkpoint", "/nonexistent/ck"], "error: --checkpoint: "),
+        (["--n", "-2"], "error: --n -2: expected the number of samples per problem, an integer >= 1"),
+        (["--limit", "-3"], "error: --limit -3: expected the number of problems, an integer >= 0 (0: all)"),
+        (["--datasets", ",,"], "error: --datasets ',,': an empty name; expected a comma list of mbpp, "),
     ],
 )
 def test_model_cli_errors_are_one_line_and_exit_2(args, message, tiny_checkpoint, capsys):
