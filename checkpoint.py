@@ -126,15 +126,17 @@ def save_resume(cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     P.barrier()
-    msd, osd = get_state_dict(net, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
-    rng = {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
-    if d.main:
-        torch.save({"state": st.__dict__, "scorer": scorer_state.state_dict()}, tmp / "trainer.pt")
+    # a failed write (a full disk) removes step_N.tmp at once; the checkpoints committed before stay as they are
+    with files.writing(tmp, f"checkpoint {final.name}", clean=d.main):
+        msd, osd = get_state_dict(net, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+        if d.main:
+            torch.save({"state": st.__dict__, "scorer": scorer_state.state_dict()}, tmp / "trainer.pt")
     P.barrier()
     if d.main:
         files.commit_dir(tmp, final, final.parent / "latest")
@@ -410,6 +412,14 @@ def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    with files.writing(tmp, f"the {out.name} export"):
+        _write_ours(net, clean, full, tmp, tokenizer)
+        files.atomic_dir_swap(tmp, out)
+    return out
+
+
+def _write_ours(net, clean: M.Transformer, full: dict, tmp: Path, tokenizer) -> None:
+    """Our format (+ the LoRA adapter alone) of the full state dict `full` into `tmp`."""
     if hasattr(net, "get_base_model"):  # peft: the adapters alone, then merged into a plain copy
         from safetensors.torch import save_file
 
@@ -423,8 +433,6 @@ def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
     clean.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
     formats.save_checkpoint(clean, tmp)
     tokenizer.save_pretrained(str(tmp))
-    files.atomic_dir_swap(tmp, out)
-    return out
 
 
 def merge_lora_state(full: dict, scaling: float) -> dict:
@@ -462,20 +470,21 @@ def write_export(
 
     hf: LlamaForCausalLM of trunk + head 1 (+ README.md model card); meta: params.json + consolidated.pth, every
     head, params.json readable by Meta's reference code."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if fmt == "hf":
-        ids = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-        formats.save_hf(net, tmp, dtype, *ids)
-        if readme is not None:
-            files.atomic_write_text(tmp / "README.md", readme)
-    elif fmt == "meta":
-        formats.save_meta(net, tmp, dtype, reference=True)
-    else:
-        raise ValueError(f"export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
-    tokenizer.save_pretrained(str(tmp))
-    files.atomic_dir_swap(tmp, out)
+    with files.writing(tmp, f"the {fmt} export"):
+        if fmt == "hf":
+            ids = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+            formats.save_hf(net, tmp, dtype, *ids)
+            if readme is not None:
+                files.atomic_write_text(tmp / "README.md", readme)
+        else:
+            formats.save_meta(net, tmp, dtype, reference=True)
+        tokenizer.save_pretrained(str(tmp))
+        files.atomic_dir_swap(tmp, out)
     return out
 
 

@@ -41,6 +41,7 @@ import config as C
 import data
 import errors
 import evaluate
+import files
 import formats
 import model as M
 import parallel as P
@@ -390,6 +391,14 @@ def main(argv: list[str]) -> int:
     d = P.init_distributed(cfg.train.device)
     try:
         return train(cfg, d, "--resume" in flags, "--dry-run" in flags, "--overwrite" in flags)
+    except OSError as e:  # a full disk where no temp file was being written (metrics.jsonl, a rename)
+        if e.errno not in files.FULL:
+            raise
+        where = f" writing {e.filename}" if e.filename else f" in {cfg.train.out_dir}"
+        raise files.DiskFullError(
+            f"no space left on device (ENOSPC){where}: the checkpoints committed so far are intact; free space, "
+            "then continue with --resume"
+        ) from None
     finally:
         P.shutdown()
 

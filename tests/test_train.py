@@ -14,6 +14,8 @@ import json
 import math
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,6 +182,72 @@ def test_a_damaged_newest_checkpoint_is_passed_over_on_resume_and_named_by_expor
         assert losses(rows)[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
     a, b = (
         load_file(d / "checkpoints" / "final" / "model.safetensors") for d in (out / "ref", tmp_path / "dmg")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def private_mount_ns() -> list[str] | None:
+    """A command prefix that runs a shell in a mount namespace of its own where tmpfs can be mounted (root: a
+    mount namespace; otherwise a user namespace mapped to root), or None where neither is permitted."""
+    if not shutil.which("unshare"):
+        return None
+    for ns in (["--mount", "--propagation", "private"], ["--user", "--map-root-user", "--mount"]):
+        probe = ["unshare", *ns, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"]
+        if subprocess.run(probe, capture_output=True).returncode == 0:
+            return ["unshare", *ns]
+    return None
+
+
+@pytest.mark.skipif(private_mount_ns() is None, reason="no mount namespace for a small private tmpfs")
+def test_a_full_disk_is_one_line_and_the_committed_checkpoints_resume_exactly(
+    reference_run, tiny_dir, tmp_path
+):
+    """The run directory on a real small disk (a tmpfs in a mount namespace of its own): stopped at step 2, the
+    disk filled but for 256 KiB, then --resume trains steps 3 and 4 and cannot write checkpoint 4: one line naming
+    ENOSPC and the path, step_000004.tmp removed at once. Space freed, --resume continues from step 2 and ends
+    with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    out, ref = reference_run
+    disk, logs = tmp_path / "disk", tmp_path / "logs"
+    disk.mkdir(), logs.mkdir()
+    kv = {"train.run_name": "full", "train.save_every": 2, "train.eval_every": 0}
+    cmd = shlex.join(
+        [sys.executable, "train.py", "configs/tiny_mbpp.toml", *tiny_overrides(tiny_dir, disk, **kv)]
+    )
+    script = f"""
+mount -t tmpfs -o size=256m tmpfs {disk}
+{cmd} --train.stop_after=2 > {logs}/1.out 2>&1; echo $? > {logs}/1.rc
+fallocate -l $(( $(df --output=avail -B1 {disk} | tail -1) - 262144 )) {disk}/ballast
+{cmd} --resume > {logs}/2.out 2> {logs}/2.err; echo $? > {logs}/2.rc
+ls -a {disk}/full/checkpoints > {logs}/2.ls
+rm {disk}/ballast
+{cmd} --resume > {logs}/3.out 2>&1; echo $? > {logs}/3.rc
+cp -r {disk}/full {logs}/full
+"""
+    subprocess.run([*private_mount_ns(), "sh", "-c", script], cwd=REPO, env=ENV, timeout=900, check=True)
+    rc = {i: (logs / f"{i}.rc").read_text().strip() for i in (1, 2, 3)}
+    assert rc[1] == "0", (logs / "1.out").read_text()[-3000:]
+    err = (logs / "2.err").read_text()
+    assert rc[2] == "2" and "Traceback" not in err, (logs / "2.out").read_text()[-2000:] + err[-3000:]
+    [line] = [x for x in err.splitlines() if x.startswith("error: ")]
+    tmp = disk / "full" / "checkpoints" / "step_000004.tmp"
+    assert line.startswith(
+        f"error: no space left on device (ENOSPC) writing checkpoint step_000004 at {tmp}: "
+    )
+    left = (logs / "2.ls").read_text().split()
+    assert "step_000002" in left and not [n for n in left if n.endswith(".tmp")], left
+    assert rc[3] == "0", (logs / "3.out").read_text()[-3000:]
+    assert (
+        f"resumed from {disk / 'full' / 'checkpoints' / 'step_000002'} at step 2"
+        in (logs / "3.out").read_text()
+    )
+    rows = metrics(logs, "full")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for step, loss in losses(ref).items():
+        assert losses(rows)[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+    a, b = (
+        load_file(d / "checkpoints" / "final" / "model.safetensors") for d in (out / "ref", logs / "full")
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
