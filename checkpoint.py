@@ -183,24 +183,35 @@ def resume_candidates(ckdir: Path) -> list[Path]:
 def load_newest_intact(ckdir: Path, net, opt, scorer_state, d: P.Dist, log) -> tuple[Path, TrainState]:
     """Load the newest checkpoint that verifies and loads on every rank (`verify`, then a load attempt); a damaged
     newer one is named (`log`) and passed over. Every rank calls it; they agree on each candidate."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     for ck in resume_candidates(ckdir):
         problem = verify(ck)
         if problem is None:
             try:
                 st = load_resume(ck, net, opt, scorer_state, d)
-            except Exception as e:  # a damaged record the sizes do not show (torch's CRC, a torn pickle)
-                problem = (
-                    f"{ck} cannot be loaded ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
-                )
+            except (
+                Exception,
+                CheckpointException,
+            ) as e:  # a damaged record the sizes miss (CRC, torn pickle)
+                problem = f"{ck} cannot be loaded ({_why(e)})"
         if not P.any_rank(problem is not None, d.device):
             return ck, st
-        log(
-            f"checkpoint {ck.name} is damaged: {problem or 'it cannot be loaded on another rank'}; trying the one before"
-        )
+        problem = problem or "it cannot be loaded on another rank"
+        log(f"checkpoint {ck.name} is damaged: {problem}; trying the one before")
     raise UserError(
         f"--resume: no intact checkpoint in {ckdir} (each one is damaged, see above): start the run again "
         "under another train.run_name"
     )
+
+
+def _why(e: BaseException) -> str:
+    """'Type: first line' of an exception, of the first rank's for a torch.distributed.checkpoint failure."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))[0]
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def load_resume(ckpt: Path, net, opt, scorer_state, d: P.Dist) -> TrainState:
@@ -571,11 +582,11 @@ def load_resume_model(ckpt: Path) -> tuple[M.Transformer, C.Config, Path]:
           if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}  # fmt: skip
     try:
         dcp.load({"model": sd}, storage_reader=reader)
-    except Exception as e:  # a damaged record inside a file: torch's CRC check, a torn pickle
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise formats.CheckpointError(
-            f"{ckpt / 'dcp'} cannot be read ({type(e).__name__}: {first})"
-        ) from None
+    except (
+        Exception,
+        dcp.api.CheckpointException,
+    ) as e:  # a damaged record inside a file: CRC, a torn pickle
+        raise formats.CheckpointError(f"{ckpt / 'dcp'} cannot be read ({_why(e)})") from None
     if cfg.train.lora.enabled:
         sd = merge_lora_state(sd, cfg.train.lora.alpha / cfg.train.lora.r)
     with torch.device("meta"):

@@ -123,6 +123,30 @@ def test_a_checkpoint_that_does_not_load_is_passed_over(trainer, tmp_path):
     )
 
 
+def test_a_shard_with_garbage_of_the_right_size_is_passed_over(trainer, tmp_path):
+    """A .distcp file overwritten in place (its size intact, so verify passes): torch.distributed.checkpoint reports
+    it as a CheckpointException, a BaseException, not an Exception; it is named and passed over all the same."""
+    cfg, d, [(net, opt, state), (net2, opt2, state2)] = trainer
+    run_dir, ckdir = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    weights = update(net, opt)
+    checkpoint.save_resume(cfg, run_dir, net, opt, checkpoint.TrainState(step=2, micro_batch=4), state, d)
+    shutil.copytree(ckdir / "step_000002", tmp_path / "keep")
+    update(net, opt)
+    checkpoint.save_resume(cfg, run_dir, net, opt, checkpoint.TrainState(step=4, micro_batch=4), state, d)
+    shutil.copytree(tmp_path / "keep", ckdir / "step_000002")
+    [shard] = (ckdir / "step_000004" / "dcp").glob("*.distcp")
+    shard.write_bytes(b"\x00" * shard.stat().st_size)
+    assert checkpoint.verify(ckdir / "step_000004") is None
+    said = []
+    ck, st = checkpoint.load_newest_intact(ckdir, net2, opt2, state2, d, said.append)
+    assert ck == ckdir / "step_000002" and st.step == 2
+    assert all(torch.equal(p, weights[n]) for n, p in net2.named_parameters())
+    assert len(said) == 1 and said[0].startswith(
+        f"checkpoint step_000004 is damaged: {ckdir / 'step_000004'} cannot be loaded ("
+    ), said
+    assert "CheckpointException" not in said[0], said
+
+
 def test_snapshot_restores_model_optimizer_and_scorer_exactly(trainer):
     cfg, d, [(net, opt, state), _] = trainer
     update(net, opt)

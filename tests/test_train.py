@@ -740,6 +740,38 @@ def test_export_cli_from_a_resume_checkpoint_and_a_final_dir(reference_run, tmp_
     assert "not a checkpoint directory" in capsys.readouterr().err
 
 
+def test_a_damaged_run_config_or_summary_is_one_line(reference_run, tiny_dir, tmp_path, capsys):
+    """export reads the run's config.json (a resume checkpoint's architecture) and summary.json (the model card):
+    damaged, each is one line naming it; evaluate names a damaged config.json of the checkpoint it loads."""
+    import evaluate
+
+    out, _ = reference_run
+    run = tmp_path / "ref"
+    shutil.copytree(out / "ref", run, symlinks=True, ignore=shutil.ignore_patterns(".lock"))
+    (run / "summary.json").write_text('{"steps": 6, "eval')
+    argv = ["export", "--checkpoint", str(run / "checkpoints" / "final"), "--format", "hf"]
+    capsys.readouterr()
+    assert errors.main(train.main, [*argv, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {run / 'summary.json'}: corrupt (JSONDecodeError: ") and err.count("\n") == 1
+    )
+    (run / "config.json").write_bytes(b"\xff\xfe{")
+    argv = ["export", "--checkpoint", str(run / "checkpoints" / "latest"), "--format", "meta"]
+    assert errors.main(train.main, [*argv, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {run / 'config.json'}: corrupt (UnicodeDecodeError: ")
+        and err.count("\n") == 1
+    )
+    (run / "checkpoints" / "final" / "config.json").write_text('{"dim": ')
+    argv = ["configs/tiny_mbpp.toml", "--checkpoint", str(run / "checkpoints" / "final"), "--limit", "1"]
+    assert evaluate.main([*argv, f"--model.tokenizer={tiny_dir / 'tokenizer'}"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --checkpoint: {run / 'checkpoints' / 'final' / 'config.json'}: invalid JSON at line 1: Expecting value\n"
+    )
+
+
 def test_evaluate_detects_the_checkpoint_format(reference_run, tmp_path, capsys):
     """Ours, its HF export and its Meta export are judged the same way (head 1 identical; HF has one head)."""
     import evaluate
