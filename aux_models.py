@@ -16,6 +16,7 @@ where a rank has none (`parallel.split_map`), and lazy forwards happen on every 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Callable
@@ -310,7 +311,14 @@ class Rewards:
 
 
 def check_same_tokenizer(base: Any, ref_dir: str | os.PathLike, key: str = "rho1.ref_model") -> None:
-    """Raise a clear error unless the tokenizer saved in `ref_dir` has the base tokenizer's vocab and specials."""
+    """Raise a clear error unless the tokenizer saved in `ref_dir` gives the base tokenizer's ids: the same vocab
+    and specials, and (fast tokenizers) the same normaliser, pre-tokenizer and merges.
+
+    The reference scores the base's token ids, so equal vocabularies make each id the same string; the rules that
+    split text must agree too, or the reference scores sequences it never produces (byte-level BPEs of the same
+    vocabulary differ in their split rule: Llama 3 keeps up to 3 digits together, Qwen one). A tokenizer without
+    BOS (Qwen's) matches only another without one.
+    """
     from transformers import AutoTokenizer  # only for rho1
 
     try:
@@ -334,6 +342,25 @@ def check_same_tokenizer(base: Any, ref_dir: str | os.PathLike, key: str = "rho1
             raise ScoreError(
                 f"'{key}' = {str(ref_dir)!r}: {attr} differs: base {a!r} (id {ia}) vs reference {b!r} (id {ib})"
             )
+    ra, rb = _split_rules(base), _split_rules(ref)
+    parts = [k for k in ra.keys() & rb.keys() if ra[k] != rb[k]]
+    if parts:
+        raise ScoreError(
+            f"'{key}' = {str(ref_dir)!r}: its tokenizer's {' and '.join(sorted(parts))} differ from the base "
+            "model's (the same vocabulary split differently gives other ids for the same text); rho1 needs the "
+            "SAME tokenizer for both models"
+        )
+
+
+def _split_rules(tok: Any) -> dict[str, Any]:
+    """What turns text into ids besides the vocabulary (fast tokenizers): normaliser, pre-tokenizer, merges."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return {}
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    return {"normalizer": spec.get("normalizer"), "pre-tokenizer": spec.get("pre_tokenizer"),
+            "merges": model.get("merges"), "model type": model.get("type")}  # fmt: skip
 
 
 def _dir_fingerprint(d: Path) -> str:

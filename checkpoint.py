@@ -6,8 +6,10 @@
   returns to between checkpoints.
 - The run directory: one run per directory (files.RunLock), what a fresh start or a resume may find there, and
   metrics.jsonl cut back to the resumed step.
-- Exports: our consolidated safetensors (checkpoints/final, best; LoRA merged), and the formats the ecosystem runs:
-  an HF LlamaForCausalLM of trunk + head 1 (hf/) and Meta's MTP layout with every head (meta/);
+- Exports: our consolidated safetensors (checkpoints/final, best; LoRA merged by peft), and the formats the
+  ecosystem runs: trunk + head 1 in the base's own HF family (hf/: LlamaForCausalLM, Qwen2ForCausalLM, ...), Meta's
+  MTP layout with every head (meta/, for the models it can hold), and for a LoRA run on an HF base a standard peft
+  adapter of trunk + head 1 (peft/);
   `python train.py export` does the same for checkpoints that already exist. `publish` is the end of a run:
   exports, the tracker's artifacts, uploads.
 """
@@ -19,11 +21,13 @@ import json
 import os
 import re
 import shutil
+import socket
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import config as C
 import data
@@ -380,7 +384,30 @@ def open_run_dir(cfg, d: P.Dist, run_dir: Path, resume: bool, overwrite: bool = 
         text = scrub(json.dumps(C.to_dict(cfg), indent=2))
         files.atomic_write_text(run_dir / "config.json", text)
     P.barrier()
+    blind = _ranks_not_seeing(lock.path, d)
+    if blind:
+        if d.main:
+            lock.release()
+        raise UserError(
+            f"{run_dir}: rank(s) {blind} do not see the files rank 0 writes there: every rank writes its "
+            "checkpoint shards into train.out_dir, so on several nodes it must be one filesystem they all mount "
+            "(NFS, a ReadWriteMany volume; docs/DEPLOY.md, 'Beyond one node')"
+        )
     return lock
+
+
+def _ranks_not_seeing(lock_file: Path, d: P.Dist) -> str:
+    """The ranks (with their hosts) whose view of the run directory lacks rank 0's lock file as rank 0 wrote it
+    (it names rank 0's host, pid and start time); '' when every rank sees it. One collective on every rank."""
+    if not d.enabled or d.world_size == 1:
+        return ""
+    expected = P.broadcast_object(lock_file.read_text() if d.main else None)
+    try:
+        seen = lock_file.read_text() == expected
+    except OSError:
+        seen = False
+    views = P.all_gather_object(None if seen else f"{d.rank} ({socket.gethostname()})")
+    return ", ".join(v for v in views if v)
 
 
 def _check_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -413,57 +440,106 @@ def _check_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
-    """Consolidated safetensors of the full model (LoRA merged) on rank 0; every rank must call it under FSDP."""
+    """Consolidated safetensors of the full model (LoRA merged) on rank 0; every rank must call it under FSDP.
+
+    A LoRA run also leaves its adapters as trained, every head's, in our names (adapter.safetensors +
+    adapter_config.json): `write_peft_adapter` turns trunk + head 1's into a standard peft adapter of an HF base."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.main:
         return None
-    clean = M.Transformer(M.unwrap(net).args)
+    args = M.unwrap(net).args
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with files.writing(tmp, f"the {out.name} export"):
-        _write_ours(net, clean, full, tmp, tokenizer)
+        _write_ours(net, args, full, tmp, tokenizer)
         files.atomic_dir_swap(tmp, out)
     return out
 
 
-def _write_ours(net, clean: M.Transformer, full: dict, tmp: Path, tokenizer) -> None:
-    """Our format (+ the LoRA adapter alone) of the full state dict `full` into `tmp`."""
-    if hasattr(net, "get_base_model"):  # peft: the adapters alone, then merged into a plain copy
-        from safetensors.torch import save_file
-
+def _write_ours(net, args: M.ModelArgs, full: dict, tmp: Path, tokenizer) -> None:
+    """Our format of the full state dict `full` into `tmp` (a LoRA run: + its adapters alone, in our names)."""
+    if hasattr(net, "get_base_model"):  # peft: the adapters alone, then merged by peft into a plain copy
         lc = net.peft_config["default"]
-        save_file(
-            {k: v.contiguous() for k, v in full.items() if "lora_" in k}, str(tmp / "adapter.safetensors")
-        )
-        meta = {"r": lc.r, "lora_alpha": lc.lora_alpha, "target_modules": sorted(lc.target_modules)}
+        adapters = {k: v.contiguous() for k, v in full.items() if "lora_" in k}
+        save_file(adapters, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        meta = {"r": lc.r, "lora_alpha": lc.lora_alpha, "lora_dropout": lc.lora_dropout,
+                "target_modules": sorted(lc.target_modules)}  # fmt: skip
         (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2))
-        full = merge_lora_state(full, lc.lora_alpha / lc.r)
+        full = merge_lora(full, args, lc.r, lc.lora_alpha, lc.target_modules)
+    clean = M.Transformer(args)
     clean.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
     formats.save_checkpoint(clean, tmp)
     tokenizer.save_pretrained(str(tmp))
 
 
-def merge_lora_state(full: dict, scaling: float) -> dict:
-    """W + scaling * B @ A (scaling = alpha / r) for every LoRA pair, with peft's key prefixes stripped."""
-    out = {}
-    for k, v in full.items():
-        if "lora_" in k:
-            continue
-        k2 = k.replace("base_model.model.", "").replace(".base_layer", "")
-        out[k2] = v
-    for k, v in full.items():
-        if k.endswith("lora_A.default.weight"):
-            stem = k[: -len(".lora_A.default.weight")]
-            b = full[stem + ".lora_B.default.weight"]
-            tgt = stem.replace("base_model.model.", "") + ".weight"
-            out[tgt] = out[tgt].float() + scaling * (b.float() @ v.float())
+ADAPTER_FILE = (
+    "adapter.safetensors"  # a LoRA run's adapters in our names (every head), beside the merged model
+)
+PEFT_DIR = "peft"  # beside hf/: trunk + head 1's adapters as a standard peft adapter of the HF base
+
+
+def merge_lora(full: dict, args: M.ModelArgs, r: int, alpha: int, target_modules) -> dict:
+    """The state dict of a LoRA run (peft's key names: base weights and adapters) merged by peft itself
+    (`merge_and_unload`: W + alpha / r * B @ A) into our plain state dict, in fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    with torch.device("meta"):
+        base = M.Transformer(args)
+    net = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules)))
+    # the weights peft merges into are copied: in one process `full` holds the live model's own tensors
+    sd = {k: v.to(torch.float32, copy=".base_layer." in k) for k, v in full.items()}
+    tied = "base_model.model.output.weight"
+    if args.tie_embeddings and tied not in sd:  # a shared tensor may be listed once
+        sd[tied] = sd["base_model.model.tok_embeddings.weight"]
+    net.load_state_dict(sd, strict=True, assign=True)
+    return net.merge_and_unload().state_dict()
+
+
+def write_peft_adapter(ckpt: Path, out: Path, base: str) -> Path:
+    """A standard peft adapter directory (adapter_config.json + adapter_model.safetensors) of trunk + head 1's
+    LoRA adapters, in HF's module and parameter names, for the HF base `base` the run started from:
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)` computes the merged hf/ export.
+
+    B matrices of q/k get HF's rotate-half row order (their rows are the weight's rows); A matrices are unchanged.
+    The extra heads' adapters stay in ckpt's adapter.safetensors only: HF's architecture has no place for them."""
+    from peft import LoraConfig
+
+    args = formats.read_model_args(ckpt, "wmtp")
+    ours = json.loads((ckpt / "adapter_config.json").read_text())
+    sd = {}
+    for key, t in load_file(ckpt / ADAPTER_FILE).items():  # base_model.model.<module>.lora_A.default.weight
+        module, ab = key.removeprefix("base_model.model.").split(".lora_")
+        name, t = (
+            formats.to_hf(f"{module}.weight", t, args)
+            if ab[0] == "B"
+            else (formats.hf_name(f"{module}.weight"), t)
+        )
+        if name is not None:  # None: an extra head
+            sd[f"base_model.model.{name.removesuffix('.weight')}.lora_{ab[0]}.weight"] = (
+                t.float().contiguous()
+            )
+    config = LoraConfig(
+        r=ours["r"],
+        lora_alpha=ours["lora_alpha"],
+        lora_dropout=ours.get("lora_dropout", 0.0),
+        target_modules=sorted(formats.HF_LINEAR[m] for m in ours["target_modules"]),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base,
+    )
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(sd, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(tmp))
+    files.atomic_dir_swap(tmp, out)
     return out
 
 
-# --------------------------------------------------------------------------- exports (HF Llama, Meta)
+# --------------------------------------------------------------------------- exports (HF, Meta, peft)
 
 EXPORT_FORMATS = ("hf", "meta")
 
@@ -479,13 +555,15 @@ def write_export(
 ) -> Path:
     """One export directory with the tokenizer, written to a temp directory then renamed into place.
 
-    hf: LlamaForCausalLM of trunk + head 1 (+ README.md model card); meta: params.json + consolidated.pth, every
-    head, params.json readable by Meta's reference code."""
+    hf: trunk + head 1 in the model's own HF family (LlamaForCausalLM, Qwen2ForCausalLM, ...; + README.md model
+    card); meta: params.json + consolidated.pth, every head, params.json readable by Meta's reference code (refused,
+    naming the feature, for a model Meta's code cannot compute: formats.META_REFUSED)."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    # a refused model (the Meta layout cannot hold it, ...) or a full disk: nothing half-written stays
     with files.writing(tmp, f"the {fmt} export"):
         if fmt == "hf":
             ids = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -500,7 +578,9 @@ def write_export(
 
 
 def export_formats(cfg: C.Config, run_dir: Path, ckpt: Path, tokenizer) -> None:
-    """hf/ and meta/ inside a finished checkpoint directory of ours (checkpoints/final, checkpoints/best).
+    """hf/ and meta/ inside a finished checkpoint directory of ours (checkpoints/final, checkpoints/best), and for
+    a LoRA run on an HF base the peft adapter (peft/). A model Meta's layout cannot hold (Qwen2's biases, Llama
+    3.1's RoPE, ...) gets no meta/: the reason is printed.
 
     Run once at the end of the run, from the files: `best` is rewritten at every improvement during training,
     so writing three formats each time would triple that I/O for copies that are overwritten anyway."""
@@ -509,8 +589,19 @@ def export_formats(cfg: C.Config, run_dir: Path, ckpt: Path, tokenizer) -> None:
     where = f"{run_dir.name}/{ckpt.relative_to(run_dir).as_posix()}/hf"
     readme = tracking.hf_readme(name, params, metrics, tags, where)
     for fmt in EXPORT_FORMATS:
-        write_export(net, ckpt / fmt, fmt, tokenizer, export_dtype(cfg), readme)
+        try:
+            write_export(net, ckpt / fmt, fmt, tokenizer, export_dtype(cfg), readme)
+        except formats.CheckpointError as e:
+            if fmt != "meta":
+                raise
+            print(f"not exported: {ckpt / fmt}: {e}")
+            continue
         print(f"exported {ckpt / fmt} ({fmt}, {export_dtype(cfg)})")
+    if (ckpt / ADAPTER_FILE).is_file() and cfg.model.format == "hf":
+        write_peft_adapter(ckpt, ckpt / PEFT_DIR, cfg.model.path or cfg.model.resource)
+        print(
+            f"exported {ckpt / PEFT_DIR} (peft LoRA adapter of trunk + head 1 for {cfg.model.path or cfg.model.resource})"
+        )
 
 
 def upload_resource(run_dir: Path) -> str:
@@ -588,7 +679,8 @@ def load_resume_model(ckpt: Path) -> tuple[M.Transformer, C.Config, Path]:
     ) as e:  # a damaged record inside a file: CRC, a torn pickle
         raise formats.CheckpointError(f"{ckpt / 'dcp'} cannot be read ({_why(e)})") from None
     if cfg.train.lora.enabled:
-        sd = merge_lora_state(sd, cfg.train.lora.alpha / cfg.train.lora.r)
+        lc = cfg.train.lora
+        sd = merge_lora(sd, args, lc.r, lc.alpha, lc.target_modules)
     with torch.device("meta"):
         net = M.Transformer(args)
     net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)

@@ -51,6 +51,9 @@ class ModelConfig(Section):
     max_seq_len: int = Field(2048, ge=8)
     activation_checkpointing: bool = False
     compile: bool = False
+    # positions per chunk of a head's CE: the logits of at most this many positions exist at once (model.CE_CHUNK;
+    # at a 152k vocabulary 1024 positions' fp32 logits are 0.6 GB); 0: all of a head's logits at once
+    ce_chunk: int = Field(1024, ge=0)
 
 
 SYNTHETIC_TASKS = ("copy", "nest", "chain")  # data.py's synthetic segment kinds

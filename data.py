@@ -348,25 +348,29 @@ def load_tokenizer(cfg: Any, model_dir: Path | None):
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     """BOS (when the tokenizer has one) + prompt tokens: what training puts before the completion.
 
-    Evaluation must encode prompts with this too, so generation starts from exactly the training context.
+    Evaluation must encode prompts with this too, so generation starts from exactly the training context. A
+    tokenizer without BOS (Qwen's) gives the prompt's tokens alone, as Qwen's models were trained.
     """
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     return ([bos] if bos is not None else []) + list(ids)
 
 
-def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
+def _fit(
+    prompt: list[int], completion: list[int], max_length: int, keep: int = 1
+) -> tuple[list[int], list[int]]:
     """Cut (BOS + prompt, completion + EOS) to at most max_length tokens.
 
     The completion keeps its start and gets at least half the row (or all it needs); the prompt gives up its
-    oldest tokens after BOS first, because in the three_shot template the target task sits at the prompt's end
-    and its first part is few-shot examples. build_dataset logs how many examples were cut.
+    oldest tokens after its first `keep` (the BOS: 1, none without one) first, because in the three_shot template
+    the target task sits at the prompt's end and its first part is few-shot examples. build_dataset logs how many
+    examples were cut.
     """
     if len(prompt) + len(completion) <= max_length:
         return prompt, completion
     n_comp = max(max_length - len(prompt), min(len(completion), max_length // 2))
     n_prompt = max_length - n_comp
-    head = prompt[:1] if n_prompt > 0 else []
+    head = prompt[:keep] if n_prompt > 0 else []
     prompt = head + (prompt[len(prompt) - (n_prompt - len(head)) :] if n_prompt > len(head) else [])
     return prompt, completion[:n_comp]
 
@@ -375,7 +379,8 @@ def tokenize_examples(
     tokenizer: Any, prompts: list[str], completions: list[str], max_length: int | None
 ) -> list[tuple[list[int], list[bool]]]:
     """(input_ids, loss_mask) per example: BOS + tokens of (prompt + completion) + EOS, mask True on the
-    completion's tokens and EOS.
+    completion's tokens and EOS. With a tokenizer that has no BOS (Qwen's) a row starts with the prompt's first
+    token (nothing predicts it; it is a prompt token, outside the loss anyway).
 
     Prompt and completion are tokenised as ONE text, as the model reads them: tokenised alone, a completion gets
     a word-initial piece (SentencePiece's "▁def", a one-space indent) that the model never sees after the
@@ -400,7 +405,7 @@ def tokenize_examples(
         straddling += n < len(ids) and offsets[n][0] < len(prompt)
         p, c = bos + list(ids[:n]), list(ids[n:]) + [eos]
         if max_length is not None:
-            p, c = _fit(p, c, max_length)
+            p, c = _fit(p, c, max_length, keep=len(bos))
         out.append((p + c, [False] * len(p) + [True] * len(c)))
     if straddling:
         log.warning(

@@ -312,11 +312,11 @@ def load_for_eval(cfg: Any, path: str | os.PathLike, fmt: str, device: Any) -> A
 
 def prompt_ids(tokenizer: Any, prompts: list[str], room: int) -> list[list[int]]:
     """Each prompt as training encodes it (`data.encode_prompt`: BOS + the prompt's tokens), cut from the left
-    (after BOS) to at most `room` tokens."""
-    out = []
+    (after BOS, when the tokenizer has one) to at most `room` tokens."""
+    out, keep = [], int(tokenizer.bos_token_id is not None)
     for p in prompts:
         ids = data.encode_prompt(tokenizer, p)
-        out.append(ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1 :])
+        out.append(ids if len(ids) <= room else ids[:keep] + ids[len(ids) - room + keep :])
     return out
 
 
@@ -345,7 +345,7 @@ def generate(
     import parallel as P
 
     e = cfg.eval
-    room = model.args.max_seq_len - e.max_new_tokens
+    room = model.args.context_len - e.max_new_tokens  # context_len: max_seq_len, or a shorter sliding window
     if room < 1:
         raise EvalError(f"eval.max_new_tokens = {e.max_new_tokens} leaves no room under max_seq_len")
     flat = [(i, ids) for i, ids in enumerate(prompt_ids(tokenizer, prompts, room)) for _ in range(n)]
@@ -616,7 +616,7 @@ def evaluate_synthetic(cfg: Any, model: Any, tokenizer: Any, batch_size: int = 3
             ids, mask = b["input_ids"].to(dev), b["loss_mask"].to(dev)
             targets, valid = M.mtp_targets(ids, mask, H)
             cls = M.pair_scores(b["token_class"].to(dev), H)
-            ce = M.mtp_head_ce(model, model(ids, stage="trunk"), targets, valid)
+            ce = M.mtp_head_ce(model, model(ids, stage="trunk"), targets, valid, chunk=cfg.model.ce_chunk)
             for c in range(len(synthetic.TOKEN_CLASSES)):
                 sel = valid & (cls == c)
                 sums[c] += torch.where(sel, ce, 0.0).double().sum((0, 1)).cpu()
@@ -752,6 +752,11 @@ def main(argv: list[str]) -> int:
     """`evaluate.py judge ...` or `evaluate.py CONFIG --checkpoint DIR`; expected failures print one line (errors.py)."""
 
     def run(args: list[str]) -> int:
+        if args[:1] in (["--version"], ["-V"]):
+            import tracking
+
+            print(tracking.version())
+            return 0
         return _judge_cli(args[1:]) if args[:1] == ["judge"] else _model_cli(args)
 
     return errors.main(run, argv)

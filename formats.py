@@ -1,7 +1,7 @@
 """Weight formats: load and save an MTP Transformer as Meta's, Hugging Face Llama's or our own checkpoint.
 
     Meta  params.json + consolidated.pth   `load_meta` / `save_meta` (keys = our module names, strict)
-    HF    config.json + *.safetensors      `load_hf` / `save_hf` (LlamaForCausalLM; q/k rows re-permuted)
+    HF    config.json + *.safetensors      `load_hf` / `save_hf` (Llama, Qwen2, Qwen3, Mistral; q/k rows re-permuted)
     ours  config.json + model.safetensors  `load_checkpoint` / `save_checkpoint` (ModelArgs as JSON)
 
 `detect_format` tells them apart from their files, `load_model` dispatches, `read_model_args` reads the shapes
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 import files
 from errors import UserError
 from files import atomic_write
-from model import ModelArgs, Transformer
+from model import FAMILIES, META_KEYS, ModelArgs, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +239,12 @@ def _meta_model(args: ModelArgs) -> Transformer:
 
 
 def _shapes(args: ModelArgs) -> dict[str, torch.Size]:
-    """The state dict keys and shapes of Transformer(args): what a checkpoint must hold, exactly."""
-    return {k: v.shape for k, v in _meta_model(args).state_dict().items()}
+    """The state dict keys and shapes of Transformer(args): what a checkpoint must hold, exactly (a tied output
+    is the embedding itself: not listed, Transformer.load_state_dict puts it back)."""
+    shapes = {k: v.shape for k, v in _meta_model(args).state_dict().items()}
+    if args.tie_embeddings:
+        del shapes["output.weight"]
+    return shapes
 
 
 def _full_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -273,7 +277,7 @@ def _check_keys(expected: dict[str, torch.Size], sd: dict[str, Tensor], source: 
 def _build(args: ModelArgs, sd: dict[str, Tensor], source: str) -> Transformer:
     """Build on the meta device (no double memory), check keys/shapes strictly, then assign the tensors."""
     model = _meta_model(args)
-    _check_keys({k: v.shape for k, v in model.state_dict().items()}, sd, source)
+    _check_keys(_shapes(args), sd, source)
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 
@@ -347,11 +351,20 @@ def load_meta(path: str | os.PathLike, n_future_tokens: int | None = None) -> Tr
 
 
 def _params_json(args: ModelArgs) -> dict[str, Any]:
-    d = dataclasses.asdict(args)
-    for k, default in (("ffn_hidden_dim", None), ("rope_scaling_factor", 1.0)):
-        if d[k] == default:
-            del d[k]  # keep params.json readable by Meta's code when the extensions are unused
-    return d
+    """params.json: Meta's keys, and the extensions only where they are used (so Meta's code reads it then). A tied
+    output is written as a copy (Meta's layout has its own output.weight): the key goes."""
+    ext = {k: v for k, v in args.extensions().items() if k != "tie_embeddings"}
+    return {k: getattr(args, k) for k in (*META_KEYS, "max_seq_len")} | ext
+
+
+# what Meta's reference code cannot run, by the params.json key that would carry it (its description)
+META_REFUSED = {
+    "qkv_bias": "q/k/v biases (Qwen2)",
+    "qk_norm": "q/k RMSNorm (Qwen3)",
+    "attn_head_dim": "a head_dim other than dim / n_heads",
+    "rope_scaling_type": "llama3 RoPE scaling (Llama 3.1)",
+    "sliding_window": "a sliding attention window (Mistral)",
+}
 
 
 def save_meta(
@@ -362,16 +375,28 @@ def save_meta(
     `dtype` casts the weights (None: as they are). `reference=True` writes params.json as Meta's reference code
     reads it (`ModelArgs(max_seq_len=..., max_batch_size=..., **params)`): without max_seq_len, its build
     argument; load_meta then uses the ModelArgs default. ffn_hidden_dim / rope_scaling_factor (models from HF
-    checkpoints) have no Meta key: they are kept when used, so load_meta still builds the same model.
+    checkpoints) have no Meta key: they are kept when used, so load_meta still builds the same model. What Meta's
+    code cannot compute at all (META_REFUSED: biases, q/k norm, llama3 RoPE, ...) is refused with reference=True,
+    naming the feature; a tied output is written as its own tensor.
     """
     path = Path(path)
-    sd = {k: v.to(dtype) if dtype else v for k, v in _full_state_dict(model).items()}
     params = _params_json(model.args)
     if reference:
         del params["max_seq_len"]
+        refused = [META_REFUSED[k] for k in params if k in META_REFUSED]
+        if refused:
+            raise CheckpointError(
+                f"Meta's layout cannot hold this model ({model.args.family}): {', '.join(refused)}; "
+                "export it in the HF format instead"
+            )
+        params.pop("family", None)  # a Mistral without a window is a Llama to Meta's code
         extra = sorted(set(params) & {"ffn_hidden_dim", "rope_scaling_factor"})
         if extra:
             log.warning("params.json keeps %s, which Meta's reference code does not read", extra)
+    sd = {
+        k: (v.clone() if k == "output.weight" else v).to(dtype or v.dtype)
+        for k, v in _full_state_dict(model).items()
+    }
     atomic_write(path / "consolidated.pth", lambda tmp: torch.save(sd, tmp))
     text = json.dumps(params, indent=2)
     atomic_write(path / "params.json", lambda tmp: Path(tmp).write_text(text))
@@ -384,7 +409,7 @@ def save_meta(
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Our format: model.safetensors + config.json (ModelArgs), each written atomically."""
     path = Path(path)
-    sd = _full_state_dict(model)
+    sd = {k: v for k, v in _full_state_dict(model).items() if k in _shapes(model.args)}  # tied: once
     atomic_write(path / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     text = json.dumps(dataclasses.asdict(model.args), indent=2)
     atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
@@ -408,40 +433,106 @@ def load_checkpoint(path: str | os.PathLike, n_future_tokens: int | None = None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Hugging Face Llama: config.json + safetensors (LlamaForCausalLM = trunk + head 1)
+# Hugging Face: config.json + safetensors of Llama (2, 3.x), Qwen2 / Qwen2.5, Qwen3, Mistral (XForCausalLM = trunk +
+# head 1)
+
+
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    "mistral": "MistralForCausalLM"}  # fmt: skip
+# what transformers' config classes assume for a key that config.json leaves out
+_HF_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048, "head_dim": None, "sliding_window": None},
+    "qwen2": {"max_position_embeddings": 32768, "head_dim": None, "sliding_window": None},
+    "qwen3": {"max_position_embeddings": 32768, "head_dim": 128, "sliding_window": None},
+    "mistral": {"max_position_embeddings": 131072, "head_dim": None, "sliding_window": 4096},
+}
+# families of another block (LayerNorm, GELU MLP, biases everywhere, often learned positions): refused by name
+_GPT2_STYLE = ("gpt2", "gpt_bigcode", "starcoder2", "starcoder", "gpt_neox", "gptj", "codegen", "phi", "falcon",
+               "bloom", "opt")  # fmt: skip
+_ROPE_TYPES = ("default", "linear", "llama3")
+_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def _hf_args(cfg: dict[str, Any], source: str) -> ModelArgs:
-    """ModelArgs for an HF LlamaConfig dict; unsupported features are refused with the offending key."""
-    if cfg.get("model_type") != "llama":
-        raise CheckpointError(f"{source}: model_type={cfg.get('model_type')!r}; only 'llama' is supported")
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            raise CheckpointError(f"{source}: {key}=true is not supported (the model has no biases)")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{source}: hidden_act={cfg['hidden_act']!r}; only 'silu' is supported")
+    """ModelArgs for an HF config.json of a supported family; anything else is refused naming the key."""
+    family = cfg.get("model_type")
+    if family in _GPT2_STYLE:
+        raise CheckpointError(
+            f"{source}: model_type={family!r} is a GPT-2 / StarCoder2-style model (LayerNorm, GELU MLP, biases "
+            "everywhere), not the Llama-style block (RMSNorm, SwiGLU MLP, RoPE) this framework implements; "
+            f"supported model_type: {', '.join(FAMILIES)}"
+        )
+    if family not in FAMILIES:
+        raise CheckpointError(
+            f"{source}: model_type={family!r} is not supported; supported: {', '.join(FAMILIES)}"
+        )
+    _refuse_hf_features(cfg, family, source)
     rope = dict(cfg.get("rope_parameters") or {})  # transformers >= 5
     rope.update(cfg.get("rope_scaling") or {})  # transformers 4
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear"):
+    if rope_type not in _ROPE_TYPES:
         raise CheckpointError(
-            f"{source}: rope scaling {rope_type!r} is not supported (only none/default/linear)"
+            f"{source}: rope scaling {rope_type!r} is not supported (only none/{'/'.join(_ROPE_TYPES)})"
         )
+    if rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError(
+            f"{source}: partial_rotary_factor != 1 (RoPE on part of a head) is not supported"
+        )
+    missing = [k for k in _LLAMA3_ROPE_KEYS if rope_type == "llama3" and k not in rope]
     required = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
-    missing = [k for k in required if not isinstance(cfg.get(k), int)]
+    missing += [k for k in required if not isinstance(cfg.get(k), int)]
+    optional = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+    missing += [k for k in optional if cfg.get(k) is not None and not isinstance(cfg.get(k), int)]
     if missing:
         raise CheckpointError(f"{source}: missing or non-integer key(s) {missing}")
-    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    if cfg.get("head_dim") not in (None, dim // n_heads):
-        raise CheckpointError(f"{source}: head_dim={cfg['head_dim']} != hidden_size / num_attention_heads")
     try:
-        return _hf_model_args(cfg, rope, rope_type)
+        return _hf_model_args(cfg, family, rope, rope_type)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
 
 
-def _hf_model_args(cfg: dict[str, Any], rope: dict[str, Any], rope_type: str) -> ModelArgs:
-    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+def _refuse_hf_features(cfg: dict[str, Any], family: str, source: str) -> None:
+    """The config keys of features the Transformer does not have, each refused by name."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(
+            f"{source}: hidden_act={cfg['hidden_act']!r}; only 'silu' (SwiGLU) is supported"
+        )
+    if cfg.get("mlp_bias"):
+        raise CheckpointError(f"{source}: mlp_bias=true is not supported (the MLP has no biases)")
+    if cfg.get("attention_bias") and family != "qwen2":
+        raise CheckpointError(
+            f"{source}: attention_bias=true (biases on q/k/v and o_proj) is not supported; q/k/v biases without "
+            "one on o_proj are Qwen2's"
+        )
+    if cfg.get("quantization_config"):
+        raise CheckpointError(f"{source}: quantization_config: quantized weights are not supported")
+    if cfg.get("attention_dropout", 0.0):
+        raise CheckpointError(
+            f"{source}: attention_dropout={cfg['attention_dropout']} is not supported (none)"
+        )
+    if family in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        raise CheckpointError(
+            f"{source}: use_sliding_window=true (windowed attention from layer max_window_layers on) is not "
+            "supported"
+        )
+    kinds = sorted(set(cfg.get("layer_types") or []) - {"full_attention"})
+    if kinds and family != "mistral":
+        raise CheckpointError(f"{source}: layer_types {kinds} are not supported (full_attention only)")
+
+
+def _hf_model_args(cfg: dict[str, Any], family: str, rope: dict[str, Any], rope_type: str) -> ModelArgs:
+    dim, n_heads, defaults = cfg["hidden_size"], cfg["num_attention_heads"], _HF_DEFAULTS[family]
+    head_dim = cfg.get("head_dim") or defaults["head_dim"]
+    kw: dict[str, Any] = {}
+    if rope_type in ("linear", "llama3"):
+        kw.update(rope_scaling_factor=float(rope["factor"]), rope_scaling_type="linear")
+    if rope_type == "llama3":
+        kw.update(
+            rope_scaling_type="llama3",
+            rope_low_freq_factor=float(rope["low_freq_factor"]),
+            rope_high_freq_factor=float(rope["high_freq_factor"]),
+            rope_original_max_seq_len=int(rope["original_max_position_embeddings"]),
+        )
     return ModelArgs(
         dim=dim,
         n_layers=cfg["num_hidden_layers"],
@@ -450,10 +541,16 @@ def _hf_model_args(cfg: dict[str, Any], rope: dict[str, Any], rope_type: str) ->
         vocab_size=cfg["vocab_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-        rope_scaling_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
         n_future_tokens=1,
-        max_seq_len=cfg.get("max_position_embeddings", 4096),
+        max_seq_len=cfg.get("max_position_embeddings") or defaults["max_position_embeddings"],
         ffn_hidden_dim=cfg["intermediate_size"],
+        attn_head_dim=None if head_dim is None or head_dim * n_heads == dim else head_dim,
+        qkv_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        sliding_window=cfg.get("sliding_window", defaults["sliding_window"]) if family == "mistral" else None,
+        family=family,
+        **kw,
     )
 
 
@@ -473,62 +570,82 @@ def _read_safetensors_dir(path: Path) -> dict[str, Tensor]:
     return sd
 
 
-# HF LlamaForCausalLM tensor names -> ours (top level; and inside model.layers.{i}.)
+# HF tensor names (the four families share them) -> ours (top level; and inside model.layers.{i}.)
 _HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
              "lm_head.weight": "output.weight"}  # fmt: skip
 _HF_BLOCK = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+             "self_attn.o_proj": "attention.wo", "self_attn.q_norm": "attention.q_norm",
+             "self_attn.k_norm": "attention.k_norm", "mlp.gate_proj": "feed_forward.w1",
+             "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
              "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+# our nn.Linear names -> HF's (LoRA target_modules of a peft adapter)
+HF_LINEAR = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
+             "w3": "up_proj", "output": "lm_head"}  # fmt: skip
+_OUR_TOP, _OUR_BLOCK = {v: k for k, v in _HF_NAMES.items()}, {v: k for k, v in _HF_BLOCK.items()}
+
+
+def hf_name(key: str) -> str | None:
+    """The HF name of one of our tensors (trunk + head 1; None for the extra heads, which HF has no place for)."""
+    if key in _OUR_TOP:
+        return _OUR_TOP[key]
+    parts = key.split(".")  # layers.{i}.{module}.{weight|bias}
+    if parts[0] != "layers":
+        return None
+    return f"model.layers.{parts[1]}.{_OUR_BLOCK['.'.join(parts[2:-1])]}.{parts[-1]}"
+
+
+def _rope_heads(key: str, args: ModelArgs) -> int | None:
+    """How many heads of HF's rotate-half rows a tensor of ours holds (None: not rotated): wq / wk and their
+    biases, and the q/k norm scales [head_dim] (one head)."""
+    mod = ".".join(key.split(".")[2:-1]) if key.startswith(("layers.", "extra_heads.")) else ""
+    return {"attention.wq": args.n_heads, "attention.wk": args.kv_heads, "attention.q_norm": 1,
+            "attention.k_norm": 1}.get(mod)  # fmt: skip
+
+
+def to_hf(key: str, t: Tensor, args: ModelArgs) -> tuple[str | None, Tensor]:
+    """One of our tensors as HF holds it: its HF name (None for the extra heads) and its rows in HF's rotate-half
+    order (wq / wk and their biases, the q/k norm scales; also a LoRA B of wq / wk, whose rows are the weight's)."""
+    n = _rope_heads(key, args)
+    return hf_name(key), _permute(t, n) if n else t
 
 
 def _unpermute(w: Tensor, n_heads: int) -> Tensor:
-    """Invert HF's convert permute (rotate-half rows -> Meta's interleaved rows) of a q/k projection."""
-    dim1, dim2 = w.shape
-    return w.view(n_heads, 2, dim1 // n_heads // 2, dim2).transpose(1, 2).reshape(dim1, dim2)
-
-
-def load_hf(path: str | os.PathLike, n_future_tokens: int = 1) -> Transformer:
-    """Load an HF LlamaForCausalLM directory (config.json + safetensors) as our Transformer.
-
-    All HF blocks become trunk + head 1. With n_future_tokens = H > 1 (opt-in), H-1 extra heads are appended as
-    copies of the last block, so every head starts as a next-token predictor to be fine-tuned into head k.
-    """
-    path = Path(path)
-    source = str(path / "config.json")
-    cfg = _read_json(path / "config.json")
-    args = _hf_args(cfg, source)
-    hf = _read_safetensors_dir(path)
-    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
-    names, sub = _HF_NAMES, _HF_BLOCK
-    sd, unknown = {}, []
-    for k, v in hf.items():
-        if k in names:
-            sd[names[k]] = v
-            continue
-        parts = k.split(".")  # model.layers.{i}.{module}.{proj}.weight
-        mod = ".".join(parts[3:-1])
-        if parts[:2] != ["model", "layers"] or mod not in sub:
-            unknown.append(k)
-            continue
-        if mod == "self_attn.q_proj":
-            v = _unpermute(v, args.n_heads)
-        elif mod == "self_attn.k_proj":
-            v = _unpermute(v, args.kv_heads)
-        sd[f"layers.{parts[2]}.{sub[mod]}.{parts[-1]}"] = v
-    if unknown:
-        raise CheckpointError(f"{path}: unexpected HF tensors {unknown[:20]} (biases or a non-Llama model?)")
-    if "output.weight" not in sd and cfg.get("tie_word_embeddings") and "tok_embeddings.weight" in sd:
-        sd["output.weight"] = sd["tok_embeddings.weight"].clone()
-    _check_keys(_shapes(args), sd, f"{path} (HF safetensors)")
-    args, sd = _resize_heads(args, sd, n_future_tokens)
-    return _build(args, sd, str(path))
+    """Invert HF's convert permute (rotate-half rows -> Meta's interleaved rows) of q/k rows (weights, biases,
+    norm scales)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _permute(w: Tensor, n_heads: int) -> Tensor:
-    """HF's convert permute (Meta's interleaved rows -> rotate-half rows) of a q/k projection: `_unpermute`'s inverse."""
-    dim1, dim2 = w.shape
-    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+    """HF's convert permute (Meta's interleaved rows -> rotate-half rows): `_unpermute`'s inverse."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_hf(path: str | os.PathLike, n_future_tokens: int = 1) -> Transformer:
+    """Load an HF directory (config.json + safetensors) of Llama, Qwen2 / Qwen2.5, Qwen3 or Mistral strictly:
+    every tensor used, every shape checked, unsupported features refused naming the key.
+
+    All HF blocks become trunk + head 1. With n_future_tokens = H > 1 (opt-in), H-1 extra heads are appended as
+    copies of the last block (with its biases and q/k norms), so every head starts as a next-token predictor to be
+    fine-tuned into head k. A tied checkpoint (no lm_head.weight) gives one parameter for embedding and output.
+    """
+    path = Path(path)
+    source = str(path / "config.json")
+    args = _hf_args(_read_json(path / "config.json"), source)
+    hf = {k: v for k, v in _read_safetensors_dir(path).items() if not k.endswith("rotary_emb.inv_freq")}
+    copy = hf.pop("lm_head.weight", None) if args.tie_embeddings else None  # some writers keep the tied copy
+    if copy is not None and not torch.equal(copy, hf.get("model.embed_tokens.weight", copy)):
+        raise CheckpointError(
+            f"{path}: lm_head.weight differs from model.embed_tokens.weight but {source} says "
+            "tie_word_embeddings=true"
+        )
+    expected = {hf_name(k): s for k, s in _shapes(args).items()}
+    _check_keys(expected, hf, f"{path} (HF {HF_ARCHITECTURES[args.family]} safetensors)")
+    sd = {}
+    for k in _shapes(args):
+        v, n = hf[hf_name(k)], _rope_heads(k, args)
+        sd[k] = _unpermute(v, n) if n else v
+    args, sd = _resize_heads(args, sd, n_future_tokens)
+    return _build(args, sd, str(path))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -542,23 +659,25 @@ def hf_config(
     eos_id: int | None = None,
     pad_id: int | None = None,
 ) -> dict[str, Any]:
-    """The LlamaForCausalLM config.json of trunk + head 1. Refuses (CheckpointError) what HF Llama cannot express.
+    """The config.json of trunk + head 1 in the model's own HF family (args.family: LlamaForCausalLM,
+    Qwen2ForCausalLM, ...), with its biases, q/k norms, head_dim, tying, sliding window and RoPE scaling.
 
     RoPE is written both ways (`rope_theta` / `rope_scaling`: transformers 4, vLLM, TGI; `rope_parameters`:
-    transformers 5), and the dtype as `torch_dtype` (4) and `dtype` (5). Every ModelArgs field has an HF
-    equivalent today (ffn_hidden_dim -> intermediate_size, rope_scaling_factor -> linear scaling, GQA ->
-    num_key_value_heads); the check reads the config back with load_hf's parser and names any field that would
-    change, so a future extension (qk-norm, biases, Llama 3.1 RoPE, ...) fails here instead of exporting a
-    different network.
+    transformers 5), and the dtype as `torch_dtype` (4) and `dtype` (5). The check reads the config back with
+    load_hf's parser and refuses (CheckpointError) naming any field that would change: a feature the family cannot
+    express (q/k norm in Llama, ...) fails here instead of exporting a different network.
     """
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
     scaling = None
-    if args.rope_scaling_factor != 1.0:
-        scaling = {"rope_type": "linear", "factor": args.rope_scaling_factor}
+    if args.rope_scaling_factor != 1.0 or args.rope_scaling_type != "linear":
+        scaling = {"rope_type": args.rope_scaling_type, "factor": args.rope_scaling_factor}
+        if args.rope_scaling_type == "llama3":
+            scaling.update(low_freq_factor=args.rope_low_freq_factor, high_freq_factor=args.rope_high_freq_factor,
+                           original_max_position_embeddings=args.rope_original_max_seq_len)  # fmt: skip
         rope = {**scaling, "rope_theta": args.rope_theta}
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [HF_ARCHITECTURES[args.family]],
+        "model_type": args.family,
         "hidden_size": args.dim,
         "intermediate_size": args.hidden_dim,
         "num_hidden_layers": args.n_trunk + 1,
@@ -569,9 +688,7 @@ def hf_config(
         "max_position_embeddings": args.max_seq_len,
         "rms_norm_eps": args.norm_eps,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": args.tie_embeddings,
         "rope_theta": args.rope_theta,
         "rope_scaling": scaling,
         "rope_parameters": rope,
@@ -582,24 +699,35 @@ def hf_config(
         "dtype": _dtype_name(dtype),
         "use_cache": True,
     }
+    if args.family in ("llama", "qwen3"):
+        cfg.update(attention_bias=False)
+    if args.family == "llama":
+        cfg.update(mlp_bias=False)
+    if args.family in ("qwen2", "qwen3"):  # the window Qwen ships unused
+        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=args.n_trunk + 1)
+    if args.family == "mistral":
+        cfg.update(sliding_window=args.sliding_window)
     _check_hf_round_trip(args, cfg)
     return cfg
 
 
 def _check_hf_round_trip(args: ModelArgs, cfg: dict[str, Any]) -> None:
     """Every ModelArgs field must come back unchanged from the HF config (as head 1 alone: H = 1)."""
-    back = _hf_args(cfg, "HF export config")
+    name = HF_ARCHITECTURES[args.family].removesuffix("ForCausalLM")
+    back = _hf_args(cfg, f"HF {name} export config")
     want = {"n_layers": args.n_trunk + 1, "n_future_tokens": 1, "n_kv_heads": args.kv_heads}
     want["ffn_hidden_dim"] = args.hidden_dim  # multiple_of / ffn_dim_multiplier only shape the FFN width
+    default_hd = args.dim % args.n_heads == 0 and args.head_dim == args.dim // args.n_heads
+    want["attn_head_dim"] = None if default_hd else args.head_dim
     bad = []
     for f in dataclasses.fields(args):
         if f.name in ("multiple_of", "ffn_dim_multiplier"):
             continue
-        value, got = want.get(f.name, getattr(args, f.name)), getattr(back, f.name, "<no HF Llama key>")
+        value, got = want.get(f.name, getattr(args, f.name)), getattr(back, f.name)
         if value != got:
-            bad.append(f"{f.name} = {value!r} (an HF Llama config gives {got!r})")
+            bad.append(f"{f.name} = {value!r} (an HF {name} config gives {got!r})")
     if bad:
-        raise CheckpointError(f"HF Llama cannot express this model: {'; '.join(bad)}")
+        raise CheckpointError(f"HF {name} cannot express this model: {'; '.join(bad)}")
 
 
 def save_hf(
@@ -610,29 +738,23 @@ def save_hf(
     eos_id: int | None = None,
     pad_id: int | None = None,
 ) -> None:
-    """Write trunk + head 1 as an HF LlamaForCausalLM directory (model.safetensors, generation_config.json,
-    config.json; each atomic, config.json last). The extra heads are not part of it (the Meta export keeps them).
+    """Write trunk + head 1 as an HF directory of the model's own family (model.safetensors,
+    generation_config.json, config.json; each atomic, config.json last). The extra heads are not part of it (the
+    Meta export keeps them).
 
-    `dtype` casts the weights (None: as they are) and is written as the config's torch_dtype. wq/wk get HF's
-    rotate-half permutation back, so `AutoModelForCausalLM.from_pretrained(path)` gives head 1's logits.
+    `dtype` casts the weights (None: as they are) and is written as the config's torch_dtype. q/k rows (weights,
+    biases, norm scales) get HF's rotate-half permutation back, and a tied output is written once (as the
+    embedding), so `AutoModelForCausalLM.from_pretrained(path)` gives head 1's logits.
     """
     path, args = Path(path), model.args
     sd = _full_state_dict(model)
     dtype = dtype or sd["output.weight"].dtype
     cfg = hf_config(args, dtype, bos_id, eos_id, pad_id)
-    top, block = {v: k for k, v in _HF_NAMES.items()}, {v: k for k, v in _HF_BLOCK.items()}
     out = {}
-    for k, v in sd.items():
-        if k in top:
-            out[top[k]] = v.to(dtype)
-            continue
-        parts = k.split(".")  # layers.{i}.{module}.weight (extra_heads.* are not exported)
-        if parts[0] != "layers":
-            continue
-        mod = ".".join(parts[2:-1])
-        if mod in ("attention.wq", "attention.wk"):
-            v = _permute(v, args.n_heads if mod == "attention.wq" else args.kv_heads)
-        out[f"model.layers.{parts[1]}.{block[mod]}.{parts[-1]}"] = v.to(dtype).contiguous()
+    for k in _shapes(args):
+        name, t = to_hf(k, sd[k], args)
+        if name is not None:  # extra_heads.* are not exported
+            out[name] = t.to(dtype).contiguous()
     atomic_write(path / "model.safetensors", lambda tmp: save_file(out, tmp, metadata={"format": "pt"}))
     gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
     atomic_write(path / "generation_config.json", lambda tmp: Path(tmp).write_text(json.dumps(gen, indent=2)))

@@ -33,13 +33,19 @@ MAX_EPOCHS = 20  # more passes than this over a fine-tuning split memorise it: -
 
 
 def check_tokenizer(cfg: C.Config, model_dir: Path, tokenizer) -> M.ModelArgs:
-    """Every token id must have a row in the model's embedding: checked before any work (ids past the vocabulary
-    would otherwise fail mid-step)."""
+    """Every token id must have a row in the model's embedding, and every row must fit a sliding attention window:
+    checked before any work (ids past the vocabulary, or a row past the window, would otherwise fail mid-step)."""
     args = formats.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     if len(tokenizer) > args.vocab_size:
         raise formats.CheckpointError(
             f"{cfg.source}: the tokenizer ({cfg.model.tokenizer or model_dir}) has {len(tokenizer)} tokens but the "
             f"model's vocab_size is {args.vocab_size} ({model_dir}): use the tokenizer the model was trained with"
+        )
+    if args.sliding_window is not None and args.sliding_window < cfg.data.max_length:  # Mistral: see model.py
+        raise formats.CheckpointError(
+            f"{cfg.source}: data.max_length = {cfg.data.max_length} is longer than the model's sliding_window = "
+            f"{args.sliding_window} ({model_dir}): this framework attends to whole sequences, which is the windowed "
+            "model only up to the window; lower data.max_length to at most the window"
         )
     return args
 
@@ -139,7 +145,7 @@ class MemoryPlan:
             ("AdamW states (sharded, fp32 m+v)", self.optim_gb),
             ("activations, no checkpointing", self.activations_gb),
             ("activations, per-block checkpointing", self.activations_ckpt_gb),
-            ("one head's logits + grad (fp32)", self.logits_gb),
+            ("one head's logits, CE and grads", self.logits_gb),
             ("reference / reward models", self.aux_models_gb),
         ]
         lines = [f"  {name:<40s} {gb:8.2f} GB" for name, gb in rows]
@@ -163,12 +169,17 @@ def plan_memory(
     aux_sharded: bool = False,
     bf16: bool = True,
     trainable_params: int | None = None,
+    logits_rows: int | None = None,
 ) -> MemoryPlan:
     """Per-device memory for FSDP2 training (the formulas are printed by --dry-run, so keep them simple).
 
     Params are sharded over `world_size`; during a block's compute one block is all-gathered (ignored: small).
     Activations per block follow Korthikanti et al. (2022) with flash attention: ~34 * s * b * d bytes in 16-bit;
     with checkpointing only the block inputs (2 * s * b * d bytes each) plus one block's full activations stay.
+    The logits term is the loss as it computes them (`logits_bytes`): one head at a time; with `logits_rows` (the
+    chunk of model.ce_chunk) the logits of at most that many positions, plus the output projection's gradient
+    accumulated over the chunks in fp32 and one chunk's product in the compute dtype; without, every position
+    of the micro-batch at once.
     """
     gb = 1024**3
     p_bytes = 2 if bf16 else 4
@@ -182,11 +193,27 @@ def plan_memory(
     per_block = 34 * tokens * dim * (p_bytes / 2) / gb
     acts = n_blocks * per_block
     acts_ckpt = n_blocks * 2 * tokens * dim / gb + per_block
-    logits = 2 * tokens * vocab * 4 / gb  # fp32 logits and their gradient, one head at a time
+    chunked = bool(logits_rows)
+    logits = min(logits_rows or tokens, tokens) * vocab * logits_bytes(bf16, chunked) / gb
+    if chunked:
+        logits += vocab * dim * (4 + p_bytes) / gb
     aux = aux_params * p_bytes / (world_size if aux_sharded else 1) / gb
     return MemoryPlan(
         world_size, params, grads, optim, acts, acts_ckpt, logits, aux, budget_gb, activation_checkpointing
     )
+
+
+def logits_bytes(bf16: bool, chunked: bool = False) -> int:
+    """Bytes per logit at the peak of one head's CE step (model.mtp_loss_backward).
+
+    Whole (model.ce_chunk = 0): the logits in the compute dtype (bf16: 2, fp32: 4), their fp32 copy for the CE
+    (bf16 only: 4), the CE's saved log-softmax (4), the gradient reaching it (4) and the fp32 logits' gradient (4,
+    fp32 only: in bf16 it reuses the copy's place); measured on CPU for a 152k vocabulary and 512 positions: 13.5
+    bytes (bf16) and 16.3 (fp32) per logit. Chunked (model._ChunkedCE): one fp32 buffer per logit (4), beside
+    the compute-dtype logits it is made from and the gradient cast back to them in bf16 (2)."""
+    if chunked:
+        return 6 if bf16 else 4
+    return 14 if bf16 else 16
 
 
 def format_count(n: float) -> str:
@@ -261,6 +288,7 @@ def run_plan(
         aux_sharded=cfg.train.aux_models == "shard",
         bf16=cfg.model.dtype == "bfloat16",
         trainable_params=trainable,
+        logits_rows=cfg.model.ce_chunk or None,
     )
     return plan, trainable, aux
 

@@ -422,7 +422,8 @@ def _ce_metrics(valid: Tensor, ce: Tensor, ref: Tensor | None, nonfinite: int) -
 def model_ce(batch: dict, state: ScorerState) -> Tensor:
     """CE_k(t) [B, S, H] of the model being trained, from one extra no-grad pass over every head: what the
     "sequence" scope needs before any head's weight, and what `weights` feeds a per-head weigher with."""
-    return M.mtp_head_ce(state.model, _hidden(batch), batch["targets"], _valid(batch))
+    chunk = state.cfg.model.ce_chunk
+    return M.mtp_head_ce(state.model, _hidden(batch), batch["targets"], _valid(batch), chunk=chunk)
 
 
 def weights(batch: dict, state: ScorerState) -> Tensor:

@@ -8,6 +8,14 @@ base (params.json + consolidated.pth), an HF Llama reference model and an HF rew
 tokenizer saved alongside (the models' vocabulary fits both tokenizers); and for the synthetic benchmark
 (data.py) its word-level tokenizer and a ~1M-parameter Meta-format H=4 base. Each artefact is written to a temp
 directory and renamed into place, so an existing directory is always complete and a rerun skips it.
+
+Today's HF families, as their hubs ship them (transformers' own config and model classes, `save_pretrained`,
+bf16 weights), each with a tokenizer of its kind: `base_llama3` (Llama 3.x: llama3 RoPE scaling, tied embeddings,
+GQA; a Llama-3-style byte-level BPE that prepends <|begin_of_text|>), `base_qwen2` (Qwen2.5: q/k/v biases, tied
+embeddings, a vocabulary padded past the tokenizer; a Qwen-style byte-level BPE with no BOS), `base_qwen3` (Qwen3:
+q/k RMSNorm, head_dim != hidden / heads; the Qwen tokenizer) and `base_mistral` (Mistral: a sliding window; the
+Llama-2-style tokenizer). Their norm scales and biases are random too (transformers initialises them to 1 and 0),
+so a loader that permuted them wrongly would show in the logits.
 """
 
 from __future__ import annotations
@@ -33,14 +41,27 @@ import synthetic
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 LLAMA_SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}  # no pad, as Llama-2
+# the two byte-level BPE tokenizers of today's families: Llama 3 (BOS prepended, no pad) and Qwen (no BOS; the pad
+# is <|endoftext|>, the base models' EOS)
+LLAMA3_SPECIAL_TOKENS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+QWEN_SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+QWEN_EXTRA_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# how the text is split before the merges: Llama 3's rule (numbers in runs of up to 3 digits) and Qwen's (digit by
+# digit); no prefix space in either
+SPLIT_LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPLIT_QWEN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+FAMILIES = ("llama3", "qwen2", "qwen3", "mistral")  # base_<family>: see the module docstring
 ARTEFACTS = (
     "tokenizer",
     "tokenizer_llama",
+    "tokenizer_llama3",
+    "tokenizer_qwen",
     "base_meta",
     "ref_hf",
     "rm_hf",
     "synthetic_tokenizer",
     "synthetic_base",
+    *(f"base_{f}" for f in FAMILIES),
 )
 SEED = 0
 
@@ -124,6 +145,61 @@ def train_llama_tokenizer(data_root: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **LLAMA_SPECIAL_TOKENS)
 
 
+def train_bpe_tokenizer(data_root: str, kind: str):
+    """A byte-level BPE of today's kind (`kind`: "llama3" or "qwen"), VOCAB_SIZE pieces, as the hubs ship them.
+
+    Both split the text by a regex first (Llama 3's or Qwen's) and map bytes to printable characters with no prefix
+    space, so "def" at the start of a line is one piece and a space joins the word after it (" return"). Llama 3
+    prepends <|begin_of_text|> (its BOS) and has no pad token; Qwen adds no BOS at all (a training row starts with
+    the prompt's first token), pads with <|endoftext|> (its base models' EOS) and is saved as transformers'
+    Qwen2Tokenizer with no unk token, as Qwen's tokenizer_config.json says (the class a Qwen model directory
+    loads with AutoTokenizer).
+    """
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    tok = Tokenizer(models.BPE())
+    if kind == "qwen":
+        tok.normalizer = normalizers.NFC()
+    split = SPLIT_LLAMA3 if kind == "llama3" else SPLIT_QWEN
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_corpus(data_root), trainer=trainer)
+    if kind == "qwen":  # Qwen2Tokenizer builds the same pipeline (Qwen's split rule, NFC) from vocab + merges
+        learned = json.loads(tok.to_str())["model"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+        out = Qwen2Tokenizer(vocab=learned["vocab"], merges=merges, unk_token=None,
+                             model_max_length=4096, **QWEN_SPECIAL_TOKENS)  # fmt: skip
+        out.add_special_tokens({"additional_special_tokens": QWEN_EXTRA_TOKENS})
+        return out
+    bos = LLAMA3_SPECIAL_TOKENS["bos_token"]
+    tok.add_special_tokens(list(LLAMA3_SPECIAL_TOKENS.values()))  # after the learned pieces, as in Llama 3
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        ),
+    ])  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **LLAMA3_SPECIAL_TOKENS)
+
+
 def load_tokenizer(out: Path):
     from transformers import AutoTokenizer
 
@@ -139,6 +215,14 @@ def build_tokenizer(out: Path, data_root: str, force: bool = False) -> bool:
 def build_llama_tokenizer(out: Path, data_root: str, force: bool = False) -> bool:
     return _atomic_dir(
         out / "tokenizer_llama", lambda tmp: train_llama_tokenizer(data_root).save_pretrained(str(tmp)), force
+    )
+
+
+def build_bpe_tokenizer(out: Path, data_root: str, kind: str, force: bool = False) -> bool:
+    return _atomic_dir(
+        out / f"tokenizer_{kind}",
+        lambda tmp: train_bpe_tokenizer(data_root, kind).save_pretrained(str(tmp)),
+        force,
     )
 
 
@@ -213,6 +297,65 @@ def build_rm_hf(out: Path, force: bool = False) -> bool:
     return _save_hf(out, "rm_hf", make, force)
 
 
+# the shape every tiny family base shares (per family: its features, listed in `family_config`)
+FAMILY_SHAPE = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
+LLAMA3_ORIGINAL_LEN = 64  # llama3 RoPE's original_max_position_embeddings: the tests run sequences past it
+MISTRAL_WINDOW = 256  # base_mistral's sliding_window (its max_position_embeddings: twice that)
+FAMILY_TOKENIZER = {"llama3": "tokenizer_llama3", "qwen2": "tokenizer_qwen", "qwen3": "tokenizer_qwen",
+                    "mistral": "tokenizer_llama"}  # fmt: skip
+
+
+def family_config(family: str, tokenizer):
+    """transformers' config of a tiny base of `family`, with the features that set the family apart."""
+    import transformers
+
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    ids["pad_token_id"] = tokenizer.pad_token_id
+    if family == "llama3":  # Llama 3.2-1B's features: llama3 RoPE scaling, tied embeddings, GQA
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": LLAMA3_ORIGINAL_LEN}  # fmt: skip
+        return transformers.LlamaConfig(**FAMILY_SHAPE, **ids, rope_parameters=rope, tie_word_embeddings=True)
+    if family == "qwen2":  # Qwen2.5-0.5B's: q/k/v biases, tied, the vocabulary padded past the tokenizer
+        vocab = -(-(len(tokenizer) + 1) // 64) * 64
+        rope = {"rope_type": "default", "rope_theta": 1000000.0}
+        return transformers.Qwen2Config(**FAMILY_SHAPE, **ids, vocab_size=vocab, rope_parameters=rope,
+                                        tie_word_embeddings=True, use_sliding_window=False)  # fmt: skip
+    if family == "qwen3":  # Qwen3's: q/k RMSNorm, head_dim 32 != 64 / 4, untied (as the 8B)
+        rope = {"rope_type": "default", "rope_theta": 1000000.0}
+        return transformers.Qwen3Config(**FAMILY_SHAPE, **ids, vocab_size=len(tokenizer), head_dim=32,
+                                        rope_parameters=rope, tie_word_embeddings=False)  # fmt: skip
+    if (
+        family == "mistral"
+    ):  # Mistral 7B v0.1's: a sliding window shorter than the context (as long as the tiny
+        # configs' rows: their runs fit, a longer sequence is refused)
+        shape = {**FAMILY_SHAPE, "max_position_embeddings": 2 * MISTRAL_WINDOW}
+        return transformers.MistralConfig(
+            **shape, **ids, vocab_size=len(tokenizer), sliding_window=MISTRAL_WINDOW
+        )
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def build_family_base(out: Path, family: str, force: bool = False) -> bool:
+    """base_<family>: a seeded random model of transformers' own class for that family, saved in bf16 (as the hubs
+    ship them) with its tokenizer."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(out / FAMILY_TOKENIZER[family]))
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(family_config(family, tokenizer))
+        with torch.no_grad():  # norm scales and biases: random too (transformers makes them 1 and 0)
+            for name, p in model.named_parameters():
+                if p.ndim == 1:
+                    p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.1 * torch.randn_like(p))
+        model.to(torch.bfloat16).save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+    return _atomic_dir(out / f"base_{family}", build, force)
+
+
 def synthetic_tokenizer():
     """Word-level tokenizer over synthetic.SYN_VOCAB (one word, one token), BOS prepended like Llama."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -259,11 +402,14 @@ def build_all(
     steps = {
         "tokenizer": lambda: build_tokenizer(out, root, force),
         "tokenizer_llama": lambda: build_llama_tokenizer(out, root, force),
+        "tokenizer_llama3": lambda: build_bpe_tokenizer(out, root, "llama3", force),
+        "tokenizer_qwen": lambda: build_bpe_tokenizer(out, root, "qwen", force),
         "base_meta": lambda: build_base_meta(out, force),
         "ref_hf": lambda: build_ref_hf(out, force),
         "rm_hf": lambda: build_rm_hf(out, force),
         "synthetic_tokenizer": lambda: build_synthetic_tokenizer(out, force),
         "synthetic_base": lambda: build_synthetic_base(out, force),
+        **{f"base_{f}": (lambda f=f: build_family_base(out, f, force)) for f in FAMILIES},
     }
     for name, step in steps.items():
         t0 = time.perf_counter()

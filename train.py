@@ -73,6 +73,11 @@ def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
 
         lc = cfg.train.lora  # peft freezes the base weights; adapters on the blocks of trunk and heads
+        if net.args.tie_embeddings and "output" in lc.target_modules:
+            raise TrainError(
+                f"{cfg.source}: train.lora.target_modules has 'output', but {model_dir} ties its output to the input "
+                "embedding (tie_word_embeddings): an adapter there would untie them; target the blocks only"
+            )
         lora = LoraConfig(
             r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules
         )
@@ -298,12 +303,15 @@ def micro_step(r: Run, batch: dict, count_total: float, step: int) -> dict:
     h = r.net(batch["input_ids"], stage="trunk")
     weigher = score.SCORERS[cfg.loss.scorer]({**batch, "hidden": h.detach()}, r.scorer)
 
-    def w(k: int, ce: torch.Tensor) -> torch.Tensor:  # head k's mixed weights
+    def w(k: int, ce: torch.Tensor | None) -> torch.Tensor:  # head k's mixed weights
         return r.faults.weights(score.mix(weigher(k, ce), cfg.loss.lam, valid[..., k]), step)
 
+    w.per_head = (
+        weigher.per_head
+    )  # False: asked before head k's CE exists, so its chunked CE runs in one pass
     count = valid.sum().item()
     alpha, scale = cfg.loss.head_weights or None, count / max(count_total, 1.0)
-    out = M.mtp_loss_backward(r.net, h, targets, valid, w, alpha=alpha, scale=scale)
+    out = M.mtp_loss_backward(r.net, h, targets, valid, w, alpha=alpha, scale=scale, chunk=cfg.model.ce_chunk)
     out["count"] = count
     out["weights"] = weigher.finish()  # the scorer's weights before mixing (what weight statistics describe)
     out["valid"] = valid
@@ -349,7 +357,7 @@ def validate(cfg, net, val_ds, pad_id: int, d: P.Dist) -> dict:
         ids, mask = batch["input_ids"].to(d.device), batch["loss_mask"].to(d.device)
         targets, valid = M.mtp_targets(ids, mask, H)
         with autocast(cfg, d):
-            ce = M.mtp_head_ce(net, net(ids, stage="trunk"), targets, valid)
+            ce = M.mtp_head_ce(net, net(ids, stage="trunk"), targets, valid, chunk=cfg.model.ce_chunk)
         sums[:H] += ce.sum((0, 1)).double()
         sums[H:] += valid.sum((0, 1)).double()
     P.all_reduce(sums)
@@ -375,13 +383,17 @@ def parse_cli(argv: list[str]) -> tuple[str, list[str], set[str]]:
         raise SystemExit(
             "usage: train.py CONFIG.toml [--section.key=value ...] [--resume] [--dry-run] [--overwrite]\n"
             "       train.py promote --run RUN_ID --alias staging|production\n"
-            "       train.py export --checkpoint DIR --format hf|meta --out OUT"
+            "       train.py export --checkpoint DIR --format hf|meta --out OUT\n"
+            "       train.py --version"
             + (f"\nunknown option(s): {' '.join(sorted(unknown))}" if unknown else "")
         )
     return paths[0], overrides, flags
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["--version"], ["-V"]):
+        print(tracking.version())
+        return 0
     if argv and argv[0] == "promote":
         return tracking.main(argv[1:])
     if argv and argv[0] == "export":

@@ -91,6 +91,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4, help="H of the MTP configurations")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--ce-chunk", type=int, default=1024, help="positions per chunk of a head's CE (model.ce_chunk)"
+    )
+    p.add_argument(
+        "--part",
+        default="all",
+        choices=["all", "heads", "chunk"],
+        help="heads: H=4 vs H=1, naive, rho1 scopes; chunk: chunked vs unchunked CE at --vocabs",
+    )
+    p.add_argument("--vocabs", default="32000,151936", help="part chunk: vocabularies, comma-separated")
+    p.add_argument(
+        "--chunk-dim", type=int, default=64, help="part chunk: model width (the issue's tiny trunk)"
+    )
+    p.add_argument("--chunk-trunk", type=int, default=2, help="part chunk: trunk blocks (plus H head blocks)")
+    p.add_argument("--chunk-seq", type=int, default=512, help="part chunk: packed row length")
+    p.add_argument("--chunk-batch", type=int, default=8, help="part chunk: micro-batch")
+    p.add_argument(
+        "--no-chunk-rho1",
+        dest="chunk_rho1",
+        action="store_false",
+        help="part chunk: skip the rows with CE-dependent (rho1 per head) weights",
+    )
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -182,11 +204,11 @@ def run_child(a: argparse.Namespace) -> dict:
         if path == "rho1_head":  # head k weighted from its own CE, inside the head loop
             w = lambda k, ce: rho1(ce - ref_ce[..., k], valid[..., k])  # noqa: E731
         elif path == "rho1_seq":  # every head's CE first (no grad), then all weights jointly
-            ce = M.mtp_head_ce(model, h.detach(), targets, valid)
+            ce = M.mtp_head_ce(model, h.detach(), targets, valid, chunk=a.ce_chunk)
             w = rho1(ce - ref_ce, valid)
         else:
             w = weights
-        M.mtp_loss_backward(model, h, targets, valid, w)
+        M.mtp_loss_backward(model, h, targets, valid, w, chunk=a.ce_chunk)
 
     step()  # warm-up
     meter = PeakMeter(a.device)
@@ -208,7 +230,7 @@ def run_child(a: argparse.Namespace) -> dict:
         for _ in range(a.repeats):
             sync()
             t0 = time.perf_counter()
-            M.mtp_head_ce(model, h, targets, valid)
+            M.mtp_head_ce(model, h, targets, valid, chunk=a.ce_chunk)
             sync()
             ce_times.append(time.perf_counter() - t0)
         out["rho1_pass_s"] = statistics.median(ce_times)
@@ -235,12 +257,26 @@ def mb(x: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    if a.child.startswith("chunk:"):
+        chunk_worker(a)
+        return
     if a.child:
         print(json.dumps(run_child(a)))
         return
     base_argv = list(argv if argv is not None else sys.argv[1:])
-    res = {}
     t0 = time.time()
+    if a.part in ("all", "heads"):
+        bench_heads(a, base_argv)
+    if a.part in ("all", "chunk"):
+        if a.device != "cpu":
+            sys.exit("--part chunk measures the process RSS: CPU only (--device cpu)")
+        bench_chunks(a, base_argv)
+    print(f"total wall time {time.time() - t0:.0f} s")
+
+
+def bench_heads(a: argparse.Namespace, base_argv: list[str]) -> None:
+    """H=4 vs H=1, efficient vs naive, rho1 scopes: one fresh process per configuration."""
+    res = {}
     for name in CONFIGS:
         cmd = [sys.executable, __file__, *base_argv, "--child", name]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -277,7 +313,125 @@ def main(argv: list[str] | None = None) -> None:
     print(f"(c) rho1 step, scope head / sequence: time x{rh['step_s'] / rs['step_s']:.2f} "
           f"({rh['step_s']:.3f} s vs {rs['step_s']:.3f} s: the per-head scope saves "
           f"{100 * (1 - rh['step_s'] / rs['step_s']):.0f}%), peak x{rh['peak'] / rs['peak']:.2f}")  # fmt: skip
-    print(f"total wall time {time.time() - t0:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# part "chunk": a head's CE in chunks of positions vs all of its logits at once (issue 22), at 32k and 152k
+
+
+CHUNK_ROWS = (("uniform", "known"), ("rho1 per head", "ce"))  # weights known before the head / from its CE
+
+
+def chunk_worker(a: argparse.Namespace) -> None:
+    """One (vocabulary, chunk, weights) configuration kept alive in its own process: the parent sends "step" on
+    stdin, the worker runs one training step (trunk forward, the head-by-head loss and backward, AdamW) and
+    answers its time and the process's memory as a JSON line. Its own process, so its peak RSS is its own."""
+    import torch
+
+    import model as M
+    import score
+
+    vocab, chunk, weights = a.child.split(":")[1:]
+    vocab, chunk = int(vocab), int(chunk)
+    torch.manual_seed(0)
+    H = a.heads
+    args = M.ModelArgs(dim=a.chunk_dim, n_layers=a.chunk_trunk + H, n_heads=4, vocab_size=vocab,
+                       n_future_tokens=H, multiple_of=64, max_seq_len=a.chunk_seq)  # fmt: skip
+    model = M.Transformer(args).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, vocab, (a.chunk_batch, a.chunk_seq))
+    targets, valid = M.mtp_targets(ids, torch.ones_like(ids, dtype=torch.bool), H)  # packed rows
+    ref_ce = torch.rand(valid.shape) * 8
+
+    def rho1(k: int, ce: torch.Tensor) -> torch.Tensor:  # spec §3.3 defaults on the head's own excess CE
+        v = valid[..., k]
+        return score.rho1_weights(
+            ce - ref_ce[..., k], v, 0.7, 0.05, 3.0, "weighted", 0.2, 1.0, scope="sequence"
+        )
+
+    w = valid.float() if weights == "known" else rho1
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        M.mtp_loss_backward(model, model(ids, stage="trunk"), targets, valid, w, chunk=chunk)
+        opt.step()
+
+    def status() -> dict:
+        return {"rss": _proc_status("VmRSS"), "hwm": _proc_status("VmHWM")}
+
+    print(json.dumps({"ready": True, **status()}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        gc.collect()
+        before = status()["rss"]
+        t0 = time.perf_counter()
+        step()
+        print(json.dumps({"t": time.perf_counter() - t0, "before": before, **status()}), flush=True)
+
+
+class Worker:
+    """A chunk_worker subprocess and its answers."""
+
+    def __init__(self, base_argv: list[str], vocab: int, chunk: int, weights: str):
+        cmd = [sys.executable, __file__, *base_argv, "--child", f"chunk:{vocab}:{chunk}:{weights}"]
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        self.start = self._answer()
+        self.steps: list[dict] = []
+
+    def _answer(self) -> dict:
+        line = self.p.stdout.readline()
+        if not line:
+            sys.exit(f"worker {self.p.args[-1]} died (exit {self.p.wait()})")
+        return json.loads(line)
+
+    def step(self) -> dict:
+        self.p.stdin.write("step\n")
+        self.p.stdin.flush()
+        self.steps.append(self._answer())
+        return self.steps[-1]
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        self.p.wait()
+
+
+def bench_chunks(a: argparse.Namespace, base_argv: list[str]) -> None:
+    """Per vocabulary and weights: the chunked and the unchunked step in two live processes, stepped alternately
+    (one warm-up step each, then `--repeats` pairs): the median of the per-pair time ratios, and each process's
+    peak RSS over all its steps (the whole process: interpreter, torch, model, optimizer, data)."""
+    vocabs = [int(v) for v in a.vocabs.split(",")]
+    print(f"chunked vs unchunked CE: H={a.heads}, dim {a.chunk_dim}, {a.chunk_trunk} trunk blocks + {a.heads} head "
+          f"blocks, packed rows of {a.chunk_seq} tokens, micro-batch {a.chunk_batch}, fp32 on CPU, chunk "
+          f"{a.ce_chunk} positions; a step = trunk + head-by-head loss and backward + AdamW; {a.repeats} alternating "
+          f"pairs after a warm-up each")  # fmt: skip
+    print(f"{'vocab':>7} {'weights':<14} {'unchunked':>10} {'chunked':>10} {'time ratio':>10} {'range':>12} "
+          f"{'peak RSS unchunked':>19} {'chunked':>8} {'goal':>18}")  # fmt: skip
+    for vocab in vocabs:
+        for label, weights in CHUNK_ROWS:
+            if weights == "ce" and not a.chunk_rho1:
+                continue
+            whole, chunked = (
+                Worker(base_argv, vocab, 0, weights),
+                Worker(base_argv, vocab, a.ce_chunk, weights),
+            )
+            whole.step(), chunked.step()  # warm-up
+            ratios = []
+            for _ in range(a.repeats):
+                t_whole, t_chunked = whole.step()["t"], chunked.step()["t"]
+                ratios.append(t_chunked / t_whole)
+            whole.close(), chunked.close()
+            med = lambda w: statistics.median(s["t"] for s in w.steps[1:])  # noqa: E731
+            peak = lambda w: max(s["hwm"] for s in w.steps) / 1e9  # noqa: E731
+            ratio = statistics.median(ratios)
+            goal = ""
+            if vocab > 100_000 and weights == "known":
+                met = peak(chunked) < 2.0 and ratio <= 1.05
+                goal = f"{'met' if met else 'NOT met'} (<2.0 GB, <=1.05x)"
+            print(f"{vocab:>7} {label:<14} {med(whole):>8.2f} s {med(chunked):>8.2f} s {ratio:>9.2f}x "
+                  f"{min(ratios):>5.2f}-{max(ratios):.2f}x {peak(whole):>16.2f} GB {peak(chunked):>5.2f} GB "
+                  f"{goal:>18}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

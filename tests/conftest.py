@@ -6,4 +6,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tests.servers import *  # noqa: E402,F403
-from tests.tiny_fixture import tiny_dir, tiny_llama_tokenizer_dir, tiny_tokenizer_dir  # noqa: E402,F401
+from tests.tiny_fixture import (  # noqa: E402,F401
+    tiny_dir,
+    tiny_llama3_tokenizer_dir,
+    tiny_llama_tokenizer_dir,
+    tiny_qwen_tokenizer_dir,
+    tiny_tokenizer_dir,
+)

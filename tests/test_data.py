@@ -31,14 +31,22 @@ def tok(tiny_tokenizer_dir):
     return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
 
 
-@pytest.fixture(scope="module", params=["bpe", "llama"])
-def any_tok(request, tiny_tokenizer_dir, tiny_llama_tokenizer_dir):
-    """Both tiny tokenizers: byte-level BPE, and Llama-2 style (SentencePiece-like "▁" prefix, byte fallback)."""
+@pytest.fixture(scope="module", params=["bpe", "llama", "llama3", "qwen"])
+def any_tok(
+    request, tiny_tokenizer_dir, tiny_llama_tokenizer_dir, tiny_llama3_tokenizer_dir, tiny_qwen_tokenizer_dir
+):
+    """Every kind of tiny tokenizer: byte-level BPE with <s>, Llama-2 style (SentencePiece-like "▁" prefix, byte
+    fallback), and today's byte-level BPEs: Llama 3's (<|begin_of_text|>, no pad) and Qwen's (no BOS at all)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(
-        str(tiny_llama_tokenizer_dir if request.param == "llama" else tiny_tokenizer_dir)
-    )
+    dirs = {"bpe": tiny_tokenizer_dir, "llama": tiny_llama_tokenizer_dir, "llama3": tiny_llama3_tokenizer_dir,
+            "qwen": tiny_qwen_tokenizer_dir}  # fmt: skip
+    return AutoTokenizer.from_pretrained(str(dirs[request.param]))
+
+
+def bos(tok) -> list[int]:
+    """What a row starts with: [BOS], or nothing for a tokenizer without one (Qwen)."""
+    return [tok.bos_token_id] if tok.bos_token_id is not None else []
 
 
 def make_cfg(tmp_path: Path, *overrides: str):
@@ -301,7 +309,7 @@ def test_build_dataset_rows_masks_and_cache_hit(tmp_path, any_tok, mbpp):
         p = mbpp[row["task_id"]]
         prompt = data.encode_prompt(tok, data.mbpp_prompt(p))
         n = len(prompt)
-        assert row["input_ids"][:n] == prompt and prompt[0] == tok.bos_token_id
+        assert row["input_ids"][:n] == prompt and prompt[: len(bos(tok))] == bos(tok)
         assert row["loss_mask"] == [False] * n + [True] * (len(row["input_ids"]) - n)
         assert row["input_ids"][-1] == tok.eos_token_id
         assert tok.decode(row["input_ids"][n:-1]) == data.mbpp_target(p)
@@ -324,10 +332,10 @@ def test_training_rows_are_the_tokens_of_prompt_plus_completion(tmp_path, any_to
     for row in ds:
         prompt, target = data.mbpp_prompt(mbpp[row["task_id"]]), data.mbpp_target(mbpp[row["task_id"]])
         enc = tok(prompt + target, add_special_tokens=False, return_offsets_mapping=True)
-        assert row["input_ids"] == [tok.bos_token_id, *enc["input_ids"], tok.eos_token_id]
+        assert row["input_ids"] == [*bos(tok), *enc["input_ids"], tok.eos_token_id]
         n = row["loss_mask"].index(True)
         assert row["loss_mask"] == [False] * n + [True] * (len(row["input_ids"]) - n)
-        assert enc["offset_mapping"][n - 1][0] == len(prompt)  # row[n] is enc[n - 1] (BOS first)
+        assert enc["offset_mapping"][n - len(bos(tok))][0] == len(prompt)  # row[n] is enc[n - 1] after a BOS
         assert row["input_ids"][:n] == data.encode_prompt(tok, prompt)
 
 
@@ -354,6 +362,8 @@ def test_truncation_keeps_bos_prompt_end_and_completion_start():
     p, c = data._fit([0, 5, 6], comp, 64)  # short prompt: only the completion's tail is cut
     assert p == [0, 5, 6] and c == comp[:61]
     assert data._fit([0, 5], [7, 1], 64) == ([0, 5], [7, 1])
+    p, c = data._fit(prompt[1:], comp, 64, keep=0)  # no BOS (Qwen): the prompt's first token is not kept
+    assert len(p) + len(c) == 64 and p == prompt[-32:] and c == comp[:32]
 
 
 def test_three_shot_dataset_is_truncated_to_max_length(tmp_path, any_tok):
@@ -362,7 +372,7 @@ def test_three_shot_dataset_is_truncated_to_max_length(tmp_path, any_tok):
         make_cfg(tmp_path, "--data.template=three_shot", "--data.max_length=200"), tok, "prompt"
     )
     for ids, mask in zip(ds["input_ids"][:], ds["loss_mask"][:], strict=True):
-        assert len(ids) <= 200 and ids[0] == tok.bos_token_id and sum(mask) >= 1
+        assert len(ids) <= 200 and ids[: len(bos(tok))] == bos(tok) and sum(mask) >= 1
         n = mask.index(True)
         assert all(mask[n:]) and not any(mask[:n])
 
@@ -433,7 +443,7 @@ def test_eval_batches_in_order_with_partial_last(tmp_path, any_tok):
     assert [len(b["index"]) for b in batches] == [4, 4, 2]
     assert torch.cat([b["index"] for b in batches]).tolist() == list(range(10))
     first = batches[0]
-    assert (first["input_ids"][~first["loss_mask"]][:1] == tok.bos_token_id).all()
+    assert first["input_ids"][0, : len(bos(tok))].tolist() == bos(tok)
 
 
 def test_humaneval_file_may_be_plain_jsonl(tmp_path):

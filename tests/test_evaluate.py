@@ -228,7 +228,7 @@ def test_unknown_task_id_error_in_python(tmp_path, humaneval):
 TOKENIZERS = ["tokenizer", "tokenizer_llama"]  # tiny.py's byte-level BPE and Llama-2 style tokenizers
 
 
-@pytest.mark.parametrize("tok_name", TOKENIZERS)
+@pytest.mark.parametrize("tok_name", [*TOKENIZERS, "tokenizer_llama3", "tokenizer_qwen"])  # + today's BPEs
 def test_evaluation_prompts_are_the_training_rows_prompts(tok_name, tiny_dir, tmp_path, mbpp):
     """Generation starts from exactly the tokens that precede the completion in training (same split here)."""
     from transformers import AutoTokenizer
@@ -365,3 +365,16 @@ def test_greedy_completions_do_not_depend_on_the_batch_size(tiny_checkpoint):
         )
         got.append(evaluate.generate(cfg, net, tok, prompts, 1, data.MBPP_STOP))
     assert got[0] == got[1] and all(len(c) == 1 for c in got[0])
+
+
+@pytest.mark.parametrize("tok_name", ["tokenizer_llama3", "tokenizer_qwen"])
+def test_prompts_cut_to_room_keep_bos_only_when_there_is_one(tok_name, tiny_dir):
+    """A prompt too long for the room loses its oldest tokens: after BOS (Llama 3), from the very start (Qwen)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir / tok_name))
+    text = "def f(x):\n    return x + 1\n" * 8
+    full = data.encode_prompt(tok, text)
+    [cut] = evaluate.prompt_ids(tok, [text], 10)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    assert len(full) > 10 and cut == bos + full[len(full) - 10 + len(bos) :] and len(cut) == 10

@@ -27,10 +27,10 @@ def test_full_fine_tuning_figures():
     assert p.activations_ckpt_gb == pytest.approx(
         0.0100582838
     )  # 10 block inputs (2 x 200 x 1000) + one block
-    assert p.logits_gb == pytest.approx(0.0476837158)  # one head: fp32 logits + grad, 2 x 200 x 32000 x 4
+    assert p.logits_gb == pytest.approx(0.0834465027)  # one head: 200 x 32000 logits x 14 bytes (bf16 step)
     assert p.aux_models_gb == 0.0
-    assert p.total_gb == pytest.approx(3.8363039494)
-    assert plan(activation_checkpointing=True).total_gb == pytest.approx(3.7830322981)
+    assert p.total_gb == pytest.approx(3.8720667363)
+    assert plan(activation_checkpointing=True).total_gb == pytest.approx(3.8187950850)
 
 
 def test_lora_keeps_the_frozen_base_in_the_compute_dtype():
@@ -59,3 +59,22 @@ def test_fits_flips_exactly_at_ninety_percent_of_the_budget():
 
 def test_format_count():
     assert [format_count(n) for n in (6.74e9, 1.63e6, 5300, 42)] == ["6.74B", "1.63M", "5.30K", "42"]
+
+
+def test_logits_are_counted_as_the_loss_computes_them():
+    """Unchunked (model.ce_chunk = 0): one head's logits at every position of the micro-batch, 14 bytes each in a
+    bf16 step, 16 in fp32. Chunked over positions (logits_rows = the chunk, never more than the micro-batch's
+    positions): 6 bytes per logit of one chunk in bf16, 4 in fp32, plus the output projection's gradient
+    accumulator (fp32) and one chunk's product of it (compute dtype)."""
+    assert plan(bf16=False).logits_gb == pytest.approx(200 * 32000 * 16 / 2**30)
+    acc = 32000 * 1000 * (4 + 2)  # vocab x dim: fp32 accumulator + a bf16 product
+    assert plan(logits_rows=50).logits_gb == pytest.approx((50 * 32000 * 6 + acc) / 2**30)
+    assert plan(logits_rows=10**6).logits_gb == pytest.approx((200 * 32000 * 6 + acc) / 2**30)
+    assert plan(logits_rows=50, bf16=False).logits_gb == pytest.approx(
+        (50 * 32000 * 4 + 32000 * 1000 * 8) / 2**30
+    )
+    big = plan(vocab=151936, seq_len=1024, micro_batch=4)  # Qwen2.5's vocabulary: 8 GB for one head unchunked
+    assert big.logits_gb == pytest.approx(4096 * 151936 * 14 / 2**30) and big.logits_gb > 8
+    chunked = plan(vocab=151936, seq_len=1024, micro_batch=4, logits_rows=1024)
+    assert chunked.logits_gb == pytest.approx((1024 * 151936 * 6 + 151936 * 1000 * 6) / 2**30)
+    assert chunked.logits_gb < big.logits_gb / 4

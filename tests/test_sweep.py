@@ -318,7 +318,7 @@ def test_statistics_and_conclusion():
     }
 
 
-@pytest.mark.parametrize("name", ["synthetic.toml", "mbpp_7b.toml"])
+@pytest.mark.parametrize("name", ["synthetic.toml", "mbpp_7b.toml", "mbpp_modern.toml"])
 def test_shipped_sweep_files_dry_run(name, capsys):
     assert sweep.main([str(REPO / "configs" / "sweeps" / name), "--dry-run"]) == 0
     assert "every config is valid" in capsys.readouterr().out

@@ -2,7 +2,8 @@
 
 `tiny_dir` reuses `<repo>/.cache/tiny` when `make tiny` already built it completely, else builds everything once
 per session into a temp dir. `tiny_tokenizer_dir` is the tokenizer alone (cheap; needs no model.py), for tests of
-data handling; `tiny_llama_tokenizer_dir` the Llama-2 style one.
+data handling; `tiny_llama_tokenizer_dir` the Llama-2 style one, `tiny_llama3_tokenizer_dir` and
+`tiny_qwen_tokenizer_dir` today's byte-level BPEs.
 """
 
 from __future__ import annotations
@@ -47,3 +48,17 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_tokenizer_dir(tmp_path_factory) -> Path:
     return _tokenizer("tokenizer_llama", tiny.build_llama_tokenizer, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_tokenizer_dir(tmp_path_factory) -> Path:
+    return _tokenizer(
+        "tokenizer_llama3", lambda out, root: tiny.build_bpe_tokenizer(out, root, "llama3"), tmp_path_factory
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_tokenizer_dir(tmp_path_factory) -> Path:
+    return _tokenizer(
+        "tokenizer_qwen", lambda out, root: tiny.build_bpe_tokenizer(out, root, "qwen"), tmp_path_factory
+    )
