@@ -66,6 +66,8 @@ def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
     dtype only (FSDP2's MixedPrecisionPolicy under torchrun, autocast in one process). Under LoRA the frozen base
     weights are never updated: on a bf16 GPU they stay in bf16, half the memory.
     """
+    # every random initialisation (LoRA's A matrices) is drawn from train.seed, whatever drew from the RNG before
+    torch.manual_seed(cfg.train.seed)
     # H comes from the config: a checkpoint with other H gets heads dropped or copied from head 1 (formats.py)
     net = formats.load_model(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     net.activation_checkpointing = cfg.model.activation_checkpointing

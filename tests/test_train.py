@@ -287,6 +287,41 @@ def test_train_seed_drives_the_data_order(reference_run, tiny_dir, tmp_path):
     assert losses(metrics(tmp_path, "s7again")) == {s: v for s, v in losses(other).items() if s <= 2}
 
 
+def test_train_seed_drives_every_random_initialisation(tiny_dir, tmp_path):
+    """LoRA's A matrices and the critic's value head are drawn from train.seed: seeds 0 and 1 give other initial
+    weights, seed 0 twice the same ones (whatever drew from the RNG in between). The extra heads an HF base gets
+    are not drawn at all: they are copies of its last block (spec §1), so every seed starts them the same."""
+    import data
+    import parallel as P
+    import score
+
+    def initial(seed: int, **kv) -> tuple[dict, dict]:
+        torch.rand(seed + 7)  # the caller's RNG state must not matter
+        kv = {"train.seed": seed, "train.lora.enabled": True, "train.lora.r": 4, **kv}
+        cfg = C.load_config(REPO / "configs/tiny_critic_mbpp.toml", tiny_overrides(tiny_dir, tmp_path, **kv))
+        net = train.build_model(cfg, P.Dist(), Path(cfg.model.path))
+        state = score.init_state(cfg, net, data.load_tokenizer(cfg, Path(cfg.model.path)), "cpu")
+        lora = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_A" in n}
+        return lora, {n: p.detach().clone() for n, p in state.value_head.named_parameters()}
+
+    (lora0, value0), (lora1, value1), (lora0b, value0b) = initial(0), initial(1), initial(0)
+    for a, b, c in ((lora0, lora1, lora0b), (value0, value1, value0b)):
+        assert a.keys() == b.keys() == c.keys() and a
+        assert all(torch.equal(a[k], c[k]) for k in a)
+        assert all(not torch.equal(a[k], b[k]) for k in a)
+    assert any("extra_heads" in k for k in lora0)  # the extra heads' adapters are drawn too
+
+    hf = {"model.path": str(tiny_dir / "ref_hf"), "model.format": "hf", "model.n_future_tokens": 3}
+    nets = [
+        train.build_model(C.load_config(None, tiny_overrides(tiny_dir, tmp_path, **hf, **{"train.seed": s})),
+                          P.Dist(), tiny_dir / "ref_hf")
+        for s in (0, 1)
+    ]  # fmt: skip
+    for net in nets:
+        last = net.layers[-1].state_dict()
+        assert all(torch.equal(h.state_dict()[k], last[k]) for h in net.extra_heads for k in last)
+
+
 def test_the_synthetic_benchmark_keeps_data_seed_as_its_order():
     """The study sets train.seed and data.seed together; its prerequisite runs (train.seed 0, data.seed 1000) must
     train in the order they always did: the synthetic corpus's order follows data.seed, MBPP's train.seed."""
