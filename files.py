@@ -101,9 +101,10 @@ def remove(path: Path) -> None:
 
 @contextlib.contextmanager
 def writing(tmp: str | os.PathLike, what: str, clean: bool = True) -> Iterator[None]:
-    """Around the writing of the temp file or directory `tmp` (`what` names it in the message): when the writing
-    fails (an error: what a kill or an interrupt leaves, the next start clears) `tmp` is removed at once (`clean`; one rank
-    of several), so a partial copy never fills the disk; a full disk is a DiskFullError naming ENOSPC and the path."""
+    """Around the writing of the temp file or directory `tmp` (`what` names it in the message). When the writing
+    raises, `tmp` is removed at once (by one rank of several: `clean`), so a partial copy never fills the disk; what
+    a kill or an interrupt leaves, the next start clears. A full disk becomes a DiskFullError naming ENOSPC and the
+    path."""
     tmp = Path(tmp)
     try:
         yield
