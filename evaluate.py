@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import threading
@@ -681,6 +682,13 @@ def _judge_cli(argv: list[str]) -> int:
     ap.add_argument("--data-root", default=config.default_data_root())
     ap.add_argument("--time-scale", type=float, default=3.0, help="CodeContests time-limit factor")
     a = ap.parse_args(argv)
+    for flag, value, ok, want in (
+        ("--timeout", a.timeout, 0 < a.timeout < math.inf, "seconds per program, a number > 0"),
+        ("--workers", a.workers, a.workers >= 0, "parallel programs, an integer >= 0 (0: all cores)"),
+        ("--time-scale", a.time_scale, 0 < a.time_scale < math.inf, "a factor of the time limits, > 0"),
+    ):  # a timeout of 0 would judge every program a timeout, silently
+        if not ok:
+            raise EvalError(f"{flag} {value}: expected {want}")
     problems = load_problems(a.dataset, a.data_root)
     preds = read_predictions(a.predictions, a.dataset, problems)
     m = judge(a.dataset, problems, preds, a.timeout, a.workers, a.time_scale)

@@ -201,6 +201,26 @@ def test_bad_predictions_name_the_line(tmp_path, line, message):
     assert not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--timeout", "0"], "--timeout 0.0: expected seconds per program, a number > 0"),
+        (["--timeout", "nan"], "--timeout nan: expected seconds per program, a number > 0"),
+        (["--workers", "-3"], "--workers -3: expected parallel programs, an integer >= 0 (0: all cores)"),
+        (["--time-scale", "-2"], "--time-scale -2.0: expected a factor of the time limits, > 0"),
+    ],
+)
+def test_judge_options_out_of_range_are_one_line(tmp_path, capsys, args, message):
+    """--timeout 0 judged every program a timeout (pass@1 = 0, isolation reported off); now refused."""
+    pred = tmp_path / "p.jsonl"
+    pred.write_text('{"task_id": 11, "completions": ["pass"]}\n')
+    out = tmp_path / "m.json"
+    argv = ["judge", "--dataset", "mbpp", "--predictions", str(pred), "--out", str(out), *args]
+    assert evaluate.main(argv) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "m.json").exists()
+
+
 def test_a_predictions_file_that_is_not_utf8_names_the_line(tmp_path, capsys):
     pred = tmp_path / "p.jsonl"
     pred.write_bytes(
