@@ -130,15 +130,17 @@ def save_resume(cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     P.barrier()
-    msd, osd = get_state_dict(net, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
-    rng = {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
-    if d.main:
-        torch.save({"state": st.__dict__, "scorer": scorer_state.state_dict()}, tmp / "trainer.pt")
+    # a failed write (a full disk) removes step_N.tmp at once; the checkpoints committed before stay as they are
+    with files.writing(tmp, f"checkpoint {final.name}", clean=d.main):
+        msd, osd = get_state_dict(net, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+        if d.main:
+            torch.save({"state": st.__dict__, "scorer": scorer_state.state_dict()}, tmp / "trainer.pt")
     P.barrier()
     if d.main:
         files.commit_dir(tmp, final, final.parent / "latest")
@@ -185,24 +187,35 @@ def resume_candidates(ckdir: Path) -> list[Path]:
 def load_newest_intact(ckdir: Path, net, opt, scorer_state, d: P.Dist, log) -> tuple[Path, TrainState]:
     """Load the newest checkpoint that verifies and loads on every rank (`verify`, then a load attempt); a damaged
     newer one is named (`log`) and passed over. Every rank calls it; they agree on each candidate."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     for ck in resume_candidates(ckdir):
         problem = verify(ck)
         if problem is None:
             try:
                 st = load_resume(ck, net, opt, scorer_state, d)
-            except Exception as e:  # a damaged record the sizes do not show (torch's CRC, a torn pickle)
-                problem = (
-                    f"{ck} cannot be loaded ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
-                )
+            except (
+                Exception,
+                CheckpointException,
+            ) as e:  # a damaged record the sizes miss (CRC, torn pickle)
+                problem = f"{ck} cannot be loaded ({_why(e)})"
         if not P.any_rank(problem is not None, d.device):
             return ck, st
-        log(
-            f"checkpoint {ck.name} is damaged: {problem or 'it cannot be loaded on another rank'}; trying the one before"
-        )
+        problem = problem or "it cannot be loaded on another rank"
+        log(f"checkpoint {ck.name} is damaged: {problem}; trying the one before")
     raise UserError(
         f"--resume: no intact checkpoint in {ckdir} (each one is damaged, see above): start the run again "
         "under another train.run_name"
     )
+
+
+def _why(e: BaseException) -> str:
+    """'Type: first line' of an exception, of the first rank's for a torch.distributed.checkpoint failure."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))[0]
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def load_resume(ckpt: Path, net, opt, scorer_state, d: P.Dist) -> TrainState:
@@ -440,6 +453,14 @@ def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    with files.writing(tmp, f"the {out.name} export"):
+        _write_ours(net, args, full, tmp, tokenizer)
+        files.atomic_dir_swap(tmp, out)
+    return out
+
+
+def _write_ours(net, args: M.ModelArgs, full: dict, tmp: Path, tokenizer) -> None:
+    """Our format of the full state dict `full` into `tmp` (a LoRA run: + its adapters alone, in our names)."""
     if hasattr(net, "get_base_model"):  # peft: the adapters alone, then merged by peft into a plain copy
         lc = net.peft_config["default"]
         adapters = {k: v.contiguous() for k, v in full.items() if "lora_" in k}
@@ -452,8 +473,6 @@ def export_model(net, out: Path, tokenizer, d: P.Dist) -> Path | None:
     clean.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
     formats.save_checkpoint(clean, tmp)
     tokenizer.save_pretrained(str(tmp))
-    files.atomic_dir_swap(tmp, out)
-    return out
 
 
 ADAPTER_FILE = (
@@ -544,7 +563,8 @@ def write_export(
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    try:
+    # a refused model (the Meta layout cannot hold it, ...) or a full disk: nothing half-written stays
+    with files.writing(tmp, f"the {fmt} export"):
         if fmt == "hf":
             ids = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
             formats.save_hf(net, tmp, dtype, *ids)
@@ -553,10 +573,7 @@ def write_export(
         else:
             formats.save_meta(net, tmp, dtype, reference=True)
         tokenizer.save_pretrained(str(tmp))
-    except BaseException:  # a refused model (the Meta layout cannot hold it, ...): nothing half-written stays
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    files.atomic_dir_swap(tmp, out)
+        files.atomic_dir_swap(tmp, out)
     return out
 
 
@@ -656,11 +673,11 @@ def load_resume_model(ckpt: Path) -> tuple[M.Transformer, C.Config, Path]:
           if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}  # fmt: skip
     try:
         dcp.load({"model": sd}, storage_reader=reader)
-    except Exception as e:  # a damaged record inside a file: torch's CRC check, a torn pickle
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise formats.CheckpointError(
-            f"{ckpt / 'dcp'} cannot be read ({type(e).__name__}: {first})"
-        ) from None
+    except (
+        Exception,
+        dcp.api.CheckpointException,
+    ) as e:  # a damaged record inside a file: CRC, a torn pickle
+        raise formats.CheckpointError(f"{ckpt / 'dcp'} cannot be read ({_why(e)})") from None
     if cfg.train.lora.enabled:
         lc = cfg.train.lora
         sd = merge_lora(sd, args, lc.r, lc.alpha, lc.target_modules)

@@ -492,7 +492,11 @@ def read_toml(path: str | os.PathLike, what: str = "config file") -> tuple[str, 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
-    text = path.read_text()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
     try:
         return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -65,16 +65,24 @@ def _check_record(rec: Any, fields: dict[str, type], where: str) -> dict:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed object) for each non-blank line; gzip when the name ends in .gz."""
+    """Yield (line number, parsed object) for each non-blank line; gzip when the name ends in .gz. A line that is
+    not UTF-8 or not JSON is a DataError naming the file, the line and the column."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except json.JSONDecodeError as e:  # "Unterminated string starting at": the column says where
+                msg = e.msg.removesuffix(" at")
+                raise DataError(f"{path}:{lineno}: invalid JSON ({msg} at column {e.colno})") from None
 
 
 def mbpp_files(root: str | os.PathLike) -> list[Path]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import threading
@@ -240,11 +241,17 @@ def _metrics(dataset: str, per: dict[str, dict], verdicts: list[dict]) -> dict:
 def read_predictions(path: str | os.PathLike, dataset: str, problems: dict) -> dict[Any, list[str]]:
     """Parse FILE.jsonl lines {"task_id": ..., "completions": [str, ...]}; errors name the line."""
     preds: dict[Any, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise EvalError(
+                    f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
@@ -675,6 +682,13 @@ def _judge_cli(argv: list[str]) -> int:
     ap.add_argument("--data-root", default=config.default_data_root())
     ap.add_argument("--time-scale", type=float, default=3.0, help="CodeContests time-limit factor")
     a = ap.parse_args(argv)
+    for flag, value, ok, want in (
+        ("--timeout", a.timeout, 0 < a.timeout < math.inf, "seconds per program, a number > 0"),
+        ("--workers", a.workers, a.workers >= 0, "parallel programs, an integer >= 0 (0: all cores)"),
+        ("--time-scale", a.time_scale, 0 < a.time_scale < math.inf, "a factor of the time limits, > 0"),
+    ):  # a timeout of 0 would judge every program a timeout, silently
+        if not ok:
+            raise EvalError(f"{flag} {value}: expected {want}")
     problems = load_problems(a.dataset, a.data_root)
     preds = read_predictions(a.predictions, a.dataset, problems)
     m = judge(a.dataset, problems, preds, a.timeout, a.workers, a.time_scale)
@@ -693,9 +707,9 @@ def _model_cli(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="evaluate.py", description="Generate with a checkpoint and judge.")
     ap.add_argument("config")
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--datasets", default="")
-    ap.add_argument("--n", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=-1)
+    ap.add_argument("--datasets", default=None, help="comma list (default: eval.datasets)")
+    ap.add_argument("--n", type=int, default=None, help="samples per problem, >= 1 (default: eval.n_samples)")
+    ap.add_argument("--limit", type=int, default=None, help="first K problems, 0: all (default: eval.limit)")
     ap.add_argument("--out", default="")
     ap.add_argument(
         "--speculative", action="store_true", help="draft with the MTP heads (= eval.speculative)"
@@ -708,7 +722,15 @@ def _model_cli(argv: list[str]) -> int:
         raise EvalError(
             f"--checkpoint: {ckpt} is not a directory (a checkpoint: ours, an HF Llama or Meta's)"
         )
-    datasets = [d for d in (a.datasets or ",".join(cfg.eval.datasets)).split(",") if d]
+    if a.n is not None and a.n < 1:
+        raise EvalError(f"--n {a.n}: expected the number of samples per problem, an integer >= 1")
+    if a.limit is not None and a.limit < 0:
+        raise EvalError(f"--limit {a.limit}: expected the number of problems, an integer >= 0 (0: all)")
+    datasets = [d.strip() for d in a.datasets.split(",")] if a.datasets is not None else cfg.eval.datasets
+    if not all(datasets):
+        raise EvalError(
+            f"--datasets {a.datasets!r}: an empty name; expected a comma list of {', '.join(DATASETS)}"
+        )
     bad = [d for d in datasets if d not in DATASETS]
     if bad:
         raise EvalError(f"--datasets: unknown {bad}; expected a comma list of {', '.join(DATASETS)}")
@@ -724,7 +746,8 @@ def _model_cli(argv: list[str]) -> int:
         except (formats.CheckpointError, FileNotFoundError) as e:
             raise EvalError(f"--checkpoint: {e}") from None
         out = a.out or cfg.eval.report_dir or str(ckpt / "eval")
-        n, limit = a.n or cfg.eval.n_samples, cfg.eval.limit if a.limit < 0 else a.limit
+        n = cfg.eval.n_samples if a.n is None else a.n
+        limit = cfg.eval.limit if a.limit is None else a.limit
         flat = evaluate_model(cfg, net, tokenizer, datasets, n, limit, out)
     finally:
         P.shutdown()

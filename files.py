@@ -6,6 +6,8 @@ Every writer of outputs goes through here, so nothing half-written is ever read 
 - `commit_dir(tmp, final, pointer)`: a finished directory goes into place, then the symlink `pointer` is switched
   to it in one rename. Readers that follow the pointer see the old or the new directory, never none: a kill
   between any two renames still leaves a complete directory that the pointer (or a scan) finds.
+- `writing(tmp, what)`: around the writing of a temp file or directory: removed at once when the writing fails,
+  and a full disk reported as one line (`DiskFullError`) naming ENOSPC and the path.
 - `RunLock(path)`: one process per run directory (an OS lock, released by the kernel when its holder dies);
   `lock_holder(path)` says who holds it, if anyone (sweeps never touch a run directory that is in use).
 
@@ -16,6 +18,8 @@ process stops there as if killed (no cleanup runs in the commit), so tests can s
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -24,7 +28,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from errors import UserError
@@ -59,6 +63,65 @@ def md5(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+class DiskFullError(UserError):
+    """No space left where a run writes: one line naming ENOSPC and the path (what was committed before is intact)."""
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def out_of_space(e: BaseException, where: Path) -> bool:
+    """Whether the failed write `e` under `where` is a full disk: an ENOSPC / EDQUOT OSError in its chain (or among
+    the per-rank failures torch.distributed.checkpoint collects), or under 1 MiB free there now (torch's zip writer
+    reports a full disk as "unexpected pos", without an errno)."""
+    stack, seen = [e], set()
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in FULL:
+            return True
+        failures = getattr(x, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+        if isinstance(failures, dict):
+            stack += [v[0] if isinstance(v, tuple) else v for v in failures.values()]
+        stack += [x.__cause__, x.__context__]
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writing(tmp: str | os.PathLike, what: str, clean: bool = True) -> Iterator[None]:
+    """Around the writing of the temp file or directory `tmp` (`what` names it in the message). When the writing
+    raises, `tmp` is removed at once (by one rank of several: `clean`), so a partial copy never fills the disk; what
+    a kill or an interrupt leaves, the next start clears. A full disk becomes a DiskFullError naming ENOSPC and the
+    path."""
+    tmp = Path(tmp)
+    try:
+        yield
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit, FaultInjected)):
+            raise
+        full = out_of_space(e, tmp.parent)
+        if clean:
+            remove(tmp)
+        if full:
+            raise DiskFullError(
+                f"no space left on device (ENOSPC) writing {what} at {tmp}: the partial copy was removed and what was "
+                f"committed before it is intact; free space in {tmp.parent} (df -h), then continue (--resume)"
+            ) from None
+        raise
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write a file through `write(tmp_path)` into a temp file beside it, then os.replace: readers never see a
     half-written file, and a crash leaves the old file (or none). Shared by every module that writes outputs."""
@@ -67,9 +130,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make outputs private to the writer
-        os.replace(tmp, path)
+        with writing(tmp, str(path)):
+            write(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would make outputs private to the writer
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -52,6 +52,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"missing {path}") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (offset {e.start}): not a JSON file") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return d

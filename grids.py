@@ -146,19 +146,10 @@ def check_parallel(value: Any, where: str) -> int:
     return value
 
 
-def _read(path: Path) -> tuple[str, dict]:
-    try:
-        return C.read_toml(path, "sweep file")
-    except UnicodeDecodeError as e:
-        raise SweepError(
-            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
-        ) from None
-
-
 def load_sweep(path: str | os.PathLike) -> Sweep:
     """Parse and check a sweep file (types, names, axes, seeds); configs are checked by `expand`."""
     path = Path(path)
-    text, spec = _read(path)
+    text, spec = C.read_toml(path, "sweep file")  # a file that is not UTF-8 or TOML: one line
     bundles = {k: v for k, v in spec.items() if k not in TOP_KEYS}
     for key, tp in TOP_KEYS.items():
         if key in spec and not isinstance(spec[key], tp) and key not in ("seeds", "seed_keys", "parallel"):

@@ -164,6 +164,12 @@ def registered_name(experiment: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", experiment).strip("-")
 
 
+def mlflow_command() -> str:
+    """The mlflow script beside this interpreter (a venv's bin/, which may not be on PATH), else plain `mlflow`."""
+    beside = Path(sys.executable).parent / "mlflow"
+    return str(beside) if beside.is_file() else "mlflow"
+
+
 class Tracker:
     """One training run in MLflow. Only rank 0 talks to MLflow; on other ranks every method does nothing."""
 
@@ -498,7 +504,7 @@ class Tracker:
         if self.run_id:
             lines.append(f"tracking: run {self.run_id} in experiment '{self.experiment}' at {uri}")
             if self.uri.startswith("sqlite:///"):
-                lines.append(f"tracking: view with `mlflow ui --backend-store-uri {uri}`")
+                lines.append(f"tracking: view with `{mlflow_command()} ui --backend-store-uri {uri}`")
         else:
             lines.append(f"tracking: no run could be created at {uri} ({self._last_error or 'not started'})")
         if self._unsent_batches or self._pending or self._dropped:

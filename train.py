@@ -41,6 +41,7 @@ import config as C
 import data
 import errors
 import evaluate
+import files
 import formats
 import model as M
 import parallel as P
@@ -65,6 +66,8 @@ def build_model(cfg: C.Config, d: P.Dist, model_dir: Path) -> torch.nn.Module:
     dtype only (FSDP2's MixedPrecisionPolicy under torchrun, autocast in one process). Under LoRA the frozen base
     weights are never updated: on a bf16 GPU they stay in bf16, half the memory.
     """
+    # every random initialisation (LoRA's A matrices) is drawn from train.seed, whatever drew from the RNG before
+    torch.manual_seed(cfg.train.seed)
     # H comes from the config: a checkpoint with other H gets heads dropped or copied from head 1 (formats.py)
     net = formats.load_model(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     net.activation_checkpointing = cfg.model.activation_checkpointing
@@ -402,6 +405,14 @@ def main(argv: list[str]) -> int:
     d = P.init_distributed(cfg.train.device)
     try:
         return train(cfg, d, "--resume" in flags, "--dry-run" in flags, "--overwrite" in flags)
+    except OSError as e:  # a full disk where no temp file was being written (metrics.jsonl, a rename)
+        if e.errno not in files.FULL:
+            raise
+        where = f" writing {e.filename}" if e.filename else f" in {cfg.train.out_dir}"
+        raise files.DiskFullError(
+            f"no space left on device (ENOSPC){where}: the checkpoints committed so far are intact; free space, "
+            "then continue with --resume"
+        ) from None
     finally:
         P.shutdown()
 

@@ -201,6 +201,36 @@ def test_bad_predictions_name_the_line(tmp_path, line, message):
     assert not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--timeout", "0"], "--timeout 0.0: expected seconds per program, a number > 0"),
+        (["--timeout", "nan"], "--timeout nan: expected seconds per program, a number > 0"),
+        (["--workers", "-3"], "--workers -3: expected parallel programs, an integer >= 0 (0: all cores)"),
+        (["--time-scale", "-2"], "--time-scale -2.0: expected a factor of the time limits, > 0"),
+    ],
+)
+def test_judge_options_out_of_range_are_one_line(tmp_path, capsys, args, message):
+    """--timeout 0 judged every program a timeout (pass@1 = 0, isolation reported off); now refused."""
+    pred = tmp_path / "p.jsonl"
+    pred.write_text('{"task_id": 11, "completions": ["pass"]}\n')
+    out = tmp_path / "m.json"
+    argv = ["judge", "--dataset", "mbpp", "--predictions", str(pred), "--out", str(out), *args]
+    assert evaluate.main(argv) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_a_predictions_file_that_is_not_utf8_names_the_line(tmp_path, capsys):
+    pred = tmp_path / "p.jsonl"
+    pred.write_bytes(
+        b'{"task_id": 12, "completions": ["pass"]}\n{"task_id": 13, "completions": ["caf\xe9"]}\n'
+    )
+    argv = ["judge", "--dataset", "mbpp", "--predictions", str(pred), "--out", str(tmp_path / "m.json")]
+    assert evaluate.main(argv) == 2
+    assert capsys.readouterr().err == f"error: {pred}:2: not UTF-8 text (byte 0xe9 at column 37)\n"
+
+
 def test_unknown_task_id_error_in_python(tmp_path, humaneval):
     pred = tmp_path / "p.jsonl"
     pred.write_text(
@@ -326,6 +356,9 @@ def test_model_cli_defaults_options_and_a_report_that_agrees_with_itself(tiny_ch
     [
         (["--datasets", "mbpp,mpbb"], "error: --datasets: unknown ['mpbb']"),
         (["--checkpoint", "/nonexistent/ck"], "error: --checkpoint: "),
+        (["--n", "-2"], "error: --n -2: expected the number of samples per problem, an integer >= 1"),
+        (["--limit", "-3"], "error: --limit -3: expected the number of problems, an integer >= 0 (0: all)"),
+        (["--datasets", ",,"], "error: --datasets ',,': an empty name; expected a comma list of mbpp, "),
     ],
 )
 def test_model_cli_errors_are_one_line_and_exit_2(args, message, tiny_checkpoint, capsys):

@@ -123,6 +123,30 @@ def test_a_checkpoint_that_does_not_load_is_passed_over(trainer, tmp_path):
     )
 
 
+def test_a_shard_with_garbage_of_the_right_size_is_passed_over(trainer, tmp_path):
+    """A .distcp file overwritten in place (its size intact, so verify passes): torch.distributed.checkpoint reports
+    it as a CheckpointException, a BaseException, not an Exception; it is named and passed over all the same."""
+    cfg, d, [(net, opt, state), (net2, opt2, state2)] = trainer
+    run_dir, ckdir = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    weights = update(net, opt)
+    checkpoint.save_resume(cfg, run_dir, net, opt, checkpoint.TrainState(step=2, micro_batch=4), state, d)
+    shutil.copytree(ckdir / "step_000002", tmp_path / "keep")
+    update(net, opt)
+    checkpoint.save_resume(cfg, run_dir, net, opt, checkpoint.TrainState(step=4, micro_batch=4), state, d)
+    shutil.copytree(tmp_path / "keep", ckdir / "step_000002")
+    [shard] = (ckdir / "step_000004" / "dcp").glob("*.distcp")
+    shard.write_bytes(b"\x00" * shard.stat().st_size)
+    assert checkpoint.verify(ckdir / "step_000004") is None
+    said = []
+    ck, st = checkpoint.load_newest_intact(ckdir, net2, opt2, state2, d, said.append)
+    assert ck == ckdir / "step_000002" and st.step == 2
+    assert all(torch.equal(p, weights[n]) for n, p in net2.named_parameters())
+    assert len(said) == 1 and said[0].startswith(
+        f"checkpoint step_000004 is damaged: {ckdir / 'step_000004'} cannot be loaded ("
+    ), said
+    assert "CheckpointException" not in said[0], said
+
+
 def test_snapshot_restores_model_optimizer_and_scorer_exactly(trainer):
     cfg, d, [(net, opt, state), _] = trainer
     update(net, opt)
@@ -223,6 +247,25 @@ def test_bad_data_line_and_empty_split_are_one_line_and_exit_2(tiny_dir, tmp_pat
         f"error: {only_train}: MBPP split 'validation' is empty: none of the 374 problems read has a task_id in "
         "511..600 (data.train_split / data.val_split)"
     )
+
+
+def test_files_that_are_not_utf8_or_json_are_one_line(tiny_dir, tmp_path, capsys):
+    """A data file with a Latin-1 byte, one with an unterminated string, a config that is not UTF-8: one line each,
+    naming the file, the line and the column."""
+    bad = mbpp_copy(tmp_path / "a")
+    lines = (bad / "train.jsonl").read_bytes().splitlines(keepends=True)
+    (bad / "train.jsonl").write_bytes(b"".join(lines[:6]) + b'{"task_id": 607, "text": "caf\xe9"}\n')
+    assert train_cli(tiny_dir, tmp_path, **{"data.path": str(bad)}) == 2
+    assert one_error(capsys) == f"error: {bad / 'train.jsonl'}:7: not UTF-8 text (byte 0xe9 at column 30)"
+    (bad / "train.jsonl").write_bytes(b"".join(lines[:2]) + b'{"task_id": 607, "text": "abc')
+    assert train_cli(tiny_dir, tmp_path, **{"data.path": str(bad)}) == 2
+    assert one_error(capsys) == (
+        f"error: {bad / 'train.jsonl'}:3: invalid JSON (Unterminated string starting at column 26)"
+    )
+    toml = tmp_path / "latin1.toml"
+    toml.write_bytes(b'[train]\nrun_name = "caf\xe9"\n')
+    assert errors.main(train.main, [str(toml)]) == 2
+    assert one_error(capsys) == f"error: {toml}: not UTF-8 text (byte 0xe9 at offset 23)"
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_any_work(tiny_dir, tmp_path, capsys):

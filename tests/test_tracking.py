@@ -4,6 +4,7 @@ and a server that is killed mid-run. The "training run" is a small loop that use
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -170,7 +171,10 @@ def test_embedded_sqlite_default_and_other_ranks(tmp_path, monkeypatch, capsys):
         and "rho1.score" not in run.data.tags
     )
     assert [m.value for m in client.get_metric_history(tracker.run_id, "train/loss")] == [3.0, 1.5, 1.0]
-    assert any("mlflow ui --backend-store-uri sqlite:///" in line for line in tracker.summary())
+    venv_mlflow = (
+        f"`{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri sqlite:///"  # not on PATH
+    )
+    assert any(venv_mlflow in line for line in tracker.summary()), tracker.summary()
     assert (
         tracking.main(["--run", tracker.run_id, "--alias", "staging"]) == 0
     )  # default URI: the embedded store

@@ -14,6 +14,8 @@ import json
 import math
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,6 +186,72 @@ def test_a_damaged_newest_checkpoint_is_passed_over_on_resume_and_named_by_expor
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def private_mount_ns() -> list[str] | None:
+    """A command prefix that runs a shell in a mount namespace of its own where tmpfs can be mounted (root: a
+    mount namespace; otherwise a user namespace mapped to root), or None where neither is permitted."""
+    if not shutil.which("unshare"):
+        return None
+    for ns in (["--mount", "--propagation", "private"], ["--user", "--map-root-user", "--mount"]):
+        probe = ["unshare", *ns, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"]
+        if subprocess.run(probe, capture_output=True).returncode == 0:
+            return ["unshare", *ns]
+    return None
+
+
+@pytest.mark.skipif(private_mount_ns() is None, reason="no mount namespace for a small private tmpfs")
+def test_a_full_disk_is_one_line_and_the_committed_checkpoints_resume_exactly(
+    reference_run, tiny_dir, tmp_path
+):
+    """The run directory on a real small disk (a tmpfs in a mount namespace of its own): stopped at step 2, the
+    disk filled but for 256 KiB, then --resume trains steps 3 and 4 and cannot write checkpoint 4: one line naming
+    ENOSPC and the path, step_000004.tmp removed at once. Space freed, --resume continues from step 2 and ends
+    with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    out, ref = reference_run
+    disk, logs = tmp_path / "disk", tmp_path / "logs"
+    disk.mkdir(), logs.mkdir()
+    kv = {"train.run_name": "full", "train.save_every": 2, "train.eval_every": 0}
+    cmd = shlex.join(
+        [sys.executable, "train.py", "configs/tiny_mbpp.toml", *tiny_overrides(tiny_dir, disk, **kv)]
+    )
+    script = f"""
+mount -t tmpfs -o size=256m tmpfs {disk}
+{cmd} --train.stop_after=2 > {logs}/1.out 2>&1; echo $? > {logs}/1.rc
+fallocate -l $(( $(df --output=avail -B1 {disk} | tail -1) - 262144 )) {disk}/ballast
+{cmd} --resume > {logs}/2.out 2> {logs}/2.err; echo $? > {logs}/2.rc
+ls -a {disk}/full/checkpoints > {logs}/2.ls
+rm {disk}/ballast
+{cmd} --resume > {logs}/3.out 2>&1; echo $? > {logs}/3.rc
+cp -r {disk}/full {logs}/full
+"""
+    subprocess.run([*private_mount_ns(), "sh", "-c", script], cwd=REPO, env=ENV, timeout=900, check=True)
+    rc = {i: (logs / f"{i}.rc").read_text().strip() for i in (1, 2, 3)}
+    assert rc[1] == "0", (logs / "1.out").read_text()[-3000:]
+    err = (logs / "2.err").read_text()
+    assert rc[2] == "2" and "Traceback" not in err, (logs / "2.out").read_text()[-2000:] + err[-3000:]
+    [line] = [x for x in err.splitlines() if x.startswith("error: ")]
+    tmp = disk / "full" / "checkpoints" / "step_000004.tmp"
+    assert line.startswith(
+        f"error: no space left on device (ENOSPC) writing checkpoint step_000004 at {tmp}: "
+    )
+    left = (logs / "2.ls").read_text().split()
+    assert "step_000002" in left and not [n for n in left if n.endswith(".tmp")], left
+    assert rc[3] == "0", (logs / "3.out").read_text()[-3000:]
+    assert (
+        f"resumed from {disk / 'full' / 'checkpoints' / 'step_000002'} at step 2"
+        in (logs / "3.out").read_text()
+    )
+    rows = metrics(logs, "full")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for step, loss in losses(ref).items():
+        assert losses(rows)[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+    a, b = (
+        load_file(d / "checkpoints" / "final" / "model.safetensors") for d in (out / "ref", logs / "full")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_oom_fallback_keeps_the_effective_batch(reference_run, tiny_dir, tmp_path):
     _, ref = reference_run
     p = run_train(tiny_dir, tmp_path, **{"train.run_name": "oom", "train.inject_oom_steps": [2]})
@@ -217,6 +285,41 @@ def test_train_seed_drives_the_data_order(reference_run, tiny_dir, tmp_path):
     assert first[0] == first[1]
     run_train(tiny_dir, tmp_path, **{"train.run_name": "s7again", "train.seed": 7, "train.stop_after": 2})
     assert losses(metrics(tmp_path, "s7again")) == {s: v for s, v in losses(other).items() if s <= 2}
+
+
+def test_train_seed_drives_every_random_initialisation(tiny_dir, tmp_path):
+    """LoRA's A matrices and the critic's value head are drawn from train.seed: seeds 0 and 1 give other initial
+    weights, seed 0 twice the same ones (whatever drew from the RNG in between). The extra heads an HF base gets
+    are not drawn at all: they are copies of its last block (spec §1), so every seed starts them the same."""
+    import data
+    import parallel as P
+    import score
+
+    def initial(seed: int, **kv) -> tuple[dict, dict]:
+        torch.rand(seed + 7)  # the caller's RNG state must not matter
+        kv = {"train.seed": seed, "train.lora.enabled": True, "train.lora.r": 4, **kv}
+        cfg = C.load_config(REPO / "configs/tiny_critic_mbpp.toml", tiny_overrides(tiny_dir, tmp_path, **kv))
+        net = train.build_model(cfg, P.Dist(), Path(cfg.model.path))
+        state = score.init_state(cfg, net, data.load_tokenizer(cfg, Path(cfg.model.path)), "cpu")
+        lora = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_A" in n}
+        return lora, {n: p.detach().clone() for n, p in state.value_head.named_parameters()}
+
+    (lora0, value0), (lora1, value1), (lora0b, value0b) = initial(0), initial(1), initial(0)
+    for a, b, c in ((lora0, lora1, lora0b), (value0, value1, value0b)):
+        assert a.keys() == b.keys() == c.keys() and a
+        assert all(torch.equal(a[k], c[k]) for k in a)
+        assert all(not torch.equal(a[k], b[k]) for k in a)
+    assert any("extra_heads" in k for k in lora0)  # the extra heads' adapters are drawn too
+
+    hf = {"model.path": str(tiny_dir / "ref_hf"), "model.format": "hf", "model.n_future_tokens": 3}
+    nets = [
+        train.build_model(C.load_config(None, tiny_overrides(tiny_dir, tmp_path, **hf, **{"train.seed": s})),
+                          P.Dist(), tiny_dir / "ref_hf")
+        for s in (0, 1)
+    ]  # fmt: skip
+    for net in nets:
+        last = net.layers[-1].state_dict()
+        assert all(torch.equal(h.state_dict()[k], last[k]) for h in net.extra_heads for k in last)
 
 
 def test_the_synthetic_benchmark_keeps_data_seed_as_its_order():
@@ -670,6 +773,38 @@ def test_export_cli_from_a_resume_checkpoint_and_a_final_dir(reference_run, tmp_
     assert "--out" in capsys.readouterr().err
     assert cli(["export", "--checkpoint", str(ck), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+def test_a_damaged_run_config_or_summary_is_one_line(reference_run, tiny_dir, tmp_path, capsys):
+    """export reads the run's config.json (a resume checkpoint's architecture) and summary.json (the model card):
+    damaged, each is one line naming it; evaluate names a damaged config.json of the checkpoint it loads."""
+    import evaluate
+
+    out, _ = reference_run
+    run = tmp_path / "ref"
+    shutil.copytree(out / "ref", run, symlinks=True, ignore=shutil.ignore_patterns(".lock"))
+    (run / "summary.json").write_text('{"steps": 6, "eval')
+    argv = ["export", "--checkpoint", str(run / "checkpoints" / "final"), "--format", "hf"]
+    capsys.readouterr()
+    assert errors.main(train.main, [*argv, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {run / 'summary.json'}: corrupt (JSONDecodeError: ") and err.count("\n") == 1
+    )
+    (run / "config.json").write_bytes(b"\xff\xfe{")
+    argv = ["export", "--checkpoint", str(run / "checkpoints" / "latest"), "--format", "meta"]
+    assert errors.main(train.main, [*argv, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {run / 'config.json'}: corrupt (UnicodeDecodeError: ")
+        and err.count("\n") == 1
+    )
+    (run / "checkpoints" / "final" / "config.json").write_text('{"dim": ')
+    argv = ["configs/tiny_mbpp.toml", "--checkpoint", str(run / "checkpoints" / "final"), "--limit", "1"]
+    assert evaluate.main([*argv, f"--model.tokenizer={tiny_dir / 'tokenizer'}"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --checkpoint: {run / 'checkpoints' / 'final' / 'config.json'}: invalid JSON at line 1: Expecting value\n"
+    )
 
 
 def test_evaluate_detects_the_checkpoint_format(reference_run, tmp_path, capsys):
