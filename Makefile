@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv tiny smoke test test-slow lint format bench gpu-check research clean
+.PHONY: venv tiny smoke test test-slow lint format bench gpu-check research release-check clean
 
 # torch first and pinned: on the CI machines pip takes the 2.13.0 CPU wheel lying on disk; elsewhere PyPI's Linux
 # wheel is the CUDA build (set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for a CPU-only install).
@@ -54,6 +54,12 @@ bench: tiny
 # docs/results/synthetic/. From scratch: rm -rf runs/research/synthetic docs/results/synthetic/runs.jsonl.
 research: tiny
 	$(BIN)/python sweep.py configs/sweeps/synthetic.toml
+
+# The fast part of the README's reproduction path from a clean clone of HEAD in a temp directory: make smoke,
+# --version, make lint, promote the smoke's rho1 run (staging, production), load it by alias and generate.
+# About 10 min on 2 cores, most of it the venv install (scripts/release_check.sh says what each step checks).
+release-check:
+	bash scripts/release_check.sh
 
 gpu-check:
 	PYTHON=$(abspath $(BIN)/python) bash scripts/gpu_check.sh

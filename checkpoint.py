@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,63 @@ def save_resume(cfg, run_dir: Path, net, opt, st: TrainState, scorer_state, d: P
     return final
 
 
+def verify(ckpt: Path) -> str | None:
+    """What is wrong with a resumable checkpoint's files (naming the file), or None: trainer.pt there, the DCP
+    metadata readable, and every .distcp file present and as long as the entries its metadata places in it (what
+    a full disk, a torn copy or a truncation leave). A damaged record inside a file shows when it is loaded."""
+    import torch.distributed.checkpoint as dcp
+
+    if not (ckpt / "trainer.pt").is_file():
+        return f"{ckpt / 'trainer.pt'} is missing"
+    try:
+        meta = dcp.FileSystemReader(str(ckpt / "dcp")).read_metadata()
+    except Exception as e:  # a missing or damaged .metadata: pickle, EOF, OS errors
+        return f"{ckpt / 'dcp' / '.metadata'} cannot be read ({type(e).__name__})"
+    need: dict[str, int] = {}
+    for info in meta.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        path = ckpt / "dcp" / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size < size:
+            return f"{path} is truncated ({path.stat().st_size} bytes; its metadata places {size})"
+    return None
+
+
+def resume_candidates(ckdir: Path) -> list[Path]:
+    """The checkpoint `latest` names, then every complete step_N, newest first."""
+    found = checkpoints(ckdir)
+    order = [found[s] for s in sorted(found, reverse=True)]
+    if (ckdir / "latest" / "trainer.pt").is_file():
+        first = (ckdir / "latest").resolve()
+        order = [first, *(p for p in order if p != first)]
+    return order
+
+
+def load_newest_intact(ckdir: Path, net, opt, scorer_state, d: P.Dist, log) -> tuple[Path, TrainState]:
+    """Load the newest checkpoint that verifies and loads on every rank (`verify`, then a load attempt); a damaged
+    newer one is named (`log`) and passed over. Every rank calls it; they agree on each candidate."""
+    for ck in resume_candidates(ckdir):
+        problem = verify(ck)
+        if problem is None:
+            try:
+                st = load_resume(ck, net, opt, scorer_state, d)
+            except Exception as e:  # a damaged record the sizes do not show (torch's CRC, a torn pickle)
+                problem = (
+                    f"{ck} cannot be loaded ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+                )
+        if not P.any_rank(problem is not None, d.device):
+            return ck, st
+        log(
+            f"checkpoint {ck.name} is damaged: {problem or 'it cannot be loaded on another rank'}; trying the one before"
+        )
+    raise UserError(
+        f"--resume: no intact checkpoint in {ckdir} (each one is damaged, see above): start the run again "
+        "under another train.run_name"
+    )
+
+
 def load_resume(ckpt: Path, net, opt, scorer_state, d: P.Dist) -> TrainState:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -240,14 +298,63 @@ def truncate_metrics(path: Path, step: int) -> None:
     files.atomic_write_text(path, "".join(keep))
 
 
-def open_run_dir(cfg, d: P.Dist, run_dir: Path, resume: bool) -> files.RunLock:
+# --------------------------------------------------------------------------- the run directory
+#
+# A run is finished when its summary.json is there, and that file is written last: after the evaluation, the
+# exports and the uploads (`complete`). Between the end of the evaluation and then, summary.pending.json holds
+# the summary: a run whose publishing failed (an upload to a bucket that went away) keeps every file, and the same
+# command run again publishes it without training or evaluating again (train.publish_pending).
+
+PENDING = "summary.pending.json"
+
+
+def read_run_json(path: Path, default: dict | None = None) -> dict:
+    """A JSON object a run wrote (config.json, summary.json, summary.pending.json): `default` when the file is
+    absent, a one-line error naming the file when it is corrupt."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if default is None:
+            raise formats.CheckpointError(f"missing {path}") from None
+        return default
+    except (ValueError, UnicodeDecodeError) as e:
+        raise formats.CheckpointError(
+            f"{path}: corrupt ({type(e).__name__}: {e}); the run wrote it, so it was damaged afterwards"
+        ) from None
+    if not isinstance(obj, dict):
+        raise formats.CheckpointError(f"{path}: corrupt (expected a JSON object)")
+    return obj
+
+
+def read_pending(run_dir: Path) -> dict | None:
+    """{"summary": ..., "mlflow_run_id": ...} of a finished run whose publishing has not completed, else None."""
+    if (run_dir / "summary.json").is_file() or not (run_dir / PENDING).is_file():
+        return None
+    return read_run_json(run_dir / PENDING)
+
+
+def write_pending(run_dir: Path, summary: dict, mlflow_run_id: str | None) -> None:
+    text = scrub(
+        json.dumps({"mlflow_run_id": mlflow_run_id or "", "summary": summary}, indent=2, default=str)
+    )
+    files.atomic_write_text(run_dir / PENDING, text)
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """summary.json, the mark of a finished run (written last), then the pending copy goes."""
+    files.atomic_write_text(run_dir / "summary.json", scrub(json.dumps(summary, indent=2, default=str)))
+    (run_dir / PENDING).unlink(missing_ok=True)
+
+
+def open_run_dir(cfg, d: P.Dist, run_dir: Path, resume: bool, overwrite: bool = False) -> files.RunLock:
     """Take the run directory: its lock (rank 0; every rank stops if another run holds it), then refuse to start
-    over an unfinished run, clear what a killed writer left and write config.json (credentials scrubbed)."""
+    over an unfinished run (or a finished one without `overwrite`), clear what a killed writer left and write
+    config.json (credentials scrubbed)."""
     lock, problem = files.RunLock(run_dir), None
     if d.main:
         try:
             lock.acquire()
-            problem = _check_start(run_dir, resume)
+            problem = _check_start(run_dir, resume, overwrite)
         except UserError as e:
             problem = str(e)
             lock.release()
@@ -264,23 +371,54 @@ def open_run_dir(cfg, d: P.Dist, run_dir: Path, resume: bool) -> files.RunLock:
         text = scrub(json.dumps(C.to_dict(cfg), indent=2))
         files.atomic_write_text(run_dir / "config.json", text)
     P.barrier()
+    blind = _ranks_not_seeing(lock.path, d)
+    if blind:
+        if d.main:
+            lock.release()
+        raise UserError(
+            f"{run_dir}: rank(s) {blind} do not see the files rank 0 writes there: every rank writes its "
+            "checkpoint shards into train.out_dir, so on several nodes it must be one filesystem they all mount "
+            "(NFS, a ReadWriteMany volume; docs/DEPLOY.md, 'Beyond one node')"
+        )
     return lock
 
 
-def _check_start(run_dir: Path, resume: bool) -> None:
+def _ranks_not_seeing(lock_file: Path, d: P.Dist) -> str:
+    """The ranks (with their hosts) whose view of the run directory lacks rank 0's lock file as rank 0 wrote it
+    (it names rank 0's host, pid and start time); '' when every rank sees it. One collective on every rank."""
+    if not d.enabled or d.world_size == 1:
+        return ""
+    expected = P.broadcast_object(lock_file.read_text() if d.main else None)
+    try:
+        seen = lock_file.read_text() == expected
+    except OSError:
+        seen = False
+    views = P.all_gather_object(None if seen else f"{d.rank} ({socket.gethostname()})")
+    return ", ".join(v for v in views if v)
+
+
+def _check_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if read_pending(run_dir) is not None:
+        return  # finished, its publishing pending: the run publishes it (with or without --resume), never deletes
     ck = find_resume(run_dir / "checkpoints")
     if resume and ck is None:
         raise UserError(
             f"--resume: no checkpoint in {run_dir / 'checkpoints'} (train.run_name = {run_dir.name!r})"
         )
-    if resume or ck is None:
+    finished = (run_dir / "summary.json").exists()
+    if resume or (ck is None and not finished):
         return
-    if not (run_dir / "summary.json").exists():
+    if not finished:
         raise UserError(
             f"{run_dir} holds an unfinished run (checkpoint {ck.name}): continue it with --resume, or choose "
             "another train.run_name (or delete the directory)"
         )
-    print(f"{run_dir}: starting over; the files of the finished run there are removed")
+    if not overwrite:
+        raise UserError(
+            f"{run_dir} holds a finished run (summary.json): choose another train.run_name, or pass --overwrite "
+            "to delete its files and train it again"
+        )
+    print(f"{run_dir}: --overwrite: starting over; the files of the finished run there are removed")
     for p in run_dir.iterdir():
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -449,36 +587,39 @@ def export_formats(cfg: C.Config, run_dir: Path, ckpt: Path, tokenizer) -> None:
         )
 
 
-def publish(cfg: C.Config, run_dir: Path, final: Path | None, tokenizer, tracker: tracking.Tracker) -> None:
+def upload_resource(run_dir: Path) -> str:
+    """Where `storage.upload_checkpoints` puts a run's checkpoints: s3://<bucket>/<prefix>/<this>/final, best."""
+    return f"runs/{run_dir.name}/checkpoints"
+
+
+def publish(cfg: C.Config, run_dir: Path, tokenizer, tracker: tracking.Tracker) -> None:
     """The end of a run, on rank 0: hf/ and meta/ beside ours in checkpoints/final and best, both logged to the
-    tracker, and uploaded to s3://<bucket>/<prefix>/runs/<run>/checkpoints/ when `storage.upload_checkpoints`."""
-    best = run_dir / "checkpoints" / "best"
-    done = [c for c in (final, best) if c is not None and c.exists()]
+    tracker, and uploaded to s3://<bucket>/<prefix>/runs/<run>/checkpoints/ when `storage.upload_checkpoints`.
+    Every step may be done again (a rerun of a run whose publishing failed does them all)."""
+    done = [c for c in (run_dir / "checkpoints" / n for n in ("final", "best")) if c.exists()]
     for ck in done:
         export_formats(cfg, run_dir, ck, tokenizer)
     for ck in done:
         tracker.log_artifacts(ck, f"checkpoints/{ck.name}")
     for ck in done if cfg.storage.upload_checkpoints else []:
-        s3cache.upload(ck, f"runs/{run_dir.name}/checkpoints/{ck.name}", cfg.storage)
-        print(f"uploaded {ck} to S3 resource runs/{run_dir.name}/checkpoints/{ck.name}")
+        s3cache.upload(ck, f"{upload_resource(run_dir)}/{ck.name}", cfg.storage)
+        print(f"uploaded {ck} to S3 resource {upload_resource(run_dir)}/{ck.name}")
 
 
 def run_card_inputs(run_dir: Path) -> tuple[str, dict, dict, dict]:
     """(name, params, metrics, tags) for the model card, read from a run directory: config.json, metrics.jsonl
     (the last step) and summary.json (validation and evaluation results); the keys MLflow holds for the run."""
 
-    def read(name: str, default):
-        path = run_dir / name
-        return path.read_text() if path.exists() else default
-
-    raw = json.loads(read("config.json", "{}"))
+    raw = read_run_json(run_dir / "config.json", {})
     cfg = C.from_dict(raw)
     params = tracking.clean_params(C.flatten(raw))
     with suppress(data.DataError):  # else the card says "not recorded"
         params["data.hash"] = data.run_data_hash(cfg)
-    rows = read("metrics.jsonl", "").splitlines()
-    metrics = {k: v for k, v in json.loads(rows[-1]).items() if k != "step"} if rows else {}
-    summary = json.loads(read("summary.json", "{}"))
+    path, metrics = run_dir / "metrics.jsonl", {}
+    rows = path.read_bytes().decode(errors="replace").splitlines() if path.is_file() else []
+    with suppress(ValueError, AttributeError):  # a torn or damaged last line: the card goes without them
+        metrics = {k: v for k, v in json.loads(rows[-1]).items() if k != "step"} if rows else {}
+    summary = read_run_json(run_dir / "summary.json", {}) or (read_pending(run_dir) or {}).get("summary", {})
     if summary.get("final_val_loss") is not None:
         metrics["val/loss"] = summary["final_val_loss"]
     metrics.update(summary.get("eval") or {})
@@ -497,20 +638,29 @@ def load_resume_model(ckpt: Path) -> tuple[M.Transformer, C.Config, Path]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    problem = verify(ckpt)
+    if problem is not None:
+        raise formats.CheckpointError(f"{ckpt} is damaged: {problem}")
     run_dir = ckpt.resolve().parent.parent
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(
             f"{ckpt} is a resume checkpoint but {run_dir / 'config.json'} (its run's config) is missing: "
             "export it from inside its run directory (runs/<run>/checkpoints/<name>)"
         )
-    cfg = C.from_dict(json.loads((run_dir / "config.json").read_text()))
+    cfg = C.from_dict(read_run_json(run_dir / "config.json"))
     model_dir = s3cache.resolve_model(cfg, "policy")
     args = formats.read_model_args(model_dir, cfg.model.format, cfg.model.n_future_tokens)
     reader = dcp.FileSystemReader(str(ckpt / "dcp"))
     entries = reader.read_metadata().state_dict_metadata
     sd = {k[len("model.") :]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
           if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}  # fmt: skip
-    dcp.load({"model": sd}, storage_reader=reader)
+    try:
+        dcp.load({"model": sd}, storage_reader=reader)
+    except Exception as e:  # a damaged record inside a file: torch's CRC check, a torn pickle
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise formats.CheckpointError(
+            f"{ckpt / 'dcp'} cannot be read ({type(e).__name__}: {first})"
+        ) from None
     if cfg.train.lora.enabled:
         lc = cfg.train.lora
         sd = merge_lora(sd, args, lc.r, lc.alpha, lc.target_modules)

@@ -25,7 +25,10 @@ import argparse
 import json
 import os
 import sys
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,28 @@ CHECKER_NOTE = (
 
 class EvalError(UserError, ValueError):
     """Bad evaluation input: the message names the file/line and what was expected."""
+
+
+class Stopped(Exception):
+    """The evaluation stopped because its `should_stop()` said so (train.py: SIGTERM); it wrote nothing."""
+
+
+class Progress:
+    """'eval mbpp: judged 120/500 programs (31 s)' lines on long evaluations, as training shows its steps: at
+    most one per `every` seconds, and the last. Thread-safe (judging counts from its worker threads)."""
+
+    def __init__(self, what: str, total: int, show: bool = True, every: float = 10.0):
+        self.what, self.total, self.show, self.every = what, total, show, every
+        self.done, self.t0 = 0, time.monotonic()
+        self._last, self._lock = self.t0, threading.Lock()
+
+    def add(self, n: int = 1) -> None:
+        with self._lock:
+            self.done += n
+            now = time.monotonic()
+            if self.show and (now - self._last >= self.every or self.done >= self.total):
+                self._last = now
+                print(f"eval {self.what} {self.done}/{self.total} ({now - self.t0:.0f} s)", flush=True)
 
 
 # --------------------------------------------------------------------------- pass@k
@@ -154,14 +179,27 @@ def judge(
     timeout: float = 10.0,
     workers: int = 0,
     time_scale: float = 3.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
-    """Score {task key: [completions]}; only the problems in `predictions` count. Returns the metrics dict."""
+    """Score {task key: [completions]}; only the problems in `predictions` count. Returns the metrics dict.
+
+    Progress lines on stdout; once `should_stop()` is true no further program starts (raises Stopped)."""
     missing = [k for k in predictions if k not in problems]
     if missing:
         raise EvalError(f"{dataset}: unknown task ids {missing[:5]}")
     jobs = [(key, i, c) for key, comps in predictions.items() for i, c in enumerate(comps)]
-    run = lambda j: _judge_one(dataset, problems[j[0]], j[2], timeout, time_scale)  # noqa: E731
+    progress = Progress(f"{dataset}: judged", len(jobs))
+
+    def run(j: tuple) -> dict | None:
+        if should_stop is not None and should_stop():
+            return None
+        verdict = _judge_one(dataset, problems[j[0]], j[2], timeout, time_scale)
+        progress.add()
+        return verdict
+
     verdicts = sandbox.map_parallel(run, jobs, workers)
+    if any(v is None for v in verdicts):
+        raise Stopped(f"{dataset}: judging stopped")
     per: dict[str, dict] = {}
     for (key, i, comp), v in zip(jobs, verdicts, strict=True):
         p = per.setdefault(str(key), {"passed": 0, "n": 0, "exact": 0, "failures": []})
@@ -284,6 +322,8 @@ def generate(
     n: int,
     stops: list[str],
     spec_stats: list[dict] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    what: str = "",
 ) -> list[list[str]]:
     """n completions per prompt with head 1 (batched; prompts cut from the left to fit max_seq_len).
 
@@ -292,7 +332,8 @@ def generate(
     sampling seed are the ones a single process would use, so the results do not depend on the world size.
     With `eval.speculative` the MTP heads draft and head 1 verifies (same outputs at temperature 0, same
     distribution otherwise); each batch's decoding statistics (`generate.decode`'s) are appended to `spec_stats`
-    when given.
+    when given. Progress lines name `what` (rank 0); once `should_stop()` is true every row ends at its next token
+    and the remaining batches are skipped (their completions are empty: the caller raises Stopped).
     """
     import generate as G
     import parallel as P
@@ -303,14 +344,24 @@ def generate(
         raise EvalError(f"eval.max_new_tokens = {e.max_new_tokens} leaves no room under max_seq_len")
     flat = [(i, ids) for i, ids in enumerate(prompt_ids(tokenizer, prompts, room)) for _ in range(n)]
     tail = 32  # stop strings are a few tokens long: decoding the tail keeps the check O(1) per step
-    stop = lambda row: any(s in tokenizer.decode(row[-tail:]) for s in stops)  # noqa: E731
+    halt = should_stop or (lambda: False)
+    stop = lambda row: halt() or any(s in tokenizer.decode(row[-tail:]) for s in stops)  # noqa: E731
+    rank, world = P.rank_world()
+    mine = sum(
+        len(flat[s : s + e.batch_size]) for s in range(rank * e.batch_size, len(flat), world * e.batch_size)
+    )
+    share = f" (rank {rank}'s share)" if world > 1 else ""
+    progress = Progress(f"{what}: generated{share}", mine, show=rank == 0 and bool(what))
 
     def run(chunk: list[tuple[int, tuple[int, list[int]]]]) -> list[tuple[str, dict | None]]:
+        if halt():
+            return [("", None)] * len(chunk)
         seed = cfg.train.seed + chunk[0][0]  # the batch's offset in `flat`
         sampling = G.Sampling(e.max_new_tokens, e.temperature, e.top_p, tokenizer.eos_token_id, stop, seed)
         ids = [ids for _, (_, ids) in chunk]
         rows, stats = G.decode(model, ids, sampling, data.pad_token_id(tokenizer), e.speculative)
         texts = [trim(tokenizer.decode(row, skip_special_tokens=True), stops) for row in rows]
+        progress.add(len(chunk))
         # one statistics dict per batch, with its first row
         return [(text, stats if j == 0 and e.speculative else None) for j, text in enumerate(texts)]
 
@@ -391,29 +442,49 @@ def evaluate_model(
     limit: int,
     out_dir: str | os.PathLike,
     weight_histogram: str | os.PathLike | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Generate, judge, write the report dir; returns flat numeric metrics ("<dataset>/pass_at_1", ...).
 
     Under torchrun EVERY rank calls it (each with the whole model): generation and head CEs are split over the
     ranks, then rank 0 alone judges, writes the report and returns the metrics; the other ranks return {}.
+    Progress lines on rank 0. Once `should_stop()` is true (on any rank) generation ends within a decoding step,
+    judging starts no further program, and every rank raises Stopped at the next point where they agree.
     """
     import parallel as P
 
     main = P.rank_world()[0] == 0
+    dev = model.output.weight.device
+
+    def halt(stopped: bool = False) -> None:  # every rank calls it at the same points: an agreed stop
+        if P.any_rank(stopped or (should_stop is not None and should_stop()), dev):
+            raise Stopped("the evaluation was stopped")
+
     out = Path(out_dir)
     results, ce_values, flat, samples = {}, {}, {}, []
     for ds in datasets:
         problems = load_problems(ds, cfg.storage.data_root)
         items = _prompts(cfg, ds, problems, limit)
+        if main:
+            print(f"eval {ds}: {len(items)} problems x {n} samples", flush=True)
         spec_stats: list[dict] = []
-        comps = generate(cfg, model, tokenizer, [p for _, p in items], n, STOPS[ds], spec_stats)
+        prompts = [p for _, p in items]
+        comps = generate(cfg, model, tokenizer, prompts, n, STOPS[ds], spec_stats, should_stop, ds)
+        halt()
         refs = [reference(ds, problems[k]) for k, _ in items]
         if refs and refs[0] is not None:
-            ce = head_ce(model, tokenizer, [p for _, p in items], refs, cfg.data.max_length)
+            ce = head_ce(model, tokenizer, prompts, refs, cfg.data.max_length)
+        halt()
+        stopped = False
+        if main:
+            preds = {key: c for (key, _), c in zip(items, comps, strict=True)}
+            try:
+                m = judge(ds, problems, preds, cfg.eval.timeout, cfg.eval.workers, should_stop=should_stop)
+            except Stopped:
+                stopped = True
+        halt(stopped)
         if not main:
             continue
-        preds = {key: c for (key, _), c in zip(items, comps, strict=True)}
-        m = judge(ds, problems, preds, cfg.eval.timeout, cfg.eval.workers)
         if spec_stats:
             import generate as G
 
@@ -666,6 +737,11 @@ def main(argv: list[str]) -> int:
     """`evaluate.py judge ...` or `evaluate.py CONFIG --checkpoint DIR`; expected failures print one line (errors.py)."""
 
     def run(args: list[str]) -> int:
+        if args[:1] in (["--version"], ["-V"]):
+            import tracking
+
+            print(tracking.version())
+            return 0
         return _judge_cli(args[1:]) if args[:1] == ["judge"] else _model_cli(args)
 
     return errors.main(run, argv)

@@ -441,6 +441,19 @@ def upload(
     return urls
 
 
+def check_upload(resource: str, storage_cfg: Any, client=None) -> str:
+    """Put and delete one small object under `resource`: before a run that will upload its checkpoints, so that a
+    missing bucket, rejected credentials or a read-only policy stop it before it trains, not after. Returns the
+    s3:// URL the uploads will go to."""
+    what = "storage.upload_checkpoints = true, checked before training"
+    s, bucket, prefix, client, attempts = _target(resource, storage_cfg, client, what)
+    key = prefix + ".wmtp-upload-check"
+    what = f"{what}: writing s3://{bucket}/{key}"
+    _guard(s, what, attempts, lambda: client.put_object(Bucket=bucket, Key=key, Body=b"wmtp upload check\n"))
+    _guard(s, what, attempts, lambda: client.delete_object(Bucket=bucket, Key=key))
+    return f"s3://{bucket}/{prefix}"
+
+
 # --------------------------------------------------------------------------- CLI
 
 

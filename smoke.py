@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
         args = [*(family_overrides(family, cfg) if family is not None else []), *argv]
         print(f"\n=== {name}: python train.py {cfg} {' '.join(args)}", flush=True)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "train.py", cfg, *args], check=True)
+        # --overwrite: `make smoke` again trains the runs again (a finished run is never deleted without it)
+        subprocess.run([sys.executable, "train.py", cfg, *args, "--overwrite"], check=True)
         run = load_config(cfg, [a for a in args if a.startswith("--")]).train.run_name
         summary = json.loads((Path("runs") / run / "summary.json").read_text())
         rows.append((name, summary, time.perf_counter() - t0))

@@ -613,10 +613,11 @@ def _counts(c: collections.Counter) -> str:
     return ", ".join(parts) or "none"
 
 
-def dry_run(sw: Sweep) -> int:
-    """Expand every grid and check every run's config, listing each run and its status (new / resume / done). A
-    grid that uses a pick_best bundle is expanded with each candidate (its runs named `bundle=candidate`); the
-    sweep itself will run the picked candidate's only."""
+def dry_run(sw: Sweep, launcher: str) -> int:
+    """Expand every grid and check every run's config, listing each run, its status (new / resume / done) and the
+    command that would start it with `launcher` (a multi-node one included; the MLflow parent run is added at
+    launch). A grid that uses a pick_best bundle is expanded with each candidate (its runs named
+    `bundle=candidate`); the sweep itself will run the picked candidate's only."""
     runs: dict[str, Run] = {}
     total: collections.Counter = collections.Counter()
     for grid in sw.grids:
@@ -644,6 +645,10 @@ def dry_run(sw: Sweep) -> int:
         for r in (r for new in added for r in new):
             shown = "".join(f" {k}={fmt_value(v)}" for k, v in r.overrides.items() if k not in sw.set)
             print(f"  {states[r.name]:<6} {r.name}  ({r.base}{shown})")
+            if states[r.name] != "done":
+                print(
+                    f"         $ {scrub(shlex.join(command(sw, r, launcher, None, states[r.name] == 'resume')))}"
+                )
     print(
         f"dry run: every config is valid (nothing was run); the sweep has {sum(total.values())} runs: "
         f"{_counts(total)}"
@@ -710,7 +715,7 @@ def run(argv: list[str]) -> int:
             raise SweepError(f"--seeds {a.seeds!r}: expected comma-separated integers") from None
     parallel = check_parallel(a.parallel if a.parallel is not None else sw.parallel, "--parallel")
     if a.dry_run:
-        return dry_run(sw)
+        return dry_run(sw, a.launcher or sw.launcher)
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return run_sweep(sw, a.launcher or sw.launcher, parallel)

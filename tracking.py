@@ -16,9 +16,17 @@ Why the resilience: a tracking server that goes away must not kill a multi-hour 
 guarded; metrics are buffered in memory (bounded) and re-sent on a later call (after a short back-off), HTTP
 retries/timeouts are kept low for the run, a warning is printed once, and `summary()` says what was lost.
 
-The model registry: `promote(run_id, alias)` registers the run's best checkpoint (its HF export, `hf/`) as a model
-version with a generated model card and moves the alias (`staging` | `production`); the CLI is
-`python train.py promote --run RUN_ID --alias staging` (which calls `main`).
+What the MLflow UI shows: experiments are tagged `mlflow.experimentKind = custom_model_development` (else MLflow 3
+opens them on the GenAI traces view), runs carry the entry point (`mlflow.source.name`) and git commit (the Source
+column) and their training data as a dataset input with its digest (the Dataset column), and system metrics
+(`system/...`: CPU, memory, and GPU utilisation/memory through nvidia-ml-py) are sampled on GPU machines, or wherever
+`MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true` (`false` turns them off on GPUs too).
+
+The model registry: `promote(run_id, alias)` registers the run's best checkpoint as a model version with a generated
+model card and moves the alias (`staging` | `production`); the CLI is
+`python train.py promote --run RUN_ID --alias staging` (which calls `main`). The HF export (`hf/`) is logged with
+MLflow's transformers flavor, so that `mlflow.transformers.load_model("models:/NAME@production")` (a
+text-generation pipeline) and `mlflow.pyfunc.load_model(...)` load it.
 """
 
 from __future__ import annotations
@@ -50,6 +58,13 @@ log = logging.getLogger("wmtp.tracking")
 MLRUNS = C.REPO / "mlruns"  # embedded store root (a module attribute so tests can point it elsewhere)
 LAYOUT = ("checkpoints", "reports", "samples", "plots")
 ALIASES = ("staging", "production")
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's model-training views
+SYSTEM_METRICS_ENV = (
+    "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"  # MLflow's own switch; unset: on iff CUDA is visible
+)
+DIGEST_LEN = (
+    16  # MLflow stores a dataset digest in at most 36 characters; the full hash is the data.hash param
+)
 MAX_PARAM_LEN = 500  # the strictest MLflow servers' param value limit
 MAX_BUFFER = 100_000  # buffered metric values kept while the server is away (oldest dropped beyond)
 BATCH = 1000  # MLflow's log_batch limit on metrics per request
@@ -117,6 +132,29 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def version() -> str:
+    """`wmtp <version> (git <commit>[+dirty])` for `train.py --version` / `evaluate.py --version`: the version in
+    pyproject.toml (the installed package's metadata outside a checkout) and the commit runs record as git_commit;
+    +dirty when tracked files differ from it."""
+    import tomllib
+    from importlib import metadata
+
+    try:
+        number = tomllib.loads((C.REPO / "pyproject.toml").read_text())["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        try:
+            number = metadata.version("wmtp")
+        except metadata.PackageNotFoundError:
+            number = "unknown"
+    commit = _git_commit()
+    try:
+        cmd = ["git", "status", "--porcelain", "--untracked-files=no"]
+        dirty = subprocess.run(cmd, cwd=C.REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        dirty = ""
+    return f"wmtp {number} (git {commit}{'+dirty' if dirty and commit != 'unknown' else ''})"
+
+
 def experiment_name(cfg: C.Config) -> str:
     return cfg.tracking.experiment or f"mtp/{cfg.algo}/{cfg.data.dataset}"
 
@@ -151,6 +189,7 @@ class Tracker:
         self._finished = False
         self._env_set: list[str] = []
         self._logged: dict[str, int] = {}  # a resumed run: last step the MLflow run already holds, per metric
+        self._monitor = None  # MLflow's SystemMetricsMonitor, while the run is open
         if self.active and self.uri.startswith(("http://", "https://")):
             self._env_set = [k for k in HTTP_ENV if k not in os.environ]
             os.environ.update({k: HTTP_ENV[k] for k in self._env_set})
@@ -188,18 +227,31 @@ class Tracker:
         client = self._mlflow()
         if self._spec.get("resume") and self._reopen(client, self._spec["resume"]):
             return True
-        exp = client.get_experiment_by_name(self.experiment)
-        exp_id = (
-            exp.experiment_id
-            if exp
-            else client.create_experiment(self.experiment, _artifact_root(self.uri, self.experiment))
-        )
+        exp_id = ensure_experiment(client, self.experiment, _artifact_root(self.uri, self.experiment))
         run = client.create_run(exp_id, tags=self._spec["tags"], run_name=self._spec["name"])
         params = [Param(k, v) for k, v in self._spec["params"].items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             client.log_batch(run.info.run_id, params=params[i : i + 100])
+        if self._spec["inputs"]:
+            client.log_inputs(run.info.run_id, datasets=self._spec["inputs"])
         self.run_id = run.info.run_id
+        self._start_system_metrics(resume=False)
         return True
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        """MLflow's sampler of CPU/memory/disk/network and (with nvidia-ml-py) GPU utilisation and memory, in a
+        thread of its own that logs `system/...` metrics to this run every 10 s (MLFLOW_SYSTEM_METRICS_* tune it).
+        It stops by itself when the server goes away; training goes on."""
+        if not system_metrics_wanted():
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as e:  # e.g. psutil missing: the run goes on without system metrics
+            self._monitor = None
+            print(f"tracking: no system metrics ({scrub(f'{type(e).__name__}: {e}')[:200]})", file=sys.stderr)
 
     def _reopen(self, client, run_id: str) -> bool:
         """Continue the MLflow run of a resumed training run: status RUNNING again, and the steps it already holds
@@ -218,6 +270,7 @@ class Tracker:
             self._logged[key] = max(m.step for m in client.get_metric_history(run_id, key))
         client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
+        self._start_system_metrics(resume=True)
         return True
 
     def _flush(self, force: bool = False) -> bool:
@@ -251,9 +304,11 @@ class Tracker:
         world_size: int = 1,
         extra: dict[str, Any] | None = None,
         resume_run_id: str = "",
+        entry_point: str = "train.py",
     ) -> str | None:
-        """Open the run: tags (algo, dataset, git commit, host, launcher, scorer), params (config, world size, extra
-        such as model ids and the data hash). `resume_run_id` (from a checkpoint) continues that run instead.
+        """Open the run: tags (algo, dataset, git commit, host, launcher, scorer, the entry point), params (config,
+        world size, extra such as model ids and the data hash), and the training data as a dataset input whose
+        digest is the data hash. `resume_run_id` (from a checkpoint) continues that run instead.
         Returns the run id, or None when tracking is off or unreachable."""
         if not self.active:
             return None
@@ -265,6 +320,8 @@ class Tracker:
             "scorer": cfg.loss.scorer,
             "git_commit": commit,
             "mlflow.source.git.commit": commit,
+            "mlflow.source.name": entry_point,
+            "mlflow.source.type": "LOCAL",
             "host": socket.gethostname(),
             "launcher": "torchrun"
             if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
@@ -279,7 +336,15 @@ class Tracker:
         params = C.flatten(C.to_dict(cfg))
         params.update({"world_size": world_size, **(extra or {})})
         name = run_name or cfg.tracking.run_name or cfg.train.run_name or None
-        self._spec = {"name": name, "tags": tags, "params": clean_params(params), "resume": resume_run_id}
+        data_hash = str(params.get("data.hash") or "")
+        inputs = [training_input(cfg, data_hash)] if data_hash else []
+        self._spec = {
+            "name": name,
+            "tags": tags,
+            "params": clean_params(params),
+            "resume": resume_run_id,
+            "inputs": inputs,
+        }
         self._flush(force=True)
         return self.run_id
 
@@ -405,6 +470,10 @@ class Tracker:
         if not self.active or self._finished:
             return
         self._finished = True
+        if self._monitor is not None:  # its last samples go out before the run is closed
+            with contextlib.suppress(Exception):
+                self._monitor.finish()
+            self._monitor = None
         self._flush(force=True)
         failed, self._failed_artifacts = self._failed_artifacts, []
         self._retried_artifacts = [
@@ -457,6 +526,51 @@ def set_terminated(client, run_id: str, status: str) -> None:
     with contextlib.redirect_stdout(out):
         client.set_terminated(run_id, status)
     sys.stdout.write(scrub(out.getvalue()))
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, created when missing, tagged as model training (`mlflow.experimentKind`): without the
+    tag MLflow 3's UI opens it on the GenAI "Traces" overview. An experiment of ours made before the tag existed
+    gets it; a kind set by someone else is left alone."""
+    key, kind = EXPERIMENT_KIND
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, artifact_location, tags={key: kind})
+    if key not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, key, kind)
+    return exp.experiment_id
+
+
+def training_input(cfg: C.Config, data_hash: str):
+    """The run's training data as MLflow's dataset input (the runs table's Dataset column): the dataset's name,
+    the data hash as its digest (cut to MLflow's limit; the full one is in the profile and the data.hash param),
+    where it came from, and the split, under the `training` context."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    d = cfg.data
+    where = d.path or f"{d.resource} (S3 resource), else {d.hub_id}"
+    if d.dataset == "synthetic":
+        where = "synthetic.py (generated from the [data.synthetic] settings)"
+    source = json.dumps({"uri": where})
+    profile = json.dumps({"sha256": data_hash, "split": d.train_split, "template": d.template})
+    ds = Dataset(
+        name=d.dataset,
+        digest=data_hash[:DIGEST_LEN],
+        source_type="code" if d.dataset == "synthetic" else "local",
+        source=scrub(source),
+        profile=profile,
+    )
+    return DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])
+
+
+def system_metrics_wanted() -> bool:
+    """MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING (true/false) decides; unset, only where a GPU is visible."""
+    value = os.environ.get(SYSTEM_METRICS_ENV, "").strip().lower()
+    if value:
+        return value in ("1", "true", "yes")
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _fmt(v: float) -> str:
@@ -575,8 +689,10 @@ def hf_readme(name: str, params: dict, metrics: dict, tags: dict, checkpoint: st
 
 
 def promote(run_id: str, alias: str, tracking_uri: str | None = None):
-    """Register the run's best checkpoint (its HF export; see _checkpoint_artifact) as a model version with a
-    model card, and point `alias` (staging | production) at it. A run already registered reuses its version.
+    """Register the run's best checkpoint as a model version with a model card, and point `alias` (staging |
+    production) at it. An HF export is logged with MLflow's transformers flavor (see log_hf_model), so the version
+    loads with `mlflow.transformers.load_model("models:/NAME@ALIAS")`; a run without one registers our format's
+    files as they are (see _checkpoint_artifact). A run already registered reuses its version.
     Returns the ModelVersion."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -591,26 +707,92 @@ def promote(run_id: str, alias: str, tracking_uri: str | None = None):
     artifact = _checkpoint_artifact(client, run_id)
     card = model_card(run, name, artifact)
     client.log_text(run_id, card, "reports/model_card.md")
+    readme = None
     if artifact.endswith("/hf"):  # the version's README.md: the same card, for transformers and the Hub
         d, where = run.data, f"runs:/{run_id}/{artifact}"
-        client.log_text(run_id, hf_readme(name, d.params, d.metrics, d.tags, where), f"{artifact}/README.md")
+        readme = hf_readme(name, d.params, d.metrics, d.tags, where)
+        client.log_text(run_id, readme, f"{artifact}/README.md")
     description = card if len(card) <= 4900 else card[:4800] + "\n...(full card: reports/model_card.md)\n"
     try:
         client.create_registered_model(name, description=f"WMTP models from experiment {experiment}")
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    # a version registered before the flavor existed (its source the run's hf/ files) is registered again
+    existing = [v for v in found if readme is None or v.source.startswith("models:/")]
     if existing:
         version = existing[0]
         client.update_model_version(name, version.version, description=description)
     else:
-        version = client.create_model_version(
-            name, f"runs:/{run_id}/{artifact}", run_id=run_id, description=description
-        )
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        source, model_id = f"runs:/{run_id}/{artifact}", None
+        # the flavor's log_model, and the registry's look-up of a models:/ source, use the global tracking URI
+        with _use_tracking_uri(uri):
+            if readme is not None:
+                source, model_id = log_hf_model(client, run, artifact, readme)
+            version = client.create_model_version(
+                name, source, run_id=run_id, description=description, model_id=model_id
+            )
     client.set_model_version_tag(name, version.version, "model_card", "reports/model_card.md")
+    client.set_model_version_tag(name, version.version, "checkpoint", f"runs:/{run_id}/{artifact}")
     client.set_registered_model_alias(name, alias, version.version)
     return client.get_model_version(name, version.version)
+
+
+def log_hf_model(client, run, artifact: str, readme: str) -> tuple[str, str]:
+    """Log the run's HF export (`artifact`) as an MLflow model of the transformers flavor (a text-generation
+    pipeline, the model card as its card, the run's params), linked to the run as its output, in the run's
+    experiment. Returns (model URI, model id). Call it with the global tracking URI set to the client's.
+
+    The model is loaded once, in its stored dtype, on the CPU: the flavor saves a loaded pipeline (logging from a
+    directory fails with transformers 5 in MLflow 3.17). The requirements are pinned to what runs here rather
+    than inferred (inference loads the model again in a subprocess). Signature params: max_new_tokens, do_sample."""
+    import tempfile
+
+    import mlflow
+    import torch
+    import transformers
+    from huggingface_hub import ModelCard
+    from mlflow.models import infer_signature
+
+    run_id = run.info.run_id
+    with tempfile.TemporaryDirectory(prefix="wmtp-promote-") as tmp:
+        local = client.download_artifacts(run_id, artifact, tmp)
+        model = transformers.AutoModelForCausalLM.from_pretrained(local, dtype="auto")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(local)
+        logged = client.create_logged_model(
+            run.info.experiment_id,
+            name="model",
+            source_run_id=run_id,
+            tags={"wmtp.checkpoint": f"runs:/{run_id}/{artifact}"},
+            params=dict(run.data.params),
+        )
+        signature = infer_signature(
+            ["def add(a, b):"],
+            ["def add(a, b):\n    return a + b"],
+            params={
+                "max_new_tokens": int(run.data.params.get("eval.max_new_tokens", 256)),
+                "do_sample": False,
+            },
+        )
+        requirements = [
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"transformers=={transformers.__version__}",
+        ]
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="text-generation",
+            torch_dtype=model.dtype,
+            model_card=ModelCard(readme),
+            signature=signature,
+            pip_requirements=requirements,
+            run_id=run_id,
+            model_id=logged.model_id,
+        )
+    return info.model_uri, info.model_id
 
 
 def main(argv: list[str] | None = None) -> int:

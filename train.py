@@ -41,7 +41,6 @@ import config as C
 import data
 import errors
 import evaluate
-import files
 import formats
 import model as M
 import parallel as P
@@ -370,52 +369,81 @@ def validate(cfg, net, val_ds, pad_id: int, d: P.Dist) -> dict:
 # --------------------------------------------------------------------------- the run
 
 
-def parse_cli(argv: list[str]) -> tuple[str, list[str], bool, bool]:
+FLAGS = ("--resume", "--dry-run", "--overwrite")
+
+
+def parse_cli(argv: list[str]) -> tuple[str, list[str], set[str]]:
+    """(config path, --section.key=value overrides, the flags of FLAGS given)."""
     overrides, rest = C.split_args(argv)
     flags = {a for a in rest if a.startswith("--")}
-    unknown = flags - {"--resume", "--dry-run"}
+    unknown = flags - set(FLAGS)
     paths = [a for a in rest if not a.startswith("--")]
     if unknown or len(paths) != 1:
         raise SystemExit(
-            "usage: train.py CONFIG.toml [--section.key=value ...] [--resume] [--dry-run]\n"
+            "usage: train.py CONFIG.toml [--section.key=value ...] [--resume] [--dry-run] [--overwrite]\n"
             "       train.py promote --run RUN_ID --alias staging|production\n"
-            "       train.py export --checkpoint DIR --format hf|meta --out OUT"
+            "       train.py export --checkpoint DIR --format hf|meta --out OUT\n"
+            "       train.py --version"
             + (f"\nunknown option(s): {' '.join(sorted(unknown))}" if unknown else "")
         )
-    return paths[0], overrides, "--resume" in flags, "--dry-run" in flags
+    return paths[0], overrides, flags
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["--version"], ["-V"]):
+        print(tracking.version())
+        return 0
     if argv and argv[0] == "promote":
         return tracking.main(argv[1:])
     if argv and argv[0] == "export":
         return checkpoint.export_cli(argv[1:])
-    path, overrides, resume, dry = parse_cli(argv)
+    path, overrides, flags = parse_cli(argv)
     cfg = C.load_config(path, overrides)
     d = P.init_distributed(cfg.train.device)
     try:
-        return train(cfg, d, resume, dry)
+        return train(cfg, d, "--resume" in flags, "--dry-run" in flags, "--overwrite" in flags)
     finally:
         P.shutdown()
 
 
-def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool) -> int:
-    """Find the inputs, take the run directory, then run (or, with --dry-run, print the plan: plan.py)."""
+def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool, overwrite: bool = False) -> int:
+    """Find the inputs, take the run directory, then run (or, with --dry-run, print the plan: plan.py). A run
+    that finished but whose publishing failed (e.g. its upload) is published, not trained again."""
     torch.manual_seed(cfg.train.seed)
     if dry:
         return plan.dry_run(cfg, d, *plan.resolve_inputs(cfg))
+    run_name = cfg.train.run_name or f"{cfg.algo}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.train.out_dir) / P.broadcast_object(run_name)
+    check_upload(cfg, d, run_dir)
     model_dir = s3cache.resolve_model(cfg, "policy")
     tokenizer = data.load_tokenizer(cfg, model_dir)
     plan.check_tokenizer(cfg, model_dir, tokenizer)
-    run_name = cfg.train.run_name or f"{cfg.algo}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.train.out_dir) / P.broadcast_object(run_name)
-    lock = checkpoint.open_run_dir(cfg, d, run_dir, resume)  # one run per directory, held until the run ends
+    # one run per directory, held until the run ends
+    lock = checkpoint.open_run_dir(cfg, d, run_dir, resume, overwrite)
     try:
+        if P.broadcast_object(checkpoint.read_pending(run_dir) is not None if d.main else None):
+            return publish_pending(cfg, d, run_dir, tokenizer)
         with Preemption() as preempt:
             return run(start(cfg, d, run_dir, model_dir, tokenizer, resume), preempt)
     finally:
         if d.main:
             lock.release()
+
+
+def check_upload(cfg: C.Config, d: P.Dist, run_dir: Path) -> None:
+    """With storage.upload_checkpoints, write (and delete) one object where the checkpoints will go before anything
+    else: a missing bucket or rejected credentials stop the run now, not after training it (rank 0 checks)."""
+    if not cfg.storage.upload_checkpoints:
+        return
+    problem = None
+    if d.main:
+        try:
+            s3cache.check_upload(checkpoint.upload_resource(run_dir), cfg.storage)
+        except UserError as e:
+            problem = str(e)
+    problem = P.broadcast_object(problem)
+    if problem:
+        raise s3cache.StorageError(problem)
 
 
 def start(cfg: C.Config, d: P.Dist, run_dir: Path, model_dir: Path, tokenizer, resume: bool) -> Run:
@@ -443,11 +471,10 @@ def start(cfg: C.Config, d: P.Dist, run_dir: Path, model_dir: Path, tokenizer, r
     scorer = score.init_state(cfg, net, tokenizer, d.device, dataset=train_ds)
     r = Run(cfg, d, net, opt, scorer, st, run_dir, model_dir, tokenizer, train_ds, val_ds)
     ckdir = run_dir / "checkpoints"
-    if resume:
-        ck = checkpoint.find_resume(ckdir)
-        if ck != (ckdir / "latest").resolve():
+    if resume:  # the newest checkpoint that verifies and loads; a damaged newer one is named and passed over
+        if not (ckdir / "latest" / "trainer.pt").is_file():
             r.log(f"{ckdir / 'latest'} is missing or broken: resuming from the newest complete checkpoint")
-        r.st = checkpoint.load_resume(ck, net, r.opt, scorer, d)
+        ck, r.st = checkpoint.load_newest_intact(ckdir, net, r.opt, scorer, d, r.log)
         r.log(f"resumed from {ck} at step {r.st.step}")
     if d.main:  # a resumed run writes the later steps again; a fresh one starts an empty file
         checkpoint.truncate_metrics(run_dir / "metrics.jsonl", r.st.step)
@@ -470,7 +497,8 @@ def run(r: Run, preempt: Preemption) -> int:
     meter = P.Meter(d, M.flops_per_token(M.unwrap(r.net).args, cfg.data.max_length))
     per_rank, pad = cfg.train.micro_batch_size * cfg.train.grad_accum, r.tokenizer.pad_token_id
     shard = {"rank": d.rank, "world_size": d.world_size}
-    loader = data.make_loader(r.train_ds, per_rank, pad, seed=cfg.data.seed, skip_batches=r.st.step, **shard)
+    seed = data.order_seed(cfg)
+    loader = data.make_loader(r.train_ds, per_rank, pad, seed=seed, skip_batches=r.st.step, **shard)
     stop = min(cfg.train.steps, cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
     saved = r.st.step
     while r.st.step < stop:
@@ -507,7 +535,7 @@ def run(r: Run, preempt: Preemption) -> int:
         r.scorer.rewards.free_model()
     r.net = r.opt = snapshot = None  # (r.save() is not called after this point)
     free_memory(d)
-    return finish(r, final, cost)
+    return finish(r, final, cost, preempt)
 
 
 def step_zero(r: Run) -> None:
@@ -515,9 +543,8 @@ def step_zero(r: Run) -> None:
     finite: nothing has been trained yet) and the first good checkpoint."""
     cfg, d = r.cfg, r.d
     shard = {"rank": d.rank, "world_size": d.world_size}
-    loader = data.make_loader(
-        r.train_ds, cfg.train.micro_batch_size, r.tokenizer.pad_token_id, seed=cfg.data.seed + 1, **shard
-    )
+    pad, seed = r.tokenizer.pad_token_id, data.order_seed(cfg) + 1
+    loader = data.make_loader(r.train_ds, cfg.train.micro_batch_size, pad, seed=seed, **shard)
     try:
         with autocast(cfg, d):
             score.prepare(r.scorer, loader)
@@ -600,12 +627,14 @@ def recover(r: Run, snapshot: checkpoint.Snapshot | None) -> TrainState:
 class Preemption:
     """SIGTERM (what Kubernetes and VESSL send before evicting a pod) and SIGINT ask the run to stop at the next
     step boundary: all ranks agree (parallel.any_rank), a resumable checkpoint is committed, the process exits with
-    EXIT_PREEMPTED. The same signal again stops at once (the previous checkpoint stays valid)."""
+    EXIT_PREEMPTED. During the end-of-run evaluation (training done, its checkpoint committed) the evaluation stops
+    at once and --resume redoes it. The same signal again stops at once (the previous checkpoint stays valid)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
+        self.evaluating = False  # the end-of-run evaluation stops at once (train.end_of_run_eval)
         self._old: dict = {}
 
     def __enter__(self) -> Preemption:
@@ -625,9 +654,11 @@ class Preemption:
         if self.received is None:
             self.received = signum
             if os.environ.get("RANK", "0") == "0":
+                what = (
+                    "the evaluation now" if self.evaluating else "at the end of this step with a checkpoint"
+                )
                 print(
-                    f"{signal.Signals(signum).name}: stopping at the end of this step with a checkpoint "
-                    "(send it again to stop at once)",
+                    f"{signal.Signals(signum).name}: stopping {what} (send it again to stop at once)",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -676,9 +707,10 @@ def free_memory(d: P.Dist) -> None:
 # --------------------------------------------------------------------------- the end of a complete run
 
 
-def finish(r: Run, final: Path | None, cost: dict) -> int:
-    """Summary, synthetic-task metrics, the weight histogram, the end-of-run evaluation (every rank), then on rank 0
-    summary.json, exports and uploads (checkpoint.publish), the run report and the closing lines."""
+def finish(r: Run, final: Path | None, cost: dict, preempt: Preemption) -> int:
+    """Summary, synthetic-task metrics, the weight histogram, the end-of-run evaluation (every rank; SIGTERM stops
+    it and exits EXIT_PREEMPTED: --resume evaluates again), then on rank 0 the summary kept as pending, the run
+    report, and `complete`: exports and uploads, summary.json (the run is finished) and the closing lines."""
     cfg, d, st, tracker = r.cfg, r.d, r.st, r.tracker
     summary = run_summary(r, cost)
     plots = r.run_dir / "plots"
@@ -689,21 +721,57 @@ def finish(r: Run, final: Path | None, cost: dict) -> int:
         plots.mkdir(exist_ok=True)
         score.save_weight_histogram(r.scorer, plots / "weight_histogram.png")
     if cfg.eval.enabled:
-        summary["eval"] = end_of_run_eval(r, plots / "weight_histogram.png")
+        try:
+            summary["eval"] = end_of_run_eval(r, plots / "weight_histogram.png", preempt)
+        except evaluate.Stopped:
+            r.log(
+                f"preempted during the end-of-run evaluation: training is complete (checkpoint step_{st.step:06d}); "
+                "--resume evaluates and finishes the run"
+            )
+            tracker.finish("KILLED")
+            return EXIT_PREEMPTED
     if d.main:
-        text = errors.scrub(json.dumps(summary, indent=2, default=str))
-        files.atomic_write_text(r.run_dir / "summary.json", text)
+        checkpoint.write_pending(r.run_dir, summary, tracker.run_id)  # from here on, a rerun only publishes
         tracker.log_artifacts(plots, "plots")
-        checkpoint.publish(cfg, r.run_dir, final, r.tokenizer, tracker)
         heads = summary["weights_per_head"]
         print(
             "weights per head (run mean): " + " ".join(f"{k} {h['run_mean']:.4f}" for k, h in heads.items())
         )
         tracker.write_report(r.run_dir, summary)
-        tracker.finish("FINISHED")
-        for line in tracker.summary():
-            print(line)
-        print(json.dumps({k: summary[k] for k in FINAL_LINE}))
+        complete(cfg, r.run_dir, r.tokenizer, tracker, summary)
+    P.barrier()
+    return 0
+
+
+def complete(cfg: C.Config, run_dir: Path, tokenizer, tracker: tracking.Tracker, summary: dict) -> None:
+    """Rank 0: exports, artifacts and uploads (checkpoint.publish), then summary.json, the mark of a finished run.
+    When publishing fails the run stays pending, every file kept: the same command run again publishes it."""
+    try:
+        checkpoint.publish(cfg, run_dir, tokenizer, tracker)
+    except Exception as e:
+        tracker.finish("FAILED")
+        if isinstance(e, UserError):  # e.g. the upload: say what is kept and how to finish
+            e.args = (
+                f"{e}; the run is complete and kept in {run_dir}: run the same command again to publish it "
+                "(upload pending)",
+            )
+        raise
+    checkpoint.write_summary(run_dir, summary)
+    tracker.finish("FINISHED")
+    for line in tracker.summary():
+        print(line)
+    print(json.dumps({k: summary.get(k) for k in FINAL_LINE}))
+
+
+def publish_pending(cfg: C.Config, d: P.Dist, run_dir: Path, tokenizer) -> int:
+    """A run that finished training and evaluation but not its publishing (an upload failed): publish it now,
+    continuing its MLflow run, without training or evaluating again."""
+    if d.main:
+        pending = checkpoint.read_pending(run_dir)
+        print(f"{run_dir}: trained and evaluated; upload pending: exporting and uploading it (no training)")
+        tracker = tracking.Tracker(cfg, rank=d.rank)
+        tracker.start(run_name=run_dir.name, world_size=d.world_size, resume_run_id=pending["mlflow_run_id"])
+        complete(cfg, run_dir, tokenizer, tracker, pending["summary"])
     P.barrier()
     return 0
 
@@ -756,16 +824,26 @@ def add_class_weights(r: Run, w: torch.Tensor, valid: torch.Tensor, token_class:
     r.st.class_weights = inc if r.st.class_weights is None else r.st.class_weights + inc
 
 
-def end_of_run_eval(r: Run, histogram: Path) -> dict:
+def end_of_run_eval(r: Run, histogram: Path, preempt: Preemption) -> dict:
     """Every rank loads the consolidated export unsharded on its device (bf16 on GPU) and generates its share of
-    the problems; rank 0 judges, writes the report and logs (evaluate.evaluate_model). Returns rank 0's metrics."""
+    the problems; rank 0 judges, writes the report and logs (evaluate.evaluate_model). Returns rank 0's metrics.
+    SIGTERM / SIGINT stop it within a decoding step or the programs being judged (evaluate.Stopped)."""
     cfg, d = r.cfg, r.d
+    preempt.evaluating = True
     P.barrier()  # rank 0 wrote the export
     net = evaluate.load_for_eval(cfg, r.run_dir / "checkpoints" / "final", "wmtp", d.device)
     rep = Path(cfg.eval.report_dir) if cfg.eval.report_dir else r.run_dir / "eval"
     e = cfg.eval
     metrics = evaluate.evaluate_model(
-        cfg, net, r.tokenizer, e.datasets, e.n_samples, e.limit, rep, weight_histogram=histogram
+        cfg,
+        net,
+        r.tokenizer,
+        e.datasets,
+        e.n_samples,
+        e.limit,
+        rep,
+        histogram,
+        lambda: preempt.received is not None,
     )
     del net
     free_memory(d)

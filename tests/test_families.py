@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import aux_models
 import checkpoint
 import formats
 import model as M
-import score
 import tiny
 from tests.test_train import metrics, run_train
 
@@ -266,11 +266,13 @@ def test_tokenizer_check_accepts_the_same_byte_level_bpe_and_refuses_other_split
 
     qwen = AutoTokenizer.from_pretrained(tiny_dir / "base_qwen2")
     assert qwen.bos_token is None and qwen.pad_token == qwen.eos_token == "<|endoftext|>"
-    score.check_same_tokenizer(qwen, tiny_dir / "base_qwen3")  # Qwen2.5 base, Qwen3 reference: same tokenizer
+    aux_models.check_same_tokenizer(
+        qwen, tiny_dir / "base_qwen3"
+    )  # Qwen2.5 base, Qwen3 reference: same tokenizer
     llama3 = AutoTokenizer.from_pretrained(tiny_dir / "base_llama3")
-    score.check_same_tokenizer(llama3, tiny_dir / "tokenizer_llama3")
+    aux_models.check_same_tokenizer(llama3, tiny_dir / "tokenizer_llama3")
     with pytest.raises(ValueError, match="tokenizer differs from the base model's"):
-        score.check_same_tokenizer(qwen, tiny_dir / "base_llama3")
+        aux_models.check_same_tokenizer(qwen, tiny_dir / "base_llama3")
     # the same vocabulary with other rules (a tokenizer.json read as written, not rebuilt by Qwen2Tokenizer): without
     # Qwen's NFC normaliser and with Llama 3's split, "é" written as e + a combining accent gets other ids
     d = shutil.copytree(tiny_dir / "tokenizer_qwen", tmp_path / "other")
@@ -287,13 +289,13 @@ def test_tokenizer_check_accepts_the_same_byte_level_bpe_and_refuses_other_split
     with pytest.raises(
         ValueError, match="tokenizer's normalizer and pre-tokenizer differ from the base model's"
     ):
-        score.check_same_tokenizer(qwen, d)
+        aux_models.check_same_tokenizer(qwen, d)
     # a BOS on one side only
     with pytest.raises(ValueError, match="bos_token differs"):
         other = AutoTokenizer.from_pretrained(tiny_dir / "tokenizer_llama3")
         other.bos_token = None
         other.save_pretrained(str(tmp_path / "nobos"))
-        score.check_same_tokenizer(llama3, tmp_path / "nobos")
+        aux_models.check_same_tokenizer(llama3, tmp_path / "nobos")
 
 
 # --------------------------------------------------------------------------- training, exports, peft adapter

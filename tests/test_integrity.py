@@ -101,6 +101,28 @@ def test_a_kill_between_any_two_renames_leaves_a_resumable_checkpoint(
     assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step_000006"]  # keep_checkpoints = 1
 
 
+def test_a_checkpoint_that_does_not_load_is_passed_over(trainer, tmp_path):
+    """Sizes that match the metadata but a trainer.pt that does not load (what verify cannot see): the load
+    attempt names it and the previous checkpoint is loaded, exactly."""
+    cfg, d, [(net, opt, state), (net2, opt2, state2)] = trainer
+    run_dir, ckdir = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    weights = update(net, opt)
+    checkpoint.save_resume(cfg, run_dir, net, opt, checkpoint.TrainState(step=2, micro_batch=4), state, d)
+    shutil.copytree(ckdir / "step_000002", tmp_path / "keep")  # keep_checkpoints = 1 prunes it at step 4
+    update(net, opt)
+    checkpoint.save_resume(cfg, run_dir, net, opt, checkpoint.TrainState(step=4, micro_batch=4), state, d)
+    shutil.copytree(tmp_path / "keep", ckdir / "step_000002")
+    (ckdir / "step_000004" / "trainer.pt").write_bytes(b"not a pickle")
+    assert checkpoint.verify(ckdir / "step_000004") is None
+    said = []
+    ck, st = checkpoint.load_newest_intact(ckdir, net2, opt2, state2, d, said.append)
+    assert ck == ckdir / "step_000002" and st.step == 2
+    assert all(torch.equal(p, weights[n]) for n, p in net2.named_parameters())
+    assert len(said) == 1 and said[0].startswith(
+        f"checkpoint step_000004 is damaged: {ckdir / 'step_000004'} cannot be loaded (UnpicklingError: "
+    )
+
+
 def test_snapshot_restores_model_optimizer_and_scorer_exactly(trainer):
     cfg, d, [(net, opt, state), _] = trainer
     update(net, opt)

@@ -5,6 +5,7 @@ reference included)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -585,6 +586,20 @@ def test_critic_delta_peaks_at_the_token_the_value_depends_on(tok, tmp_path):
     assert torch.equal(w[1], valid[1].float()), "a row with constant V gets uniform weights"
 
 
+def fitted_critic(tok, tmp_path, policy, batch, pretrain_steps: int, w_max: float = 3.0):
+    """A critic state after stage 1 on `batch` repeated, gamma = gae_lambda = 1, reward +1 for rows 0-7 and -1
+    for rows 8-15 (the 16 rows of `batch`)."""
+    cfg = make_cfg(
+        tmp_path, "critic_delta_v1", critic=dict(reward="tests", pretrain_steps=pretrain_steps, value_lr=1e-2)
+    )
+    cfg.critic.gamma = cfg.critic.gae_lambda = 1.0
+    cfg.loss.w_max = w_max
+    state = score.init_state(cfg, policy, tok, "cpu")
+    state.rewards.values = {b: (1.0 if b < 8 else -1.0) for b in range(16)}
+    score.prepare(state, itertools.repeat(batch))
+    return state
+
+
 def test_critic_stage1_learns_value_of_the_rewarded_token(tok, tmp_path):
     """Reward +1 iff the completion contains X: after stage 1, the pairs targeting X get the highest weight."""
     V, X = len(tok), 77
@@ -598,19 +613,9 @@ def test_critic_stage1_learns_value_of_the_rewarded_token(tok, tmp_path):
     for b in range(8):
         ids[b, pos[b]] = X
     batch = manual_batch(ids.tolist(), 4)
-    cfg = make_cfg(
-        tmp_path, "critic_delta_v1", critic=dict(reward="tests", pretrain_steps=150, value_lr=1e-2, gamma=1.0)
-    )
-    cfg.critic.gae_lambda = 1.0
-    cfg.loss.w_max = 1000.0  # no clipping: the top weight is unique
-    state = score.init_state(cfg, policy, tok, "cpu")
-    state.rewards.values = {b: (1.0 if b < 8 else -1.0) for b in range(16)}
-
-    def forever():
-        while True:
-            yield batch
-
-    score.prepare(state, forever())
+    state = fitted_critic(
+        tok, tmp_path, policy, batch, pretrain_steps=150, w_max=1000.0
+    )  # no clip: top is unique
     assert state.metrics["critic/pretrain_value_loss"] < 1.0  # 1.05 at the start; fillers stay at ~1
     batch = add_targets(batch)
     batch["hidden"] = policy(batch["input_ids"], stage="trunk").detach()
@@ -638,18 +643,7 @@ def test_critic_first_delta_uses_a_fitted_prompt_value(tok, tmp_path):
     ids[:8, j0 - 1], ids[8:, j0 - 1] = X, Y  # the last prompt token decides the reward
     ids[:8, j0:], ids[8:, j0:] = 60, 61  # and each kind of row has its own completion
     batch = manual_batch(ids.tolist(), j0)
-    cfg = make_cfg(
-        tmp_path, "critic_delta_v1", critic=dict(reward="tests", pretrain_steps=300, value_lr=1e-2)
-    )
-    cfg.critic.gamma = cfg.critic.gae_lambda = 1.0
-    state = score.init_state(cfg, policy, tok, "cpu")
-    state.rewards.values = {b: (1.0 if b < 8 else -1.0) for b in range(16)}
-
-    def forever():
-        while True:
-            yield batch
-
-    score.prepare(state, forever())
+    state = fitted_critic(tok, tmp_path, policy, batch, pretrain_steps=300)
     assert state.stage1["critic/stage1_explained_variance"] > 0.99
     with torch.no_grad():
         v = state.value_head(policy(batch["input_ids"], stage="trunk"))
@@ -746,7 +740,7 @@ def test_rho1_per_head_weights_inside_the_head_step_equal_the_scorer(
     cfg = make_cfg(tmp_path, "rho1_excess_v1", rho1=rho1)
     state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
     batch = add_targets(next(data.make_loader(train_rows, 4, tok.pad_token_id, seed=3)))
-    ids, targets, valid, lam = batch["input_ids"], batch["targets"], batch["valid"], 0.5
+    ids, valid, lam = batch["input_ids"], batch["valid"], 0.5
     h = policy(ids, stage="trunk")
     batch["hidden"] = h.detach()
     want = score.weights(batch, state)
@@ -755,10 +749,23 @@ def test_rho1_per_head_weights_inside_the_head_step_equal_the_scorer(
 
     per_head = score.SCORERS["rho1_excess_v1"](batch, state)  # what the trainer's step asks for
     assert per_head.per_head
+    assert_head_step_equals_scorer(policy, per_head, batch, h, lam, want, state, want_metrics)
+
+    cfg.loss.normalize = "sequence"
+    state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
+    assert not score.SCORERS["rho1_excess_v1"](batch, state).per_head  # weights known before the heads run
+    joint = score.weights(batch, state)
+    check_invariants(joint, valid, cfg.loss.eps, cfg.loss.w_max, "sequence")
+    assert not torch.allclose(joint, want)
+
+
+def assert_head_step_equals_scorer(policy, per_head, batch, h, lam, want, state, want_metrics) -> None:
+    """The trainer's head-by-head step with the per-head weigher gives the scorer's own weights `want` and
+    statistics, and the loss and gradients of the all-heads-at-once loss with those weights (mixed by lam)."""
+    ids, targets, valid = batch["input_ids"], batch["targets"], batch["valid"]
     weights = lambda k, ce: score.mix(per_head(k, ce), lam, valid[..., k])  # noqa: E731
     out = M.mtp_loss_backward(policy, h, targets, valid, weights)
-    got = per_head.finish()
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(per_head.finish(), want, rtol=0, atol=1e-6)
     assert state.metrics == pytest.approx(want_metrics, rel=1e-6)
     grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad(set_to_none=True)
@@ -767,13 +774,6 @@ def test_rho1_per_head_weights_inside_the_head_step_equal_the_scorer(
     assert float(out["loss"]) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
     for a, b in zip(grads, [p.grad for p in policy.parameters()], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-    cfg.loss.normalize = "sequence"
-    state = score.init_state(cfg, policy, tok, "cpu", dataset=train_rows)
-    assert not score.SCORERS["rho1_excess_v1"](batch, state).per_head  # weights known before the heads run
-    joint = score.weights(batch, state)
-    check_invariants(joint, valid, cfg.loss.eps, cfg.loss.w_max, "sequence")
-    assert not torch.allclose(joint, want)
 
 
 @pytest.mark.parametrize("scope", ["head", "sequence"])
@@ -804,17 +804,7 @@ def test_dft_weights_inside_the_head_step_equal_the_scorer(scope, tok, tmp_path,
     if scope == "sequence":
         assert not per_head.per_head  # weights known before the heads run
         return
-    weights = lambda k, ce: score.mix(per_head(k, ce), lam, valid[..., k])  # noqa: E731
-    out = M.mtp_loss_backward(policy, h, targets, valid, weights)
-    torch.testing.assert_close(per_head.finish(), want, rtol=0, atol=1e-6)
-    assert state.metrics == pytest.approx(want_metrics, rel=1e-6)
-    grads = [p.grad.clone() for p in policy.parameters()]
-    policy.zero_grad(set_to_none=True)
-    ref_loss = M.naive_mtp_loss(policy, ids, targets, valid, score.mix(want, lam, valid))
-    ref_loss.backward()
-    assert float(out["loss"]) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
-    for a, b in zip(grads, [p.grad for p in policy.parameters()], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_head_step_equals_scorer(policy, per_head, batch, h, lam, want, state, want_metrics)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -145,6 +145,45 @@ def test_resume_gives_the_same_losses(reference_run, tiny_dir, tmp_path):
         assert resumed[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
 
 
+def test_a_damaged_newest_checkpoint_is_passed_over_on_resume_and_named_by_export(
+    reference_run, tiny_dir, tmp_path, capsys
+):
+    """An interrupted run whose newest checkpoint (step 4) has a truncated .distcp file: `export` names the file in
+    one line; --resume says which checkpoint is damaged and why, continues from step 2 and ends with the
+    uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    out, ref = reference_run
+    kv = {"train.run_name": "dmg", "train.save_every": 2}
+    run_train(tiny_dir, tmp_path, **kv, **{"train.stop_after": 4})
+    ck = tmp_path / "dmg" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["best", "latest", "step_000002", "step_000004"]
+    [shard] = (ck / "step_000004" / "dcp").glob("*.distcp")
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    cut = f"{shard} is truncated ({shard.stat().st_size} bytes; its metadata places "
+
+    capsys.readouterr()
+    argv = ["export", "--checkpoint", str(ck / "step_000004"), "--format", "hf", "--out", str(tmp_path / "x")]
+    assert errors.main(train.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {ck / 'step_000004'} is damaged: {cut}") and len(err.splitlines()) == 1, (
+        err
+    )
+
+    p = run_train(tiny_dir, tmp_path, "--resume", **kv)
+    assert f"checkpoint step_000004 is damaged: {cut}" in p.stdout and "trying the one before" in p.stdout
+    assert f"resumed from {ck / 'step_000002'} at step 2" in p.stdout
+    rows = metrics(tmp_path, "dmg")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for step, loss in losses(ref).items():
+        assert losses(rows)[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+    a, b = (
+        load_file(d / "checkpoints" / "final" / "model.safetensors") for d in (out / "ref", tmp_path / "dmg")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_oom_fallback_keeps_the_effective_batch(reference_run, tiny_dir, tmp_path):
     _, ref = reference_run
     p = run_train(tiny_dir, tmp_path, **{"train.run_name": "oom", "train.inject_oom_steps": [2]})
@@ -156,6 +195,38 @@ def test_oom_fallback_keeps_the_effective_batch(reference_run, tiny_dir, tmp_pat
     for a, b in zip(rows, ref, strict=True):
         assert a["train/tokens"] == b["train/tokens"]
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+
+
+def test_train_seed_drives_the_data_order(reference_run, tiny_dir, tmp_path):
+    """A sweep's replicates (seed_keys = ["train.seed"]) replicate something on MBPP: another train.seed deals the
+    rows in another order (other losses, other final weights), the same seed gives the same run; data.seed (42)
+    keeps the cached rows and the validation subset, so the step-0 validation loss is the same."""
+    from safetensors.torch import load_file
+
+    out, ref = reference_run  # train.seed 42 (the default)
+    run_train(tiny_dir, tmp_path, **{"train.run_name": "s7", "train.seed": 7})
+    other = metrics(tmp_path, "s7")
+    assert all(a["train/loss"] != b["train/loss"] for a, b in zip(other, ref, strict=True))
+    a, b = (
+        load_file(d / "checkpoints" / "final" / "model.safetensors") for d in (out / "ref", tmp_path / "s7")
+    )
+    assert not any(torch.equal(a[k], b[k]) for k in a if "norm" not in k)
+    first = [
+        json.loads((d / "summary.json").read_text())["first_val_loss"] for d in (out / "ref", tmp_path / "s7")
+    ]
+    assert first[0] == first[1]
+    run_train(tiny_dir, tmp_path, **{"train.run_name": "s7again", "train.seed": 7, "train.stop_after": 2})
+    assert losses(metrics(tmp_path, "s7again")) == {s: v for s, v in losses(other).items() if s <= 2}
+
+
+def test_the_synthetic_benchmark_keeps_data_seed_as_its_order():
+    """The study sets train.seed and data.seed together; its prerequisite runs (train.seed 0, data.seed 1000) must
+    train in the order they always did: the synthetic corpus's order follows data.seed, MBPP's train.seed."""
+    import data
+
+    syn = C.load_config(None, ["--data.dataset=synthetic", "--data.seed=1000", "--train.seed=0"])
+    mbpp = C.load_config(None, ["--data.seed=1000", "--train.seed=0"])
+    assert data.order_seed(syn) == 1000 and data.order_seed(mbpp) == 0
 
 
 def sqlite_tracking(tmp: Path) -> dict:
