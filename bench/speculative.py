@@ -63,6 +63,11 @@ import model as M  # noqa: E402
 
 VOCAB, H = 128, 4
 SETTINGS = (("greedy", 0.0, 1.0), ("T=0.2 top-p 0.95", 0.2, 0.95))
+GOALS = {
+    ("trained", "greedy", 1): 2.2,
+    ("trained", "T=0.2 top-p 0.95", 1): 1.6,
+}  # issue 22: speed-up at least
+GOAL_FLOOR = 0.95  # ... and no row slower than this
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -157,8 +162,10 @@ def side_by_side(a, b, repeats: int) -> tuple[float, float, float, object, objec
 
 def bench_speculative(
     name: str, model: M.Transformer, prompts: list[list[int]], a: argparse.Namespace
-) -> None:
-    """Batch 1: every prompt alone, one after the other; batch 8: all of them at once."""
+) -> dict[tuple[str, str, int], float]:
+    """Batch 1: every prompt alone, one after the other; batch 8: all of them at once. Returns the speed-up per
+    (model, decoding, batch)."""
+    ratios = {}
     for label, temperature, top_p in SETTINGS:
         for bs in (1, 8):
             batches = [[p] for p in prompts] if bs == 1 else [prompts]
@@ -182,6 +189,21 @@ def bench_speculative(
             same = ("yes" if out_plain == out_spec else "NO") if temperature == 0 else "n/a"
             print(f"{name:<8} {label:<17} {bs:>5} {s['tokens_per_forward']:>10.2f}   {acc:<15} "
                   f"{t_plain:>8.3f} s {t_spec:>8.3f} s {ratio:>8.2f}x {same:>9}", flush=True)  # fmt: skip
+            ratios[name, label, bs] = ratio
+    return ratios
+
+
+def print_goals(ratios: dict[tuple[str, str, int], float]) -> None:
+    """The issue's goals against this run's speed-ups."""
+    print("\ngoals (issue 22)")
+    for key, goal in GOALS.items():
+        met = "met" if ratios[key] >= goal else "MISSED"
+        print(f"  {key[0]} {key[1]}, batch {key[2]}: {ratios[key]:.2f}x vs >= {goal}x  {met}")
+    worst = min(ratios, key=ratios.get)
+    met = "met" if ratios[worst] >= GOAL_FLOOR else "MISSED"
+    print(
+        f"  slowest row ({worst[0]} {worst[1]}, batch {worst[2]}): {ratios[worst]:.2f}x vs >= {GOAL_FLOOR}x  {met}"
+    )
 
 
 def bench_hf(tiny_dir: Path, a: argparse.Namespace) -> None:
@@ -246,8 +268,10 @@ def main(argv: list[str] | None = None) -> None:
           f"repeats, torch threads {a.threads}")  # fmt: skip
     print(f"{'model':<8} {'decoding':<17} {'batch':>5} {'tokens/fwd':>10}   {'accept h2 h3 h4':<15} "
           f"{'plain':>10} {'spec':>10} {'speed-up':>9} {'identical':>9}")  # fmt: skip
+    ratios = {}
     for name, model in (("trained", trained), ("random", random)):
-        bench_speculative(name, model, prompts, a)
+        ratios |= bench_speculative(name, model, prompts, a)
+    print_goals(ratios)
     bench_hf(Path(a.tiny_dir), a)
     print(f"\ntotal wall time {time.time() - t0:.0f} s")
 
