@@ -32,10 +32,13 @@ from torch import Tensor, nn
 NUCLEUS_TOPK = 64  # top-p looks for its nucleus among the top 64 tokens first (sorting all V is slow on CPU)
 SPEC_MAX_BACKOFF = 64  # when drafting does not pay: up to this many plain steps between one-draft probes
 SPEC_DECAY = 0.75  # a head's acceptance: accepted / verified drafts, older steps' counts decayed by this ...
-SPEC_PRIOR = (1.2, 2.0)  # ... from these pseudo-counts (acceptance 0.6, worth two verified drafts)
+SPEC_PRIOR = (0.8, 2.0)  # ... from these pseudo-counts (acceptance 0.4, worth two verified drafts)
 SPEC_COST_PRIOR = 1.25  # a drafting step's time over a plain step's, at least (more once measured) ...
 SPEC_TIMES = 8  # ... measured as the fastest of the last this many steps of each kind
-SPEC_EXPLORE = 32  # a batch times a plain step after this many drafting steps, and after twice as many
+# a batch times a plain step after 2 and 4 drafting steps while it expects fewer tokens per drafting step than
+# SPEC_EXPLORE_BELOW x H (with more, drafting pays unless a drafting step costs that many plain ones), every 32
+SPEC_EXPLORE = (2, 4, 32)
+SPEC_EXPLORE_BELOW = 0.5
 SPEC_HEAD_WINDOW = 8  # the extra heads run whole over at most this many new slots, keys/values only before
 
 
@@ -475,15 +478,16 @@ def _speculate(model: nn.Module, ids: Tensor, pad: Tensor, rows: _Rows, gen: tor
     nxt = sample(logits[:, 0], s.temperature, s.top_p, gen)  # the exact token: not in the cache yet
     rows.hand_out([[t] for t in nxt.tolist()], logits)
     ahead = None  # heads 2..H's logits [B, H-1, V] at each row's last accepted slot, from the last forward
+    # a step's cost: on a CPU the process's CPU time (what other jobs on the machine do not change), else wall time
+    clock = time.process_time if ids.device.type == "cpu" else time.perf_counter
     while not all(rows.done):
-        t0 = time.perf_counter()
+        t0 = clock()
         room = max(s.max_new_tokens - len(rows.out[b]) for b in range(B) if not rows.done[b]) - 1
         n_draft = min(throttle.n_drafts(), room) if room > 0 else 0
         block, n_acc = nxt[:, None], [0] * B
+        steady = ahead is not None  # drafts from the last forward (else the extra heads catch up first)
         if n_draft:
-            q_logits = (
-                _spec_heads(model, cache, length, n_draft, stack) if ahead is None else ahead[:, :n_draft]
-            )
+            q_logits = ahead[:, :n_draft] if steady else _spec_heads(model, cache, length, n_draft, stack)
             q, drafts = _draft(q_logits, s, gen)
             block = torch.cat([block, drafts], dim=1)
             if rows.trace is not None:
@@ -510,7 +514,8 @@ def _speculate(model: nn.Module, ids: Tensor, pad: Tensor, rows: _Rows, gen: tor
             ahead = ahead[torch.arange(B, device=ahead.device), torch.tensor(n_acc, device=ahead.device)]
             cache.filled = [list(length) for _ in cache.filled]
         rows.hand_out([toks[b][1 : 1 + n_acc[b]] + [last[b]] for b in range(B)], p_rows)
-        throttle.timed(n_draft, heads, time.perf_counter() - t0)  # (after .tolist(): the device has finished)
+        # (after .tolist(): the device has finished)
+        throttle.timed(n_draft, steady and heads > 1, clock() - t0)
 
 
 def _catch_up(model: nn.Module, cache: KVCache, length: list[int]) -> None:
@@ -602,9 +607,11 @@ class _DraftThrottle:
     A drafting step hands each row 1 + gain tokens where a plain step hands 1, so drafting pays while
     1 + gain >= cost, the time of a drafting step over a plain one: SPEC_COST_PRIOR, or more once measured (the
     fastest of the last SPEC_TIMES full drafting steps over the fastest plain one, at least 2 of each: machine
-    load only adds time). A batch of several rows times a plain step after SPEC_EXPLORE and 2 x SPEC_EXPLORE
-    drafting steps, so a batch so wide that a drafting step costs about as much as its tokens goes plain (at batch
-    1 a drafting step costs little more than a plain one). While drafting pays every head drafts; otherwise none
+    load only adds time; on a CPU the process's CPU time, which other jobs change far less than wall time). A batch
+    of several rows times plain steps early (when it expects fewer than SPEC_EXPLORE_BELOW x H tokens per drafting
+    step) and now and then (SPEC_EXPLORE), so a batch so wide that a drafting step costs about as much as its
+    tokens goes plain within a few steps (at batch 1 a drafting step costs little more than a plain one, and
+    plain steps are only timed when drafting stops). While drafting pays every head drafts; otherwise none
     for 1, 2, 4, ... (at most SPEC_MAX_BACKOFF) steps between one-draft probes (only head 2 runs).
     It decides from past acceptance and timings only, never from the tokens being verified, so the output
     distribution is exact and greedy output does not depend on it; sampled draws depend on which steps drafted,
@@ -615,16 +622,25 @@ class _DraftThrottle:
         self.counts = [list(SPEC_PRIOR) for _ in range(n_heads)]  # (accepted, verified), decayed
         self.rate, self.backoff, self.skip = [SPEC_PRIOR[0] / SPEC_PRIOR[1]] * n_heads, 0, 0
         self.batch, self.drafts, self.exploring = batch, 0, False
+        self.gain = self._gain()
         self.times: dict[str, list[float]] = {"draft": [], "plain": []}
 
     @property
     def drafting(self) -> bool:
         """Every head drafts at the next step (the heads run in this step's forward for it)."""
-        return bool(self.rate) and self.backoff == 0 and not self.exploring and not self._explore()
+        # (this step counts as a drafting step: the next one explores when drafts + 1 says so)
+        return (
+            bool(self.rate)
+            and self.backoff == 0
+            and not self.exploring
+            and not self._explore(self.drafts + 1)
+        )
 
-    def _explore(self) -> bool:
-        """Time a plain step next (a batch, after SPEC_EXPLORE and 2 x SPEC_EXPLORE drafting steps)."""
-        return self.batch > 1 and self.drafts in (SPEC_EXPLORE, 2 * SPEC_EXPLORE)
+    def _explore(self, drafts: int) -> bool:
+        """Time a plain step after this many drafting steps (a batch: SPEC_EXPLORE)."""
+        first, second, every = SPEC_EXPLORE
+        early = drafts in (first, second) and 1 + self.gain < SPEC_EXPLORE_BELOW * (1 + len(self.rate))
+        return self.batch > 1 and (early or (drafts > 0 and drafts % every == 0))
 
     def cost(self) -> float:
         d, p = self.times["draft"], self.times["plain"]
@@ -634,7 +650,7 @@ class _DraftThrottle:
         if self.skip:
             self.skip -= 1
             return 0
-        if self.backoff == 0 and self._explore():
+        if self.backoff == 0 and self._explore(self.drafts):
             self.exploring = True
             return 0
         return len(self.rate) if self.backoff == 0 else min(1, len(self.rate))
@@ -646,19 +662,24 @@ class _DraftThrottle:
                 c = self.counts[i]
                 c[0], c[1] = SPEC_DECAY * c[0] + a, SPEC_DECAY * c[1] + v
                 self.rate[i] = c[0] / c[1]
-        gain = sum(math.prod(self.rate[: i + 1]) for i in range(len(self.rate)))
-        self.backoff = 0 if 1 + gain >= self.cost() else min(max(2 * self.backoff, 1), SPEC_MAX_BACKOFF)
+        self.gain = self._gain()
+        self.backoff = 0 if 1 + self.gain >= self.cost() else min(max(2 * self.backoff, 1), SPEC_MAX_BACKOFF)
         self.skip = self.backoff
 
-    def timed(self, n_draft: int, heads: int, seconds: float) -> None:
-        """Record a step's wall time: a full drafting step (every extra head drafted and ran) or a plain one."""
-        if n_draft == len(self.rate) > 0 and heads > 1:
-            self.drafts += 1
-            self.times["draft"] = [*self.times["draft"][1 - SPEC_TIMES :], seconds]
-        elif n_draft == 0 and heads == 1:
+    def _gain(self) -> float:
+        """Expected accepted drafts per full drafting step: r2 + r2 r3 + ..."""
+        return sum(math.prod(self.rate[: i + 1]) for i in range(len(self.rate)))
+
+    def timed(self, n_draft: int, steady: bool, seconds: float) -> None:
+        """Count a step and keep its wall time: a plain step's, and a full drafting step's when it was steady
+        (its drafts came from the previous forward and its forward ran every head for the next ones)."""
+        if n_draft == 0:
             self.times["plain"] = [*self.times["plain"][1 - SPEC_TIMES :], seconds]
-        if self.exploring:
-            self.exploring, self.drafts = False, self.drafts + 1
+        elif n_draft == len(self.rate) and steady:
+            self.times["draft"] = [*self.times["draft"][1 - SPEC_TIMES :], seconds]
+        if self.exploring or n_draft == len(self.rate):
+            self.drafts += 1
+        self.exploring = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
