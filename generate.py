@@ -34,11 +34,12 @@ SPEC_MAX_BACKOFF = 64  # when drafting does not pay: up to this many plain steps
 SPEC_DECAY = 0.75  # a head's acceptance: accepted / verified drafts, older steps' counts decayed by this ...
 SPEC_PRIOR = (0.8, 2.0)  # ... from these pseudo-counts (acceptance 0.4, worth two verified drafts)
 SPEC_COST_PRIOR = 1.25  # a drafting step's time over a plain step's, at least (more once measured) ...
+SPEC_MARGIN = 1.15  # ... times this (what the step timings miss: catch-up steps, switching, probes)
 SPEC_TIMES = 8  # ... measured as the fastest of the last this many steps of each kind
 # a batch times a plain step after 2 and 4 drafting steps while it expects fewer tokens per drafting step than
 # SPEC_EXPLORE_BELOW x H (with more, drafting pays unless a drafting step costs that many plain ones), every 32
 SPEC_EXPLORE = (2, 4, 32)
-SPEC_EXPLORE_BELOW = 0.5
+SPEC_EXPLORE_BELOW = 0.75
 SPEC_HEAD_WINDOW = 8  # the extra heads run whole over at most this many new slots, keys/values only before
 
 
@@ -605,7 +606,7 @@ class _DraftThrottle:
     per step, learns faster that its heads guess badly); they give the expected number of accepted drafts per
     step, gain = r2 + r2 r3 + ...
     A drafting step hands each row 1 + gain tokens where a plain step hands 1, so drafting pays while
-    1 + gain >= cost, the time of a drafting step over a plain one: SPEC_COST_PRIOR, or more once measured (the
+    1 + gain >= SPEC_MARGIN x cost, the time of a drafting step over a plain one: SPEC_COST_PRIOR, or more once measured (the
     fastest of the last SPEC_TIMES full drafting steps over the fastest plain one, at least 2 of each: machine
     load only adds time; on a CPU the process's CPU time, which other jobs change far less than wall time). A batch
     of several rows times plain steps early (when it expects fewer than SPEC_EXPLORE_BELOW x H tokens per drafting
@@ -663,7 +664,8 @@ class _DraftThrottle:
                 c[0], c[1] = SPEC_DECAY * c[0] + a, SPEC_DECAY * c[1] + v
                 self.rate[i] = c[0] / c[1]
         self.gain = self._gain()
-        self.backoff = 0 if 1 + self.gain >= self.cost() else min(max(2 * self.backoff, 1), SPEC_MAX_BACKOFF)
+        pays = 1 + self.gain >= SPEC_MARGIN * self.cost()
+        self.backoff = 0 if pays else min(max(2 * self.backoff, 1), SPEC_MAX_BACKOFF)
         self.skip = self.backoff
 
     def _gain(self) -> float:
