@@ -107,6 +107,10 @@ def run_line(run: Path) -> str:
     return "| " + " | ".join(cols) + " |"
 
 
+def gb(x: float) -> str:
+    return f"{x:.1f} GB" if x else "- (CPU)"
+
+
 def report(a: argparse.Namespace) -> None:
     print("| run | steps | tokens/s/GPU | MFU | peak memory | val loss | MBPP pass@1 | masters |")
     print("|---|---|---|---|---|---|---|---|")
@@ -118,10 +122,10 @@ def report(a: argparse.Namespace) -> None:
     }
     if "uniform" in done and "unchunked" in done:
         (_, t1, _, m1), (_, t0, _, m0) = done["uniform"], done["unchunked"]
-        print(f"CE chunked / unchunked: tokens/s x{t1 / t0:.3f}, peak memory {m1:.1f} / {m0:.1f} GB")
+        print(f"CE chunked / unchunked: tokens/s x{t1 / t0:.3f}, peak memory {gb(m1)} / {gb(m0)}")
     if "uniform" in done and "compiled" in done:
         (_, t1, _, m1), (_, tc, _, mc) = done["uniform"], done["compiled"]
-        print(f"model.compile on / off: tokens/s x{tc / t1:.3f}, peak memory {mc:.1f} / {m1:.1f} GB")
+        print(f"model.compile on / off: tokens/s x{tc / t1:.3f}, peak memory {gb(mc)} / {gb(m1)}")
     best = max((v[2] for v in done.values() if v[2] is not None), default=None)
     if best is None:
         print(f"MFU goal >= {MFU_GOAL:.0%}: not measured (no known GPU peak on this device)")
