@@ -312,7 +312,8 @@ def micro_step(r: Run, batch: dict, count_total: float, step: int) -> dict:
     out = M.mtp_loss_backward(r.net, h, targets, valid, w, alpha=alpha, scale=scale, chunk=cfg.model.ce_chunk)
     out["count"] = count
     out["head_count"] = valid.sum((0, 1)).double()  # [H]: head k's pairs (its output projection's positions)
-    out["positions"] = trunk_positions(batch["input_ids"], batch["loss_mask"], r.tokenizer.pad_token_id)
+    pad_id = getattr(r.tokenizer or r.scorer.tokenizer, "pad_token_id", None)  # (a bare Run has no tokenizer)
+    out["positions"] = trunk_positions(batch["input_ids"], batch["loss_mask"], pad_id)
     args = M.unwrap(r.net).args
     out["flops"] = M.train_flops(
         args, out["positions"], batch["input_ids"].shape[1], out["head_count"].tolist()
@@ -324,7 +325,8 @@ def micro_step(r: Run, batch: dict, count_total: float, step: int) -> dict:
 
 def trunk_positions(input_ids: torch.Tensor, loss_mask: torch.Tensor, pad_id: int | None) -> int:
     """Input positions of a right-padded batch that are not padding (all of them in packed rows): per row, up to
-    its last token that is not the pad id or is in the loss mask (the pad id may be EOS, which ends a row)."""
+    its last token that is not the pad id or is in the loss mask (the pad id may be EOS, which ends a row); pad id
+    unknown: up to its last loss position."""
     real = loss_mask if pad_id is None else (input_ids != pad_id) | loss_mask
     at = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
     return int((real * at).amax(1).sum()) if input_ids.numel() else 0
