@@ -19,17 +19,27 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 NUCLEUS_TOPK = 64  # top-p looks for its nucleus among the top 64 tokens first (sorting all V is slow on CPU)
-SPEC_MIN_GAIN = 1 / 3  # speculative decoding drafts while it expects this many accepted drafts per head ...
-SPEC_MAX_BACKOFF = 64  # ... and otherwise decodes up to this many steps plainly between one-draft probes
-SPEC_RATE_WEIGHT = 0.25  # weight of the last drafting step in the running acceptance of each head
+SPEC_MAX_BACKOFF = 64  # when drafting does not pay: up to this many plain steps between one-draft probes
+SPEC_DECAY = 0.75  # a head's acceptance: accepted / verified drafts, older steps' counts decayed by this ...
+SPEC_PRIOR = (0.8, 2.0)  # ... from these pseudo-counts (acceptance 0.4, worth two verified drafts)
+SPEC_COST_PRIOR = 1.25  # a drafting step's time over a plain step's, at least (more once measured) ...
+SPEC_MARGIN = 1.15  # ... times this (what the step timings miss: catch-up steps, switching, probes)
+SPEC_TIMES = 8  # ... measured as the fastest of the last this many steps of each kind
+# a batch times a plain step after 2 and 4 drafting steps while it expects fewer tokens per drafting step than
+# SPEC_EXPLORE_BELOW x H (with more, drafting pays unless a drafting step costs that many plain ones), every 32
+SPEC_EXPLORE = (2, 4, 32)
+SPEC_EXPLORE_BELOW = 0.75
 SPEC_HEAD_WINDOW = 8  # the extra heads run whole over at most this many new slots, keys/values only before
 
 
@@ -133,17 +143,21 @@ class KVCache:
 
     `pad[b]`: left-pad slots of row b, never attended to (row b's RoPE positions start at 0 after them).
     Speculative decoding (extra_heads > 0) also keeps `hidden` [B, max_len, D], the trunk output per slot (the
-    extra heads' input), and `filled[k][b]`: the slots of row b whose keys/values extra head k + 2 holds.
+    extra heads' input), and `filled[k][b]`: the slots of row b whose keys/values extra head k + 2 holds. The
+    head blocks' caches (head 1 and the extra heads) are then views of one tensor `heads_k` / `heads_v`
+    [1 + extra_heads, B, n_kv, max_len, hd], so `HeadStack` reads and writes several heads at once.
     """
 
     def __init__(self, model: nn.Module, pad: Tensor, max_len: int, extra_heads: int = 0):
         a, w = model.args, model.output.weight
-        B, n = pad.shape[0], len(model.layers) + extra_heads
+        B, n = pad.shape[0], len(model.layers) - 1
         shape = (B, a.kv_heads, max_len, a.head_dim)
-        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(n)]
-        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(n)]
+        new = lambda *s: torch.zeros(*s, dtype=w.dtype, device=w.device)  # noqa: E731
+        self.heads_k, self.heads_v = new(1 + extra_heads, *shape), new(1 + extra_heads, *shape)
+        self.k = [new(shape) for _ in range(n)] + list(self.heads_k.unbind(0))
+        self.v = [new(shape) for _ in range(n)] + list(self.heads_v.unbind(0))
         self.pad, self.max_len = pad, max_len
-        self.hidden = torch.zeros(B, max_len, a.dim, dtype=w.dtype, device=w.device) if extra_heads else None
+        self.hidden = new(B, max_len, a.dim) if extra_heads else None
         self.filled = [[0] * B for _ in range(extra_heads)]
 
 
@@ -153,19 +167,117 @@ def forward_cached(
     """Run ids [B, T] through trunk + head 1 into cache slots start[b].. of each row (keeping the trunk output in
     `cache.hidden` when it has one); head 1's fp32 logits [B, T, V] (only the last position, [B, 1, V], with
     `last`)."""
+    h, cos, sin, mask, slots = _trunk_cached(model, ids, cache, start)
+    n = len(model.layers) - 1
+    x = model.layers[n](h, cos, sin, mask, (cache.k[n], cache.v[n], slots))
+    return model.output(model.norm(x[:, -1:] if last else x)).float()
+
+
+def forward_heads(
+    model: nn.Module, ids: Tensor, cache: KVCache, start: list[int], stack: HeadStack, n_heads: int
+) -> Tensor:
+    """`forward_cached` with heads 1..n_heads run together (`HeadStack`) on the trunk output: fp32 logits
+    [B, T, n_heads, V]. The extra heads' caches must hold every slot before start[b] (cache.filled)."""
+    h, cos, sin, mask, slots = _trunk_cached(model, ids, cache, start)
+    x = stack(h, cos, sin, mask, slots, cache, 0, n_heads)  # [G, B, T, D]
+    return model.output(model.norm(x)).float().permute(1, 2, 0, 3)
+
+
+def _trunk_cached(
+    model: nn.Module, ids: Tensor, cache: KVCache, start: list[int]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The trunk's part of a cached forward: (trunk output, RoPE cos/sin, mask, slots) of ids [B, T]."""
     slots, end = _slots(start, ids.shape[1], ids.device)
     if end > cache.max_len:
         raise ValueError(f"KV cache overflow: {end} positions > max_len {cache.max_len}")
     positions, mask = _decode_mask(slots, cache.pad, end)
     h = model.tok_embeddings(ids)
     cos, sin = model.rope(positions, h.dtype)
-    n = len(model.layers) - 1
-    for i in range(n):  # (not model.layers[:-1]: slicing builds a new ModuleList per call)
+    # (not model.layers[:-1]: slicing builds a new ModuleList per call)
+    for i in range(len(model.layers) - 1):
         h = model.layers[i](h, cos, sin, mask, (cache.k[i], cache.v[i], slots))
     if cache.hidden is not None:
         _write(cache.hidden, slots, h)
-    x = model.layers[n](h, cos, sin, mask, (cache.k[n], cache.v[n], slots))
-    return model.output(model.norm(x[:, -1:] if last else x)).float()
+    return h, cos, sin, mask, slots
+
+
+def _rms(x: Tensor, eps: float) -> Tensor:
+    """model.RMSNorm's normalisation without its scale (fp32, cast back)."""
+    xf = x.float() if x.dtype != torch.float64 else x
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+class HeadStack:
+    """The head blocks' weights stacked [H, ...] (head 1, then the extra heads), so that heads g0..g1-1 run as
+    ONE batched block on the same input (torch.bmm over the heads): the arithmetic of model.TransformerBlock
+    (RMSNorm, GQA attention with optional q/k/v biases and q/k norm, RoPE, SwiGLU), in the operations of one
+    block instead of one block per head. Decoding a small model is bound by the number of operations per step,
+    not by their size, so this is what makes running every head in the verification forward cheap. Built per
+    decoding call (a copy of the head blocks' weights)."""
+
+    def __init__(self, model: nn.Module):
+        blocks = [model.head_block(k) for k in range(model.args.n_future_tokens)]
+        att = blocks[0].attention
+        self.nh, self.nkv, self.hd, self.eps = att.n_heads, att.n_kv, att.hd, model.args.norm_eps
+        # the block's own RoPE and cache write, from the model's module (this file does not import model.py)
+        self.write_kv, self.apply_rope = att.write_kv, sys.modules[type(att).__module__].apply_rope
+
+        def st(get) -> Tensor | None:
+            return None if get(blocks[0]) is None else torch.stack([get(b) for b in blocks])
+
+        self.attn_norm, self.ffn_norm = st(lambda b: b.attention_norm.weight), st(lambda b: b.ffn_norm.weight)
+        for name in ("wq", "wk", "wv", "wo"):  # [H, in, out]: x @ W^T as a bmm
+            setattr(self, name, st(lambda b, n=name: getattr(b.attention, n).weight.t()))
+            setattr(self, "b" + name[1], st(lambda b, n=name: getattr(b.attention, n).bias))
+        self.q_norm = st(lambda b: None if b.attention.q_norm is None else b.attention.q_norm.weight)
+        self.k_norm = st(lambda b: None if b.attention.k_norm is None else b.attention.k_norm.weight)
+        for name in ("w1", "w2", "w3"):
+            setattr(self, name, st(lambda b, n=name: getattr(b.feed_forward, n).weight.t()))
+
+    def __call__(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        slots: Tensor,
+        cache: KVCache,
+        g0: int,
+        g1: int,
+    ) -> Tensor:
+        """Heads g0..g1-1 (0: head 1) on x [B, T, D] at cache slots [B, T] under mask [B, 1, T, end], writing
+        their keys/values into cache.heads_k/v: outputs [G, B, T, D]."""
+        G, (B, T, D), g = g1 - g0, x.shape, slice(g0, g1)
+        xn = (_rms(x, self.eps)[None] * self.attn_norm[g, None, None]).view(G, B * T, D)
+        q = self._proj_heads(xn, self.wq, self.bq, self.q_norm, g, self.nh, B, T, cos, sin)
+        k = self._proj_heads(xn, self.wk, self.bk, self.k_norm, g, self.nkv, B, T, cos, sin)
+        v = self._bmm(xn, self.wv, self.bv, g).view(G * B, T, self.nkv, self.hd).transpose(1, 2)
+        shape = (G * B, *cache.heads_k.shape[2:])
+        kc, vc = cache.heads_k[g].view(shape), cache.heads_v[g].view(shape)
+        end = mask.shape[-1]
+        self.write_kv((kc, vc, slots.repeat(G, 1)), k, v)
+        out = F.scaled_dot_product_attention(
+            q,
+            kc[:, :, :end],
+            vc[:, :, :end],
+            attn_mask=mask.repeat(G, 1, 1, 1),
+            enable_gqa=self.nkv != self.nh,
+        )
+        h = x.reshape(1, B * T, D) + torch.bmm(out.transpose(1, 2).reshape(G, B * T, -1), self.wo[g])
+        hn = _rms(h, self.eps) * self.ffn_norm[g, None]
+        f = torch.bmm(F.silu(torch.bmm(hn, self.w1[g])) * torch.bmm(hn, self.w3[g]), self.w2[g])
+        return (h + f).view(G, B, T, D)
+
+    @staticmethod
+    def _bmm(x: Tensor, w: Tensor, b: Tensor | None, g: slice) -> Tensor:
+        return torch.bmm(x, w[g]) if b is None else torch.baddbmm(b[g, None], x, w[g])
+
+    def _proj_heads(self, xn, w, b, norm, g, n, B, T, cos, sin) -> Tensor:
+        """Queries or keys [G * B, n, T, hd]: projected, q/k-normed, rotated (model.Attention._heads)."""
+        y = self._bmm(xn, w, b, g).view(-1, B, T, n, self.hd)
+        if norm is not None:
+            y = _rms(y, self.eps) * norm[g, None, None, None]
+        return self.apply_rope(y, cos, sin).transpose(2, 3).flatten(0, 1)
 
 
 def _slots(start: list[int], T: int, device: torch.device) -> tuple[Tensor, int]:
@@ -340,40 +452,56 @@ def _speculate(model: nn.Module, ids: Tensor, pad: Tensor, rows: _Rows, gen: tor
     a block forward rounds differently from a one-token forward). The next drafts come from heads 2..H at the
     last accepted position, so each forward yields 1..H tokens per row (plain: 1).
 
+    While drafting, that same forward runs every head (`forward_heads`: head 1 and the extra heads as one
+    batched block, `HeadStack`) at every position of the block, so the next drafts are the extra heads' logits at
+    the last accepted position: one forward per step. After plain steps the extra heads catch up lazily
+    (`_spec_heads`: keys/values of the slots they missed, then a short window).
+
     Rows keep their own lengths: each row accepts its own number of drafts and writes its next block at its
     own cache slots (per-row RoPE positions and masks). Accepting the batch minimum would also be exact but
     throws away accepted drafts of every other row, so its gain shrinks as the batch grows. A rejection
     rolls a row back by just not advancing its length: the slots past it are masked and overwritten.
 
-    The extra heads (transformer blocks with their own KV caches) run lazily, when their drafts are needed,
-    over the accepted positions only (`_spec_heads`). When the drafts are expected to gain less than
-    SPEC_MIN_GAIN tokens per extra head and step, decoding goes plain for a while, with cheap one-draft
-    probes (`_DraftThrottle`): a model whose heads guess badly costs little more than plain decoding. Stop
-    callbacks, EOS and max_new_tokens apply token by token as in plain decoding: tokens a draft ran ahead with
-    past a stop are dropped.
+    When drafting is expected not to pay (from the heads' acceptance and the measured cost of a drafting step
+    over a plain one, `_DraftThrottle`), decoding goes plain for a while, with cheap one-draft probes: a model
+    whose heads guess badly, or a batch so wide that a drafting step costs as much as the tokens it gains, costs
+    little more than plain decoding. Stop callbacks, EOS and max_new_tokens apply token by token as in plain
+    decoding: tokens a draft ran ahead with past a stop are dropped.
     """
     H, (B, P), s = model.args.n_future_tokens, ids.shape, rows.s
     # a row that finished inside a block has advanced up to H - 1 slots past its budget, and its (unused)
     # blocks keep running from there
     cache = KVCache(model, pad, P + s.max_new_tokens + 2 * H, extra_heads=H - 1)
+    stack = HeadStack(model) if H > 1 else None
     length = [P] * B  # accepted slots of trunk + head 1, per row
-    throttle = _DraftThrottle(H - 1)
+    throttle = _DraftThrottle(H - 1, B)
     logits = forward_cached(model, ids, cache, [0] * B, last=True)
     nxt = sample(logits[:, 0], s.temperature, s.top_p, gen)  # the exact token: not in the cache yet
     rows.hand_out([[t] for t in nxt.tolist()], logits)
+    ahead = None  # heads 2..H's logits [B, H-1, V] at each row's last accepted slot, from the last forward
+    # a step's cost: on a CPU the process's CPU time (what other jobs on the machine do not change), else wall time
+    clock = time.process_time if ids.device.type == "cpu" else time.perf_counter
     while not all(rows.done):
+        t0 = clock()
         room = max(s.max_new_tokens - len(rows.out[b]) for b in range(B) if not rows.done[b]) - 1
         n_draft = min(throttle.n_drafts(), room) if room > 0 else 0
         block, n_acc = nxt[:, None], [0] * B
+        steady = ahead is not None  # drafts from the last forward (else the extra heads catch up first)
         if n_draft:
-            q_logits = _spec_heads(model, cache, length, n_draft)
+            q_logits = ahead[:, :n_draft] if steady else _spec_heads(model, cache, length, n_draft, stack)
             q, drafts = _draft(q_logits, s, gen)
             block = torch.cat([block, drafts], dim=1)
             if rows.trace is not None:
                 rows.trace["q"] += [
                     (b, len(rows.out[b]) - 1, q_logits[b]) for b in range(B) if not rows.done[b]
                 ]
-        p_rows = forward_cached(model, block, cache, length)
+        heads = H if throttle.drafting and room > 1 else 1  # the extra heads too: the next step's drafts
+        if heads > 1:
+            _catch_up(model, cache, length)
+            out = forward_heads(model, block, cache, length, stack, heads)
+            p_rows, ahead = out[:, :, 0], out[:, :, 1:]
+        else:
+            p_rows, ahead = forward_cached(model, block, cache, length), None
         if n_draft:
             acc, nxt = _verify(p_rows, q, block[:, 1:], s, gen)
             n_acc = acc.tolist()
@@ -383,35 +511,49 @@ def _speculate(model: nn.Module, ids: Tensor, pad: Tensor, rows: _Rows, gen: tor
         toks, last = block.tolist(), nxt.tolist()
         for b in range(B):
             length[b] += 0 if rows.done[b] else 1 + n_acc[b]  # the exact token and the accepted drafts
+        if ahead is not None:
+            ahead = ahead[torch.arange(B, device=ahead.device), torch.tensor(n_acc, device=ahead.device)]
+            cache.filled = [list(length) for _ in cache.filled]
         rows.hand_out([toks[b][1 : 1 + n_acc[b]] + [last[b]] for b in range(B)], p_rows)
+        # (after .tolist(): the device has finished)
+        throttle.timed(n_draft, steady and heads > 1, clock() - t0)
 
 
-def _spec_heads(model: nn.Module, cache: KVCache, length: list[int], n: int) -> Tensor:
-    """Logits [B, n, V] of heads 2..n+1 at each row's last accepted slot length[b] - 1.
+def _catch_up(model: nn.Module, cache: KVCache, length: list[int]) -> None:
+    """Keys/values of every extra head at the slots it has not seen before each row's length (after plain
+    steps), so that a forward of all heads can attend to them."""
+    for k, filled in enumerate(cache.filled):
+        if any(f < ln for f, ln in zip(filled, length, strict=True)):
+            i = len(model.layers) + k
+            _fill_kv(model, model.extra_heads[k], cache, i, filled, length)
+            cache.filled[k] = list(length)
 
-    The extra heads' caches are filled lazily from the trunk outputs kept in `cache.hidden`: head k+2 runs over
-    the last (at most SPEC_HEAD_WINDOW) slots it has not seen since cache.filled[k]; older unseen slots only get
-    their keys and values (`_fill_kv`: a block's keys/values at a slot depend only on the trunk output there).
-    Every row gets a window of the longest gap: a row with a shorter gap recomputes earlier slots from the same
-    inputs, and writes slots past its length that stay masked until overwritten.
+
+def _spec_heads(model: nn.Module, cache: KVCache, length: list[int], n: int, stack: HeadStack) -> Tensor:
+    """Logits [B, n, V] of heads 2..n+1 at each row's last accepted slot length[b] - 1, when the last forward did
+    not run them (after plain steps).
+
+    The extra heads' caches are filled lazily from the trunk outputs kept in `cache.hidden`: the heads run
+    together (`HeadStack`) over the last (at most SPEC_HEAD_WINDOW) slots the least recent of them has not seen;
+    older unseen slots only get their keys and values (`_fill_kv`: a block's keys/values at a slot depend only on
+    the trunk output there). Every row gets a window of the longest gap: a row with a shorter gap recomputes
+    earlier slots from the same inputs, and writes slots past its length that stay masked until overwritten.
     """
     hidden, dev = cache.hidden, cache.pad.device
-    rows, outs, prev = torch.arange(len(length), device=dev), [], None
+    gap = max(ln - f for k in range(n) for ln, f in zip(length, cache.filled[k], strict=True))
+    W = min(max(1, gap), SPEC_HEAD_WINDOW)
+    start = [max(ln - W, 0) for ln in length]
     for k in range(n):
-        if cache.filled[k] != prev:  # heads that drafted together share the window
-            prev = cache.filled[k]
-            W = min(max(1, *(ln - f for ln, f in zip(length, prev, strict=True))), SPEC_HEAD_WINDOW)
-            start = [max(ln - W, 0) for ln in length]
-            slots, end = _slots(start, W, dev)
-            positions, mask = _decode_mask(slots, cache.pad, end)
-            x = _read(hidden, slots)
-            cos, sin = model.rope(positions, x.dtype)
-            last = torch.tensor([ln - 1 - s for ln, s in zip(length, start, strict=True)], device=dev)
-        i, block = len(model.layers) + k, model.extra_heads[k]
-        _fill_kv(model, block, cache, i, cache.filled[k], start)
-        outs.append(block(x, cos, sin, mask, (cache.k[i], cache.v[i], slots))[rows, last])
+        _fill_kv(model, model.extra_heads[k], cache, len(model.layers) + k, cache.filled[k], start)
         cache.filled[k] = list(length)
-    return model.output(model.norm(torch.stack(outs, dim=1))).float()
+    slots, end = _slots(start, W, dev)
+    positions, mask = _decode_mask(slots, cache.pad, end)
+    x = _read(hidden, slots)
+    cos, sin = model.rope(positions, x.dtype)
+    out = stack(x, cos, sin, mask, slots, cache, 1, 1 + n)  # [n, B, W, D]
+    last = torch.tensor([ln - 1 - s for ln, s in zip(length, start, strict=True)], device=dev)
+    out = out[:, torch.arange(len(length), device=dev), last]  # [n, B, D]
+    return model.output(model.norm(out.transpose(0, 1))).float()
 
 
 def _fill_kv(
@@ -457,29 +599,89 @@ def _verify(
 
 
 class _DraftThrottle:
-    """How many tokens to draft. Each head keeps a running mean of its acceptance (the last drafting step
-    weighted SPEC_RATE_WEIGHT); they give the expected number of accepted drafts per step, r2 + r2 r3 + ...
-    While that is >= SPEC_MIN_GAIN per extra head (each costs about a block) every head drafts; otherwise none
-    for 1, 2, 4, ... (at most SPEC_MAX_BACKOFF) steps between one-draft probes (only head 2 runs) until it is
-    again. It decides from past acceptance only, so it cannot change the output distribution."""
+    """How many tokens to draft, from the heads' acceptance and what a drafting step costs here.
 
-    def __init__(self, n_heads: int):
-        self.rate, self.backoff, self.skip = [1.0] * n_heads, 0, 0
+    Each head's acceptance is its drafts accepted / verified, the counts of older steps decayed by SPEC_DECAY
+    per drafting step and started from the pseudo-counts SPEC_PRIOR (so a wide batch, which verifies more drafts
+    per step, learns faster that its heads guess badly); they give the expected number of accepted drafts per
+    step, gain = r2 + r2 r3 + ...
+    A drafting step hands each row 1 + gain tokens where a plain step hands 1, so drafting pays while
+    1 + gain >= SPEC_MARGIN x cost, the time of a drafting step over a plain one: SPEC_COST_PRIOR, or more once measured (the
+    fastest of the last SPEC_TIMES full drafting steps over the fastest plain one, at least 2 of each: machine
+    load only adds time; on a CPU the process's CPU time, which other jobs change far less than wall time). A batch
+    of several rows times plain steps early (when it expects fewer than SPEC_EXPLORE_BELOW x H tokens per drafting
+    step) and now and then (SPEC_EXPLORE), so a batch so wide that a drafting step costs about as much as its
+    tokens goes plain within a few steps (at batch 1 a drafting step costs little more than a plain one, and
+    plain steps are only timed when drafting stops). While drafting pays every head drafts; otherwise none
+    for 1, 2, 4, ... (at most SPEC_MAX_BACKOFF) steps between one-draft probes (only head 2 runs).
+    It decides from past acceptance and timings only, never from the tokens being verified, so the output
+    distribution is exact and greedy output does not depend on it; sampled draws depend on which steps drafted,
+    so with a seed they repeat unless a measured cost changed a decision (wide batches, long generations).
+    """
+
+    def __init__(self, n_heads: int, batch: int):
+        self.counts = [list(SPEC_PRIOR) for _ in range(n_heads)]  # (accepted, verified), decayed
+        self.rate, self.backoff, self.skip = [SPEC_PRIOR[0] / SPEC_PRIOR[1]] * n_heads, 0, 0
+        self.batch, self.drafts, self.exploring = batch, 0, False
+        self.gain = self._gain()
+        self.times: dict[str, list[float]] = {"draft": [], "plain": []}
+
+    @property
+    def drafting(self) -> bool:
+        """Every head drafts at the next step (the heads run in this step's forward for it)."""
+        # (this step counts as a drafting step: the next one explores when drafts + 1 says so)
+        return (
+            bool(self.rate)
+            and self.backoff == 0
+            and not self.exploring
+            and not self._explore(self.drafts + 1)
+        )
+
+    def _explore(self, drafts: int) -> bool:
+        """Time a plain step after this many drafting steps (a batch: SPEC_EXPLORE)."""
+        first, second, every = SPEC_EXPLORE
+        early = drafts in (first, second) and 1 + self.gain < SPEC_EXPLORE_BELOW * (1 + len(self.rate))
+        return self.batch > 1 and (early or (drafts > 0 and drafts % every == 0))
+
+    def cost(self) -> float:
+        d, p = self.times["draft"], self.times["plain"]
+        return max(SPEC_COST_PRIOR, min(d) / min(p) if len(d) >= 2 and len(p) >= 2 else 0.0)
 
     def n_drafts(self) -> int:
         if self.skip:
             self.skip -= 1
             return 0
+        if self.backoff == 0 and self._explore(self.drafts):
+            self.exploring = True
+            return 0
         return len(self.rate) if self.backoff == 0 else min(1, len(self.rate))
 
-    def update(self, step_rates: list[float | None]) -> None:
-        for i, r in enumerate(step_rates):
-            if r is not None:
-                self.rate[i] += SPEC_RATE_WEIGHT * (r - self.rate[i])
-        gain = sum(math.prod(self.rate[: i + 1]) for i in range(len(self.rate)))
-        ok = gain >= SPEC_MIN_GAIN * len(self.rate)
-        self.backoff = 0 if ok else min(max(2 * self.backoff, 1), SPEC_MAX_BACKOFF)
+    def update(self, step_counts: list[tuple[int, int]]) -> None:
+        """Count a drafting step's (accepted, verified) drafts per drafting head and decide the next steps."""
+        for i, (a, v) in enumerate(step_counts):
+            if v:  # (a head behind a rejection is not verified: nothing learnt about it)
+                c = self.counts[i]
+                c[0], c[1] = SPEC_DECAY * c[0] + a, SPEC_DECAY * c[1] + v
+                self.rate[i] = c[0] / c[1]
+        self.gain = self._gain()
+        pays = 1 + self.gain >= SPEC_MARGIN * self.cost()
+        self.backoff = 0 if pays else min(max(2 * self.backoff, 1), SPEC_MAX_BACKOFF)
         self.skip = self.backoff
+
+    def _gain(self) -> float:
+        """Expected accepted drafts per full drafting step: r2 + r2 r3 + ..."""
+        return sum(math.prod(self.rate[: i + 1]) for i in range(len(self.rate)))
+
+    def timed(self, n_draft: int, steady: bool, seconds: float) -> None:
+        """Count a step and keep its wall time: a plain step's, and a full drafting step's when it was steady
+        (its drafts came from the previous forward and its forward ran every head for the next ones)."""
+        if n_draft == 0:
+            self.times["plain"] = [*self.times["plain"][1 - SPEC_TIMES :], seconds]
+        elif n_draft == len(self.rate) and steady:
+            self.times["draft"] = [*self.times["draft"][1 - SPEC_TIMES :], seconds]
+        if self.exploring or n_draft == len(self.rate):
+            self.drafts += 1
+        self.exploring = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -491,9 +693,9 @@ def _new_stats(n_extra_heads: int) -> dict[str, Any]:
             "drafted": [0] * n_extra_heads, "accepted": [0] * n_extra_heads}  # fmt: skip
 
 
-def _count_drafts(stats: dict, n_acc: list[int], n_draft: int, done: list[bool]) -> list[float | None]:
+def _count_drafts(stats: dict, n_acc: list[int], n_draft: int, done: list[bool]) -> list[tuple[int, int]]:
     """Count per head the drafts verified (every earlier draft accepted) and accepted, over the rows still
-    generating; returns this step's acceptance per drafting head (None where none was verified)."""
+    generating; returns this step's (accepted, verified) per drafting head."""
     stats["draft_steps"] += 1
     verified, accepted = [0] * n_draft, [0] * n_draft
     for a in (a for a, d in zip(n_acc, done, strict=True) if not d):
@@ -503,7 +705,7 @@ def _count_drafts(stats: dict, n_acc: list[int], n_draft: int, done: list[bool])
     for i in range(n_draft):
         stats["drafted"][i] += verified[i]
         stats["accepted"][i] += accepted[i]
-    return [a / v if v else None for a, v in zip(accepted, verified, strict=True)]
+    return list(zip(accepted, verified, strict=True))
 
 
 def speculative_summary(*stats: dict) -> dict:

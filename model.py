@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -763,13 +763,20 @@ def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * (matmul params touched per token) + 12 * blocks * dim * seq_len (attention).
+    """Training FLOPs of one token whose every head has a target, in rows of seq_len (`train_flops` of one
+    position with one pair per head): a planning figure, not what a step computes."""
+    return train_flops(args, 1, seq_len, [1] * args.n_future_tokens)
 
-    Each token passes through the trunk, all H head blocks and H output projections; the embedding lookup is not
-    a matmul. The attention term is PaLM's (no causal halving), as used for MFU.
+
+def train_flops(args: ModelArgs, positions: int, width: int, pairs: Sequence[int]) -> float:
+    """Training FLOPs (forward + backward) that a micro-batch computes, the numerator of MFU.
+
+    6 per matmul parameter and position: every block (the trunk and all H head blocks) at each of the
+    `positions` input positions, plus PaLM's attention term 12 * n_heads * head_dim * width per block and position
+    (keys over the batch's real width, no causal halving); head k's output projection only at its pairs[k] valid
+    positions (the CE runs on those alone). The embedding lookup and norms are not matmuls.
     """
     D, hd = args.dim, args.head_dim
-    attn = D * args.n_heads * hd * 2 + D * args.kv_heads * hd * 2
-    block = attn + 3 * D * args.hidden_dim + 2 * D
-    n_matmul = args.n_layers * block + args.n_future_tokens * D * args.vocab_size
-    return 6.0 * n_matmul + 12.0 * args.n_layers * D * seq_len
+    block = 2 * D * args.n_heads * hd + 2 * D * args.kv_heads * hd + 3 * D * args.hidden_dim
+    per_position = 6.0 * args.n_layers * block + 12.0 * args.n_layers * args.n_heads * hd * width
+    return positions * per_position + 6.0 * D * args.vocab_size * float(sum(pairs))

@@ -241,23 +241,34 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class Meter:
-    """Tokens/s per device, MFU on known GPUs (6N + attention FLOPs per token), peak memory, between log lines."""
+    """Tokens/s per device, MFU on known GPUs, peak memory, between log lines.
 
-    def __init__(self, d: Dist, flops_per_token: float):
-        self.d, self.flops, self.peak = d, flops_per_token, peak_flops(d.device)
-        self.t0, self.tokens = time.perf_counter(), 0.0
+    `add` takes a step's tokens (input positions the trunk ran on, all ranks) and the FLOPs it computed
+    (model.train_flops, all ranks); MFU = FLOPs / seconds / world size / peak. Time spent outside the steps
+    (validation, checkpoints) is `exclude`d from the window and reported apart (perf/excluded_s)."""
 
-    def add(self, tokens: float) -> None:
+    def __init__(self, d: Dist):
+        self.d, self.peak = d, peak_flops(d.device)
+        self._restart()
+
+    def _restart(self) -> None:
+        self.t0, self.tokens, self.flops, self.excluded = time.perf_counter(), 0.0, 0.0, 0.0
+
+    def add(self, tokens: float, flops: float) -> None:
         self.tokens += tokens
+        self.flops += flops
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
 
     def read(self) -> dict:
-        tps = self.tokens / max(time.perf_counter() - self.t0, 1e-9) / self.d.world_size
-        out = {"perf/tokens_per_s_per_device": tps}
+        seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9) * self.d.world_size
+        out = {"perf/tokens_per_s_per_device": self.tokens / seconds, "perf/excluded_s": self.excluded}
         if self.peak:
-            out["perf/mfu"] = tps * self.flops / self.peak
+            out["perf/mfu"] = self.flops / seconds / self.peak
         if self.d.device.type == "cuda":
             out["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.d.device) / 1024**3
-        self.t0, self.tokens = time.perf_counter(), 0.0
+        self._restart()
         return out
 
     @staticmethod

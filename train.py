@@ -308,35 +308,58 @@ def micro_step(r: Run, batch: dict, count_total: float, step: int) -> dict:
     def w(k: int, ce: torch.Tensor | None) -> torch.Tensor:  # head k's mixed weights
         return r.faults.weights(score.mix(weigher(k, ce), cfg.loss.lam, valid[..., k]), step)
 
-    w.per_head = (
-        weigher.per_head
-    )  # False: asked before head k's CE exists, so its chunked CE runs in one pass
+    # False: asked before head k's CE exists, so its chunked CE runs in one pass
+    w.per_head = weigher.per_head
     count = valid.sum().item()
     alpha, scale = cfg.loss.head_weights or None, count / max(count_total, 1.0)
     out = M.mtp_loss_backward(r.net, h, targets, valid, w, alpha=alpha, scale=scale, chunk=cfg.model.ce_chunk)
     out["count"] = count
+    out["head_count"] = valid.sum((0, 1)).double()  # [H]: head k's pairs (its output projection's positions)
+    pad_id = getattr(r.tokenizer or r.scorer.tokenizer, "pad_token_id", None)  # (a bare Run has no tokenizer)
+    out["positions"] = trunk_positions(batch["input_ids"], batch["loss_mask"], pad_id)
+    args = M.unwrap(r.net).args
+    out["flops"] = M.train_flops(
+        args, out["positions"], batch["input_ids"].shape[1], out["head_count"].tolist()
+    )
     out["weights"] = weigher.finish()  # the scorer's weights before mixing (what weight statistics describe)
     out["valid"] = valid
     return out
 
 
+def trunk_positions(input_ids: torch.Tensor, loss_mask: torch.Tensor, pad_id: int | None) -> int:
+    """Input positions of a right-padded batch that are not padding (all of them in packed rows): per row, up to
+    its last token that is not the pad id or is in the loss mask (the pad id may be EOS, which ends a row); pad id
+    unknown: up to its last loss position."""
+    real = loss_mask if pad_id is None else (input_ids != pad_id) | loss_mask
+    at = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
+    return int((real * at).amax(1).sum()) if input_ids.numel() else 0
+
+
 def step_metrics(stats: list[dict], d: P.Dist) -> dict:
-    """Loss and per-head losses reduced over micro-batches and ranks (weighted by valid-pair counts)."""
+    """A step's losses and counts, reduced over micro-batches and ranks.
+
+    train/loss and train/loss_head{k}: weighted by the valid-pair counts (all heads), as the loss is normalised;
+    train/ce_head{k}: by head k's own pair count; train/tokens: input positions the trunk ran on (not padding);
+    train/pairs: valid (position, head) pairs; train/flops: what the step computed (model.train_flops)."""
     H = stats[0]["head_loss"].numel()
     dev = stats[0]["head_loss"].device
-    buf = torch.zeros(2 * H + 2, dtype=torch.float64, device=dev)
+    buf = torch.zeros(3 * H + 4, dtype=torch.float64, device=dev)
     for s in stats:
-        c = float(s["count"])
+        c, n_k = float(s["count"]), s["head_count"].to(dev)
         buf[:H] += s["head_loss"].double() * c
-        buf[H : 2 * H] += s["head_ce"].double() * c
-        buf[2 * H] += s["loss"].double() * c
-        buf[2 * H + 1] += c
+        buf[H : 2 * H] += s["head_ce"].double() * n_k
+        buf[2 * H : 3 * H] += n_k
+        buf[3 * H] += s["loss"].double() * c
+        buf[3 * H + 1] += c
+        buf[3 * H + 2] += s["positions"]
+        buf[3 * H + 3] += s["flops"]
     P.all_reduce(buf)
-    c = max(buf[-1].item(), 1.0)
-    m = {"train/loss": buf[2 * H].item() / c, "train/tokens": buf[-1].item()}
+    c = max(buf[3 * H + 1].item(), 1.0)
+    m = {"train/loss": buf[3 * H].item() / c, "train/tokens": buf[3 * H + 2].item()}
+    m.update({"train/pairs": buf[3 * H + 1].item(), "train/flops": buf[3 * H + 3].item()})
     for k in range(H):
         m[f"train/loss_head{k + 1}"] = buf[k].item() / c
-        m[f"train/ce_head{k + 1}"] = buf[H + k].item() / c
+        m[f"train/ce_head{k + 1}"] = buf[H + k].item() / max(buf[2 * H + k].item(), 1.0)
     return m
 
 
@@ -505,7 +528,7 @@ def run(r: Run, preempt: Preemption) -> int:
     snapshot = (
         checkpoint.Snapshot().take(r.net, r.opt, r.st, r.scorer) if cfg.train.nan_snapshot_every else None
     )
-    meter = P.Meter(d, M.flops_per_token(M.unwrap(r.net).args, cfg.data.max_length))
+    meter = P.Meter(d)
     per_rank, pad = cfg.train.micro_batch_size * cfg.train.grad_accum, r.tokenizer.pad_token_id
     shard = {"rank": d.rank, "world_size": d.world_size}
     seed = data.order_seed(cfg)
@@ -526,12 +549,14 @@ def run(r: Run, preempt: Preemption) -> int:
         if every and r.st.step % every == 0 and not r.st.bad_steps:
             snapshot.take(r.net, r.opt, r.st, r.scorer)
         log_step(r, m, meter, stop)
+        t_out = time.perf_counter()  # validation and checkpoints: outside the meter's window
         if (cfg.train.eval_every and r.st.step % cfg.train.eval_every == 0) or r.st.step == cfg.train.steps:
             validation(r, m["train/loss"])
         periodic = cfg.train.save_every and r.st.step % cfg.train.save_every == 0
         if (periodic or r.st.step == stop) and not r.st.bad_steps:  # a checkpoint is only ever a good state
             r.save()
             saved = r.st.step
+        meter.exclude(time.perf_counter() - t_out)
     if preempt.requested(d):  # after the last step: its checkpoint is there; export and evaluation on resume
         return preempted(r, saved)
     if r.st.step < cfg.train.steps:
@@ -578,7 +603,7 @@ def log_step(r: Run, m: dict, meter: P.Meter, stop: int) -> None:
     """A step's metrics with the run's counters: a log line every train.log_every steps, MLflow, metrics.jsonl."""
     st = r.st
     m.update((f"train/{k}", getattr(st, k)) for k in ("skipped_steps", "recoveries", "rolled_back_steps"))
-    meter.add(m["train/tokens"])
+    meter.add(m["train/tokens"], m["train/flops"])
     if st.step % r.cfg.train.log_every == 0 or st.step == stop:
         m.update(meter.read())
         heads = " ".join(f"{m[f'train/ce_head{k + 1}']:.3f}" for k in range(r.cfg.model.n_future_tokens))

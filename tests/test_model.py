@@ -315,15 +315,46 @@ def test_args_rules():
         M.ModelArgs(dim=64, n_layers=2, n_heads=4, n_future_tokens=3)
     a7 = M.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_future_tokens=4)
     assert a7.n_trunk == 28
-    n7 = M.count_params_from_args(
-        a7
-    )  # 6.7B Llama-2-7B shape + 3 extra blocks' worth split into heads: same total
+    # 6.7B Llama-2-7B shape + 3 extra blocks' worth split into heads: same total
+    n7 = M.count_params_from_args(a7)
     assert n7 == 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 2 * 32000 * 4096 + 4096
     small = tiny_args()
     assert M.lora_param_count(small, 8, ["wq", "w2"]) == 4 * 8 * ((64 + 64) + (small.hidden_dim + 64))
     with pytest.raises(ValueError, match="q_proj"):
         M.lora_param_count(small, 8, ["q_proj"])
     assert M.flops_per_token(a7, 2048) > 6 * 6.5e9
+
+
+def test_train_flops_by_hand_and_the_meters_mfu():
+    """Issue 22: MFU's numerator for a small config, by hand: 3 blocks (2 in the trunk + head 1, 1 extra head)
+    of dim 8 (2 query heads, 1 kv head of 4), FFN 16, vocab 50; a micro-batch of 15 positions in rows of width
+    10, 15 pairs for head 1 and 12 for head 2. The meter divides those FLOPs by the window's time, world size and
+    peak, and leaves excluded time (validation, checkpoints) out of the window."""
+    import time
+
+    import parallel as P
+
+    a = M.ModelArgs(
+        dim=8, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=50, ffn_hidden_dim=16, n_future_tokens=2
+    )
+    block = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8 + 3 * 8 * 16  # wq wk wv wo + w1 w2 w3 = 576
+    attention = 12 * 3 * (2 * 4) * 10  # PaLM: 12 * blocks * heads * head_dim * width, per position
+    want = 15 * (6 * 3 * block + attention) + 6 * 8 * 50 * (15 + 12)
+    assert want == 15 * (10368 + 2880) + 64800 == 263520
+    assert M.train_flops(a, 15, 10, [15, 12]) == want
+    assert M.flops_per_token(a, 10) == M.train_flops(a, 1, 10, [1, 1])
+
+    t0 = time.perf_counter()
+    meter = P.Meter(P.Dist())
+    meter.peak = 1e6  # (a CPU has none: MFU is only reported on known GPUs)
+    time.sleep(0.05)
+    meter.exclude(0.04)
+    meter.add(15, want)
+    out = meter.read()
+    wall = time.perf_counter() - t0
+    seconds = 15 / out["perf/tokens_per_s_per_device"]
+    assert 0.0099 < seconds <= wall - 0.04 and out["perf/excluded_s"] == 0.04
+    assert out["perf/mfu"] == pytest.approx(want / seconds / 1e6, rel=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -430,7 +430,8 @@ def test_gpu_check_runs_on_cpu_at_tiny_shapes(tmp_path):
         "STEPS": "3",
         "EVAL_LIMIT": "2",
         "MICRO_BATCH": "2",
-        "STAGES": "1 2 3 4",
+        "STAGES": "1 2 3 4 5 6",
+        "PERF_STEPS": "2",
         "OUT": str(tmp_path / "runs"),
         "CACHE": str(tmp_path / "cache"),
         "OMP_NUM_THREADS": "1",
@@ -444,6 +445,11 @@ def test_gpu_check_runs_on_cpu_at_tiny_shapes(tmp_path):
     for line in table[2:6]:
         cols = [c.strip() for c in line.strip("|").split("|")]
         assert cols[1] == "3" and cols[7] == "float32" and cols[6] != "-", line  # steps, fp32 masters, pass@1
+    # the unchunked CE and model.compile stages, side by side with the uniform one (issue 22)
+    assert [line.split(" | ")[0] for line in table[6:8]] == ["| unchunked", "| compiled"]
+    assert (
+        "CE chunked / unchunked: tokens/s x" in r.stdout and "model.compile on / off: tokens/s x" in r.stdout
+    )
     params = json.loads((tmp_path / "cache" / "base_64x6" / "params.json").read_text())
     assert (params["dim"], params["n_layers"], params["n_future_tokens"], params["vocab_size"]) == (
         64,

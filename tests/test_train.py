@@ -128,11 +128,41 @@ def test_per_head_weight_means_are_logged_and_reported(reference_run):
     heads = summary["weights_per_head"]
     assert sorted(heads) == ["head1", "head2", "head3", "head4"]
     assert all(h["run_mean"] == 1.0 for h in heads.values())
-    assert sum(h["pairs"] for h in heads.values()) == sum(r["train/tokens"] for r in rows)
+    assert sum(h["pairs"] for h in heads.values()) == sum(r["train/pairs"] for r in rows)
     assert summary["weights"]["weights/mean_head3"] == 1.0
     report = (out / "ref" / "reports" / "run_report.md").read_text()
     assert "## Weights per head" in report
     assert f"| head2 | 1 | 1 | {heads['head2']['pairs']:.0f} |" in report
+
+
+def test_tokens_are_trunk_positions_the_same_at_h1_and_h4(reference_run, tiny_dir, tmp_path):
+    """Issue 22: train/tokens counts the input positions the trunk ran on, not (position, head) pairs: the same
+    at H=1 and H=4 on the same batches, and equal to the rows' lengths counted through the project's loader (the
+    tiny tokenizer pads with EOS, which also ends every row); train/pairs and train/flops follow the batch."""
+    import data
+    import formats
+    import model as M
+
+    _, ref = reference_run  # H=4
+    kv = {"train.run_name": "h1", "model.n_future_tokens": 1, "train.steps": 2, "train.eval_every": 0}
+    run_train(tiny_dir, tmp_path, **kv)
+    h1 = metrics(tmp_path, "h1")
+    cfg = C.load_config(str(REPO / "configs/tiny_mbpp.toml"), tiny_overrides(tiny_dir, tmp_path))
+    tok = data.load_tokenizer(cfg, Path(cfg.model.path))
+    ds = data.build_dataset(cfg, tok, "train")
+    loader = data.make_loader(ds, cfg.train.micro_batch_size, tok.pad_token_id, seed=data.order_seed(cfg))
+    args = formats.load_model(Path(cfg.model.path), cfg.model.format, 4).args
+    for step in (1, 2):
+        batch = next(loader)
+        lengths = [len(ds[int(i)]["input_ids"]) for i in batch["index"]]
+        _, valid = M.mtp_targets(batch["input_ids"], batch["loss_mask"], 4)
+        pairs = valid.sum((0, 1)).tolist()
+        r4, r1 = ref[step - 1], h1[step - 1]
+        assert r4["train/tokens"] == r1["train/tokens"] == sum(lengths) < batch["input_ids"].numel(), step
+        assert r4["train/pairs"] == sum(pairs) and r1["train/pairs"] == pairs[0]
+        assert r4["train/pairs"] > r1["train/pairs"]  # (pairs are what train/tokens used to count)
+        width = batch["input_ids"].shape[1]
+        assert r4["train/flops"] == pytest.approx(M.train_flops(args, sum(lengths), width, pairs), rel=1e-12)
 
 
 def test_resume_gives_the_same_losses(reference_run, tiny_dir, tmp_path):
