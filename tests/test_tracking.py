@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 import config as C
 import errors
+import registry
 import tracking
 from tests.servers import TcpProxy, s3_client, start_mlflow_server  # fixtures come from tests/conftest.py
 
@@ -122,7 +123,7 @@ def test_promote_moves_aliases_and_attaches_card(server_run, mlflow_server, tmp_
     uri = str(mlflow_server)
     client = MlflowClient(uri)
     name = "mtp-rho1-wmtp-mbpp"
-    mv = tracking.promote(tracker.run_id, "staging", uri)
+    mv = registry.promote(tracker.run_id, "staging", uri)
     assert mv.name == name and mv.source == f"runs:/{tracker.run_id}/checkpoints/best"
     assert mv.description.startswith(f"# Model card: {name}") and "## Limitations" in mv.description
     assert "| val/loss | 1.25 |" in mv.description and "data hash: `abc123`" in mv.description
@@ -130,16 +131,16 @@ def test_promote_moves_aliases_and_attaches_card(server_run, mlflow_server, tmp_
     arts = [a.path for a in client.list_artifacts(tracker.run_id, "reports")]
     assert "reports/model_card.md" in arts
 
-    assert tracking.main(["--run", tracker.run_id, "--alias", "production", "--tracking-uri", uri]) == 0
+    assert registry.main(["--run", tracker.run_id, "--alias", "production", "--tracking-uri", uri]) == 0
     assert client.get_model_version_by_alias(name, "production").version == mv.version  # same version reused
 
     other = training_run(cfg, tmp_path / "second", steps=2, checkpoint="last")  # only checkpoints/last
-    mv2 = tracking.promote(other.run_id, "staging", uri)
+    mv2 = registry.promote(other.run_id, "staging", uri)
     assert mv2.version != mv.version and mv2.source.endswith("/checkpoints/last")
     assert client.get_model_version_by_alias(name, "staging").version == mv2.version  # staging moved
     assert client.get_model_version_by_alias(name, "production").version == mv.version  # production stayed
     with pytest.raises(SystemExit):
-        tracking.main(["--run", tracker.run_id, "--alias", "archived"])
+        registry.main(["--run", tracker.run_id, "--alias", "archived"])
 
 
 def test_embedded_sqlite_default_and_other_ranks(tmp_path, monkeypatch, capsys):
@@ -176,7 +177,7 @@ def test_embedded_sqlite_default_and_other_ranks(tmp_path, monkeypatch, capsys):
     )
     assert any(venv_mlflow in line for line in tracker.summary()), tracker.summary()
     assert (
-        tracking.main(["--run", tracker.run_id, "--alias", "staging"]) == 0
+        registry.main(["--run", tracker.run_id, "--alias", "staging"]) == 0
     )  # default URI: the embedded store
     assert client.get_model_version_by_alias("mtp-baseline-mbpp", "staging").run_id == tracker.run_id
     # a secret-looking word inside a name is no secret: H, the tokenizer and the generation length are shown
@@ -186,7 +187,7 @@ def test_embedded_sqlite_default_and_other_ranks(tmp_path, monkeypatch, capsys):
     card = client.get_model_version_by_alias("mtp-baseline-mbpp", "staging").description
     assert "(format `meta`), 4 prediction heads" in card
     bare = client.create_run(run.info.experiment_id).info.run_id  # no checkpoint: one clear line, exit code 2
-    assert errors.main(tracking.main, ["--run", bare, "--alias", "staging"]) == 2
+    assert errors.main(registry.main, ["--run", bare, "--alias", "staging"]) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if "mlflow.store" not in x]  # not MLflow's INFO
     assert len(err) == 1 and err[0].startswith(f"error: run {bare} has no checkpoints/best, checkpoints/last")
 
