@@ -35,6 +35,7 @@ import config
 import data
 import files
 import formats
+import integrity
 import model as M
 import synthetic
 
@@ -243,7 +244,7 @@ def _random_meta(tmp: Path, tokenizer, **shape) -> None:
     torch.manual_seed(SEED)
     formats.save_meta(M.Transformer(args), tmp)
     tokenizer.save_pretrained(str(tmp))
-    formats.write_checklist(tmp)
+    integrity.write_checklist(tmp)
 
 
 def _llama_config(tokenizer, **extra):

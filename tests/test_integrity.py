@@ -23,7 +23,7 @@ import config as C
 import data
 import errors
 import files
-import formats
+import integrity
 import parallel as P
 import s3cache
 import score
@@ -308,7 +308,7 @@ def test_dry_run_lists_every_missing_input_and_points_to_plan_7b(tiny_dir, tmp_p
 
 def test_non_finite_validation_at_step_0_blames_checkpoint_or_data(tiny_dir, tmp_path, capsys):
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_dir / "base_meta", broken, ignore=shutil.ignore_patterns(formats.CHECKLIST))
+    shutil.copytree(tiny_dir / "base_meta", broken, ignore=shutil.ignore_patterns(integrity.CHECKLIST))
     sd = torch.load(broken / "consolidated.pth", weights_only=True)
     sd["output.weight"].fill_(1e38)  # finite, but every logit overflows
     torch.save(sd, broken / "consolidated.pth")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import formats
 import generate as G
+import integrity
 import model as M
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -241,7 +242,7 @@ def damaged(src, dst, how: str):
 @pytest.mark.parametrize("how", ["middle", "truncated", "random"])
 def test_damaged_meta_weights_are_refused_naming_the_file(tiny_dir, tmp_path, how):
     path, f = damaged(tiny_dir / "base_meta", tmp_path / "meta", how)
-    (path / formats.CHECKLIST).unlink(
+    (path / integrity.CHECKLIST).unlink(
         missing_ok=True
     )  # torch's own record CRCs catch it without Meta's checklist
     with pytest.raises(formats.CheckpointError) as e:
@@ -256,15 +257,15 @@ def test_damaged_meta_weights_are_refused_naming_the_file(tiny_dir, tmp_path, ho
 
 def test_meta_checklist_and_non_finite_tensors(tiny_dir, tmp_path):
     path, f = damaged(tiny_dir / "base_meta", tmp_path / "meta", "none")
-    formats.write_checklist(path)
+    integrity.write_checklist(path)
     assert formats.verify_checklist(path) and formats.load_model(path, "meta", 4) is not None
     params = path / "params.json"
     params.write_text(params.read_text() + "\n")
     with pytest.raises(
-        formats.CheckpointError, match=rf"{params}: MD5 .* does not match .* in {path / formats.CHECKLIST}"
+        formats.CheckpointError, match=rf"{params}: MD5 .* does not match .* in {path / integrity.CHECKLIST}"
     ):
         formats.load_model(path, "meta", 4)
-    (path / formats.CHECKLIST).unlink()
+    (path / integrity.CHECKLIST).unlink()
     sd = torch.load(f, weights_only=True)
     sd["layers.1.attention.wk.weight"][3, 5] = float("nan")  # a valid file holding a NaN
     torch.save(sd, f)
