@@ -11,7 +11,9 @@
   MTP layout with every head (meta/, for the models it can hold), and for a LoRA run on an HF base a standard peft
   adapter of trunk + head 1 (peft/);
   `python train.py export` does the same for checkpoints that already exist. `publish` is the end of a run:
-  exports, the tracker's artifacts, uploads.
+  exports, the tracker's artifacts, uploads; `complete` then marks it finished (summary.json), and a run whose
+  publishing failed stays pending until `publish_pending` (the same command again) finishes it. `check_upload`
+  tries the upload target before any training.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import files
 import formats
 import model as M
 import parallel as P
+import registry
 import s3cache
 import tracking
 from errors import UserError, scrub
@@ -316,7 +319,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 # A run is finished when its summary.json is there, and that file is written last: after the evaluation, the
 # exports and the uploads (`complete`). Between the end of the evaluation and then, summary.pending.json holds
 # the summary: a run whose publishing failed (an upload to a bucket that went away) keeps every file, and the same
-# command run again publishes it without training or evaluating again (train.publish_pending).
+# command run again publishes it without training or evaluating again (publish_pending).
 
 PENDING = "summary.pending.json"
 
@@ -587,7 +590,7 @@ def export_formats(cfg: C.Config, run_dir: Path, ckpt: Path, tokenizer) -> None:
     net = formats.load_checkpoint(ckpt)
     name, params, metrics, tags = run_card_inputs(run_dir)
     where = f"{run_dir.name}/{ckpt.relative_to(run_dir).as_posix()}/hf"
-    readme = tracking.hf_readme(name, params, metrics, tags, where)
+    readme = registry.hf_readme(name, params, metrics, tags, where)
     for fmt in EXPORT_FORMATS:
         try:
             write_export(net, ckpt / fmt, fmt, tokenizer, export_dtype(cfg), readme)
@@ -729,7 +732,7 @@ def export_cli(argv: list[str]) -> int:
             raise FileNotFoundError(f"{src} holds no tokenizer (tokenizer_config.json): pass --tokenizer DIR")
         readme = None  # the model card: from the run directory, else the one an HF source carries
         if a.format == "hf" and run_dir is not None:
-            readme = tracking.hf_readme(*run_card_inputs(run_dir), f"{run_dir.name}/checkpoints/{src.name}")
+            readme = registry.hf_readme(*run_card_inputs(run_dir), f"{run_dir.name}/checkpoints/{src.name}")
         elif a.format == "hf" and (src / "README.md").is_file():
             readme = (src / "README.md").read_text()
         write_export(net, out, a.format, tokenizer, getattr(torch, a.dtype) if a.dtype else None, readme)
@@ -739,3 +742,58 @@ def export_cli(argv: list[str]) -> int:
         raise formats.CheckpointError(f"export: {e}") from None
     print(f"export: {out} ({a.format}, {a.dtype or 'stored dtype'}) from {src}")
     return 0
+
+
+# --------------------------------------------------------------------------- the start and the end of a run
+
+
+def check_upload(cfg: C.Config, d: P.Dist, run_dir: Path) -> None:
+    """With storage.upload_checkpoints, write (and delete) one object where the checkpoints will go before anything
+    else: a missing bucket or rejected credentials stop the run now, not after training it (rank 0 checks)."""
+    if not cfg.storage.upload_checkpoints:
+        return
+    problem = None
+    if d.main:
+        try:
+            s3cache.check_upload(upload_resource(run_dir), cfg.storage)
+        except UserError as e:
+            problem = str(e)
+    problem = P.broadcast_object(problem)
+    if problem:
+        raise s3cache.StorageError(problem)
+
+
+def complete(cfg: C.Config, run_dir: Path, tokenizer, tracker: tracking.Tracker, summary: dict) -> None:
+    """Rank 0: exports, artifacts and uploads (publish), then summary.json, the mark of a finished run.
+    When publishing fails the run stays pending, every file kept: the same command run again publishes it."""
+    try:
+        publish(cfg, run_dir, tokenizer, tracker)
+    except Exception as e:
+        tracker.finish("FAILED")
+        if isinstance(e, UserError):  # e.g. the upload: say what is kept and how to finish
+            e.args = (
+                f"{e}; the run is complete and kept in {run_dir}: run the same command again to publish it "
+                "(upload pending)",
+            )
+        raise
+    write_summary(run_dir, summary)
+    tracker.finish("FINISHED")
+    for line in tracker.summary():
+        print(line)
+    print(json.dumps({k: summary.get(k) for k in FINAL_LINE}))
+
+
+def publish_pending(cfg: C.Config, d: P.Dist, run_dir: Path, tokenizer) -> int:
+    """A run that finished training and evaluation but not its publishing (an upload failed): publish it now,
+    continuing its MLflow run, without training or evaluating again."""
+    if d.main:
+        pending = read_pending(run_dir)
+        print(f"{run_dir}: trained and evaluated; upload pending: exporting and uploading it (no training)")
+        tracker = tracking.Tracker(cfg, rank=d.rank)
+        tracker.start(run_name=run_dir.name, world_size=d.world_size, resume_run_id=pending["mlflow_run_id"])
+        complete(cfg, run_dir, tokenizer, tracker, pending["summary"])
+    P.barrier()
+    return 0
+
+
+FINAL_LINE = ("algo", "steps", "first_val_loss", "final_val_loss", "skipped_steps", "recoveries")

@@ -1,5 +1,5 @@
-"""The one place for parallelism and the devices: torch.distributed init, FSDP2 sharding, cross-rank decisions,
-compute dtypes, and what a device achieves (tokens/s, MFU, peak memory: `Meter`). The memory plan is plan.py's.
+"""The one place for parallelism and the devices: torch.distributed init, FSDP2 sharding, cross-rank decisions
+(a preemption signal included), compute dtypes, and what a device achieves (tokens/s, MFU, peak memory: `Meter`). The memory plan is plan.py's.
 
 Everything here degrades to a no-op in a single process, so train.py reads the same with or without torchrun.
 """
@@ -9,6 +9,9 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -222,6 +225,52 @@ def set_grad_sync(model: nn.Module, enabled: bool) -> None:
     """Skip the reduce-scatter on all but the last micro-batch of a gradient-accumulation step (FSDP2 only)."""
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(enabled)
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+class Preemption:
+    """SIGTERM (what Kubernetes and VESSL send before evicting a pod) and SIGINT ask the run to stop at the next
+    step boundary: all ranks agree (any_rank), a resumable checkpoint is committed, the process exits with
+    EXIT_PREEMPTED. During the end-of-run evaluation (training done, its checkpoint committed) the evaluation stops
+    at once and --resume redoes it. The same signal again stops at once (the previous checkpoint stays valid)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.evaluating = False  # the end-of-run evaluation stops at once (train.end_of_run_eval)
+        self._old: dict = {}
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received == signum:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.received is None:
+            self.received = signum
+            if os.environ.get("RANK", "0") == "0":
+                what = (
+                    "the evaluation now" if self.evaluating else "at the end of this step with a checkpoint"
+                )
+                print(
+                    f"{signal.Signals(signum).name}: stopping {what} (send it again to stop at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    def requested(self, d: Dist) -> bool:
+        return any_rank(self.received is not None, d.device)
 
 
 # --------------------------------------------------------------------------- memory planning (--dry-run)

@@ -20,12 +20,9 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import resource
-import signal
 import socket
 import sys
-import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -46,6 +43,7 @@ import formats
 import model as M
 import parallel as P
 import plan
+import registry
 import s3cache
 import score
 import tracking
@@ -420,7 +418,7 @@ def main(argv: list[str]) -> int:
         print(tracking.version())
         return 0
     if argv and argv[0] == "promote":
-        return tracking.main(argv[1:])
+        return registry.main(argv[1:])
     if argv and argv[0] == "export":
         return checkpoint.export_cli(argv[1:])
     path, overrides, flags = parse_cli(argv)
@@ -448,7 +446,7 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool, overwrite: bool = F
         return plan.dry_run(cfg, d, *plan.resolve_inputs(cfg))
     run_name = cfg.train.run_name or f"{cfg.algo}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.train.out_dir) / P.broadcast_object(run_name)
-    check_upload(cfg, d, run_dir)
+    checkpoint.check_upload(cfg, d, run_dir)
     model_dir = s3cache.resolve_model(cfg, "policy")
     tokenizer = data.load_tokenizer(cfg, model_dir)
     plan.check_tokenizer(cfg, model_dir, tokenizer)
@@ -456,28 +454,12 @@ def train(cfg: C.Config, d: P.Dist, resume: bool, dry: bool, overwrite: bool = F
     lock = checkpoint.open_run_dir(cfg, d, run_dir, resume, overwrite)
     try:
         if P.broadcast_object(checkpoint.read_pending(run_dir) is not None if d.main else None):
-            return publish_pending(cfg, d, run_dir, tokenizer)
-        with Preemption() as preempt:
+            return checkpoint.publish_pending(cfg, d, run_dir, tokenizer)
+        with P.Preemption() as preempt:
             return run(start(cfg, d, run_dir, model_dir, tokenizer, resume), preempt)
     finally:
         if d.main:
             lock.release()
-
-
-def check_upload(cfg: C.Config, d: P.Dist, run_dir: Path) -> None:
-    """With storage.upload_checkpoints, write (and delete) one object where the checkpoints will go before anything
-    else: a missing bucket or rejected credentials stop the run now, not after training it (rank 0 checks)."""
-    if not cfg.storage.upload_checkpoints:
-        return
-    problem = None
-    if d.main:
-        try:
-            s3cache.check_upload(checkpoint.upload_resource(run_dir), cfg.storage)
-        except UserError as e:
-            problem = str(e)
-    problem = P.broadcast_object(problem)
-    if problem:
-        raise s3cache.StorageError(problem)
 
 
 def start(cfg: C.Config, d: P.Dist, run_dir: Path, model_dir: Path, tokenizer, resume: bool) -> Run:
@@ -520,7 +502,7 @@ def start(cfg: C.Config, d: P.Dist, run_dir: Path, model_dir: Path, tokenizer, r
     return r
 
 
-def run(r: Run, preempt: Preemption) -> int:
+def run(r: Run, preempt: P.Preemption) -> int:
     """Step 0 (on a fresh run), the loop, then the final export and `finish`. Returns the exit code."""
     cfg, d = r.cfg, r.d
     if r.st.step == 0:
@@ -660,49 +642,6 @@ def recover(r: Run, snapshot: checkpoint.Snapshot | None) -> TrainState:
     return keep
 
 
-class Preemption:
-    """SIGTERM (what Kubernetes and VESSL send before evicting a pod) and SIGINT ask the run to stop at the next
-    step boundary: all ranks agree (parallel.any_rank), a resumable checkpoint is committed, the process exits with
-    EXIT_PREEMPTED. During the end-of-run evaluation (training done, its checkpoint committed) the evaluation stops
-    at once and --resume redoes it. The same signal again stops at once (the previous checkpoint stays valid)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: int | None = None
-        self.evaluating = False  # the end-of-run evaluation stops at once (train.end_of_run_eval)
-        self._old: dict = {}
-
-    def __enter__(self) -> Preemption:
-        if threading.current_thread() is threading.main_thread():
-            self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.received == signum:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        if self.received is None:
-            self.received = signum
-            if os.environ.get("RANK", "0") == "0":
-                what = (
-                    "the evaluation now" if self.evaluating else "at the end of this step with a checkpoint"
-                )
-                print(
-                    f"{signal.Signals(signum).name}: stopping {what} (send it again to stop at once)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-    def requested(self, d: P.Dist) -> bool:
-        return P.any_rank(self.received is not None, d.device)
-
-
 def preempted(r: Run, saved: int) -> int:
     if saved != r.st.step:
         r.save()
@@ -743,7 +682,7 @@ def free_memory(d: P.Dist) -> None:
 # --------------------------------------------------------------------------- the end of a complete run
 
 
-def finish(r: Run, final: Path | None, cost: dict, preempt: Preemption) -> int:
+def finish(r: Run, final: Path | None, cost: dict, preempt: P.Preemption) -> int:
     """Summary, synthetic-task metrics, the weight histogram, the end-of-run evaluation (every rank; SIGTERM stops
     it and exits EXIT_PREEMPTED: --resume evaluates again), then on rank 0 the summary kept as pending, the run
     report, and `complete`: exports and uploads, summary.json (the run is finished) and the closing lines."""
@@ -774,45 +713,9 @@ def finish(r: Run, final: Path | None, cost: dict, preempt: Preemption) -> int:
             "weights per head (run mean): " + " ".join(f"{k} {h['run_mean']:.4f}" for k, h in heads.items())
         )
         tracker.write_report(r.run_dir, summary)
-        complete(cfg, r.run_dir, r.tokenizer, tracker, summary)
+        checkpoint.complete(cfg, r.run_dir, r.tokenizer, tracker, summary)
     P.barrier()
     return 0
-
-
-def complete(cfg: C.Config, run_dir: Path, tokenizer, tracker: tracking.Tracker, summary: dict) -> None:
-    """Rank 0: exports, artifacts and uploads (checkpoint.publish), then summary.json, the mark of a finished run.
-    When publishing fails the run stays pending, every file kept: the same command run again publishes it."""
-    try:
-        checkpoint.publish(cfg, run_dir, tokenizer, tracker)
-    except Exception as e:
-        tracker.finish("FAILED")
-        if isinstance(e, UserError):  # e.g. the upload: say what is kept and how to finish
-            e.args = (
-                f"{e}; the run is complete and kept in {run_dir}: run the same command again to publish it "
-                "(upload pending)",
-            )
-        raise
-    checkpoint.write_summary(run_dir, summary)
-    tracker.finish("FINISHED")
-    for line in tracker.summary():
-        print(line)
-    print(json.dumps({k: summary.get(k) for k in FINAL_LINE}))
-
-
-def publish_pending(cfg: C.Config, d: P.Dist, run_dir: Path, tokenizer) -> int:
-    """A run that finished training and evaluation but not its publishing (an upload failed): publish it now,
-    continuing its MLflow run, without training or evaluating again."""
-    if d.main:
-        pending = checkpoint.read_pending(run_dir)
-        print(f"{run_dir}: trained and evaluated; upload pending: exporting and uploading it (no training)")
-        tracker = tracking.Tracker(cfg, rank=d.rank)
-        tracker.start(run_name=run_dir.name, world_size=d.world_size, resume_run_id=pending["mlflow_run_id"])
-        complete(cfg, run_dir, tokenizer, tracker, pending["summary"])
-    P.barrier()
-    return 0
-
-
-FINAL_LINE = ("algo", "steps", "first_val_loss", "final_val_loss", "skipped_steps", "recoveries")
 
 
 def run_summary(r: Run, cost: dict) -> dict:
@@ -860,7 +763,7 @@ def add_class_weights(r: Run, w: torch.Tensor, valid: torch.Tensor, token_class:
     r.st.class_weights = inc if r.st.class_weights is None else r.st.class_weights + inc
 
 
-def end_of_run_eval(r: Run, histogram: Path, preempt: Preemption) -> dict:
+def end_of_run_eval(r: Run, histogram: Path, preempt: P.Preemption) -> dict:
     """Every rank loads the consolidated export unsharded on its device (bf16 on GPU) and generates its share of
     the problems; rank 0 judges, writes the report and logs (evaluate.evaluate_model). Returns rank 0's metrics.
     SIGTERM / SIGINT stop it within a decoding step or the programs being judged (evaluate.Stopped)."""
