@@ -73,9 +73,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
-                ) from None
+                at = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({at})") from None
             if not line.strip():
                 continue
             try:

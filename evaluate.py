@@ -495,31 +495,12 @@ def evaluate_model(
         if spec_stats:
             import generate as G
 
-            spec = m["speculative"] = G.speculative_summary(*spec_stats)
-            flat[f"{ds}/spec_tokens_per_forward"] = spec["tokens_per_forward"]
-            for k, rate in enumerate(spec["acceptance"]):
-                if rate is not None:
-                    flat[f"{ds}/spec_acceptance_head{k + 2}"] = rate
+            m["speculative"] = G.speculative_summary(*spec_stats)
         if refs and refs[0] is not None:
-            means, ce_values[ds] = ce
-            m["head_ce"] = means
-            flat.update({f"{ds}/head{k + 1}_ce": v for k, v in enumerate(means)})
+            m["head_ce"], ce_values[ds] = ce
         results[ds] = m
-        flat.update({f"{ds}/{k.replace('@', '_at_')}": v for k, v in m.items() if isinstance(v, float)})
-        for (key, prompt), cs, ref in zip(items, comps, refs, strict=True):
-            fails = {f["sample"]: f["kind"] for f in m["problems"][str(key)]["failures"]}
-            for i, c in enumerate(cs[:2]):
-                samples.append(
-                    {
-                        "dataset": ds,
-                        "task_id": key,
-                        "prompt": prompt,
-                        "completion": c,
-                        "reference": ref,
-                        "passed": i not in fails,
-                        "kind": fails.get(i, "ok"),
-                    }
-                )
+        flat.update(_flat_metrics(ds, m))
+        samples += _samples(ds, items, comps, refs, m)
     if not main:
         return {}
     out.mkdir(parents=True, exist_ok=True)
@@ -529,6 +510,39 @@ def evaluate_model(
     if weight_histogram and Path(weight_histogram).is_file():
         (out / "weight_histogram.png").write_bytes(Path(weight_histogram).read_bytes())
     return flat
+
+
+def _flat_metrics(ds: str, m: dict) -> dict:
+    """One dataset's report as the flat numbers MLflow logs: pass@k, exact match, head CEs, speculative stats."""
+    flat = {f"{ds}/{k.replace('@', '_at_')}": v for k, v in m.items() if isinstance(v, float)}
+    flat.update({f"{ds}/head{k + 1}_ce": v for k, v in enumerate(m.get("head_ce", []))})
+    if "speculative" in m:
+        spec = m["speculative"]
+        flat[f"{ds}/spec_tokens_per_forward"] = spec["tokens_per_forward"]
+        for k, rate in enumerate(spec["acceptance"]):
+            if rate is not None:
+                flat[f"{ds}/spec_acceptance_head{k + 2}"] = rate
+    return flat
+
+
+def _samples(ds: str, items: list, comps: list, refs: list, m: dict) -> list[dict]:
+    """The first two completions of every problem with their verdicts, for samples.jsonl."""
+    rows = []
+    for (key, prompt), cs, ref in zip(items, comps, refs, strict=True):
+        fails = {f["sample"]: f["kind"] for f in m["problems"][str(key)]["failures"]}
+        for i, c in enumerate(cs[:2]):
+            rows.append(
+                {
+                    "dataset": ds,
+                    "task_id": key,
+                    "prompt": prompt,
+                    "completion": c,
+                    "reference": ref,
+                    "passed": i not in fails,
+                    "kind": fails.get(i, "ok"),
+                }
+            )
+    return rows
 
 
 # --------------------------------------------------------------------------- synthetic benchmark (data.py)
