@@ -374,7 +374,8 @@ def grads(m):
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
-def test_memory_efficient_equals_naive():
+def mtp_case():
+    """A float64 H=3 model and a batch (3 x 24, ~30% padding) with random weights on the valid pairs."""
     m = tiny_model(dtype=torch.float64, n_layers=5, n_future_tokens=3).train()
     B, S, H = 3, 24, 3
     g = torch.Generator().manual_seed(0)
@@ -382,7 +383,11 @@ def test_memory_efficient_equals_naive():
     mask = torch.rand(B, S, generator=g) < 0.7
     targets, valid = M.mtp_targets(ids, mask, H)
     w = torch.where(valid, torch.rand(B, S, H, generator=g, dtype=torch.float64) * 2, 0.0)
-    alpha = [1.0, 0.5, 0.25]
+    return m, ids, targets, valid, w, [1.0, 0.5, 0.25]
+
+
+def test_memory_efficient_equals_naive():
+    m, ids, targets, valid, w, alpha = mtp_case()
 
     loss_naive = M.naive_mtp_loss(m, ids, targets, valid, w, alpha)
     loss_naive.backward()
@@ -495,14 +500,7 @@ def test_chunked_ce_equals_unchunked_loss_and_gradients(chunk):
     """Issue 22: a head's CE in chunks of positions (7 divides neither B*S = 72 nor any head's valid count) gives
     the unchunked loss, per-head CE and every gradient (float64, 1e-6), for known weights, for weights that are a
     function of the head's own CE (two passes), and with `per_head = False` (asked before the head, one pass)."""
-    m = tiny_model(dtype=torch.float64, n_layers=5, n_future_tokens=3).train()
-    B, S, H = 3, 24, 3
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, V, (B, S), generator=g)
-    mask = torch.rand(B, S, generator=g) < 0.7
-    targets, valid = M.mtp_targets(ids, mask, H)
-    w = torch.where(valid, torch.rand(B, S, H, generator=g, dtype=torch.float64) * 2, 0.0)
-    alpha = [1.0, 0.5, 0.25]
+    m, ids, targets, valid, w, alpha = mtp_case()
 
     def known(k, ce):
         assert ce is None
@@ -523,7 +521,9 @@ def test_chunked_ce_equals_unchunked_loss_and_gradients(chunk):
         assert set(got) == set(g_ref) and len(got) == len(list(m.parameters()))
         for n in g_ref:
             torch.testing.assert_close(got[n], g_ref[n], rtol=0, atol=1e-6, msg=n)
-    for k in range(H):  # the CE-dependent weigher saw the same CE, all of head k's positions at once
+    for k in range(
+        w.shape[-1]
+    ):  # the CE-dependent weigher saw the same CE, all of head k's positions at once
         torch.testing.assert_close(seen_chunk[k], seen_ref[k], rtol=0, atol=1e-9)
     # and the unchunked path is the naive loss with every head's logits at once
     m.zero_grad(set_to_none=True)

@@ -177,13 +177,24 @@ def test_resume_gives_the_same_losses(reference_run, tiny_dir, tmp_path):
         assert resumed[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
 
 
+def assert_resumed_like(ref: list[dict], ref_dir: Path, out: Path, run: str) -> None:
+    """A resumed 6-step run: every step logged once, the uninterrupted run's losses, its final weights exactly."""
+    from safetensors.torch import load_file
+
+    rows = metrics(out, run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for step, loss in losses(ref).items():
+        assert losses(rows)[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+    a, b = (load_file(d / "checkpoints" / "final" / "model.safetensors") for d in (ref_dir, out / run))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_damaged_newest_checkpoint_is_passed_over_on_resume_and_named_by_export(
     reference_run, tiny_dir, tmp_path, capsys
 ):
     """An interrupted run whose newest checkpoint (step 4) has a truncated .distcp file: `export` names the file in
     one line; --resume says which checkpoint is damaged and why, continues from step 2 and ends with the
     uninterrupted run's weights."""
-    from safetensors.torch import load_file
 
     out, ref = reference_run
     kv = {"train.run_name": "dmg", "train.save_every": 2}
@@ -206,14 +217,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over_on_resume_and_named_by_expor
     p = run_train(tiny_dir, tmp_path, "--resume", **kv)
     assert f"checkpoint step_000004 is damaged: {cut}" in p.stdout and "trying the one before" in p.stdout
     assert f"resumed from {ck / 'step_000002'} at step 2" in p.stdout
-    rows = metrics(tmp_path, "dmg")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    for step, loss in losses(ref).items():
-        assert losses(rows)[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
-    a, b = (
-        load_file(d / "checkpoints" / "final" / "model.safetensors") for d in (out / "ref", tmp_path / "dmg")
-    )
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumed_like(ref, out / "ref", tmp_path, "dmg")
 
 
 def private_mount_ns() -> list[str] | None:
@@ -236,7 +240,6 @@ def test_a_full_disk_is_one_line_and_the_committed_checkpoints_resume_exactly(
     disk filled but for 256 KiB, then --resume trains steps 3 and 4 and cannot write checkpoint 4: one line naming
     ENOSPC and the path, step_000004.tmp removed at once. Space freed, --resume continues from step 2 and ends
     with the uninterrupted run's weights."""
-    from safetensors.torch import load_file
 
     out, ref = reference_run
     disk, logs = tmp_path / "disk", tmp_path / "logs"
@@ -272,14 +275,7 @@ cp -r {disk}/full {logs}/full
         f"resumed from {disk / 'full' / 'checkpoints' / 'step_000002'} at step 2"
         in (logs / "3.out").read_text()
     )
-    rows = metrics(logs, "full")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    for step, loss in losses(ref).items():
-        assert losses(rows)[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
-    a, b = (
-        load_file(d / "checkpoints" / "final" / "model.safetensors") for d in (out / "ref", logs / "full")
-    )
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumed_like(ref, out / "ref", logs, "full")
 
 
 def test_oom_fallback_keeps_the_effective_batch(reference_run, tiny_dir, tmp_path):
